@@ -1,0 +1,6 @@
+"""Metrics: perplexity, decode latency, memory and compression (DESIGN.md section 4)."""
+from .latency import decode_latency
+from .memory import memory_report
+from .perplexity import perplexity
+
+__all__ = ["perplexity", "decode_latency", "memory_report"]

@@ -1,0 +1,61 @@
+"""Memory actually held by a model: bytes of its parameters and buffers (chapter 0).
+
+Tied tensors (an lm_head sharing the embedding matrix) are counted once. The split is
+``embeddings`` (token embeddings and an untied lm_head), ``linears`` (every linear of the
+decoder layers, quantized or not) and ``other`` (norms, rotary tables, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch.nn as nn
+
+
+@dataclass
+class MemoryReport:
+    total_bytes: int
+    embeddings_bytes: int
+    linears_bytes: int
+    other_bytes: int
+
+    @property
+    def total_mb(self) -> float:
+        return self.total_bytes / 1e6
+
+    def as_dict(self):
+        return {**asdict(self), "total_mb": self.total_mb}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from ..quant.base import QuantizedLinear
+    return isinstance(module, (nn.Linear, QuantizedLinear))
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Bytes held by ``model``'s parameters and buffers, split by part."""
+    seen, parts = set(), {"embeddings": 0, "linears": 0, "other": 0}
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for mod_name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) or module is lm_head:
+            part = "embeddings"
+        elif _is_linear(module):
+            part = "linears"
+        else:
+            part = "other"
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if t is None or t.data_ptr() in seen and t.numel():
+                continue
+            seen.add(t.data_ptr())
+            parts[part] += t.numel() * t.element_size()
+    return MemoryReport(sum(parts.values()), parts["embeddings"], parts["linears"], parts["other"])
+
+
+def float_model_bytes(model: nn.Module, bytes_per_element: int = 2) -> int:
+    """What ``model`` would hold with every floating tensor in fp16 (the compression reference)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * (bytes_per_element if t.is_floating_point() else t.element_size())
+    return total

@@ -1,0 +1,176 @@
+"""Shared pieces of every quantization method (book chapter 0 and 1).
+
+* ``QuantConfig``: the base of the frozen per-method configs.
+* ``pack_codes`` / ``unpack_codes``: real packed storage of b-bit integer codes.
+* ``QuantizedLinear``: the base layer. Subclasses store a packed weight and implement
+  ``dequantize()``; the reference forward is ``F.linear(x, self.dequantize(), bias)``.
+  ``weight_nbytes`` counts what is stored for the weight, so bits per weight are measured,
+  not typed in.
+* The method registry: benchmark name -> (default config, how to apply it).
+
+Notation as in the papers: ``W`` is (out_features, in_features), ``X`` is (tokens, in_features).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import QtutorError
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Base class of the method configs. Subclasses add their own fields."""
+
+    def replace(self, **overrides) -> "QuantConfig":
+        """A copy with ``overrides`` applied; keys the config does not have are ignored."""
+        names = {f.name for f in fields(self)}
+        kept = {k: v for k, v in overrides.items() if k in names and v is not None}
+        return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **kept})
+
+
+# --------------------------------------------------------------------------- packing
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned ``bits``-bit integer codes along the last dimension into bytes.
+
+    Every 8 consecutive codes become ``bits`` bytes, little-endian: code ``i`` of a run of 8
+    occupies bits ``[bits*i, bits*(i+1))``. For 4 bits this is the usual layout, two codes per
+    byte with the first code in the low nibble. The last dimension is zero-padded to a
+    multiple of 8 codes; ``unpack_codes`` needs the original length.
+
+    codes: (..., n) integer tensor with values in [0, 2**bits). Returns (..., ceil(n*bits/8)) uint8.
+    """
+    if not 1 <= bits <= 8:
+        raise QtutorError(f"cannot pack {bits}-bit codes: bits must be between 1 and 8")
+    *lead, n = codes.shape
+    c = codes.to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
+        raise QtutorError(f"codes out of range for {bits} bits: values must lie in [0, {2**bits - 1}]")
+    pad = (-n) % 8
+    if pad:
+        c = F.pad(c, (0, pad))
+    c = c.reshape(*lead, -1, 8)
+    shifts = torch.arange(8, device=c.device, dtype=torch.int64) * bits
+    word = (c << shifts).sum(-1, keepdim=True)  # 8*bits <= 64 bits per run
+    byte_shifts = torch.arange(bits, device=c.device, dtype=torch.int64) * 8
+    packed = ((word >> byte_shifts) & 0xFF).to(torch.uint8)
+    return packed.reshape(*lead, -1)[..., : math.ceil(n * bits / 8)].contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: (..., ceil(n*bits/8)) uint8 -> (..., n) uint8 codes."""
+    *lead, nbytes = packed.shape
+    full = math.ceil(n / 8) * bits
+    p = F.pad(packed.to(torch.int64), (0, full - nbytes)).reshape(*lead, -1, bits)
+    byte_shifts = torch.arange(bits, device=p.device, dtype=torch.int64) * 8
+    word = (p << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(8, device=p.device, dtype=torch.int64) * bits
+    codes = ((word >> shifts) & (2**bits - 1)).to(torch.uint8)
+    return codes.reshape(*lead, -1)[..., :n]
+
+
+# --------------------------------------------------------------------------- layers
+class QuantizedLinear(nn.Module):
+    """Base of the quantized linear layers (``UniformLinear``, ``PalettizedLinear``, ...).
+
+    Subclasses register their packed storage as buffers and implement :meth:`dequantize`,
+    which returns the (out_features, in_features) weight the layer represents. Everything
+    the layer stores is a buffer, so ``.to(device)`` moves it and memory accounting sees it.
+    """
+
+    #: buffer names that are not part of the weight (excluded from bits per weight)
+    non_weight_buffers = ("bias",)
+
+    def __init__(self, in_features: int, out_features: int, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def dequantize(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference forward: dequantize, then an ordinary matmul in the input's dtype."""
+        W = self.dequantize().to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, W, b)
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes stored for the weight: codes/indices plus scales, zeros, tables."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers(recurse=False)
+                   if b is not None and name not in self.non_weight_buffers)
+
+    @property
+    def nbytes(self) -> int:
+        """All bytes the layer holds, bias included."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False) if b is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """8 * weight bytes / number of weights, from what is actually stored."""
+        return 8.0 * self.weight_nbytes / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits_per_weight={self.bits_per_weight:.3f}")
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Method:
+    """A benchmark method.
+
+    Exactly one of ``from_float`` and ``quantize_layer`` is set:
+
+    * ``from_float(linear, cfg) -> nn.Module`` replaces each linear independently (RTN, NF4,
+      palettization); no calibration data.
+    * ``quantize_layer(layer, layout, X, layer_kwargs, cfg) -> dict`` quantizes one decoder
+      layer in place from its calibration inputs ``X`` (n, seqlen, hidden) (GPTQ, AWQ,
+      SmoothQuant), returning optional per-linear statistics; ``qtutor.calib`` runs the layers
+      one after another, feeding each the previous quantized layer's outputs.
+    """
+
+    name: str
+    default_config: Optional[QuantConfig]
+    summary: str
+    from_float: Optional[Callable] = None
+    quantize_layer: Optional[Callable] = None
+
+    @property
+    def needs_calib(self) -> bool:
+        return self.quantize_layer is not None
+
+
+#: the benchmark's method names, in the order tables and figures show them
+METHOD_NAMES = ("fp16_baseline", "rtn_int8", "rtn_int4", "smoothquant_w8a8", "gptq_int4",
+                "awq_int4", "palettization_4bit", "qlora_nf4")
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name not in METHOD_NAMES:
+        raise ValueError(f"unknown benchmark method {method.name!r}; add it to METHOD_NAMES")
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``, or a one-line :class:`QtutorError` saying why not."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name in METHOD_NAMES:
+        raise QtutorError(f"method {name!r} is not implemented yet in this version of qtutor; "
+                          f"choose from: {', '.join(implemented_methods())}")
+    raise QtutorError(f"unknown method {name!r}; choose from: {', '.join(METHOD_NAMES)}")
+
+
+def implemented_methods() -> list[str]:
+    return [n for n in METHOD_NAMES if n in REGISTRY]

@@ -1,0 +1,180 @@
+"""Round-to-nearest (RTN) uniform quantization, per output channel or group-wise (chapter 1).
+
+A b-bit uniform quantizer maps a real weight ``w`` to an integer code
+``q = clamp(round(w / s) + z, 0, 2^b - 1)`` and back to ``s * (q - z)``.
+
+* asymmetric (``sym=False``, the GPTQ/AWQ default): the range ``[min(w, 0), max(w, 0)]`` of a
+  group is spread over all ``2^b`` codes: ``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)``
+  (IST-DASLab/gptq ``quant.Quantizer.find_params``);
+* symmetric (``sym=True``): ``s = max|w| / (2^(b-1) - 1)`` and ``z = 2^(b-1)``, so zero is exact
+  and no zero point is stored (the INT8 convention of LLM.int8() and SmoothQuant).
+
+Inside the range, ``|w - s (q - z)| <= s / 2``. Scales are stored in fp16 and the codes are
+computed with the fp16-rounded scale, so the bound holds for what is stored.
+``group_size`` consecutive input columns share one (s, z); ``group_size=0`` means one pair per
+output channel. When ``group_size`` does not divide the input width the last group is shorter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import QtutorError
+from .base import Method, QuantConfig, QuantizedLinear, pack_codes, register, unpack_codes
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class RTNConfig(QuantConfig):
+    """bits: 2, 3, 4 or 8; group_size: input columns per scale (0 = per output channel)."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.group_size < 0:
+            raise QtutorError(f"group size {self.group_size} is negative; use 0 for one scale "
+                              f"per output channel or a positive number of input columns")
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise QtutorError(f"{bits}-bit uniform quantization is not supported; "
+                          f"choose bits from {', '.join(map(str, SUPPORTED_BITS))}")
+
+
+def group_layout(in_features: int, group_size: int) -> tuple[int, int]:
+    """(columns per group, number of groups); ``group_size=0`` is one group per row."""
+    gs = in_features if group_size in (0, None) or group_size >= in_features else group_size
+    return gs, -(-in_features // gs)
+
+
+def find_params(W: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of ``W`` (rows, cols): two (rows,) float tensors.
+
+    The scale is rounded to fp16 (what is stored); the zero point is an integer.
+    """
+    maxq = 2**bits - 1
+    xmin = W.min(dim=1).values.clamp(max=0)
+    xmax = W.max(dim=1).values.clamp(min=0)
+    if sym:
+        absmax = torch.maximum(-xmin, xmax)
+        scale = absmax / (2 ** (bits - 1) - 1)
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        scale = (xmax - xmin) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows
+    scale = scale.clamp(min=1e-6).half().float()
+    if not sym:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(W / s) + z, 0, 2^b - 1)``; ``scale``/``zero`` broadcast to ``W``."""
+    return torch.clamp(torch.round(W / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+@dataclass
+class UniformWeight:
+    """A quantized weight before packing: what RTN and GPTQ return.
+
+    codes: (out, in) uint8; scales: (out, n_groups) fp16; zeros: (out, n_groups) uint8 or None
+    when symmetric (the zero point is then ``2^(bits-1)``).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) float32 weight."""
+        in_features = self.codes.shape[1]
+        gs, _ = group_layout(in_features, self.group_size)
+        s = self.scales.float().repeat_interleave(gs, dim=1)[:, :in_features]
+        if self.zeros is None:
+            z = torch.tensor(2.0 ** (self.bits - 1), device=s.device)
+        else:
+            z = self.zeros.float().repeat_interleave(gs, dim=1)[:, :in_features]
+        return dequantize_codes(self.codes.float(), s, z)
+
+
+def quantize_weight(W: torch.Tensor, cfg: RTNConfig) -> UniformWeight:
+    """Round-to-nearest quantization of ``W`` (out, in), group by group (chapter 1)."""
+    W = W.float()
+    out_features, in_features = W.shape
+    gs, n_groups = group_layout(in_features, cfg.group_size)
+    Wg = torch.nn.functional.pad(W, (0, n_groups * gs - in_features))  # zeros never widen [min(w,0), max(w,0)]
+    Wg = Wg.reshape(out_features * n_groups, gs)
+    scale, zero = find_params(Wg, cfg.bits, cfg.sym)
+    codes = quantize_codes(Wg, scale[:, None], zero[:, None], cfg.bits)
+    codes = codes.reshape(out_features, n_groups * gs)[:, :in_features]
+    return UniformWeight(
+        codes=codes.to(torch.uint8),
+        scales=scale.reshape(out_features, n_groups).half(),
+        zeros=None if cfg.sym else zero.reshape(out_features, n_groups).to(torch.uint8),
+        bits=cfg.bits, group_size=cfg.group_size)
+
+
+class UniformLinear(QuantizedLinear):
+    """A linear layer with b-bit uniform codes packed ``8/b`` per byte, fp16 scales and packed
+    integer zero points (absent when symmetric). Used by RTN, GPTQ and AWQ."""
+
+    def __init__(self, q: UniformWeight, bias: Optional[torch.Tensor] = None):
+        out_features, in_features = q.codes.shape
+        super().__init__(in_features, out_features, bias)
+        self.bits, self.group_size = q.bits, q.group_size
+        self.n_groups = q.scales.shape[1]
+        self.register_buffer("qweight", pack_codes(q.codes, q.bits))
+        self.register_buffer("scales", q.scales.half().contiguous())
+        self.register_buffer("qzeros", None if q.zeros is None else pack_codes(q.zeros, q.bits))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, cfg: RTNConfig) -> "UniformLinear":
+        return cls(quantize_weight(linear.weight.data, cfg), linear.bias)
+
+    def unpacked(self) -> UniformWeight:
+        zeros = None if self.qzeros is None else unpack_codes(self.qzeros, self.bits, self.n_groups)
+        return UniformWeight(unpack_codes(self.qweight, self.bits, self.in_features), self.scales,
+                             zeros, self.bits, self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.unpacked().dequantize()
+
+
+class FloatLinear(QuantizedLinear):
+    """The FP16 baseline: the weight stored as fp16 (16 bits per weight, nothing else)."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float16):
+        super().__init__(linear.in_features, linear.out_features,
+                         None if linear.bias is None else linear.bias.to(dtype))
+        self.register_buffer("weight", linear.weight.detach().to(dtype).clone())
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, cfg=None) -> "FloatLinear":
+        return cls(linear)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight
+
+
+register(Method("fp16_baseline", None, "weights stored in fp16, no quantization",
+                from_float=FloatLinear.from_float))
+register(Method("rtn_int8", RTNConfig(bits=8, group_size=0, sym=True),
+                "round-to-nearest INT8, symmetric, one scale per output channel",
+                from_float=UniformLinear.from_float))
+register(Method("rtn_int4", RTNConfig(bits=4, group_size=128, sym=False),
+                "round-to-nearest INT4, asymmetric, groups of 128 input columns",
+                from_float=UniformLinear.from_float))

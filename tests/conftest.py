@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random Qwen2 and Llama models built in memory (no downloads)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+STORIES = SHARED / "models" / "stories260K-qwen2-hf"
+WIKITEXT = SHARED / "data" / "hf-wikitext"
+
+
+def tiny_config(family: str = "qwen2", **overrides):
+    """A 2-layer model with GQA, widths that allow group size 32, vocab 128."""
+    from transformers import LlamaConfig, Qwen2Config
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=True)
+    common.update(overrides)
+    return Qwen2Config(**common) if family == "qwen2" else LlamaConfig(**common)
+
+
+def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    if family == "qwen2":  # random q/k/v biases so that bias handling is exercised
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.02)
+    return model.eval()
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    return tiny_model(family)
+
+
+@pytest.fixture
+def calib_windows():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 128, (8, 32), generator=g)
