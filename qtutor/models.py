@@ -102,6 +102,25 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def load_config(name: str = EMBEDDED_MODEL):
+    """The transformers config of ``name``: a cheap check that the model can be had at all."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name)
+    local = Path(path).is_dir()
+    if not local and (Path(path).exists() or not _looks_like_hub_id(path)):
+        raise QtutorError(f"model folder {path!r} not found; pass an existing folder, a Hub id, "
+                          f"or leave --model out for the embedded {EMBEDDED_MODEL!r}")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        if local:
+            raise QtutorError(f"cannot load a model from folder {path!r}: {str(err).splitlines()[0]}") from err
+        raise QtutorError(f"cannot fetch {path!r} from the Hugging Face Hub (offline or unknown id); "
+                          f"use the embedded model ({EMBEDDED_MODEL!r}, the default) or "
+                          f"--model DIR with a local copy") from err
+
+
 def load_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32,
                device: str = "cpu", with_tokenizer: bool = True):
     """Load ``name`` (embedded name, local folder or Hub id) -> (model, tokenizer).
@@ -110,27 +129,23 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32,
     """
     from transformers import AutoModelForCausalLM
 
+    config = load_config(name)
+    if config.model_type not in LAYOUTS:
+        raise QtutorError(f"model type {config.model_type!r} has no layout in qtutor; "
+                          f"supported: {', '.join(sorted(LAYOUTS))}")
     path = resolve_model(name)
-    local = Path(path).is_dir()
-    if not local and (Path(path).exists() or os.sep in path and not _looks_like_hub_id(path)):
-        raise QtutorError(f"model folder {path!r} not found; pass an existing folder, a Hub id, "
-                          f"or leave --model out for the embedded {EMBEDDED_MODEL!r}")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = _load_tokenizer(path) if with_tokenizer else None
     except OSError as err:
-        if local:
-            raise QtutorError(f"cannot load a model from folder {path!r}: {str(err).splitlines()[0]}") from err
-        raise QtutorError(f"cannot fetch {path!r} from the Hugging Face Hub (offline or unknown id); "
-                          f"use the embedded model ({EMBEDDED_MODEL!r}, the default) or "
-                          f"--model DIR with a local copy") from err
-    layout_for(model)  # refuse unsupported families early
+        raise QtutorError(f"cannot load model weights or tokenizer of {path!r}: "
+                          f"{str(err).splitlines()[0]}") from err
     return model.to(device).eval(), tokenizer
 
 
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+    return len(parts) <= 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
 def random_model(config_name: str = "Qwen/Qwen2-0.5B", dtype: torch.dtype = torch.float32,

@@ -6,6 +6,7 @@ runs, and the median over ``runs`` is reported together with the device and dtyp
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +33,15 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def _cache_kwarg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
 @torch.no_grad()
 def greedy_decode(model, prompt_ids: torch.Tensor, new_tokens: int):
     """Greedy decode with a KV cache -> (generated ids (new_tokens,), prefill s, decode s)."""
@@ -39,15 +49,16 @@ def greedy_decode(model, prompt_ids: torch.Tensor, new_tokens: int):
     ids = prompt_ids.view(1, -1).to(device)
     _sync(device)
     t0 = time.perf_counter()
+    kw = _cache_kwarg(model)
     out = model(ids, use_cache=True)
-    cache = out.past_key_values
+    cache = _cache_of(out)
     next_id = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t1 = time.perf_counter()
     generated = [next_id]
     for _ in range(new_tokens - 1):
-        out = model(next_id, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(next_id, use_cache=True, **{kw: cache})
+        cache = _cache_of(out)
         next_id = out.logits[:, -1].argmax(-1, keepdim=True)
         generated.append(next_id)
     _sync(device)

@@ -54,6 +54,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-n) % 8
     if pad:
         c = F.pad(c, (0, pad))
+    if 8 % bits == 0:  # whole codes per byte (1, 2, 4, 8 bits): cheap uint8 arithmetic
+        per_byte = 8 // bits
+        c = c.to(torch.uint8).reshape(*lead, -1, per_byte)
+        shifts = torch.arange(per_byte, device=c.device, dtype=torch.uint8) * bits
+        packed = (c << shifts).sum(-1, dtype=torch.uint8)
+        return packed[..., : math.ceil(n * bits / 8)].contiguous()
     c = c.reshape(*lead, -1, 8)
     shifts = torch.arange(8, device=c.device, dtype=torch.int64) * bits
     word = (c << shifts).sum(-1, keepdim=True)  # 8*bits <= 64 bits per run
@@ -65,6 +71,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: (..., ceil(n*bits/8)) uint8 -> (..., n) uint8 codes."""
     *lead, nbytes = packed.shape
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        return codes.reshape(*lead, -1)[..., :n]
     full = math.ceil(n / 8) * bits
     p = F.pad(packed.to(torch.int64), (0, full - nbytes)).reshape(*lead, -1, bits)
     byte_shifts = torch.arange(bits, device=p.device, dtype=torch.int64) * 8

@@ -1,0 +1,146 @@
+"""``qtutor bench`` end to end on a tiny random model, resume, and every documented bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from qtutor.bench import main
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "A small model reads a small text. ") * 60
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Qwen2 saved with a byte-level BPE tokenizer trained on TEXT."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=128, special_tokens=["<|endoftext|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(d)
+    tiny_model("qwen2", vocab_size=tok.get_vocab_size()).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A WikiText-2 look-alike in the Hugging Face layout (what ../shared/data/hf-wikitext holds)."""
+    import datasets
+    d = tmp_path_factory.mktemp("wikitext")
+    (d / "wikitext-2-raw-v1").mkdir()
+    (d / "README.md").write_text(
+        "---\nconfigs:\n- config_name: wikitext-2-raw-v1\n  data_files:\n"
+        "  - split: test\n    path: wikitext-2-raw-v1/test-*\n"
+        "  - split: validation\n    path: wikitext-2-raw-v1/validation-*\n---\n")
+    lines = [line + "\n" for line in TEXT.split(". ")]
+    for split in ("test", "validation"):
+        datasets.Dataset.from_dict({"text": lines}).to_parquet(
+            str(d / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet"))
+    return d
+
+
+def bench_args(model_dir, data_dir, out, *extra):
+    return ["--model", str(model_dir), "--dataset", "wikitext2", "--data-dir", str(data_dir),
+            "--seqlen", "32", "--max-eval-tokens", "640", "--calib-samples", "4", "--latency-tokens", "4", "--latency-runs", "1",
+            "--out", str(out), "--no-progress", *extra]
+
+
+def test_bench_end_to_end(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline,rtn_int8,rtn_int4",
+                           "--group-size", "32")) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == ["fp16_baseline", "rtn_int8", "rtn_int4"]
+    for r in res["methods"].values():
+        assert set(r) >= {"ppl", "eval_tokens", "seqlen", "bits_per_weight", "memory_mb",
+                          "compression_ratio", "latency_ms_per_token", "quant_seconds"}
+        assert r["ppl"] > 1 and r["seqlen"] == 32 and r["eval_tokens"] == 640
+    m = res["methods"]
+    assert m["fp16_baseline"]["bits_per_weight"] == 16
+    assert m["rtn_int4"]["bits_per_weight"] == pytest.approx(4 + 20 / 32, rel=0.01)  # group 32 applies to INT4 (zeros padded to bytes)
+    assert m["rtn_int8"]["bits_per_weight"] == pytest.approx(8 + 16 / 32, rel=0.01)  # and to INT8
+    assert m["fp16_baseline"]["compression_ratio"] == pytest.approx(1.0)
+    assert m["rtn_int4"]["memory_mb"] < m["rtn_int8"]["memory_mb"] < m["fp16_baseline"]["memory_mb"]
+    for f in ("results.csv", "ppl_vs_bits.png", "memory.png", "latency.png"):
+        assert (out / f).stat().st_size > 0
+    assert "rtn_int4" in capsys.readouterr().out
+
+
+def test_resume_after_killed_run(model_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline,rtn_int8,rtn_int4",
+                      "--latency-runs", "20")
+    proc = subprocess.Popen([sys.executable, "-m", "qtutor", "bench", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if results.exists() and json.loads(results.read_text() or "{}").get("methods"):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(results.read_text())["methods"]
+    assert 1 <= len(done) < 3, "the run should have been killed after its first method"
+    first = next(iter(done))
+    r = subprocess.run([sys.executable, "-m", "qtutor", "bench", *args[:-2], "--latency-runs", "1",
+                        "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{first:20s} skipped" in r.stdout
+    final = json.loads(results.read_text())["methods"]
+    assert list(final) == ["fp16_baseline", "rtn_int8", "rtn_int4"]
+    assert final[first] == done[first]  # kept, not recomputed
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--methods", "rtn_int5"], "unknown method 'rtn_int5'"),
+    (["--methods", "rtn_int4", "--bits", "5"], "5-bit uniform quantization is not supported"),
+    (["--methods", "rtn_int4", "--group-size", "-3"], "group size -3 is negative"),
+    (["--model", "/nonexistent/model"], "model folder '/nonexistent/model' not found"),
+    (["--data-dir", "/nonexistent/data"], "WikiText-2 folder '/nonexistent/data' not found"),
+    (["--seqlen", "100000", "--methods", "fp16_baseline"], "exceeds the model's 256 positions"),
+    (["--max-eval-tokens", "16", "--methods", "fp16_baseline"], "fewer than one window"),
+])
+def test_bad_input_one_line_exit_2(model_dir, data_dir, tmp_path, capsys, extra, message):
+    args = bench_args(model_dir, data_dir, tmp_path / "run")
+    for i in range(0, len(extra), 2):  # later flags win in argparse, but replace to keep args clean
+        if extra[i] in args:
+            j = args.index(extra[i])
+            del args[j:j + 2]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unreadable_results_on_resume_loses_nothing(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{not json")
+    assert main(bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline", "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot resume from" in err and len(err.splitlines()) == 1
+    assert (out / "results.json").read_text() == "{not json"
+
+
+def test_offline_hub_id_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "qtutor", "bench", "--model", "qtutor-nonexistent/model-xyz",
+                        "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "cannot fetch 'qtutor-nonexistent/model-xyz'" in r.stderr and "qtutor-tiny" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "qtutor", "bench", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--resume" in r.stdout
