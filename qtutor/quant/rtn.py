@@ -91,6 +91,9 @@ class UniformWeight:
 
     codes: (out, in) uint8; scales: (out, n_groups) fp16; zeros: (out, n_groups) uint8 or None
     when symmetric (the zero point is then ``2^(bits-1)``).
+    g_idx: None (group ``j`` is input columns ``[j*gs, (j+1)*gs)``) or an (in,) integer tensor
+    giving each input column's group, for groups that are not contiguous (GPTQ with act-order,
+    as AutoGPTQ's ``g_idx``).
     """
 
     codes: torch.Tensor
@@ -98,16 +101,24 @@ class UniformWeight:
     zeros: Optional[torch.Tensor]
     bits: int
     group_size: int
+    g_idx: Optional[torch.Tensor] = None
 
     def dequantize(self) -> torch.Tensor:
         """(out, in) float32 weight."""
         in_features = self.codes.shape[1]
-        gs, _ = group_layout(in_features, self.group_size)
-        s = self.scales.float().repeat_interleave(gs, dim=1)[:, :in_features]
+        if self.g_idx is not None:
+            def expand(t):
+                return t.float()[:, self.g_idx.long()]
+        else:
+            gs, _ = group_layout(in_features, self.group_size)
+
+            def expand(t):
+                return t.float().repeat_interleave(gs, dim=1)[:, :in_features]
+        s = expand(self.scales)
         if self.zeros is None:
             z = torch.tensor(2.0 ** (self.bits - 1), device=s.device)
         else:
-            z = self.zeros.float().repeat_interleave(gs, dim=1)[:, :in_features]
+            z = expand(self.zeros)
         return dequantize_codes(self.codes.float(), s, z)
 
 
@@ -130,7 +141,9 @@ def quantize_weight(W: torch.Tensor, cfg: RTNConfig) -> UniformWeight:
 
 class UniformLinear(QuantizedLinear):
     """A linear layer with b-bit uniform codes packed ``8/b`` per byte, fp16 scales and packed
-    integer zero points (absent when symmetric). Used by RTN, GPTQ and AWQ."""
+    integer zero points (absent when symmetric), and GPTQ act-order's per-column group index
+    ``g_idx`` when present (int16, or int32 past 32767 groups; counted in the bits per weight).
+    Used by RTN, GPTQ and AWQ."""
 
     def __init__(self, q: UniformWeight, bias: Optional[torch.Tensor] = None):
         out_features, in_features = q.codes.shape
@@ -140,6 +153,8 @@ class UniformLinear(QuantizedLinear):
         self.register_buffer("qweight", pack_codes(q.codes, q.bits))
         self.register_buffer("scales", q.scales.half().contiguous())
         self.register_buffer("qzeros", None if q.zeros is None else pack_codes(q.zeros, q.bits))
+        g_dtype = torch.int16 if self.n_groups <= 2**15 else torch.int32
+        self.register_buffer("g_idx", None if q.g_idx is None else q.g_idx.to(g_dtype).contiguous())
 
     @classmethod
     def from_float(cls, linear: nn.Linear, cfg: RTNConfig) -> "UniformLinear":
@@ -148,7 +163,7 @@ class UniformLinear(QuantizedLinear):
     def unpacked(self) -> UniformWeight:
         zeros = None if self.qzeros is None else unpack_codes(self.qzeros, self.bits, self.n_groups)
         return UniformWeight(unpack_codes(self.qweight, self.bits, self.in_features), self.scales,
-                             zeros, self.bits, self.group_size)
+                             zeros, self.bits, self.group_size, self.g_idx)
 
     def dequantize(self) -> torch.Tensor:
         return self.unpacked().dequantize()

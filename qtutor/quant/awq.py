@@ -1,0 +1,457 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2024; book chapter 4).
+
+The observation: a few input channels ``j`` carry activations much larger than the rest, and
+the weight columns ``W[:, j]`` that read them matter most. Rounding error on ``W[:, j]`` is
+multiplied by ``|X[:, j]|``. AWQ protects those columns without mixed precision: scale
+``W[:, j]`` up by ``s_j > 1`` before quantizing (its relative rounding error shrinks, since the
+group's step size is set by the group's largest weight), and divide ``X[:, j]`` by ``s_j``,
+folding the division into the previous norm or linear (:mod:`qtutor.quant.transforms`):
+
+    Q(W diag(s)) (diag(s)^-1 X^T)  ~=  W X^T.
+
+``s = mean_tokens(|X|)^ratio``, one exponent per group of linears, found by grid search on the
+block output's mean squared error. Then each weight group's clipping range is shrunk if that
+lowers the linear's output error, and the weights are quantized with plain RTN.
+
+Follows mit-han-lab/llm-awq ``awq/quantize/pre_quant.py`` (``run_awq``),
+``auto_scale.py`` (``auto_scale_block``, ``_search_module_scale``, ``apply_scale``) and
+``auto_clip.py`` (``auto_clip_layer``, ``apply_clip``), and casper-hansen/AutoAWQ
+``awq/quantize/quantizer.py`` (``AwqQuantizer._search_best_scale``, ``_compute_best_scale``,
+``_compute_best_clip``; ``duo_scaling``) and ``scale.py``. Per decoder layer, in ``run_awq``'s
+order:
+
+1. run the float layer once and capture the inputs of its linears;
+2. for every group (norm -> q/k/v, v -> o, norm -> gate/up, up -> down), search the scale on the
+   float layer's captured inputs (``auto_scale_block``: each search restores the weights);
+3. apply all scales (``apply_scale``), dividing the captured inputs by ``s`` as well;
+4. search and apply per-group clipping for every linear but q_proj/k_proj (``auto_clip_block``);
+5. quantize every linear with RTN (asymmetric, groups of ``group_size``) into ``UniformLinear``.
+
+Searching every group on the float layer and then applying the scales gives the same scales as
+applying each before searching the next: the transforms leave every captured input unchanged
+up to the division by ``s``, and no search touches a weight that an earlier group rescaled
+(v -> o inspects only o_proj, up -> down only down_proj).
+
+Deliberate differences from the references, all documented where they happen:
+
+* the quantization grid is :mod:`qtutor.quant.rtn`'s (range ``[min(w, 0), max(w, 0)]``, fp16
+  scale), the one ``UniformLinear`` stores, so the search optimizes what is kept; the
+  references' ``pseudo_quantize_tensor`` uses ``[min(w), max(w)]`` in the weights' dtype;
+* ``group_size`` need not divide the width (the last group is shorter, as in RTN);
+* ``qtutor.quantize`` feeds layer ``i`` the outputs of the already *quantized* layers
+  ``0..i-1`` (GPTQ's protocol, shared by every calibrated method here); ``run_awq`` feeds it
+  the outputs of the float (scaled, clipped, unquantized) layers and quantizes at the end;
+* ``max_search_tokens`` can cap the tokens the scale search runs on (for CPU); by default it
+  uses all calibration tokens, as the references do (128 x 512 there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import QtutorError
+from .base import Method, QuantConfig, register
+from .rtn import RTNConfig, UniformLinear, check_bits, group_layout, quantize_weight
+from .transforms import scale_linear_to_linears, scale_norm_to_linears
+
+#: linears never clipped: "due to qk bmm, it is hard to clip precisely" (llm-awq auto_clip.py,
+#: which skips names containing "q_" or "k_")
+NO_CLIP = ("q_proj", "k_proj")
+
+
+@dataclass(frozen=True)
+class AWQConfig(QuantConfig):
+    """AWQ settings; defaults are the references' (llm-awq ``q_config`` with ``zero_point=True``,
+    ``q_group_size=128``; AutoAWQ ``duo_scaling`` off as in llm-awq).
+
+    bits, group_size, sym: the final RTN quantizer (and the one simulated during the searches).
+    n_grid: ratios ``i / n_grid``, ``i = 0..n_grid-1`` for ``s = x_mean^ratio`` (ratio 0 is RTN).
+    duo_scaling: AutoAWQ's ``s = x_mean^ratio / (w_mean^(1-ratio) + 1e-4)``.
+    clip: run the clipping search (llm-awq ``mse_range``, AutoAWQ ``apply_clip``).
+    max_shrink, n_clip_grid: clip thresholds ``max|w| * (1 - i / n_clip_grid)`` for
+      ``i = 0..int(max_shrink * n_clip_grid)-1`` (so down to 55% of the max by default).
+    n_clip_tokens: the clipping search uses every ``n_tokens // n_clip_tokens``-th token
+      (``n_sample_token=512`` in ``auto_clip_layer``).
+    max_search_tokens: at most this many calibration tokens (whole windows, evenly spaced: the
+      attention block needs whole sequences) for the scale search's block forwards; ``None``
+      uses all of them, as the references do. The activation statistic ``x_mean`` always uses
+      all tokens. On 2 CPU cores, 4096 is a reasonable cap for a 0.5B model.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    n_grid: int = 20
+    duo_scaling: bool = False
+    clip: bool = True
+    max_shrink: float = 0.5
+    n_clip_grid: int = 20
+    n_clip_tokens: int = 512
+    max_search_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.group_size < 0:
+            raise QtutorError(f"group size {self.group_size} is negative; use 0 for one scale "
+                              f"per output channel or a positive number of input columns")
+        if self.n_grid < 1 or self.n_clip_grid < 1 or self.n_clip_tokens < 1:
+            raise QtutorError("n_grid, n_clip_grid and n_clip_tokens must be at least 1")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise QtutorError(f"max_shrink {self.max_shrink} must lie in [0, 1)")
+        if self.max_search_tokens is not None and self.max_search_tokens < 1:
+            raise QtutorError("max_search_tokens must be positive (or None for all tokens)")
+
+    def rtn(self) -> RTNConfig:
+        """The RTN quantizer AWQ simulates during its searches and applies at the end."""
+        return RTNConfig(bits=self.bits, group_size=self.group_size, sym=self.sym)
+
+
+# --------------------------------------------------------------------------- pure functions
+def pseudo_quantize(W: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
+    """``Q(W)``: quantize ``W`` (out, in) with RTN and dequantize, in float32.
+
+    The references' ``pseudo_quantize_tensor``; here it is literally what ``UniformLinear``
+    will store (:func:`qtutor.quant.rtn.quantize_weight`).
+    """
+    return quantize_weight(W.float(), cfg.rtn()).dequantize()
+
+
+def activation_mean(X: torch.Tensor) -> torch.Tensor:
+    """``x_mean_j = mean_tokens |X_tj|``: (in,) float32 from ``X`` (..., in).
+
+    llm-awq ``get_act_scale``: ``x.abs().view(-1, x.shape[-1]).mean(0)``.
+    """
+    return X.detach().abs().reshape(-1, X.shape[-1]).float().mean(0)
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """AutoAWQ's ``w_mean`` (duo scaling): each weight scaled to [0, 1] within its quantization
+    group (``|w| / (max|w| + 1e-6)``), then averaged over the output rows of all ``weights``
+    (each (out_k, in)). Returns (in,) float32."""
+    W = torch.cat([w.detach().float() for w in weights], dim=0)
+    out_features, in_features = W.shape
+    gs, n_groups = group_layout(in_features, group_size)
+    Wg = F.pad(W.abs(), (0, n_groups * gs - in_features)).reshape(out_features, n_groups, gs)
+    w_scale = Wg / (Wg.amax(dim=-1, keepdim=True) + 1e-6)
+    return w_scale.reshape(out_features, -1)[:, :in_features].mean(0)
+
+
+def candidate_scales(x_mean: torch.Tensor, ratio: float,
+                     w_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The scale vector ``s`` (in,) for one grid point (llm-awq ``_search_module_scale``):
+
+    ``s = clamp(x_mean^ratio, min=1e-4)``, then ``s / sqrt(max(s) min(s))`` so that the scales
+    straddle 1 (a geometric centring; the loss does not depend on it up to rounding).
+    With ``w_mean`` (duo scaling): ``s = clamp(x_mean^ratio / (w_mean^(1-ratio) + 1e-4), 1e-4)``.
+    Non-finite entries become 1 (AutoAWQ).
+    """
+    if w_mean is None:
+        s = x_mean.float().pow(ratio).clamp(min=1e-4)
+    else:
+        s = (x_mean.float().pow(ratio) / (w_mean.float().pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    s[~torch.isfinite(s)] = 1.0
+    return s
+
+
+@torch.no_grad()
+def _forward(block: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
+    """``block(x, **kwargs)`` (first output if a tuple) in batches of windows of ``x`` (n, seq, in)."""
+    outs = []
+    for i in range(0, x.shape[0], batch_size):
+        out = block(x[i:i + batch_size], **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def search_scale(block: nn.Module, linears: list[nn.Module], x: torch.Tensor,
+                 x_mean: torch.Tensor, cfg: AWQConfig, kwargs: Optional[dict] = None) -> dict:
+    """Grid search of AWQ's scale for ``linears`` (which all read ``x``) on ``block``'s output.
+
+    block: the module whose output is compared (the attention for q/k/v, the MLP for gate/up,
+      the consumer linear itself for v -> o and up -> down), called as ``block(x, **kwargs)``;
+    x: (n, seqlen, in) float inputs of ``linears``; x_mean: (in,) activation statistic.
+
+    For each ratio ``i / n_grid``: ``W <- Q(W diag(s)) diag(s)^-1`` for every linear, run the
+    block, ``loss = mean((out - out_float)^2)``; the weights are restored after each try and the
+    strictly smallest loss wins (ratio 0, plain RTN, on ties).
+    Returns ``{"scales": s (in,), "ratio", "loss", "loss_rtn", "history"}``.
+    """
+    kwargs = kwargs or {}
+    org_out = _forward(block, x, kwargs)
+    originals = [fc.weight.detach().clone() for fc in linears]
+    w_mean = weight_mean(originals, cfg.group_size) if cfg.duo_scaling else None
+
+    def loss_with(s: Optional[torch.Tensor]) -> float:
+        for fc, W in zip(linears, originals):
+            if s is None:
+                Wq = pseudo_quantize(W, cfg)
+            else:
+                sv = s.to(W.device).view(1, -1)
+                Wq = pseudo_quantize(W.float() * sv, cfg) / sv
+            fc.weight.copy_(Wq.to(fc.weight.dtype))
+        out = _forward(block, x, kwargs)
+        for fc, W in zip(linears, originals):
+            fc.weight.copy_(W)
+        return (org_out - out).float().pow(2).mean().item()  # float prevents overflow
+
+    history, best = [], None
+    for i in range(cfg.n_grid):
+        ratio = i / cfg.n_grid
+        s = candidate_scales(x_mean, ratio, w_mean)
+        loss = loss_with(s)
+        history.append(loss)
+        if best is None or loss < best["loss"]:
+            best = {"scales": s, "ratio": ratio, "loss": loss}
+    if best is None or not torch.isfinite(best["scales"]).all():
+        raise QtutorError(f"AWQ scale search failed (losses {history})")
+    best["loss_rtn"] = history[0] if not cfg.duo_scaling else loss_with(None)
+    best["history"] = history
+    return best
+
+
+@torch.no_grad()
+def search_clip(W: torch.Tensor, X: torch.Tensor, cfg: AWQConfig,
+                oc_batch_size: int = 256) -> dict:
+    """AWQ's clipping search for one linear (llm-awq ``auto_clip_layer``).
+
+    W: (out, in) weight (already scaled); X: (..., in) its inputs (already divided by ``s``).
+    For each output row and each group of ``group_size`` input columns, try the symmetric
+    clipping ranges ``[-m (1 - i/n), m (1 - i/n)]`` (``m`` the group's ``max|w|``,
+    ``i < max_shrink * n``), quantize the clipped group, and keep the threshold with the
+    smallest mean squared error of that group's partial output ``sum_k X_tk W_ok`` over the
+    sampled tokens (every ``n_tokens // n_clip_tokens``-th token).
+    Returns ``{"max_val": (out, n_groups) chosen thresholds, "org_max": (out, n_groups) the
+    groups' ``max|w|``, "err_before": (out, n_groups) (no clipping), "err_after": (out, n_groups),
+    "group_size": columns per group}``.
+    """
+    out_features, in_features = W.shape
+    gs, n_groups = group_layout(in_features, cfg.group_size)
+    pad = n_groups * gs - in_features  # zero columns: no output, never widen [min(w,0), max(w,0)]
+    Wg = F.pad(W.detach().float(), (0, pad)).reshape(out_features, n_groups, gs)
+    X = X.detach().reshape(-1, in_features)
+    X = X[0::max(1, X.shape[0] // cfg.n_clip_tokens)]  # AutoAWQ's max(1, .): llm-awq divides by 0 below 512
+    Xg = F.pad(X.float(), (0, pad)).reshape(-1, n_groups, gs).transpose(0, 1)  # (groups, tokens, gs)
+    rtn_cfg = cfg.rtn().replace(group_size=gs)
+    best_all, max_all, before_all, after_all = [], [], [], []
+    for r0 in range(0, out_features, oc_batch_size):  # reference: oc_batch_size 256 "prevent OOM"
+        w = Wg[r0:r0 + oc_batch_size]  # (co, groups, gs)
+        co = w.shape[0]
+        org_max = w.abs().amax(dim=-1, keepdim=True)  # (co, groups, 1)
+        org_out = torch.bmm(Xg, w.permute(1, 2, 0))  # (groups, tokens, co) = (input_feat * w).sum(-1)
+        best = org_max.clone()
+        min_err = torch.full((co, n_groups, 1), float("inf"), device=W.device)
+        err0 = None
+        for i_s in range(max(1, int(cfg.max_shrink * cfg.n_clip_grid))):  # i_s = 0: no clipping
+            max_val = org_max * (1 - i_s / cfg.n_clip_grid)
+            cur = torch.clamp(w, -max_val, max_val)
+            q = quantize_weight(cur.reshape(co, -1), rtn_cfg).dequantize().reshape(co, n_groups, gs)
+            cur_out = torch.bmm(Xg, q.permute(1, 2, 0))
+            err = (cur_out - org_out).pow(2).mean(dim=1).transpose(0, 1).unsqueeze(-1)  # (co, groups, 1)
+            if err0 is None:
+                err0 = err
+            better = err < min_err
+            min_err[better] = err[better]
+            best[better] = max_val[better]
+        best_all.append(best.squeeze(-1))
+        max_all.append(org_max.squeeze(-1))
+        before_all.append(err0.squeeze(-1))
+        after_all.append(min_err.squeeze(-1))
+    return {"max_val": torch.cat(best_all), "org_max": torch.cat(max_all),
+            "err_before": torch.cat(before_all), "err_after": torch.cat(after_all), "group_size": gs}
+
+
+@torch.no_grad()
+def apply_clip(linear: nn.Module, max_val: torch.Tensor, group_size: int) -> None:
+    """Clamp each (row, group) of ``linear.weight`` (out, in) to ``[-max_val, max_val]``,
+    ``max_val`` (out, n_groups) (llm-awq ``apply_clip``)."""
+    W = linear.weight
+    in_features = W.shape[1]
+    gs, _ = group_layout(in_features, group_size)
+    m = max_val.to(W.device).float().repeat_interleave(gs, dim=1)[:, :in_features]
+    W.copy_(torch.clamp(W.float(), -m, m).to(W.dtype))
+
+
+# --------------------------------------------------------------------------- one decoder layer
+@dataclass
+class ScaleGroup:
+    """One AWQ scaling: ``prev``'s output is divided by ``s``, the ``linears`` reading it are
+    multiplied by ``s``; the loss is measured on ``inspect``'s output. ``skipped`` says why a
+    pair of the layout was not scaled."""
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str
+    prev_is_norm: bool
+    skipped: Optional[str] = None
+    result: dict = field(default_factory=dict)
+
+
+def scale_groups(layer: nn.Module, layout) -> list[ScaleGroup]:
+    """The groups of llm-awq ``auto_scale_block``'s ``LlamaDecoderLayer`` branch, in its order:
+    input_layernorm -> q/k/v (loss on the attention output), v_proj -> o_proj (loss on o_proj's
+    output), post_attention_layernorm -> gate/up (loss on the MLP output), up_proj -> down_proj.
+    """
+    groups = []
+    norm_of = {names[0]: (norm, names) for norm, names in layout.norm_groups}
+    pair_of = {nxt: prev for prev, nxt in layout.linear_pairs}
+    for seq in layout.sequential:
+        head = seq[0]
+        if head in norm_of:
+            norm, names = norm_of[head]
+            parents = {n.rsplit(".", 1)[0] for n in names}
+            if len(parents) != 1:
+                raise QtutorError(f"linears {names} fed by {norm} do not share a parent module")
+            groups.append(ScaleGroup(norm, tuple(names), parents.pop(), True))
+        elif len(seq) == 1 and head in pair_of:
+            prev = pair_of[head]
+            g = ScaleGroup(prev, (head,), head, False)
+            width_out = layer.get_submodule(prev).weight.shape[0]
+            width_in = layer.get_submodule(head).weight.shape[1]
+            # llm-awq: `if module.self_attn.v_proj.weight.shape == module.self_attn.o_proj.weight.shape`
+            # (PR #67). With grouped-query attention each V channel feeds several heads, so o_proj
+            # reads more channels than v_proj writes and there is no per-channel fold: skip.
+            if width_out != width_in:
+                g.skipped = (f"{prev} writes {width_out} channels but {head} reads {width_in} "
+                             f"(grouped-query attention): no equivalent scaling, skipped as in llm-awq")
+            groups.append(g)
+    return groups
+
+
+def _search_subset(n: int, seqlen: int, max_tokens: Optional[int]) -> torch.Tensor:
+    """Indices of the windows the scale search runs on: all, or evenly spaced whole windows."""
+    if max_tokens is None or max_tokens >= n * seqlen:
+        return torch.arange(n)
+    k = max(1, max_tokens // seqlen)
+    return torch.linspace(0, n - 1, k).round().long().unique()
+
+
+@torch.no_grad()
+def capture_inputs(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
+                   keep: torch.Tensor, batch_size: int = 8) -> tuple[dict, dict]:
+    """Run the float ``layer`` on ``X`` (n, seqlen, hidden); for the first linear of each group
+    of ``layout.sequential`` (linears of one group read the same input) return its inputs on the
+    windows ``keep`` ((k, seqlen, in)) and its ``x_mean`` over all windows ((in,)).
+    (llm-awq ``run_awq``'s ``cache_input_hook``.)"""
+    from ..calib import record_inputs
+    heads = [seq[0] for seq in layout.sequential]
+    feats: dict = {h: [] for h in heads}
+    sums: dict = {}
+    counts: dict = {}
+    keep_mask = torch.zeros(X.shape[0], dtype=torch.bool)
+    keep_mask[keep] = True
+    state = {}
+
+    def hook(name, x):
+        x = x.detach()
+        flat = x.reshape(-1, x.shape[-1])
+        sums[name] = sums.get(name, 0) + flat.abs().float().sum(0)
+        counts[name] = counts.get(name, 0) + flat.shape[0]
+        sel = state["keep"].to(x.device)
+        if bool(sel.any()):
+            feats[name].append(x[sel])
+
+    with record_inputs({h: layer.get_submodule(h) for h in heads}, hook):
+        for i in range(0, X.shape[0], batch_size):
+            state["keep"] = keep_mask[i:i + batch_size]
+            layer(X[i:i + batch_size], **kwargs)
+    inputs = {h: torch.cat(v) for h, v in feats.items()}
+    x_means = {h: sums[h] / counts[h] for h in heads}
+    return inputs, x_means
+
+
+@torch.no_grad()
+def scale_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
+                cfg: AWQConfig) -> tuple[list[ScaleGroup], dict]:
+    """Steps 1-3 for one decoder layer: capture, search every group's scale on the float
+    layer, apply them all (the layer stays float and computes the same function).
+
+    Returns the groups (with ``result``) and the captured inputs of each sequential group,
+    already divided by the scales (llm-awq ``apply_scale(..., input_feat_dict)``), keyed by
+    the group's first linear.
+    """
+    keep = _search_subset(X.shape[0], X.shape[1], cfg.max_search_tokens)
+    inputs, x_means = capture_inputs(layer, layout, X, kwargs, keep)
+    site = {name: seq[0] for seq in layout.sequential for name in seq}
+    groups = scale_groups(layer, layout)
+    for g in groups:
+        if g.skipped:
+            continue
+        block = layer.get_submodule(g.inspect)
+        block_kwargs = kwargs if g.inspect == layout.attention else {}
+        head = site[g.linears[0]]
+        g.result = search_scale(block, [layer.get_submodule(n) for n in g.linears], inputs[head],
+                                x_means[head], cfg, block_kwargs)
+    for g in groups:  # apply_scale
+        if g.skipped:
+            continue
+        s = g.result["scales"]
+        prev = layer.get_submodule(g.prev)
+        linears = [layer.get_submodule(n) for n in g.linears]
+        if g.prev_is_norm:
+            scale_norm_to_linears(prev, linears, s)
+        else:
+            scale_linear_to_linears(prev, linears, s)
+        head = site[g.linears[0]]
+        inputs[head] = inputs[head] / s.to(inputs[head].device, inputs[head].dtype)
+    return groups, inputs
+
+
+@torch.no_grad()
+def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
+                   cfg: AWQConfig) -> dict:
+    """AWQ on one decoder layer, in place: scale, clip, quantize (``run_awq`` + real quantization).
+
+    X: (n, seqlen, hidden) inputs of the layer; kwargs: how the model calls it.
+    Returns per-linear statistics: ``scale_prev`` (what the scale was folded into),
+    ``scale_group``, ``best_ratio``, ``loss_rtn`` (block loss of plain RTN, ratio 0) and
+    ``loss_awq`` (best block loss), ``loss_history``; ``scale_skipped`` with the reason when a
+    pair was skipped (v -> o under grouped-query attention); ``clip_err_before`` /
+    ``clip_err_after`` (mean output error of the clipping search without / with clipping) and
+    ``clip_ratio`` (mean kept fraction of ``max|w|``); ``weight_rel_error`` of the final RTN
+    relative to the (scaled, clipped) float weight it quantizes.
+    """
+    groups, inputs = scale_layer(layer, layout, X, kwargs, cfg)
+    site = {name: seq[0] for seq in layout.sequential for name in seq}
+    stats: dict = {name: {} for name in layout.linear_names()}
+    for g in groups:
+        for name in g.linears:
+            entry = stats[name]
+            entry["scale_prev"] = None if g.skipped else g.prev
+            if g.skipped:
+                entry["scale_skipped"] = g.skipped
+                continue
+            r = g.result
+            entry.update(scale_group=list(g.linears), scale_inspect=g.inspect,
+                         best_ratio=r["ratio"], loss_rtn=r["loss_rtn"], loss_awq=r["loss"],
+                         loss_history=list(r["history"]))
+    if cfg.clip:  # auto_clip_block + apply_clip
+        for name in layout.linear_names():
+            if name.rsplit(".", 1)[-1] in NO_CLIP:
+                continue
+            linear = layer.get_submodule(name)
+            c = search_clip(linear.weight, inputs[site[name]], cfg)
+            apply_clip(linear, c["max_val"], c["group_size"])
+            nz = c["org_max"] > 0
+            stats[name].update(clip_err_before=float(c["err_before"].mean()),
+                               clip_err_after=float(c["err_after"].mean()),
+                               clip_ratio=float((c["max_val"][nz] / c["org_max"][nz]).mean()))
+    del inputs
+    rtn_cfg = cfg.rtn()
+    for name, linear in layout.linears(layer).items():
+        q = UniformLinear.from_float(linear, rtn_cfg)
+        W = linear.weight.detach().float()
+        stats[name]["weight_rel_error"] = float((q.dequantize().float() - W).norm()
+                                                / W.norm().clamp(min=1e-12))
+        layer.set_submodule(name, q.to(linear.weight.device))
+    return stats
+
+
+register(Method("awq_int4", AWQConfig(),
+                "AWQ INT4: activation-aware per-channel scaling + clipping search, then RTN "
+                "(asymmetric, groups of 128)", quantize_layer=quantize_layer))

@@ -1,0 +1,288 @@
+"""GPTQ: accurate post-training quantization from second-order information (chapter 3).
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", ICLR 2023, arXiv:2210.17323; reference code IST-DASLab/gptq
+(``gptq.py``: ``GPTQ.add_batch`` and ``GPTQ.fasterquant``), whose behaviour this module follows.
+
+For one linear layer with weight ``W`` (out, in) and calibration inputs ``X`` (N tokens, in),
+GPTQ looks for codes ``Q`` on the quantization grid minimising the layer-output error
+``||X W^T - X Q^T||^2``. Every row of ``W`` shares the Hessian of that error,
+``H = 2 X^T X / N``. Columns are quantized one at a time, left to right (Algorithm 1):
+
+* quantize column ``i``: ``q = quant(w)``, then spread its error over the columns not yet
+  quantized, ``W[:, i:] -= (w - q) / d * Hinv[i, i:]`` with ``d = Hinv[i, i]``; ``Hinv`` is the
+  upper Cholesky factor of ``H^-1``, whose row ``i`` is exactly the OBS update of the columns
+  left after ``i`` (section 3, "Cholesky reformulation");
+* "lazy batch" updates: the update is applied inside a block of ``block_size`` columns at once,
+  and to the columns right of the block in one matmul ``W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]``;
+* damping: ``damp * mean(diag H)`` is added to the diagonal of ``H`` before inverting;
+* act-order (``act_order``, the reference's ``--act-order``): columns are processed in order of
+  decreasing ``diag(H)``, the columns with the largest input energy first.
+
+Group-wise scales follow the reference: the scale/zero of a group is computed when the loop
+reaches the group's first column, from ``W`` as updated so far. As in the reference, ``W`` holds
+the updates of the earlier *blocks* at that moment; the updates of the current block's earlier
+columns are still pending in ``W1`` (this matters only when a group starts inside a block,
+i.e. when ``group_size`` is not a multiple of ``block_size``). With act-order the groups are runs
+of ``group_size`` *permuted* positions, so a group's input columns are not contiguous; the
+result then carries ``g_idx``, each input column's group (as AutoGPTQ stores it).
+``static_groups=True`` instead fixes every group's scale/zero up front from the original
+contiguous groups of ``W``, and no ``g_idx`` is needed.
+
+Where this module deliberately differs from the reference:
+
+* ``H`` is averaged over calibration *tokens*; the reference counts sequences
+  (``inp.shape[0]``), so its ``H`` is ``seqlen`` times ours. The scale of ``H`` cancels in the
+  updates and in the relative damping; it only rescales the reported loss, which here equals the
+  mean squared output error per token, ``||X W^T - X Q^T||^2 / N`` (without damping).
+* per-output-channel scales (``group_size=0``) are computed after dead columns are zeroed (the
+  reference computes them before), so unused inputs do not widen the range.
+* if ``H`` plus damping is not positive definite, the damping is raised tenfold until the
+  Cholesky factorisations succeed, with a warning; past ``1e6 x mean(diag H)`` the layer falls
+  back to round-to-nearest. The reference stops with an error instead.
+* the grid is RTN's (:func:`qtutor.quant.rtn.find_params`): fp16 scales, and the symmetric scale
+  is ``max|w| / (2^(b-1) - 1)`` where the reference uses ``2 max|w| / (2^b - 1)``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..calib import record_inputs, run_layer
+from ..errors import QtutorError
+from .base import Method, QuantConfig, register
+from .rtn import (UniformLinear, UniformWeight, check_bits, dequantize_codes, find_params,
+                  group_layout, quantize_codes)
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ settings; the defaults are the paper's 4-bit, group-128 setting.
+
+    bits: 2, 3, 4 or 8; group_size: input columns per scale (0 = per output channel);
+    sym: symmetric grid; damp: damping as a fraction of mean(diag H) (reference ``--percdamp``);
+    block_size: columns per lazy batch update; act_order: process columns by decreasing
+    diag(H); static_groups: group scales fixed from the original W (reference
+    ``--static-groups``); true_sequential: quantize q/k/v, then o, then gate/up, then down, each
+    group calibrated on the outputs of the already-quantized ones (``--true-sequential``).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.group_size < 0:
+            raise QtutorError(f"group size {self.group_size} is negative; use 0 for one scale "
+                              f"per output channel or a positive number of input columns")
+        if not self.damp >= 0:
+            raise QtutorError(f"damp {self.damp} must be >= 0 (a fraction of mean(diag H), e.g. 0.01)")
+        if self.block_size < 1:
+            raise QtutorError(f"block size {self.block_size} must be a positive number of columns")
+
+
+# --------------------------------------------------------------------------- the Hessian
+class Hessian:
+    """Running ``H = 2/N sum_t x_t x_t^T`` over the N calibration tokens seen so far.
+
+    As the reference's ``add_batch``: ``H *= n / (n + m); n += m; H += (sqrt(2/n) X)^T (sqrt(2/n) X)``
+    for a batch of ``m`` tokens, in float32 on ``device``.
+    """
+
+    def __init__(self, in_features: int, device=None):
+        self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+        self.n = 0
+
+    @torch.no_grad()
+    def add_batch(self, X: torch.Tensor) -> None:
+        X = X.reshape(-1, X.shape[-1]).to(self.H.device, torch.float32)
+        m = X.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        X = math.sqrt(2 / self.n) * X
+        self.H += X.T @ X
+
+
+def accumulate_hessian(H: Optional[torch.Tensor], X: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """Functional form of :meth:`Hessian.add_batch`: (H, n) after adding the tokens of ``X``."""
+    h = Hessian(X.shape[-1], X.device)
+    if H is not None:
+        h.H, h.n = H.float().clone(), n
+    h.add_batch(X)
+    return h.H, h.n
+
+
+# --------------------------------------------------------------------------- Cholesky
+def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """``Hinv = cholesky(cholesky_inverse(cholesky(H + lambda I)), upper=True)`` with
+    ``lambda = damp * mean(diag H)``; returns (Hinv, the damp actually used).
+
+    If a factorisation fails, ``damp`` is raised tenfold (starting from at least 1e-6) with a
+    warning; past 1e6 the identity is used (no error feedback: round-to-nearest).
+    """
+    n = H.shape[0]
+    mean_diag = torch.diag(H).mean()
+    if not (torch.isfinite(mean_diag) and mean_diag > 0):
+        mean_diag = torch.diag(H).abs().mean()
+        if not (torch.isfinite(mean_diag) and mean_diag > 0):
+            mean_diag = torch.ones((), device=H.device)
+    eye = torch.eye(n, device=H.device, dtype=H.dtype)
+    rel = damp
+    while rel <= 1e6:
+        L, info = torch.linalg.cholesky_ex(H + rel * mean_diag * eye)
+        if info == 0:
+            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(Hinv).all():
+                if rel != damp:
+                    warnings.warn(f"GPTQ: H + {damp:g} * mean(diag H) * I is not positive definite; "
+                                  f"used damp={rel:g}", stacklevel=3)
+                return Hinv, rel
+        rel = max(rel * 10, 1e-6)
+    warnings.warn(f"GPTQ: H is not positive definite even with damp=1e6; falling back to "
+                  f"round-to-nearest for this layer (Hinv = I)", stacklevel=3)
+    return eye / mean_diag.sqrt(), math.inf
+
+
+# --------------------------------------------------------------------------- Algorithm 1
+@dataclass
+class GPTQResult:
+    """What :func:`gptq` computed: the packed-ready weight, the float ``Q`` it represents
+    (``weight.dequantize()`` equals it exactly), the reference's ``Losses`` summed, the damp used."""
+
+    weight: UniformWeight
+    Q: torch.Tensor
+    loss: float
+    damp: float
+
+
+@torch.no_grad()
+def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
+    """GPTQ (Algorithm 1 with lazy batches, Cholesky inverse, groups and act-order) on one
+    weight ``W`` (out, in) with Hessian ``H`` (in, in); see the module docstring."""
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    rows, columns = W.shape
+    if H.shape != (columns, columns):
+        raise QtutorError(f"H has shape {tuple(H.shape)}; a weight with {columns} input columns "
+                          f"needs ({columns}, {columns})")
+    gs, n_groups = group_layout(columns, cfg.group_size)
+    grouped = n_groups > 1
+
+    dead = torch.diag(H) == 0  # inputs that were always zero: the weight is irrelevant
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scales = torch.zeros(rows, n_groups, device=W.device)
+    zeros = torch.zeros(rows, n_groups, device=W.device)
+    if not grouped:
+        scales[:, 0], zeros[:, 0] = find_params(W, cfg.bits, cfg.sym)
+    elif cfg.static_groups:  # every group's (s, z) from the original contiguous columns
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = find_params(W[:, g * gs:(g + 1) * gs], cfg.bits, cfg.sym)
+
+    perm = torch.arange(columns, device=W.device)
+    if cfg.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    # group of each (permuted) position: its own position for sequential groups, its
+    # original column for static groups
+    col_group = (perm if cfg.static_groups else torch.arange(columns, device=W.device)) // gs
+    groups = col_group.tolist()  # one transfer, not one per column
+
+    Hinv, damp = inverse_cholesky(H, cfg.damp)
+    del H
+
+    Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
+    Losses = torch.zeros_like(W)
+    for i1 in range(0, columns, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, columns)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+
+        for i in range(i2 - i1):
+            j = i1 + i
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if grouped and not cfg.static_groups and j % gs == 0:
+                g = j // gs  # reference: find_params(W[:, j:j + groupsize]) at the group start
+                scales[:, g], zeros[:, g] = find_params(W[:, j:j + gs], cfg.bits, cfg.sym)
+            g = groups[j]
+            c = quantize_codes(w, scales[:, g], zeros[:, g], cfg.bits)
+            q = dequantize_codes(c, scales[:, g], zeros[:, g])
+            codes[:, j] = c
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d ** 2
+
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err1
+
+        Q[:, i1:i2] = Q1
+        Losses[:, i1:i2] = Losses1 / 2
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    g_idx = None
+    if cfg.act_order:
+        invperm = torch.argsort(perm)
+        Q, codes = Q[:, invperm], codes[:, invperm]
+        if grouped and not cfg.static_groups:
+            g_idx = col_group[invperm]  # group of each original column
+            if torch.equal(g_idx, torch.arange(columns, device=W.device) // gs):
+                g_idx = None  # the groups happen to be contiguous: the plain format holds them
+    weight = UniformWeight(
+        codes=codes.to(torch.uint8),
+        scales=scales.half(),
+        zeros=None if cfg.sym else zeros.to(torch.uint8),
+        bits=cfg.bits, group_size=cfg.group_size,
+        g_idx=None if g_idx is None else g_idx.to(torch.int32))
+    return GPTQResult(weight, Q, float(Losses.sum()), damp)
+
+
+def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> UniformWeight:
+    """GPTQ-quantize ``W`` (out, in) given ``H = 2 X^T X / N`` (in, in) (chapter 3)."""
+    return gptq(W, H, cfg).weight
+
+
+# --------------------------------------------------------------------------- a decoder layer
+@torch.no_grad()
+def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg: GPTQConfig) -> dict:
+    """GPTQ every linear of one decoder layer in place from its calibration inputs ``X``.
+
+    With ``true_sequential`` the groups of ``layout.sequential`` are done one after another,
+    each calibrated by running the layer with the earlier groups already quantized (reference
+    ``--true-sequential``); otherwise one pass collects every linear's ``H``. ``H`` lives on the
+    layer's device. Returns ``{linear name: {"gptq_loss", "damp"}}``.
+    """
+    groups = layout.sequential if cfg.true_sequential else (tuple(layout.linear_names()),)
+    stats = {}
+    for names in groups:
+        linears = {name: layer.get_submodule(name) for name in names}
+        hessians = {name: Hessian(lin.in_features, lin.weight.device) for name, lin in linears.items()}
+        with record_inputs(linears, lambda name, x: hessians[name].add_batch(x)):
+            run_layer(layer, X, kwargs)
+        for name, lin in linears.items():
+            res = gptq(lin.weight, hessians.pop(name).H, cfg)
+            layer.set_submodule(name, UniformLinear(res.weight, lin.bias).to(lin.weight.device))
+            stats[name] = {"gptq_loss": res.loss, "damp": res.damp}
+    return stats
+
+
+register(Method("gptq_int4", GPTQConfig(),
+                "GPTQ INT4, asymmetric, groups of 128 input columns, damp 0.01, true sequential",
+                quantize_layer=quantize_layer))

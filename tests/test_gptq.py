@@ -1,0 +1,196 @@
+"""GPTQ (qtutor.quant.gptq): known answers, error bounds against RTN, and the model driver."""
+import copy
+
+import pytest
+import torch
+
+import qtutor
+from qtutor.errors import QtutorError
+from qtutor.quant import gptq as G
+from qtutor.quant.rtn import RTNConfig, UniformLinear
+from qtutor.quant.rtn import quantize_weight as rtn_quantize_weight
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The matrices here are tiny: on a busy 2-core machine a second intra-op thread only
+    costs time (GPTQ's column loop is hundreds of small ops). Restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def correlated_inputs(n=512, width=96, rank=8, seed=0):
+    """Tokens with a strong low-rank correlation between input features, plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(width, rank, generator=g)
+    return torch.randn(n, rank, generator=g) @ A.T + 0.1 * torch.randn(n, width, generator=g)
+
+
+def weight(out=48, width=96, seed=1):
+    return torch.randn(out, width, generator=torch.Generator().manual_seed(seed))
+
+
+def output_error(X, W, Q):
+    return float(((X @ (W - Q).T) ** 2).sum())
+
+
+def test_hessian_running_average_equals_one_shot():
+    X = correlated_inputs(n=300)
+    h = G.Hessian(X.shape[1])
+    for part in X.split([100, 7, 193]):  # uneven batches, 2-D and 3-D
+        h.add_batch(part.reshape(1, -1, X.shape[1]) if len(part) == 7 else part)
+    torch.testing.assert_close(h.H, 2 * X.T @ X / len(X), rtol=1e-4, atol=1e-4)
+    assert h.n == 300
+    H, n = G.accumulate_hessian(None, X[:100], 0)
+    H, n = G.accumulate_hessian(H, X[100:], n)
+    torch.testing.assert_close(H, h.H, rtol=1e-5, atol=1e-5)
+    assert n == 300
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [0, 16, 40])  # 40 does not divide 96: a shorter last group
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_identity_hessian_equals_rtn(bits, group_size, sym, static_groups):
+    """With H = I and no damping there is no error to feed back: GPTQ is round-to-nearest."""
+    W = weight()
+    cfg = G.GPTQConfig(bits=bits, group_size=group_size, sym=sym, damp=0.0, block_size=32,
+                       static_groups=static_groups)
+    q = G.quantize_weight(W, torch.eye(W.shape[1]), cfg)
+    r = rtn_quantize_weight(W, RTNConfig(bits=bits, group_size=group_size, sym=sym))
+    assert torch.equal(q.codes, r.codes)
+    assert torch.equal(q.scales, r.scales)
+    assert (q.zeros is None) == (r.zeros is None)
+    if q.zeros is not None:
+        assert torch.equal(q.zeros, r.zeros)
+    assert q.g_idx is None
+
+
+CONFIGS = [dict(group_size=0), dict(group_size=0, act_order=True),
+           dict(group_size=16), dict(group_size=16, act_order=True),
+           dict(group_size=16, static_groups=True), dict(group_size=16, act_order=True, static_groups=True),
+           dict(group_size=40, act_order=True), dict(group_size=16, sym=True, act_order=True, bits=3)]
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_gptq_beats_rtn_on_correlated_inputs(kw):
+    X, W = correlated_inputs(), weight()
+    cfg = G.GPTQConfig(block_size=32, **kw)
+    res = G.gptq(W, 2 * X.T @ X / len(X), cfg)
+    rtn = rtn_quantize_weight(W, RTNConfig(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym))
+    assert output_error(X, W, res.Q) < 0.5 * output_error(X, W, rtn.dequantize())
+    # what is stored reproduces the Q the algorithm computed, exactly, also after packing
+    assert torch.equal(res.weight.dequantize(), res.Q)
+    assert torch.equal(UniformLinear(res.weight).dequantize(), res.Q)
+    assert res.damp == cfg.damp
+
+
+@pytest.mark.parametrize("kw", CONFIGS[:4], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_loss_is_the_mean_output_error_per_token(kw):
+    """Without damping the reference's summed ``Losses`` equal ||X W^T - X Q^T||^2 / N."""
+    X, W = correlated_inputs(), weight()
+    res = G.gptq(W, 2 * X.T @ X / len(X), G.GPTQConfig(damp=0.0, block_size=32, **kw))
+    assert res.loss == pytest.approx(output_error(X, W, res.Q) / len(X), rel=1e-2)
+
+
+def test_act_order_groups_carry_g_idx():
+    X, W = correlated_inputs(), weight()
+    res = G.gptq(W, 2 * X.T @ X / len(X), G.GPTQConfig(group_size=16, act_order=True))
+    g_idx = res.weight.g_idx
+    assert g_idx is not None and g_idx.shape == (96,)
+    assert torch.equal(torch.bincount(g_idx.long()), torch.full((6,), 16))  # 6 groups of 16 columns
+    # columns with the largest diag(H) form group 0
+    perm = torch.argsort(torch.diag(2 * X.T @ X), descending=True)
+    assert set(perm[:16].tolist()) == set(torch.nonzero(g_idx == 0).flatten().tolist())
+    layer = UniformLinear(res.weight)
+    torch.testing.assert_close(layer(X), X @ res.Q.T)
+    plain = UniformLinear(G.quantize_weight(W, 2 * X.T @ X / len(X), G.GPTQConfig(group_size=16)))
+    assert plain.g_idx is None
+    assert layer.g_idx.dtype == torch.int16
+    assert layer.weight_nbytes == plain.weight_nbytes + 2 * 96  # the index is paid for
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_columns(act_order):
+    X = correlated_inputs()
+    X[:, [3, 50]] = 0  # inputs that never fire
+    W = weight()
+    res = G.gptq(W, 2 * X.T @ X / len(X), G.GPTQConfig(group_size=16, act_order=act_order))
+    assert torch.isfinite(res.Q).all() and res.loss == res.loss
+    assert (res.Q[:, [3, 50]] == 0).all()
+    assert torch.equal(res.weight.dequantize(), res.Q)
+
+
+def test_damping_escalates_on_a_non_positive_definite_hessian():
+    v = torch.nn.functional.normalize(torch.randn(96, generator=torch.Generator().manual_seed(2)), dim=0)
+    H = torch.eye(96) - 2 * torch.outer(v, v)  # eigenvalue -1
+    with pytest.warns(UserWarning, match="used damp=10"):
+        res = G.gptq(weight(), H, G.GPTQConfig(group_size=16))
+    assert res.damp == pytest.approx(10.0)
+    assert torch.isfinite(res.Q).all() and torch.equal(res.weight.dequantize(), res.Q)
+    X = correlated_inputs(n=3)  # fewer tokens than inputs: H is singular, any damping helps
+    with pytest.warns(UserWarning, match="used damp=1e-0"):
+        res = G.gptq(weight(), 2 * X.T @ X / 3, G.GPTQConfig(damp=0.0))
+    assert 0 < res.damp <= 1e-3 and torch.isfinite(res.Q).all()
+
+
+def test_hopeless_hessian_falls_back_to_rtn():
+    W = weight()
+    with pytest.warns(UserWarning, match="round-to-nearest"):
+        res = G.gptq(W, torch.full((96, 96), float("nan")), G.GPTQConfig(group_size=16))
+    assert torch.equal(res.weight.codes, rtn_quantize_weight(W, RTNConfig(group_size=16)).codes)
+
+
+def test_bad_config_and_shapes_raise():
+    with pytest.raises(QtutorError, match="bits"):
+        G.GPTQConfig(bits=5)
+    with pytest.raises(QtutorError, match="damp"):
+        G.GPTQConfig(damp=-0.1)
+    with pytest.raises(QtutorError, match="block size"):
+        G.GPTQConfig(block_size=0)
+    with pytest.raises(QtutorError, match="needs \\(96, 96\\)"):
+        G.quantize_weight(weight(), torch.eye(64), G.GPTQConfig())
+
+
+# --------------------------------------------------------------------------- whole models
+def held_windows():
+    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(123))
+
+
+def test_quantize_model_beats_rtn(model, calib_windows):
+    held = held_windows()
+    with torch.no_grad():
+        ref = model(held).logits
+    rtn = copy.deepcopy(model)
+    qtutor.quantize(rtn, "rtn_int4", RTNConfig(group_size=32))
+    report = qtutor.quantize(model, "gptq_int4", qtutor.GPTQConfig(group_size=32), calib=calib_windows)
+    for layer in model.model.layers:
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            assert isinstance(layer.get_submodule(name), UniformLinear)
+    assert len(report.layers) == 14
+    assert all(s["gptq_loss"] >= 0 and s["damp"] == 0.01 for s in report.layers.values())
+    with torch.no_grad():
+        out, out_rtn = model(held).logits, rtn(held).logits
+    assert torch.isfinite(out).all()
+    assert (out - ref).pow(2).mean() < (out_rtn - ref).pow(2).mean()
+
+
+@pytest.mark.parametrize("cfg", [qtutor.GPTQConfig(group_size=48),  # 64 = 48 + 16, 96 = 48 + 48
+                                 qtutor.GPTQConfig(group_size=16, act_order=True, true_sequential=False),
+                                 qtutor.GPTQConfig(group_size=0, bits=3, sym=True, static_groups=True)],
+                         ids=["group48", "act_order-one_pass", "per_channel-3bit-sym"])
+def test_quantize_model_variants(cfg, calib_windows):
+    from conftest import tiny_model
+    model = tiny_model("qwen2")
+    report = qtutor.quantize(model, "gptq_int4", cfg, calib=calib_windows)
+    with torch.no_grad():
+        assert torch.isfinite(model(held_windows()).logits).all()
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, UniformLinear) and q.bits == cfg.bits
+    assert (q.g_idx is not None) == cfg.act_order
+    if cfg.group_size == 48:
+        assert q.n_groups == 2 and model.model.layers[0].mlp.down_proj.n_groups == 2
+    assert report.bits_per_weight > cfg.bits
