@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Build the book as CI does and check it in a headless browser.
+#
+#   pip install -e ".[book]"          # once (see requirements-book.txt)
+#   bash scripts/build_book.sh        # from the repository root
+#
+# 1. the repository checks: vendored MathJax present, Colab badges and install lines derived
+#    from _config.yml, chapter outputs stripped;
+# 2. jupyter-book build, executing every chapter (QTUTOR_FAST=1 unless set), warnings as errors;
+# 3. .ci/check_site.py on the front page and every chapter page (Chromium, installed with apt
+#    when missing and running as root);
+# 4. the student edition, written to _build/student (checks that solutions strip cleanly).
+# Set BOOK_DIR to build another tree laid out the same way (e.g. one from scripts/book_smoke.py).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BOOK_DIR="${BOOK_DIR:-$ROOT}"
+export QTUTOR_FAST="${QTUTOR_FAST:-1}"
+# Progress bars and library chatter go to stderr, which the site check rejects in a page.
+export TQDM_DISABLE="${TQDM_DISABLE:-1}" HF_HUB_DISABLE_PROGRESS_BARS="${HF_HUB_DISABLE_PROGRESS_BARS:-1}"
+export TRANSFORMERS_VERBOSITY="${TRANSFORMERS_VERBOSITY:-error}" TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+export HF_DATASETS_DISABLE_PROGRESS_BARS=1
+PY="${PYTHON:-python}"
+cd "$BOOK_DIR"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "repository checks"
+bash "$ROOT/scripts/fetch_mathjax.sh" --check
+"$PY" "$ROOT/scripts/colab_badges.py" --root "$BOOK_DIR" --check
+"$PY" "$ROOT/scripts/strip_outputs.py" --check "$BOOK_DIR"/chapters/*.ipynb
+
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    step "installing chromium (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "build_book: chromium not found: apt-get install -y chromium" >&2
+    exit 1
+  fi
+fi
+
+step "jupyter-book build (QTUTOR_FAST=$QTUTOR_FAST)"
+start=$(date +%s)
+jupyter-book build "$BOOK_DIR" -W -n --keep-going
+echo "build_book: book built in $(( $(date +%s) - start ))s"
+
+step "headless browser check"
+pages=(book/how-to-read-and-run.html:0 book/glossary.html:0 book/references.html:0)
+for nb in "$BOOK_DIR"/chapters/*.ipynb; do
+  pages+=("chapters/$(basename "${nb%.ipynb}").html")
+done
+"$PY" "$ROOT/.ci/check_site.py" "$BOOK_DIR/_build/html" "${pages[@]}" \
+  --screenshots "$BOOK_DIR/_build/screenshots"
+
+step "student edition"
+"$PY" "$ROOT/scripts/student_edition.py" "$BOOK_DIR/chapters" "$BOOK_DIR/_build/student"

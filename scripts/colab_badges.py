@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Derive every chapter's "Open in Colab" badge and Colab install line from _config.yml.
+
+The repository's public URL is written once, as `repository.url` (and `repository.branch`) in
+_config.yml. This script rewrites, in each chapters/*.ipynb:
+
+* in the first markdown cell, the line containing `colab-badge.svg` (inserted after the title
+  if missing) to
+  [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/REPO/blob/BRANCH/chapters/FILE.ipynb)
+* in the parameters cell (the code cell tagged `parameters`, else the first code cell), the
+  `%pip install` line guarded by a `google.colab` check, so that it installs
+  `git+URL@BRANCH` (the rest of the line, e.g. `-q` or extras `qtutor[coreml] @ git+...`,
+  is kept); a guarded block is appended if the cell has none.
+
+Usage:
+    python scripts/colab_badges.py            # rewrite the notebooks in place
+    python scripts/colab_badges.py --check    # exit 1 if any notebook is out of date
+    python scripts/colab_badges.py [--root DIR] [NOTEBOOK ...]
+
+Idempotent: a second run changes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _nbio  # noqa: E402
+
+BADGE_IMG = "https://colab.research.google.com/assets/colab-badge.svg"
+COLAB = "https://colab.research.google.com/github"
+GIT_URL_RE = re.compile(r"git\+https?://[^\s\"'#]+")
+
+
+def read_repository(config: Path) -> tuple[str, str, str]:
+    """(url, branch, path_to_book) from the `repository:` section of _config.yml."""
+    text = config.read_text(encoding="utf-8")
+    try:
+        import yaml
+
+        repo = (yaml.safe_load(text) or {}).get("repository") or {}
+    except ImportError:  # fall back to a minimal parse of the `repository:` block
+        repo, inside = {}, False
+        for line in text.splitlines():
+            if re.match(r"^repository\s*:", line):
+                inside = True
+            elif inside and re.match(r"^\S", line):
+                break
+            elif inside and (m := re.match(r"^\s+(\w+)\s*:\s*\"?([^\"#]*?)\"?\s*(#.*)?$", line)):
+                repo[m.group(1)] = m.group(2)
+    url = str(repo.get("url") or "").strip().rstrip("/")
+    if url.endswith(".git"):
+        url = url[: -len(".git")]
+    if not url:
+        sys.exit(f"colab_badges: no repository.url in {config}")
+    branch = str(repo.get("branch") or "main").strip()
+    path_to_book = str(repo.get("path_to_book") or "").strip().strip("/")
+    return url, branch, path_to_book
+
+
+def badge_line(url: str, branch: str, nb_path_in_repo: str) -> str:
+    parts = [p for p in urlparse(url).path.split("/") if p]
+    if len(parts) < 2:
+        sys.exit(f"colab_badges: repository.url {url!r} is not https://github.com/OWNER/REPO")
+    owner, repo = parts[0], parts[1]
+    return f"[![Open In Colab]({BADGE_IMG})]({COLAB}/{owner}/{repo}/blob/{branch}/{nb_path_in_repo})"
+
+
+def fix_badge(cell: dict, badge: str) -> None:
+    lines = _nbio.text(cell["source"]).split("\n")
+    for i, line in enumerate(lines):
+        if "colab-badge.svg" in line:
+            lines[i] = badge
+            break
+    else:
+        title = next((i for i, line in enumerate(lines) if line.startswith("# ")), None)
+        if title is None:
+            lines[0:0] = [badge, ""]
+        else:
+            rest = lines[title + 1:]
+            while rest and not rest[0].strip():
+                rest.pop(0)
+            lines[title + 1:] = ["", badge, ""] + rest if rest else ["", badge]
+    cell["source"] = "\n".join(lines)
+
+
+def fix_install(cell: dict, target: str) -> None:
+    lines = _nbio.text(cell["source"]).split("\n")
+    guarded, found = False, False
+    for i, line in enumerate(lines):
+        if "google.colab" in line:
+            guarded = True
+        stripped = line.lstrip()
+        if guarded and re.match(r"[%!]pip\s+install\b", stripped):
+            found = True
+            if GIT_URL_RE.search(line):
+                lines[i] = GIT_URL_RE.sub(lambda _m: target, line)
+            else:  # a guarded install without a git URL: make it install ours
+                indent = line[: len(line) - len(stripped)]
+                lines[i] = f'{indent}%pip install -q "{target}"'
+    if not found:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        block = ['if "google.colab" in sys.modules:  # in Colab, install qtutor from the repository',
+                 f'    %pip install -q "{target}"']
+        if not any(re.match(r"^\s*import\s+.*\bsys\b", line) for line in lines):
+            block.insert(0, "import sys")
+        lines += ([""] if lines else []) + block
+    cell["source"] = "\n".join(lines)
+
+
+def update(nb: dict, badge: str, target: str) -> dict:
+    nb = copy.deepcopy(nb)
+    cells = nb.get("cells", [])
+    md = next((c for c in cells if c.get("cell_type") == "markdown"), None)
+    if md is not None:
+        fix_badge(md, badge)
+    code = [c for c in cells if c.get("cell_type") == "code"]
+    params = next((c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if params is None and code:
+        params = code[0]
+    if params is not None:
+        fix_install(params, target)
+    return nb
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("notebooks", nargs="*", type=Path, help="default: ROOT/chapters/*.ipynb")
+    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
+                    help="book root holding _config.yml (default: the repository)")
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if out of date")
+    args = ap.parse_args(argv)
+
+    root = args.root.resolve()
+    url, branch, path_to_book = read_repository(root / "_config.yml")
+    target = f"git+{url}@{branch}"
+    notebooks = args.notebooks or sorted((root / "chapters").glob("*.ipynb"))
+    stale = []
+    for path in notebooks:
+        path = path.resolve()
+        rel = path.relative_to(root).as_posix()
+        in_repo = f"{path_to_book}/{rel}" if path_to_book else rel
+        nb = _nbio.read(path)
+        new = update(nb, badge_line(url, branch, in_repo), target)
+        if _nbio.same(nb, new):
+            continue
+        stale.append(rel)
+        if not args.check:
+            _nbio.write(path, new)
+    if args.check and stale:
+        print(f"colab_badges: out of date (run python scripts/colab_badges.py): {', '.join(stale)}")
+        return 1
+    if not args.check:
+        print(f"colab_badges: {len(notebooks)} notebooks, {len(stale)} updated ({url}, branch {branch})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
