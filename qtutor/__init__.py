@@ -12,3 +12,6 @@ __version__ = "0.1.0"
 __all__ = ["quantize", "QuantReport", "load_model", "random_model", "QtutorError", "METHOD_NAMES",
            "get_method", "implemented_methods", "RTNConfig", "GPTQConfig"]
 __all__ += ["AWQConfig", "SmoothQuantConfig"]
+from .quant.nf4 import NF4Config  # noqa: E402
+from .quant.palettize import PalettizeConfig  # noqa: E402
+__all__ += ["NF4Config", "PalettizeConfig"]

@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
                    help="compute dtype (auto: float16 on CUDA, float32 on CPU where fp16 matmul is slow)")
+    p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="time decoding with a static KV cache and CUDA graphs (qtutor.eval.fast_decode; "
+                        "default: on CUDA) instead of the Hugging Face loop")
+    p.add_argument("--kernels", choices=("auto", "triton", "tinygemm", "none"), default="auto",
+                   help="fast matmul for 4-bit layers while timing decoding (qtutor.kernels.accelerate; "
+                        "auto: Triton on CUDA, the reference forward on CPU); perplexity always uses "
+                        "the reference forward")
     p.add_argument("--latency-tokens", type=int, default=50)
     p.add_argument("--latency-runs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -127,7 +134,7 @@ def device_name(device: torch.device) -> str:
 
 def run(args) -> dict:
     from .data import calibration_windows, dataset_text, tokenize
-    from .eval import decode_latency, memory_report, perplexity
+    from .eval import memory_report, perplexity
     from .models import EMBEDDED_MODEL, load_config, load_model, random_model
     from .quant import get_method
 
@@ -208,17 +215,18 @@ def run(args) -> dict:
         model, report = _quantized_copy(base, name, configs[name], calib, device, progress=not args.no_progress)
         ppl = perplexity(model, eval_ids, seqlen, args.max_eval_tokens, args.eval_batch_size,
                          progress=not args.no_progress)
-        lat = decode_latency(model, prompt, args.latency_tokens, runs=args.latency_runs)
+        lat = _latency(model, prompt, args, device)
         mem = memory_report(model)
         results["methods"][name] = {
             "ppl": ppl.ppl, "eval_tokens": ppl.eval_tokens, "seqlen": seqlen,
             "bits_per_weight": report.bits_per_weight, "memory_mb": mem.total_mb,
             "compression_ratio": fp16_bytes / mem.total_bytes,
             "latency_ms_per_token": lat.ms_per_token, "quant_seconds": report.seconds,
+            "latency_method": getattr(lat, "method", "hf-dynamic-cache"),
             "memory_split_bytes": {"embeddings": mem.embeddings_bytes, "linears": mem.linears_bytes,
                                    "other": mem.other_bytes},
             "config": None if report.config is None else report.config.__dict__,
-            "kernel": _kernels(model),
+            "kernel": getattr(lat, "kernels", None) or _kernels(model),
         }
         write_json_atomic(results_path, results)
         print(f"{name:20s} ppl {ppl.ppl:9.3f}  {report.bits_per_weight:6.3f} bits/w  "
@@ -226,6 +234,18 @@ def run(args) -> dict:
         del model
     _write_outputs(results, out)
     return results
+
+
+def _latency(model, prompt, args, device):
+    """Decode latency: the fast harness (static cache, CUDA graphs, fast kernels) or the HF loop."""
+    from .eval import decode_latency
+    fast = device.type == "cuda" if getattr(args, "fast_decode", None) is None else args.fast_decode
+    if not fast:
+        return decode_latency(model, prompt, args.latency_tokens, runs=args.latency_runs)
+    from .eval.fast_decode import fast_decode_latency
+    from .kernels import accelerate
+    accelerate(model, getattr(args, "kernels", "auto"))
+    return fast_decode_latency(model, prompt, args.latency_tokens, runs=args.latency_runs)
 
 
 def _quiet_libraries():

@@ -35,7 +35,8 @@ class Layout:
     """Where the quantizable linears of a decoder-only family live.
 
     ``sequential``: groups of linears of one decoder layer in the order the data flows
-    (GPTQ's "true sequential": q/k/v, then o, then gate/up, then down).
+    (GPTQ's "true sequential": q/k/v, then o, then gate/up, then down); the linears of a group
+    read the same input.
     ``norm_groups``: (norm, linears fed by it); ``linear_pairs``: (producer, consumer) where the
     consumer's input is exactly the producer's output (v -> o, up -> down).
     """

@@ -194,3 +194,19 @@ def test_quantize_model_variants(cfg, calib_windows):
     if cfg.group_size == 48:
         assert q.n_groups == 2 and model.model.layers[0].mlp.down_proj.n_groups == 2
     assert report.bits_per_weight > cfg.bits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph block loop needs a GPU")
+@pytest.mark.parametrize("cfg", [G.GPTQConfig(group_size=128), G.GPTQConfig(group_size=0, sym=True),
+                                 G.GPTQConfig(group_size=128, act_order=True, static_groups=True)])
+def test_cuda_graph_path_equals_eager_path(cfg, monkeypatch):
+    """The replayed CUDA graph does exactly the arithmetic of the eager loop (run on a GPU)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(96, 384, generator=g).cuda()
+    X = (torch.randn(2048, 384, generator=g) @ torch.randn(384, 384, generator=g) * 0.1).cuda()
+    H = 2 * X.T @ X / X.shape[0]
+    graphed = G.gptq(W, H, cfg)
+    monkeypatch.setattr(G, "USE_CUDA_GRAPHS", False)
+    eager = G.gptq(W, H, cfg)
+    assert torch.equal(graphed.weight.codes, eager.weight.codes)
+    assert torch.equal(graphed.Q, eager.Q)

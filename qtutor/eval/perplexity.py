@@ -35,12 +35,46 @@ class PerplexityResult:
                 f"{self.eval_tokens} tokens)")
 
 
+#: logits held at once by the chunked loss (elements): bounds the float32 copy of the logits
+LOGIT_CHUNK_ELEMENTS = 2**27
+
+#: families whose logits are exactly ``lm_head(last_hidden_state)`` (no scaling or soft-capping)
+_PLAIN_HEAD_FAMILIES = ("qwen2", "llama", "mistral")
+
+
+def _plain_head(model):
+    """The output projection if ``model``'s logits are ``head(model.model(ids).last_hidden_state)``."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in _PLAIN_HEAD_FAMILIES:
+        return None
+    if not hasattr(model, "model") or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    return head if isinstance(getattr(head, "out_features", None), int) else None
+
+
 @torch.no_grad()
 def _window_nll(model, windows: torch.Tensor, n_scored: int) -> torch.Tensor:
-    """Sum of NLLs of the last ``n_scored`` next-token predictions of each window: (batch,)."""
-    logits = model(windows).logits[:, -n_scored - 1:-1, :].float()
+    """Sum of NLLs of the last ``n_scored`` next-token predictions of each window: (batch,).
+
+    For the Qwen2/Llama family the logits are computed from the final hidden states a chunk of
+    rows at a time (at most ``LOGIT_CHUNK_ELEMENTS`` logits, in float32 for the loss), so a batch
+    of 2048-token windows never materialises its (batch, 2048, 151936) logits at once; the
+    numbers are the same as from the full logits.
+    """
     targets = windows[:, -n_scored:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    head = _plain_head(model)
+    if head is None:
+        logits = model(windows).logits[:, -n_scored - 1:-1, :].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        return nll.view(windows.shape[0], -1).sum(dim=1)
+    hidden = model.model(windows, use_cache=False).last_hidden_state[:, -n_scored - 1:-1, :]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
+    nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for i in range(0, hidden.shape[0], rows):
+        logits = head(hidden[i:i + rows]).float()
+        nll[i:i + rows] = F.cross_entropy(logits, targets[i:i + rows], reduction="none")
     return nll.view(windows.shape[0], -1).sum(dim=1)
 
 

@@ -14,3 +14,8 @@ __all__ = ["METHOD_NAMES", "REGISTRY", "Method", "QuantConfig", "QuantizedLinear
 from .awq import AWQConfig  # noqa: E402
 from .smoothquant import SmoothQuantConfig, W8A8Linear  # noqa: E402
 __all__ += ["AWQConfig", "SmoothQuantConfig", "W8A8Linear"]
+
+from . import nf4, palettize  # noqa: F401,E402  (register qlora_nf4, palettization_4bit)
+from .nf4 import NF4Config, NF4Linear  # noqa: E402
+from .palettize import PalettizeConfig, PalettizedLinear  # noqa: E402
+__all__ += ["NF4Config", "NF4Linear", "PalettizeConfig", "PalettizedLinear"]

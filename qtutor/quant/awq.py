@@ -41,8 +41,10 @@ Deliberate differences from the references, all documented where they happen:
 * ``qtutor.quantize`` feeds layer ``i`` the outputs of the already *quantized* layers
   ``0..i-1`` (GPTQ's protocol, shared by every calibrated method here); ``run_awq`` feeds it
   the outputs of the float (scaled, clipped, unquantized) layers and quantizes at the end;
-* ``max_search_tokens`` can cap the tokens the scale search runs on (for CPU); by default it
-  uses all calibration tokens, as the references do (128 x 512 there).
+* the scale search runs on at most ``max_search_tokens`` calibration tokens (whole windows):
+  by default 65536 = 128 x 512, the references' calibration budget (AutoAWQ
+  ``max_calib_samples=128``, ``max_calib_seq_len=512``; llm-awq ``n_samples=128``,
+  ``seqlen=512``); lower it on CPU.
 """
 from __future__ import annotations
 
@@ -55,7 +57,9 @@ import torch.nn.functional as F
 
 from ..errors import QtutorError
 from .base import Method, QuantConfig, register
-from .rtn import RTNConfig, UniformLinear, check_bits, group_layout, quantize_weight
+from .rtn import (RTNConfig, UniformLinear, UniformWeight, check_bits, dequantize_codes, find_params,
+                  group_layout, quantize_codes)
+from .rtn import quantize_weight as rtn_quantize_weight
 from .transforms import scale_linear_to_linears, scale_norm_to_linears
 
 #: linears never clipped: "due to qk bmm, it is hard to clip precisely" (llm-awq auto_clip.py,
@@ -73,13 +77,18 @@ class AWQConfig(QuantConfig):
     duo_scaling: AutoAWQ's ``s = x_mean^ratio / (w_mean^(1-ratio) + 1e-4)``.
     clip: run the clipping search (llm-awq ``mse_range``, AutoAWQ ``apply_clip``).
     max_shrink, n_clip_grid: clip thresholds ``max|w| * (1 - i / n_clip_grid)`` for
-      ``i = 0..int(max_shrink * n_clip_grid)-1`` (so down to 55% of the max by default).
+      ``i = 0..int(max_shrink * n_clip_grid)-1`` (so down to 55% of the max by default;
+      ``i = 0``, no clipping, is always tried).
     n_clip_tokens: the clipping search uses every ``n_tokens // n_clip_tokens``-th token
       (``n_sample_token=512`` in ``auto_clip_layer``).
     max_search_tokens: at most this many calibration tokens (whole windows, evenly spaced: the
-      attention block needs whole sequences) for the scale search's block forwards; ``None``
-      uses all of them, as the references do. The activation statistic ``x_mean`` always uses
-      all tokens. On 2 CPU cores, 4096 is a reasonable cap for a 0.5B model.
+      attention block needs whole sequences) for the scale search's block forwards and the
+      clipping search's inputs; ``None`` uses all. The default 65536 = 128 x 512 is the
+      references' whole calibration set (AutoAWQ ``max_calib_samples`` x ``max_calib_seq_len``),
+      so with qtutor's 128 x 2048 calibration windows the search sees as many tokens as the
+      references'. The activation statistic ``x_mean`` always uses all tokens. Captured inputs
+      take ``tokens x (3 hidden + intermediate)`` floats per layer (2 GB for Qwen2-0.5B at the
+      default, float32); on 2 CPU cores 4096 is a reasonable cap for a 0.5B model.
     """
 
     bits: int = 4
@@ -91,7 +100,7 @@ class AWQConfig(QuantConfig):
     max_shrink: float = 0.5
     n_clip_grid: int = 20
     n_clip_tokens: int = 512
-    max_search_tokens: Optional[int] = None
+    max_search_tokens: Optional[int] = 128 * 512
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -111,13 +120,22 @@ class AWQConfig(QuantConfig):
 
 
 # --------------------------------------------------------------------------- pure functions
-def pseudo_quantize(W: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
-    """``Q(W)``: quantize ``W`` (out, in) with RTN and dequantize, in float32.
+def pseudo_quantize(W: torch.Tensor, cfg) -> torch.Tensor:
+    """``Q(W)``: quantize ``W`` (out, in) with RTN and dequantize, in float32 (the references'
+    ``pseudo_quantize_tensor``). ``cfg``: an ``AWQConfig`` or ``RTNConfig``.
 
-    The references' ``pseudo_quantize_tensor``; here it is literally what ``UniformLinear``
-    will store (:func:`qtutor.quant.rtn.quantize_weight`).
+    Uses :mod:`qtutor.quant.rtn`'s grid (``find_params``, ``quantize_codes``,
+    ``dequantize_codes``) without packing, so it equals
+    ``rtn.quantize_weight(W, cfg).dequantize()`` exactly: what ``UniformLinear`` will store.
     """
-    return quantize_weight(W.float(), cfg.rtn()).dequantize()
+    W = W.float()
+    out_features, in_features = W.shape
+    gs, n_groups = group_layout(in_features, cfg.group_size)
+    Wg = F.pad(W, (0, n_groups * gs - in_features)).reshape(out_features * n_groups, gs)
+    scale, zero = find_params(Wg, cfg.bits, cfg.sym)
+    q = quantize_codes(Wg, scale[:, None], zero[:, None], cfg.bits)
+    Wq = dequantize_codes(q, scale[:, None], zero[:, None])
+    return Wq.reshape(out_features, n_groups * gs)[:, :in_features]
 
 
 def activation_mean(X: torch.Tensor) -> torch.Tensor:
@@ -250,7 +268,7 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, cfg: AWQConfig,
         for i_s in range(max(1, int(cfg.max_shrink * cfg.n_clip_grid))):  # i_s = 0: no clipping
             max_val = org_max * (1 - i_s / cfg.n_clip_grid)
             cur = torch.clamp(w, -max_val, max_val)
-            q = quantize_weight(cur.reshape(co, -1), rtn_cfg).dequantize().reshape(co, n_groups, gs)
+            q = pseudo_quantize(cur.reshape(co, -1), rtn_cfg).reshape(co, n_groups, gs)
             cur_out = torch.bmm(Xg, q.permute(1, 2, 0))
             err = (cur_out - org_out).pow(2).mean(dim=1).transpose(0, 1).unsqueeze(-1)  # (co, groups, 1)
             if err0 is None:
@@ -275,6 +293,31 @@ def apply_clip(linear: nn.Module, max_val: torch.Tensor, group_size: int) -> Non
     gs, _ = group_layout(in_features, group_size)
     m = max_val.to(W.device).float().repeat_interleave(gs, dim=1)[:, :in_features]
     W.copy_(torch.clamp(W.float(), -m, m).to(W.dtype))
+
+
+@torch.no_grad()
+def quantize_weight(W: torch.Tensor, X: torch.Tensor,
+                    cfg: AWQConfig) -> tuple[UniformWeight, torch.Tensor, dict]:
+    """AWQ on a single linear, the whole algorithm on one matrix (chapter 4).
+
+    W: (out, in) weight; X: (tokens, in) its calibration inputs. The loss is the linear's own
+    output error ``mean((X W^T - (X diag(s)^-1) Q(W diag(s))^T)^2)``.
+    Returns ``(q, s, info)``: ``q`` quantizes the scaled (and clipped) ``W diag(s)``, so the
+    layer computes ``(X / s) @ q.dequantize().T``; in a model ``1 / s`` is folded into the
+    previous norm or linear. ``info`` holds the scale search's result (``ratio``, ``loss``,
+    ``loss_rtn``, ``history``) and, with ``cfg.clip``, the clipping search's.
+    """
+    W = W.detach().float()
+    X = X.detach().float().reshape(1, -1, W.shape[1])  # one "window": _forward batches over windows
+    linear = nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device)
+    linear.weight.copy_(W)
+    info = search_scale(linear, [linear], X, activation_mean(X), cfg)
+    s = info["scales"]
+    linear.weight.copy_(W * s.view(1, -1))
+    if cfg.clip:
+        info["clip"] = search_clip(linear.weight, X / s, cfg)
+        apply_clip(linear, info["clip"]["max_val"], info["clip"]["group_size"])
+    return rtn_quantize_weight(linear.weight, cfg.rtn()), s, info
 
 
 # --------------------------------------------------------------------------- one decoder layer

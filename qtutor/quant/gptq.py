@@ -158,12 +158,69 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
 @dataclass
 class GPTQResult:
     """What :func:`gptq` computed: the packed-ready weight, the float ``Q`` it represents
-    (``weight.dequantize()`` equals it exactly), the reference's ``Losses`` summed, the damp used."""
+    (``weight.dequantize()`` equals it exactly), the reference's ``Losses`` summed (in total and
+    per output row), the damp used."""
 
     weight: UniformWeight
     Q: torch.Tensor
     loss: float
     damp: float
+    row_loss: torch.Tensor
+
+
+def _column_step(W1, Hinv1, i, s, z, bits):
+    """Quantize column ``i`` of the block ``W1`` and spread its error over the columns right of
+    it (in place): returns (codes, err) of the column, ``err = (w - q) / Hinv1[i, i]``."""
+    w = W1[:, i]
+    c = quantize_codes(w, s, z, bits)
+    err = (w - dequantize_codes(c, s, z)) / Hinv1[i, i]
+    W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # W1[:, i:] -= err Hinv1[i, i:]
+    return c, err
+
+
+def _block_loop(W1, Hinv1, S1, Z1, bits, codes1, Err1):
+    """The column loop of one block whose per-column scales/zeros ``S1``/``Z1`` are known."""
+    for i in range(W1.shape[1]):
+        codes1[:, i], Err1[:, i] = _column_step(W1, Hinv1, i, S1[:, i], Z1[:, i], bits)
+
+
+class _GraphedBlock:
+    """:func:`_block_loop` captured once as a CUDA graph for one (rows, block) shape, replayed
+    for every block. The loop is about ten tiny kernels per column, and on a GPU launching them
+    one by one costs more than running them; the replay does exactly the same arithmetic."""
+
+    def __init__(self, rows: int, block: int, bits: int, device):
+        z = dict(device=device)
+        self.inputs = [torch.zeros(rows, block, **z), torch.eye(block, **z),
+                       torch.ones(rows, block, **z), torch.zeros(rows, block, **z)]
+        self.codes1, self.Err1 = torch.zeros(rows, block, **z), torch.zeros(rows, block, **z)
+        args = (*self.inputs, bits, self.codes1, self.Err1)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
+            _block_loop(*args)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            _block_loop(*args)
+
+    def __call__(self, W1, Hinv1, S1, Z1):
+        for static, value in zip(self.inputs, (W1, Hinv1, S1, Z1)):
+            static.copy_(value)
+        self.graph.replay()
+        return self.codes1.clone(), self.Err1.clone()
+
+
+_GRAPHS: dict = {}
+#: replay the block loop as a CUDA graph on GPUs (tests switch it off to compare)
+USE_CUDA_GRAPHS = True
+
+
+def _graphed_block(rows: int, block: int, bits: int, device) -> _GraphedBlock:
+    key = (rows, block, bits, str(device))
+    if key not in _GRAPHS:
+        _GRAPHS[key] = _GraphedBlock(rows, block, bits, device)
+    return _GRAPHS[key]
 
 
 @torch.no_grad()
@@ -204,39 +261,38 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
     Hinv, damp = inverse_cholesky(H, cfg.damp)
     del H
 
-    Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     Losses = torch.zeros_like(W)
+    # group parameters are known before each block when no group starts inside a block
+    known = not grouped or cfg.static_groups or gs % cfg.block_size == 0
     for i1 in range(0, columns, cfg.block_size):
         i2 = min(i1 + cfg.block_size, columns)
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        if known:
+            if grouped and not cfg.static_groups and i1 % gs == 0:
+                scales[:, i1 // gs], zeros[:, i1 // gs] = find_params(W[:, i1:i1 + gs], cfg.bits, cfg.sym)
+            cg = col_group[i1:i2]
+            S1, Z1 = scales[:, cg], zeros[:, cg]
+            if USE_CUDA_GRAPHS and W.is_cuda and i2 - i1 == cfg.block_size:
+                codes1, Err1 = _graphed_block(rows, i2 - i1, cfg.bits, W.device)(W1, Hinv1, S1, Z1)
+            else:
+                codes1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+                _block_loop(W1, Hinv1, S1, Z1, cfg.bits, codes1, Err1)
+            codes[:, i1:i2] = codes1
+        else:
+            Err1 = torch.zeros_like(W1)
+            for i in range(i2 - i1):
+                j = i1 + i
+                if j % gs == 0:  # reference: find_params(W[:, j:j + groupsize]) at the group start
+                    scales[:, j // gs], zeros[:, j // gs] = find_params(W[:, j:j + gs], cfg.bits, cfg.sym)
+                codes[:, j], Err1[:, i] = _column_step(W1, Hinv1, i, scales[:, groups[j]],
+                                                       zeros[:, groups[j]], cfg.bits)
 
-        for i in range(i2 - i1):
-            j = i1 + i
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if grouped and not cfg.static_groups and j % gs == 0:
-                g = j // gs  # reference: find_params(W[:, j:j + groupsize]) at the group start
-                scales[:, g], zeros[:, g] = find_params(W[:, j:j + gs], cfg.bits, cfg.sym)
-            g = groups[j]
-            c = quantize_codes(w, scales[:, g], zeros[:, g], cfg.bits)
-            q = dequantize_codes(c, scales[:, g], zeros[:, g])
-            codes[:, j] = c
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d ** 2
-
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err1
-
-        Q[:, i1:i2] = Q1
-        Losses[:, i1:i2] = Losses1 / 2
+        Losses[:, i1:i2] = Err1 ** 2 / 2  # (w - q)^2 / d^2 / 2, column by column
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    Q = dequantize_codes(codes, scales[:, col_group], zeros[:, col_group])
     g_idx = None
     if cfg.act_order:
         invperm = torch.argsort(perm)
@@ -251,7 +307,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
         zeros=None if cfg.sym else zeros.to(torch.uint8),
         bits=cfg.bits, group_size=cfg.group_size,
         g_idx=None if g_idx is None else g_idx.to(torch.int32))
-    return GPTQResult(weight, Q, float(Losses.sum()), damp)
+    return GPTQResult(weight, Q, float(Losses.sum()), damp, Losses.sum(dim=1))
 
 
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> UniformWeight:
@@ -269,17 +325,34 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg:
     ``--true-sequential``); otherwise one pass collects every linear's ``H``. ``H`` lives on the
     layer's device. Returns ``{linear name: {"gptq_loss", "damp"}}``.
     """
-    groups = layout.sequential if cfg.true_sequential else (tuple(layout.linear_names()),)
     stats = {}
-    for names in groups:
-        linears = {name: layer.get_submodule(name) for name in names}
-        hessians = {name: Hessian(lin.in_features, lin.weight.device) for name, lin in linears.items()}
-        with record_inputs(linears, lambda name, x: hessians[name].add_batch(x)):
+    passes = layout.sequential if cfg.true_sequential else (layout.sequential,)
+    for sets in passes:
+        sets = (sets,) if cfg.true_sequential else sets
+        # the linears of one set read the same input, so they share one H
+        hessians = {names[0]: Hessian(layer.get_submodule(names[0]).in_features, X.device) for names in sets}
+        with record_inputs({n: layer.get_submodule(n) for n in hessians},
+                           lambda name, x: hessians[name].add_batch(x)):
             run_layer(layer, X, kwargs)
-        for name, lin in linears.items():
-            res = gptq(lin.weight, hessians.pop(name).H, cfg)
-            layer.set_submodule(name, UniformLinear(res.weight, lin.bias).to(lin.weight.device))
-            stats[name] = {"gptq_loss": res.loss, "damp": res.damp}
+        for names in sets:
+            stats.update(_quantize_set(layer, names, hessians.pop(names[0]).H, cfg))
+    return stats
+
+
+def _quantize_set(layer: nn.Module, names: tuple, H: torch.Tensor, cfg: GPTQConfig) -> dict:
+    """GPTQ of linears sharing one input (q/k/v, gate/up): their rows are stacked into one ``W``,
+    which is exact, since GPTQ treats every output row independently given ``H``."""
+    linears = [layer.get_submodule(n) for n in names]
+    res = gptq(torch.cat([lin.weight for lin in linears]), H, cfg)
+    stats, row = {}, 0
+    for name, lin in zip(names, linears):
+        rows = slice(row, row + lin.out_features)
+        row += lin.out_features
+        q = res.weight
+        part = UniformWeight(q.codes[rows], q.scales[rows], None if q.zeros is None else q.zeros[rows],
+                             q.bits, q.group_size, q.g_idx)
+        layer.set_submodule(name, UniformLinear(part, lin.bias).to(lin.weight.device))
+        stats[name] = {"gptq_loss": float(res.row_loss[rows].sum()), "damp": res.damp}
     return stats
 
 

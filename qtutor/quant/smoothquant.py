@@ -1,5 +1,5 @@
 """SmoothQuant: W8A8 with the activation outliers migrated into the weights (Xiao et al., 2023;
-book chapter 5).
+book chapter 2).
 
 With INT8 weights *and* INT8 activations the matmul can run on integer units. Weights are easy
 to quantize; activations are not: a few input channels are 10-100x larger than the rest, and
@@ -10,8 +10,9 @@ of ``X`` by
 
 and multiplies weight column ``j`` by ``s_j`` (:mod:`qtutor.quant.transforms`, folded into the
 preceding norm), so both ``X diag(s)^-1`` and ``W diag(s)`` have moderate ranges; ``alpha``
-sets how much of the difficulty moves to the weights (0.5 by default, 0.8-0.85 for Llama-2 in
-the paper's later results).
+sets how much of the difficulty moves to the weights (0.5 by default, which leaves
+``max|X_j| / s_j = max|W_j| s_j``; 1 moves all of it: every channel of ``X diag(s)^-1`` has max 1;
+0 moves none: every column of ``W diag(s)`` has max 1).
 
 Follows mit-han-lab/smoothquant:
 

@@ -1,4 +1,4 @@
-"""Equivalence transforms shared by AWQ and SmoothQuant (chapters 4 and 5).
+"""Equivalence transforms shared by SmoothQuant and AWQ (chapters 2 and 4).
 
 A linear layer computes ``Y = X W^T`` with ``X`` (tokens, in) and ``W`` (out, in). For any
 positive vector ``s`` (in,),
@@ -21,7 +21,7 @@ Both are the ``scale_ln_fcs`` / ``scale_fc_fc`` of mit-han-lab/llm-awq
 ``ln.weight.div_(scales)`` / ``fc.weight.mul_(scales)`` of mit-han-lab/smoothquant
 (``smoothquant/smooth.py``). Unlike the references, which multiply in place in the weights'
 dtype (fp16 there), the arithmetic is done in float32 and the result cast back to each
-parameter's dtype, so the transform adds one rounding per parameter, not two.
+parameter's dtype.
 
 Norms of the form ``(1 + w) * x / rms(x)`` (Gemma) would need ``w <- (1 + w) / s - 1``; the
 families qtutor supports (Qwen2, Llama, Mistral) use plain ``w``.

@@ -1,0 +1,80 @@
+"""Helpers shared by the benchmark scripts: model configs, environment, CSV and tables."""
+from __future__ import annotations
+
+import csv
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+#: a small Qwen2-shaped config for CPU runs: widths divisible by 128 (group size), GQA, tied head
+TINY = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            bos_token_id=1, eos_token_id=2)
+CONFIGS = {"qwen2-0.5b": {}, "tiny": TINY}
+
+
+def build_model(config: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    from qtutor.models import random_model
+    if config not in CONFIGS:
+        raise SystemExit(f"unknown --config {config!r}; choose from {', '.join(CONFIGS)}")
+    return random_model("qwen2-0.5b", dtype=dtype, device=str(device), seed=seed, **CONFIGS[config])
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "cuda": torch.version.cuda or "-"}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = "not installed"
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return env
+
+
+def print_env(env: dict) -> None:
+    print("  ".join(f"{k}={v}" for k, v in env.items()))
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys: list = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """cols: (key, header, format). Missing values print as '-'."""
+    def cell(r, k, fmt):
+        v = r.get(k)
+        if v is None or v == "":
+            return "-"
+        return format(v, fmt) if isinstance(v, (int, float)) and fmt else str(v)
+    data = [[h for _, h, _ in cols]] + [[cell(r, k, f) for k, _, f in cols] for r in rows]
+    widths = [max(len(row[i]) for row in data) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in data]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Batch-1 decode speed of 4-bit weights against FP16 (issue 7, "Real speed").
+
+Builds Qwen2-0.5B with random weights (timing does not depend on weight values), then times
+greedy decoding with the fast harness (``qtutor.eval.fast_decode``: static KV cache, CUDA graph
+of the one-token step) for the 16-bit baselines and each 4-bit variant with its fast kernel
+(``qtutor.kernels``). Each row prints both sides of its ratio: the method's ms/token, its
+baseline's ms/token (same activation dtype: fp16 rows against fp16, bf16 rows against bf16)
+and method / baseline (< 1 is faster). ``kernel_check`` is the largest relative difference
+between a converted layer's fast forward and its reference forward on one random input row
+(it checks the GPU kernels where they run).
+
+    python benchmarks/decode_speed.py                         # CUDA if available, Qwen2-0.5B
+    python benchmarks/decode_speed.py --device cpu --config tiny
+
+Rows (``--methods``; default all that apply to the device):
+  fp16 / bf16                  nn.Linear (cuBLAS); on CPU the "fp16" row runs in fp32
+  hf-loop                      the Hugging Face forward with DynamicCache, no graph (context)
+  rtn_int4-reference           RTN int4 g128, reference forward (dequantize + matmul per call)
+  rtn_int4-triton              RTN int4 g128, Triton int4 GEMV on the packed codes (CUDA)
+  rtn_int4-tinygemm            RTN int4 g128 re-packed for aten._weight_int4pack_mm (bf16)
+  palettized4-gather / -load   4-bit LUT per 16 rows + per-row scale, Triton LUT GEMV (CUDA)
+  smoothquant_w8a8             W8A8Linear as registered (int8 matmul needs M > 16 on CUDA,
+                               so batch-1 decoding takes its fallback: reported as such)
+  + "-compile" variants of fp16 and rtn_int4-triton with --compile (torch.compile of the step)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from _common import ROOT, build_model, environment, pick_device, print_env, table, write_csv
+
+ALL = ["fp16", "bf16", "hf-loop", "rtn_int4-reference", "rtn_int4-triton", "rtn_int4-tinygemm",
+       "palettized4-gather", "palettized4-load", "smoothquant_w8a8"]
+CUDA_ONLY = {"rtn_int4-triton", "palettized4-gather", "palettized4-load"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--config", default=None, choices=("qwen2-0.5b", "tiny"),
+                   help="model shape (default: qwen2-0.5b on CUDA, tiny on CPU)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float16", "float32"),
+                   help="activation dtype of the main baseline (auto: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--methods", default="all", help=f"comma-separated from: {', '.join(ALL)}")
+    p.add_argument("--tokens", type=int, default=None, help="new tokens per run (default 50; 16 on CPU)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs (default 5; 3 on CPU)")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--palettize-fit", choices=("quantile", "kmeans"), default="quantile",
+                   help="LUTs for the palettized rows: quantiles (fast; timing only) or the registered "
+                        "palettization_4bit method (exact k-means; slow on Qwen2-0.5B)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    p.add_argument("--triton-on-cpu", action="store_true",
+                   help="on CPU, run the Triton rows in Triton's interpreter (a correctness check: about "
+                        "10 minutes for the tiny config with --tokens 3 --runs 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default 1 on CPU: batch-1 ops are tiny and extra threads only "
+                        "add synchronisation, badly so on a shared machine)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "decode_speed.csv"))
+    return p.parse_args(argv)
+
+
+def quick_palettize(model, rows_per_lut: int = 16):
+    """4-bit LUTs from per-group quantiles of the row-normalised weights (no k-means): the same
+    storage as ``PalettizedLinear`` with a cheap fit. For timing; the registered method fits
+    the LUTs by exact k-means."""
+    from qtutor.models import layout_for
+    from qtutor.quant.palettize import LUTWeight, PalettizedLinear
+    layout = layout_for(model)
+    for layer in layout.layers(model):
+        for name, lin in layout.linears(layer).items():
+            W = lin.weight.detach().float()
+            out, inp = W.shape
+            s = W.abs().amax(1).clamp(min=1e-8)
+            G = (W / s[:, None]).reshape(out // rows_per_lut, rows_per_lut * inp)
+            levels = (torch.arange(16, device=W.device, dtype=torch.float32) + 0.5) / 16
+            lut = _quantiles(G, levels).half()
+            mids = (lut[:, :-1].float() + lut[:, 1:].float()) / 2
+            idx = torch.searchsorted(mids.contiguous(), G.contiguous()).clamp(max=15)
+            q = LUTWeight(idx.reshape(out, inp).to(torch.uint8), lut, s.half(), 4)
+            layer.set_submodule(name, PalettizedLinear(q, lin.bias).to(W.device))
+
+
+def _quantiles(G: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Row-wise quantiles of G (groups, n) at ``levels`` -> (groups, 16), via a sort."""
+    srt = G.sort(dim=1).values
+    pos = (levels * (G.shape[1] - 1)).round().long()
+    return srt[:, pos]
+
+
+def kernel_check(model, reference_of) -> float:
+    """Max over up to 8 converted layers of |fast(x) - reference(x)| / |reference(x)|, one row x."""
+    worst, n = 0.0, 0
+    for m in model.modules():
+        ref = reference_of(m)
+        if ref is None:
+            continue
+        x = torch.randn(1, 1, m.in_features, device=next(iter(m.buffers())).device,
+                        dtype=model.get_input_embeddings().weight.dtype)
+        with torch.no_grad():
+            a, b = m(x).float(), ref(x).float()
+        worst = max(worst, float((a - b).norm() / b.norm().clamp(min=1e-12)))
+        n += 1
+        if n == 8:
+            break
+    return worst
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import qtutor
+    from qtutor import kernels
+    from qtutor.eval.fast_decode import fast_decode_latency
+    from qtutor.eval.latency import decode_latency
+
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
+    config = args.config or ("qwen2-0.5b" if cuda else "tiny")
+    args.tokens = args.tokens or (50 if cuda else 16)
+    args.runs = args.runs or (5 if cuda else 3)
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
+    main_dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float16 if cuda else torch.float32)
+    main_name = {torch.float16: "fp16", torch.float32: "fp32"}[main_dtype]
+    wanted = ALL if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in ALL]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {ALL}")
+    env = environment(device)
+    print_env(env)
+    print(f"model: {config} (random weights), batch 1, prompt {args.prompt} tokens, "
+          f"{args.tokens} new tokens, median of {args.runs} runs after 1 warm-up")
+    t_start = time.perf_counter()
+
+    base = build_model(config, main_dtype, device)
+    vocab = base.config.vocab_size
+    prompt = torch.randint(0, vocab, (args.prompt,), generator=torch.Generator().manual_seed(0))
+    base_bf16 = None
+    rows, baselines = [], {}
+
+    def record(name, act, make, baseline, harness="fast", compile=False, check=None):
+        key = "fp16" if name == main_name else name.replace("-compile", "")
+        if key not in wanted:
+            return
+        if not cuda and key in CUDA_ONLY and not args.triton_on_cpu:
+            rows.append({"method": name, "status": "skipped: Triton kernels need CUDA (--triton-on-cpu "
+                                                    "runs the interpreter)"})
+            return
+        row = {"method": name, "act_dtype": act, "baseline": baseline}
+        t0 = time.perf_counter()
+        model = None
+        try:
+            model, info = make()
+            if harness == "fast":
+                lat = fast_decode_latency(model, prompt, args.tokens, runs=args.runs, compile=compile)
+                row["harness"] = lat.method
+            else:
+                lat = decode_latency(model, prompt, args.tokens, runs=args.runs)
+                row["harness"] = "hf-dynamic-cache"
+            row["ms_per_token"] = lat.ms_per_token
+            row["prefill_ms"] = lat.prefill_ms
+            row["kernels"] = ";".join(f"{k}={v}" for k, v in
+                                      sorted(getattr(lat, "kernels", {}).items())) or "torch"
+            row["bits_per_weight"] = info.get("bits")
+            row["linear_MB"] = info.get("linear_mb")
+            if check is not None:
+                row["kernel_check"] = kernel_check(model, check)
+            row["status"] = "ok"
+            if name in (main_name, "bf16"):
+                baselines[name] = lat.ms_per_token
+        except Exception as err:  # report and go on: one failing kernel must not hide the others
+            row["status"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            traceback.print_exc()
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"  {name:24s} {row.get('ms_per_token', float('nan')):8.3f} ms/token  "
+              f"({row['status']}, {row['seconds']:.0f} s)", flush=True)
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    def linear_stats(model):
+        from qtutor.quant.base import QuantizedLinear
+        mods = [m for m in model.model.layers.modules() if isinstance(m, (torch.nn.Linear, QuantizedLinear))]
+        nbytes = sum((m.weight_nbytes if isinstance(m, QuantizedLinear) else
+                      m.weight.numel() * m.weight.element_size()) for m in mods)
+        numel = sum(m.in_features * m.out_features for m in mods)
+        return {"bits": 8.0 * nbytes / numel, "linear_mb": nbytes / 1e6}
+
+    def plain(model):
+        return lambda: (model, linear_stats(model))
+
+    def bf16_model():
+        nonlocal base_bf16
+        if base_bf16 is None:
+            base_bf16 = copy.deepcopy(base).to(torch.bfloat16)
+        return base_bf16
+
+    def rtn(src, backend=None):
+        def make():
+            model = copy.deepcopy(src)
+            qtutor.quantize(model, "rtn_int4", qtutor.RTNConfig(4, args.group_size, False))
+            if backend is not None:
+                res = kernels.accelerate(model, backend, kernel_on_cpu=args.triton_on_cpu)
+                if not res["converted"]:
+                    raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
+            return model, linear_stats(model)
+        return make
+
+    def palettized(mode):
+        def make():
+            model = copy.deepcopy(base)
+            if args.palettize_fit == "kmeans":
+                qtutor.quantize(model, "palettization_4bit")
+            else:
+                quick_palettize(model)
+            res = kernels.accelerate(model, "triton", lut_mode=mode, kernel_on_cpu=args.triton_on_cpu)
+            if not res["converted"]:
+                raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
+            return model, linear_stats(model)
+        return make
+
+    def w8a8():
+        model = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(1)
+        calib = torch.randint(0, vocab, (8, 256), generator=g)
+        qtutor.quantize(model, "smoothquant_w8a8", calib=calib)
+        return model, linear_stats(model)
+
+    def ref_of_triton(m):
+        return m.forward_reference if isinstance(m, kernels._TritonGemvMixin) else None
+
+    def ref_of_tinygemm(m):
+        # the tinygemm layer's reference: its own weight read back, then an ordinary matmul
+        return m.forward_reference if isinstance(m, kernels.Int4TinyGemmLinear) else None
+
+    # --- the rows ---------------------------------------------------------------------------
+    record(main_name, main_name, plain(base), main_name)
+    if "bf16" in wanted or "rtn_int4-tinygemm" in wanted:
+        record("bf16", "bf16", lambda: (bf16_model(), linear_stats(bf16_model())), "bf16")
+    record("hf-loop", main_name, plain(base), main_name, harness="hf")
+    record("rtn_int4-reference", main_name, rtn(base), main_name)
+    record("rtn_int4-triton", main_name, rtn(base, "triton"), main_name, check=ref_of_triton)
+    record("rtn_int4-tinygemm", "bf16", rtn(bf16_model(), "tinygemm") if "rtn_int4-tinygemm" in wanted
+           else None, "bf16", check=ref_of_tinygemm)
+    record("palettized4-gather", main_name, palettized("gather"), main_name, check=ref_of_triton)
+    record("palettized4-load", main_name, palettized("load"), main_name, check=ref_of_triton)
+    record("smoothquant_w8a8", main_name, w8a8, main_name)
+    if args.compile:
+        record(f"{main_name}-compile", main_name, plain(base), main_name, compile=True)
+        record("rtn_int4-triton-compile", main_name, rtn(base, "triton"), main_name, compile=True,
+               check=ref_of_triton)
+
+    for r in rows:
+        b = baselines.get(r.get("baseline"))
+        if b is not None and r.get("ms_per_token") is not None:
+            r["baseline_ms_per_token"] = b
+            r["ratio"] = r["ms_per_token"] / b
+        r.update({f"env_{k}": v for k, v in env.items()})
+        r["config"] = config
+    print()
+    print(table(rows, [("method", "method", ""), ("act_dtype", "act", ""), ("ms_per_token", "ms/token", ".3f"),
+                       ("baseline", "baseline", ""), ("baseline_ms_per_token", "base ms/token", ".3f"),
+                       ("ratio", "ratio", ".3f"), ("bits_per_weight", "bits/w", ".2f"),
+                       ("linear_MB", "linears MB", ".1f"), ("kernel_check", "kernel chk", ".1e"),
+                       ("kernels", "kernels", ""), ("harness", "harness", ""), ("status", "status", "")]))
+    out = Path(args.out)
+    write_csv(rows, out)
+    print(f"\nratio = method ms/token / baseline ms/token (< 1: faster). wrote {out} "
+          f"({time.perf_counter() - t_start:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Fast batch-1 greedy decoding: a static KV cache and CUDA graphs (chapter 7, "Real speed").
+
+``decode_latency`` (latency.py) times the Hugging Face forward with a growing ``DynamicCache``:
+at batch 1 every step launches hundreds of small kernels from Python, so the GPU idles between
+them and the time per token says more about Python than about the weights. Quantized weights
+only pay off once that overhead is gone. This module removes it in two steps:
+
+1. **Static KV cache.** Keys and values live in preallocated (kv_heads, max_len, head_dim)
+   buffers; step ``t`` writes position ``t`` in place and attends over all ``max_len`` slots
+   with an additive mask that hides the future. Every decode step then has the same shapes
+   and the same memory addresses, which is what a CUDA graph needs.
+2. **CUDA graph.** One decode step (embedding -> layers -> norm -> lm_head -> argmax, plus
+   "feed the token back in" and "position += 1") is captured once with
+   ``torch.cuda.CUDAGraph`` and then replayed: one launch per token, no Python in the loop.
+
+:class:`StaticDecoder` runs the model's OWN modules (embeddings, norms, MLPs, the q/k/v/o
+projections, so any ``QuantizedLinear`` and any fast kernel in them is what is timed) and
+re-implements only the attention glue of the Qwen2/Llama family. Rotary position embedding is
+applied as what it is, a rotation: for position ``p`` the map ``q -> q cos + rotate_half(q) sin``
+is a (head_dim x head_dim) matrix ``R_p`` (block rotations pairing dimension ``i`` with
+``i + head_dim/2``), precomputed for every position, so rotating all heads of q (or k) is one
+batched matmul; the attention scale ``1/sqrt(head_dim)`` is folded into q's matrix. The result
+is the model's own greedy output (``tests/test_fast_decode.py`` checks the tokens against
+``latency.greedy_decode``). Without CUDA (or with ``cuda_graph=False``) the same step runs eagerly.
+
+Protocol as ``decode_latency`` (DESIGN.md section 4): batch 1, fixed prompt, ``new_tokens``
+tokens of which the first comes from the prefill; the decode phase is timed and divided by
+``new_tokens - 1``; one warm-up, median over ``runs``; device, dtype and method recorded.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import QtutorError
+from .latency import LatencyResult, _sync
+
+
+@dataclass
+class FastLatencyResult(LatencyResult):
+    method: str = "static-cache"   # "static-cache+cuda-graph" when graphs were used
+    cuda_graph: bool = False
+    compiled: bool = False
+    kernels: dict = field(default_factory=dict)  # layer class -> matmul path of the decode step
+
+
+def _rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """P with ``x @ P == rotate_half(x) == cat(-x[h:], x[:h])`` (h = head_dim / 2)."""
+    h = head_dim // 2
+    P = torch.zeros(head_dim, head_dim, dtype=torch.float64)
+    idx = torch.arange(h)
+    P[idx + h, idx] = -1.0
+    P[idx, idx + h] = 1.0
+    return P
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm, ``w * (x32 / rms(x32)).to(dtype)`` as Qwen2/Llama compute it, with the
+    normalisation done by ``F.rms_norm`` (one fused kernel where torch has one, instead of
+    to-float, pow, mean, add, rsqrt, mul). Other norm modules are called as they are."""
+    eps = getattr(norm, "variance_epsilon", None)
+    weight = getattr(norm, "weight", None)
+    if eps is None or weight is None or not hasattr(F, "rms_norm") or type(norm).__name__ not in _HF_RMS_NORMS:
+        return norm(x)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+#: RMSNorm classes whose forward is exactly ``weight * normalise(x.float()).to(x.dtype)``
+_HF_RMS_NORMS = ("Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm")
+
+
+class StaticDecoder(nn.Module):
+    """Greedy decoding of a Qwen2/Llama-family ``model`` with a static KV cache of ``max_len``
+    positions, and (on CUDA, by default) a CUDA graph of the one-token step.
+
+    ``generate(prompt_ids, new_tokens)`` returns the greedy continuation (new_tokens,) and the
+    prefill and decode seconds. ``compile=True`` additionally runs the decode step through
+    ``torch.compile`` (inductor, without its own CUDA graphs) before capturing it.
+    """
+
+    def __init__(self, model, max_len: int, cuda_graph: Optional[bool] = None, compile: bool = False):
+        super().__init__()
+        from ..models import layout_for
+        cfg = model.config
+        layout_for(model)  # a one-line error for families without a layout
+        base = model.model
+        self.model = model
+        self.embed, self.layers, self.norm = base.embed_tokens, base.layers, base.norm
+        self.lm_head = model.get_output_embeddings()
+        layer_types = getattr(cfg, "layer_types", None) or []
+        window = getattr(cfg, "sliding_window", None)
+        if any(t != "full_attention" for t in layer_types) and window is not None and window < max_len:
+            raise QtutorError(f"the fast decoder does not implement sliding-window attention "
+                              f"(window {window} < {max_len} positions); use qtutor.eval.decode_latency")
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.groups = self.n_heads // self.n_kv
+        self.max_len = max_len
+        w = self.embed.weight
+        self.device, self.dtype = w.device, w.dtype
+        dev, dt, hd = self.device, self.dtype, self.head_dim
+
+        # rotary embedding as one rotation matrix per position (from the model's own cos/sin)
+        pos = torch.arange(max_len, device=dev)[None]
+        cos, sin = base.rotary_emb(torch.zeros(1, dtype=torch.float32, device=dev), pos)
+        cos, sin = cos[0].double().cpu(), sin[0].double().cpu()                # (max_len, hd)
+        R = torch.diag_embed(cos) + _rotate_half_matrix(hd)[None] * sin[:, None, :]
+        scaling = getattr(self.layers[0].self_attn, "scaling", hd ** -0.5)
+        self.register_buffer("rot_k", R.to(device=dev, dtype=dt), persistent=False)
+        self.register_buffer("rot_q", (R * scaling).to(device=dev, dtype=dt), persistent=False)
+        causal = torch.full((max_len, max_len), torch.finfo(dt).min, dtype=dt).triu(1)
+        self.register_buffer("mask", causal.to(dev), persistent=False)        # row p: slots <= p open
+        shape = (len(self.layers), self.n_kv, max_len, hd)
+        self.register_buffer("k_cache", torch.zeros(shape, device=dev, dtype=dt), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, device=dev, dtype=dt), persistent=False)
+
+        # the decode step's inputs and outputs live in fixed buffers (graph-safe)
+        self.register_buffer("tok", torch.zeros(1, dtype=torch.long, device=dev), persistent=False)
+        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=dev), persistent=False)
+        self.register_buffer("out_ids", torch.zeros(max_len + 1, dtype=torch.long, device=dev),
+                             persistent=False)
+        self.use_graph = (dev.type == "cuda") if cuda_graph is None else cuda_graph
+        if self.use_graph and dev.type != "cuda":
+            raise QtutorError("CUDA graphs need the model on a CUDA device")
+        self.compiled = compile
+        self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
+        self.graph = None
+        self.step_kernels: dict = {}  # layer class -> kernel of the one-token step (not the prefill)
+
+    # ------------------------------------------------------------------ the model, T tokens
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run tokens ``ids`` (T,) at ``positions`` (T,), filling the cache; -> greedy next id (1,)."""
+        T = ids.shape[0]
+        nh, nkv, hd, g = self.n_heads, self.n_kv, self.head_dim, self.groups
+        h = self.embed(ids)[None]                                      # (1, T, hidden)
+        rq, rk = self.rot_q[positions], self.rot_k[positions]          # (T, hd, hd)
+        mask = self.mask[positions]                                     # (T, max_len)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = _rms_norm(layer.input_layernorm, h)
+            q = torch.bmm(attn.q_proj(x).view(T, nh, hd), rq)          # rotated and scaled
+            k = torch.bmm(attn.k_proj(x).view(T, nkv, hd), rk)
+            v = attn.v_proj(x).view(T, nkv, hd)
+            kc, vc = self.k_cache[i], self.v_cache[i]                  # (nkv, max_len, hd)
+            kc.index_copy_(1, positions, k.transpose(0, 1))
+            vc.index_copy_(1, positions, v.transpose(0, 1))
+            # grouped-query attention: q head j*g + r reads kv head j (HF's repeat_kv order)
+            qg = q.transpose(0, 1).reshape(nkv, g * T, hd)
+            scores = torch.bmm(qg, kc.transpose(1, 2)).view(nkv, g, T, self.max_len) + mask
+            p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(nkv, g * T, self.max_len)
+            o = torch.bmm(p, vc).view(nh, T, hd).transpose(0, 1).reshape(1, T, nh * hd)
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+        logits = self.lm_head(_rms_norm(self.norm, h[:, -1]))          # (1, vocab)
+        return logits.argmax(dim=-1)
+
+    def _step(self):
+        """One decode step on the fixed buffers: token ``tok`` at position ``pos``."""
+        nxt = self.forward(self.tok, self.pos)
+        self.out_ids.index_copy_(0, self.pos + 1, nxt)
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+
+    # ------------------------------------------------------------------ graph capture
+    def capture(self, warmup_steps: int = 3) -> None:
+        """Warm up (autotuning, cuBLAS handles, compilation) on a side stream, then capture."""
+        if self.graph is not None or not self.use_graph:
+            return
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(warmup_steps):
+                self.pos.zero_()
+                self._step_fn()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        self.pos.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step_fn()
+        self.graph = graph
+        self.step_kernels = _kernels(self.model)  # what the captured step runs
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, new_tokens: int):
+        """Greedy continuation -> (ids (new_tokens,), prefill seconds, decode seconds)."""
+        ids = prompt_ids.reshape(-1).to(self.device)
+        P = ids.numel()
+        if P + new_tokens > self.max_len:
+            raise QtutorError(f"prompt {P} + {new_tokens} new tokens exceed the cache of {self.max_len}")
+        if self.use_graph:
+            self.capture()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        first = self.forward(ids, torch.arange(P, device=self.device))
+        self.out_ids[P:P + 1].copy_(first)
+        self.tok.copy_(first)
+        self.pos.fill_(P)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step_fn()
+        _sync(self.device)
+        t2 = time.perf_counter()
+        if self.graph is None and new_tokens > 1:
+            self.step_kernels = _kernels(self.model)
+        return self.out_ids[P:P + new_tokens].clone(), t1 - t0, t2 - t1
+
+
+def _kernels(model) -> dict:
+    out = {}
+    for m in model.modules():
+        k = getattr(m, "last_kernel", None)
+        if k is not None:
+            out[type(m).__name__] = k
+    return out
+
+
+def fast_decode_latency(model, prompt_ids: torch.Tensor, new_tokens: int = 50, runs: int = 5,
+                        warmup: int = 1, cuda_graph: Optional[bool] = None,
+                        compile: bool = False) -> FastLatencyResult:
+    """Median ms per decoded token with :class:`StaticDecoder` (static cache; CUDA graph on CUDA).
+
+    Same protocol and fields as :func:`qtutor.eval.decode_latency`, plus ``method``,
+    ``cuda_graph``, ``compiled`` and the ``kernels`` the quantized layers used.
+    """
+    prompt_ids = prompt_ids.reshape(-1)
+    dec = StaticDecoder(model, prompt_ids.numel() + new_tokens, cuda_graph=cuda_graph, compile=compile)
+    for _ in range(warmup):
+        dec.generate(prompt_ids, new_tokens)
+    per_token, prefill = [], []
+    for _ in range(runs):
+        _, t_prefill, t_decode = dec.generate(prompt_ids, new_tokens)
+        per_token.append(1000 * t_decode / max(new_tokens - 1, 1))
+        prefill.append(1000 * t_prefill)
+    method = "static-cache" + ("+compile" if compile else "") + ("+cuda-graph" if dec.use_graph else "")
+    result = FastLatencyResult(
+        statistics.median(per_token), per_token, statistics.median(prefill), int(prompt_ids.numel()),
+        new_tokens, str(dec.device), str(dec.dtype).replace("torch.", ""),
+        method=method, cuda_graph=dec.use_graph, compiled=compile, kernels=dict(dec.step_kernels))
+    del dec  # frees the graph's memory pool and the cache
+    return result

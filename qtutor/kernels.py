@@ -1,0 +1,339 @@
+"""Fast matmul paths for the 4-bit layers (chapter 7, "Real speed").
+
+The reference forward of every ``QuantizedLinear`` dequantizes the whole weight and then runs an
+ordinary matmul: correct, easy to read, and slower than FP16, because it writes and reads a
+full-precision copy of the weight on every call. A 4-bit weight is faster only if the matmul
+reads the packed bytes directly. Two ways are provided, both checked against the reference
+forward by ``tests/test_kernels.py``:
+
+* **tinygemm** (PyTorch's ``torch.ops.aten._weight_int4pack_mm``, CUDA, sm80+; CPU twin
+  ``_weight_int4pack_mm_for_cpu``): group-wise asymmetric int4 with the weight re-packed into
+  the kernel's tensor-core tile layout (``_convert_weight_to_int4pack``) and one
+  (scale, float zero) pair per group in bf16, shape (n_groups, out, 2). tinygemm dequantizes
+  ``w = (q - 8) * scale + zero``, so our integer zero point becomes a float one:
+  ``s (q - z) = s (q - 8) + s (8 - z)``, i.e. ``zero = s (8 - z)``. The CUDA kernel takes bf16
+  activations only (other dtypes are cast on the way in and out). :class:`Int4TinyGemmLinear`
+  holds ONLY the kernel's layout, so memory accounting stays honest: 4 bits per weight plus
+  32 bits per group (4.25 bits per weight at group size 128, against 4.16 for ``UniformLinear``'s
+  fp16 scale + 4-bit zero), and ``dequantize()`` reads the weight back through the kernel.
+* **Triton** GEMV kernels (:mod:`qtutor._triton_kernels`) that read the layers' own packed
+  storage, nothing re-packed: ``int4_gemv`` for ``UniformLinear`` (4-bit, groups of a power of
+  two) and ``lut_gemv`` for 4-bit palettized layers (16-entry LUT per group of output rows, per-row
+  scale). They serve one input row (batch-1 decoding); other shapes use the reference forward.
+
+:func:`accelerate` converts every eligible layer of a model in place and says what it did.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .errors import QtutorError
+from .quant.base import QuantizedLinear, unpack_codes
+from .quant.rtn import UniformLinear, group_layout
+
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+BACKENDS = ("auto", "triton", "tinygemm", "none")
+
+
+# --------------------------------------------------------------------------- availability
+def triton_available() -> bool:
+    """Whether the Triton kernels can be used (``triton`` importable)."""
+    try:
+        from . import _triton_kernels  # noqa: F401
+        return True
+    except Exception:  # ImportError, or a triton build that fails on import
+        return False
+
+
+def tinygemm_available(device) -> bool:
+    """Whether this torch has the int4 ``_weight_int4pack_mm`` kernel for ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return (hasattr(torch.ops.aten, "_weight_int4pack_mm") and torch.cuda.is_available()
+                and torch.cuda.get_device_capability(device)[0] >= 8)
+    if device.type == "cpu":
+        return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    return False
+
+
+def int4_gemv(x, qweight, scales, qzeros, bias, group_size, config=None):
+    """Triton GEMV for packed asymmetric int4 (see :mod:`qtutor._triton_kernels`)."""
+    from . import _triton_kernels as tk
+    return tk.int4_gemv(x, qweight, scales, qzeros, bias, group_size, config)
+
+
+def lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode="gather", config=None):
+    """Triton GEMV for packed 4-bit LUT indices (see :mod:`qtutor._triton_kernels`)."""
+    from . import _triton_kernels as tk
+    return tk.lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode, config)
+
+
+# --------------------------------------------------------------------------- tinygemm
+def _inner_k_tiles(in_features: int) -> Optional[int]:
+    for t in (8, 4, 2):
+        if in_features % (16 * t) == 0:
+            return t
+    return None
+
+
+def tinygemm_reason(layer: nn.Module, device) -> Optional[str]:
+    """Why ``layer`` cannot use tinygemm on ``device`` (None if it can)."""
+    device = torch.device(device)
+    if not isinstance(layer, UniformLinear):
+        return "not a UniformLinear"
+    if layer.bits != 4:
+        return f"{layer.bits}-bit codes (tinygemm is 4-bit)"
+    if layer.g_idx is not None:
+        return "act-order g_idx (groups are not contiguous)"
+    gs, _ = group_layout(layer.in_features, layer.group_size)
+    if gs not in TINYGEMM_GROUP_SIZES or layer.in_features % gs:
+        return f"group size {gs} (tinygemm takes {TINYGEMM_GROUP_SIZES}, dividing in_features)"
+    if _inner_k_tiles(layer.in_features) is None:
+        return f"in_features {layer.in_features} is not a multiple of 32"
+    n_mult = 8 if device.type == "cuda" else 16
+    if layer.out_features % n_mult:
+        return f"out_features {layer.out_features} is not a multiple of {n_mult}"
+    if not tinygemm_available(device):
+        return f"no _weight_int4pack_mm kernel for {device} in this torch"
+    return None
+
+
+class Int4TinyGemmLinear(QuantizedLinear):
+    """A 4-bit group-wise linear stored in tinygemm's layout (see the module docstring).
+
+    Buffers: ``weight_int4pack`` (CUDA: int32 (out/8, in/(16 t), 32, t/2) tensor-core tiles with
+    t = inner k-tiles; CPU: uint8 (out, in/2)), ``scales_and_zeros`` (n_groups, out, 2) bf16,
+    and ``bias``. The layout is device-specific: convert on the device you will run on.
+    """
+
+    def __init__(self, in_features, out_features, bias, weight_int4pack, scales_and_zeros,
+                 group_size: int, packed_for: str):
+        super().__init__(in_features, out_features, bias)
+        self.bits, self.group_size = 4, group_size
+        self.n_groups = in_features // group_size
+        self.packed_for = packed_for
+        self.register_buffer("weight_int4pack", weight_int4pack)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.last_kernel: Optional[str] = None
+
+    @classmethod
+    def from_uniform(cls, layer: UniformLinear, verify: bool = True) -> "Int4TinyGemmLinear":
+        """Re-pack ``layer`` for tinygemm on the device it lives on. With ``verify``, the weight
+        read back through the kernel must equal the layer's (to bf16 rounding)."""
+        device = layer.qweight.device
+        reason = tinygemm_reason(layer, device)
+        if reason is not None:
+            raise QtutorError(f"cannot use tinygemm for this layer: {reason}")
+        N, K = layer.out_features, layer.in_features
+        gs, G = group_layout(K, layer.group_size)
+        inner = _inner_k_tiles(K)
+        s = layer.scales.float()                                             # (N, G)
+        z = (torch.full_like(s, 8.0) if layer.qzeros is None
+             else unpack_codes(layer.qzeros, 4, G).float())
+        sz = torch.stack([s, s * (8.0 - z)], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        if device.type == "cuda":
+            # tinygemm's uint8 input has the EVEN column in the HIGH nibble; ours has it low
+            swapped = ((layer.qweight & 0x0F) << 4) | (layer.qweight >> 4)
+            packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner)
+        else:
+            codes = unpack_codes(layer.qweight, 4, K).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), inner)
+        new = cls(K, N, layer.bias, packed, sz, gs, device.type)
+        if verify:
+            ref = layer.dequantize().float()
+            err = (new.dequantize().float() - ref).norm() / ref.norm().clamp(min=1e-12)
+            if not err < 1e-2:  # bf16 rounding gives ~3e-3 at most; a layout error gives ~1
+                raise QtutorError(f"tinygemm re-packing check failed (relative error {float(err):.3g}); "
+                                  f"this torch's int4 layout differs from what qtutor expects")
+        return new
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.device.type != self.packed_for:
+            raise QtutorError(f"this layer was packed for {self.packed_for}, not {x2.device.type}; "
+                              f"run qtutor.kernels.accelerate after moving the model")
+        xb = x2.to(torch.bfloat16).contiguous()
+        if self.packed_for == "cuda":
+            return torch.ops.aten._weight_int4pack_mm(xb, self.weight_int4pack, self.group_size,
+                                                      self.scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.weight_int4pack, self.group_size,
+                                                          self.scales_and_zeros)
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) weight, read back through the kernel: ``I @ W^T`` for the identity ``I``."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.weight_int4pack.device)
+        return self._mm(eye).t().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._mm(x.reshape(-1, self.in_features)).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        self.last_kernel = "aten._weight_int4pack_mm" + ("" if self.packed_for == "cuda" else "_for_cpu")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    forward_reference = QuantizedLinear.forward
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}, tinygemm ({self.packed_for})"
+
+
+# --------------------------------------------------------------------------- Triton, same storage
+class _TritonGemvMixin:
+    """Mixed into a layer's own class by :func:`accelerate`: the kernel serves a single input row
+    (on CUDA; on CPU only when ``kernel_on_cpu``, through Triton's interpreter), everything
+    else goes to the reference forward. The stored buffers are untouched."""
+
+    kernel_on_cpu: bool = False
+    last_kernel: Optional[str] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and (x.is_cuda or self.kernel_on_cpu):
+            y = self._gemv(x.reshape(-1))
+            self.last_kernel = self.kernel_name
+            return y.view(*x.shape[:-1], self.out_features)
+        self.last_kernel = "reference"
+        return self.reference_class.forward(self, x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reference_class.forward(self, x)
+
+
+class _TritonInt4(_TritonGemvMixin):
+    kernel_name = "triton int4_gemv"
+    triton_config: Optional[dict] = None
+
+    def _gemv(self, x):
+        gs, _ = group_layout(self.in_features, self.group_size)
+        return int4_gemv(x, self.qweight, self.scales, self.qzeros, self.bias, gs, self.triton_config)
+
+
+class _TritonLUT(_TritonGemvMixin):
+    kernel_name = "triton lut_gemv"
+    lut_mode: str = "gather"
+    triton_config: Optional[dict] = None
+
+    def _gemv(self, x):
+        return lut_gemv(x, self.qweight, self.lut, self.scales, self.bias, self.rows_per_lut,
+                        self.lut_mode, self.triton_config)
+
+
+_SWAPPED: dict = {}
+
+
+def _swapped_class(cls, mixin):
+    """``Triton<cls>``: ``cls`` with ``mixin``'s forward (module-level, so it pickles)."""
+    key = (cls, mixin)
+    if key not in _SWAPPED:
+        name = "Triton" + cls.__name__
+        new = type(name, (mixin, cls), {"__module__": __name__, "reference_class": cls})
+        new.__qualname__ = name
+        globals()[name] = new
+        _SWAPPED[key] = new
+    return _SWAPPED[key]
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 2 and n & (n - 1) == 0
+
+
+def triton_int4_reason(layer) -> Optional[str]:
+    if not isinstance(layer, UniformLinear):
+        return "not a UniformLinear"
+    if layer.bits != 4:
+        return f"{layer.bits}-bit codes"
+    if layer.g_idx is not None:
+        return "act-order g_idx"
+    gs, _ = group_layout(layer.in_features, layer.group_size)
+    if not _is_pow2(gs) or layer.in_features % gs:
+        return f"group size {gs} is not a power of two dividing in_features"
+    return None
+
+
+def triton_lut_reason(layer) -> Optional[str]:
+    """Duck-typed: a 4-bit layer with ``qweight`` (out, in/2), ``lut`` (n_luts, 16), ``scales``
+    (out,) or None and ``rows_per_lut`` (e.g. ``PalettizedLinear``)."""
+    if not isinstance(layer, QuantizedLinear) or not hasattr(layer, "lut") or not hasattr(layer, "rows_per_lut"):
+        return "not a LUT layer"
+    if getattr(layer, "bits", None) != 4 or layer.lut.shape[-1] != 16:
+        return "not 4-bit"
+    if layer.in_features % 2 or layer.qweight.shape[-1] != layer.in_features // 2:
+        return "unexpected index layout"
+    return None
+
+
+# --------------------------------------------------------------------------- whole model
+def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut_mode: str = "gather",
+               kernel_on_cpu: bool = False) -> dict:
+    """Give every eligible quantized layer of ``model`` a fast matmul, in place.
+
+    ``backend``: ``"triton"`` (Triton GEMVs on the layers' own storage: 4-bit ``UniformLinear``
+    and 4-bit LUT layers), ``"tinygemm"`` (``UniformLinear`` re-packed into
+    :class:`Int4TinyGemmLinear`; LUT layers still get Triton when available), ``"auto"``
+    (on CUDA: Triton if importable, else tinygemm; on CPU: nothing, the reference forward is
+    the fast one there), or ``"none"``. On CPU the Triton kernels run in Triton's interpreter
+    (for tests) only with ``kernel_on_cpu=True``.
+
+    Returns ``{"converted": {name: kernel}, "skipped": {name: reason}}``.
+    """
+    if backend not in BACKENDS:
+        raise QtutorError(f"unknown kernel backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if lut_mode not in ("gather", "load"):
+        raise QtutorError(f"unknown LUT mode {lut_mode!r}; choose 'gather' or 'load'")
+    params = list(model.parameters()) + list(model.buffers())
+    device = params[0].device if params else torch.device("cpu")
+    has_triton = triton_available()
+    if backend == "auto":
+        backend = ("triton" if has_triton else "tinygemm") if device.type == "cuda" else "none"
+    if backend == "triton" and not has_triton:
+        raise QtutorError("backend 'triton' needs the triton package (pip install triton)")
+    converted, skipped = {}, {}
+    if backend == "none":
+        return {"backend": backend, "converted": converted, "skipped": skipped}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _TritonGemvMixin) or isinstance(module, Int4TinyGemmLinear):
+            continue
+        if isinstance(module, UniformLinear):
+            if backend == "tinygemm":
+                reason = tinygemm_reason(module, module.qweight.device)
+                if reason is None:
+                    model.set_submodule(name, Int4TinyGemmLinear.from_uniform(module, verify=verify))
+                    converted[name] = "tinygemm"
+                    continue
+            else:
+                reason = triton_int4_reason(module)
+                if reason is None:
+                    module.__class__ = _swapped_class(type(module), _TritonInt4)
+                    module.kernel_on_cpu = kernel_on_cpu
+                    converted[name] = "triton int4_gemv"
+                    continue
+            skipped[name] = reason
+        elif hasattr(module, "lut") and isinstance(module, QuantizedLinear):
+            reason = triton_lut_reason(module) if has_triton else "triton is not installed"
+            if reason is None:
+                module.__class__ = _swapped_class(type(module), _TritonLUT)
+                module.kernel_on_cpu = kernel_on_cpu
+                module.lut_mode = lut_mode
+                converted[name] = f"triton lut_gemv ({lut_mode})"
+            else:
+                skipped[name] = reason
+    return {"backend": backend, "converted": converted, "skipped": skipped}
+
+
+def restore(model: nn.Module) -> int:
+    """Undo the Triton class swaps of :func:`accelerate` (tinygemm layers stay); -> layers restored."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, _TritonGemvMixin):
+            module.__class__ = type(module).reference_class
+            n += 1
+    return n
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Bits per weight over the quantized linears of ``model``, from what they store now."""
+    mods = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    n = sum(m.in_features * m.out_features for m in mods)
+    return sum(8.0 * m.weight_nbytes for m in mods) / n if n else math.nan

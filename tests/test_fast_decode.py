@@ -1,0 +1,117 @@
+"""The fast decode harness (static KV cache; CUDA graphs on CUDA) and the chunked perplexity loss."""
+import pytest
+import torch
+
+import qtutor
+from conftest import tiny_model
+from qtutor.eval.fast_decode import StaticDecoder, fast_decode_latency
+from qtutor.eval.latency import greedy_decode
+
+
+def varied_model(family):
+    """Larger random weights than the default init, so that greedy decoding does not just repeat
+    one token and a wrong cache position or mask would change the output."""
+    return tiny_model(family, initializer_range=0.3)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_static_decoder_equals_plain_greedy(family):
+    model = varied_model(family)
+    prompt = torch.randint(0, 128, (7,), generator=torch.Generator().manual_seed(0))
+    ref, _, _ = greedy_decode(model, prompt, 24)
+    assert len(set(ref.tolist())) > 8  # the test has teeth
+    dec = StaticDecoder(model, max_len=40)
+    out, _, _ = dec.generate(prompt, 24)
+    assert torch.equal(out, ref)
+    out2, _, _ = dec.generate(prompt[:3], 24)  # the stale cache of a longer run must not leak in
+    assert torch.equal(out2, greedy_decode(model, prompt[:3], 24)[0])
+
+
+def test_static_decoder_with_quantized_layers():
+    model = varied_model("qwen2")
+    qtutor.quantize(model, "rtn_int4", qtutor.RTNConfig(4, 32))
+    prompt = torch.randint(0, 128, (5,), generator=torch.Generator().manual_seed(1))
+    out, _, _ = StaticDecoder(model, 30).generate(prompt, 16)
+    assert torch.equal(out, greedy_decode(model, prompt, 16)[0])
+    r = fast_decode_latency(model, prompt, new_tokens=3, runs=1)
+    assert r.kernels == {}  # the reference forward records no kernel
+
+
+@pytest.mark.skipif(not __import__("qtutor.kernels").kernels.tinygemm_available("cpu"),
+                    reason="no _weight_int4pack_mm_for_cpu")
+def test_fast_decode_reports_the_decode_step_kernels():
+    from qtutor import kernels
+    model = varied_model("llama")
+    qtutor.quantize(model, "rtn_int4", qtutor.RTNConfig(4, 32))
+    kernels.accelerate(model, "tinygemm")
+    prompt = torch.randint(0, 128, (5,), generator=torch.Generator().manual_seed(1))
+    r = fast_decode_latency(model, prompt, new_tokens=6, runs=1)
+    assert r.kernels == {"Int4TinyGemmLinear": "aten._weight_int4pack_mm_for_cpu"}
+    out, _, _ = StaticDecoder(model, 30).generate(prompt, 16)
+    assert torch.equal(out, greedy_decode(model, prompt, 16)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_equals_the_module(dtype):
+    from qtutor.eval.fast_decode import _rms_norm
+    norm = tiny_model("qwen2").to(dtype).model.norm
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 64, dtype=dtype) * 3
+    torch.testing.assert_close(_rms_norm(norm, x), norm(x))
+
+
+def test_fast_decode_latency_fields():
+    model = tiny_model("llama")
+    r = fast_decode_latency(model, torch.arange(6), new_tokens=4, runs=2)
+    assert r.ms_per_token > 0 and len(r.runs_ms_per_token) == 2 and r.new_tokens == 4
+    assert (r.device, r.dtype, r.method, r.cuda_graph) == ("cpu", "float32", "static-cache", False)
+
+
+def test_fast_decode_errors():
+    model = tiny_model("qwen2")
+    with pytest.raises(qtutor.QtutorError, match="CUDA graphs need"):
+        StaticDecoder(model, 16, cuda_graph=True)
+    with pytest.raises(qtutor.QtutorError, match="exceed the cache"):
+        StaticDecoder(model, 8).generate(torch.arange(6), 4)
+
+
+def test_bench_fast_decode_option():
+    from qtutor.bench import _latency, build_parser
+    args = build_parser().parse_args(["--fast-decode", "--latency-tokens", "3", "--latency-runs", "1"])
+    assert args.fast_decode is True and args.kernels == "auto"
+    assert build_parser().parse_args([]).fast_decode is None  # default: on CUDA only
+    r = _latency(tiny_model("qwen2"), torch.arange(5), args, torch.device("cpu"))
+    assert r.method == "static-cache"
+
+
+def test_chunked_loss_equals_full_logits(monkeypatch):
+    import importlib
+    ppl = importlib.import_module("qtutor.eval.perplexity")  # the module, not the function
+    model = tiny_model("qwen2")
+    windows = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(ppl, "LOGIT_CHUNK_ELEMENTS", 128 * 7)  # 7 rows per chunk, a ragged last one
+    chunked = ppl._window_nll(model, windows, 31)
+    monkeypatch.setattr(ppl, "_plain_head", lambda m: None)
+    full = ppl._window_nll(model, windows, 31)
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["none", "triton", "tinygemm"])
+def test_cuda_graph_decode_equals_eager(backend):
+    """The captured graph replays exactly the eager step (same kernels, same inputs)."""
+    from qtutor import kernels
+    model = varied_model("qwen2").cuda()
+    if backend != "none":
+        if backend == "triton" and not kernels.triton_available():
+            pytest.skip("triton is not installed")
+        if backend == "tinygemm":  # tinygemm's CUDA kernel takes bf16 activations
+            model = model.to(torch.bfloat16)
+        qtutor.quantize(model, "rtn_int4", qtutor.RTNConfig(4, 32))
+        assert kernels.accelerate(model, backend)["converted"]
+    prompt = torch.randint(0, 128, (7,), generator=torch.Generator().manual_seed(0))
+    eager, _, _ = StaticDecoder(model, 40, cuda_graph=False).generate(prompt, 24)
+    graph, _, _ = StaticDecoder(model, 40, cuda_graph=True).generate(prompt, 24)
+    assert torch.equal(eager, graph)
+    if backend == "none":  # fp32 on the GPU: also the Hugging Face loop's tokens
+        assert torch.equal(graph.cpu(), greedy_decode(model, prompt, 24)[0].cpu())

@@ -1,0 +1,199 @@
+"""Fast matmul paths (qtutor.kernels): each equals the reference forward, and memory stays honest.
+
+tinygemm runs through its CPU twin (``_weight_int4pack_mm_for_cpu``); the Triton kernels run in
+Triton's interpreter on CPU tensors (skipped where triton is not installed).
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+import qtutor
+from qtutor import kernels
+from qtutor.quant.rtn import RTNConfig, UniformLinear
+
+# Triton's interpreter trips numpy's deprecation of array-to-scalar conversion; not ours
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
+needs_tinygemm = pytest.mark.skipif(not kernels.tinygemm_available("cpu"),
+                                    reason="this torch has no _weight_int4pack_mm_for_cpu")
+
+
+def uniform(n, k, gs, sym=False, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    if bias:
+        nn.init.normal_(lin.bias, std=0.1)
+    return UniformLinear.from_float(lin, RTNConfig(4, gs, sym))
+
+
+@torch.no_grad()
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# --------------------------------------------------------------------------- tinygemm (CPU twin)
+@needs_tinygemm
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_tinygemm_forward_equals_reference(sym, gs):
+    layer = uniform(48, 256, gs, sym)
+    fast = kernels.Int4TinyGemmLinear.from_uniform(layer)
+    x = torch.randn(3, 5, 256)
+    # bf16 activations, bf16 scale and float zero: agreement to bf16 rounding
+    assert rel(fast(x), layer(x)) < 1e-2
+    assert rel(fast.dequantize(), layer.dequantize()) < 5e-3
+    assert fast.last_kernel == "aten._weight_int4pack_mm_for_cpu"
+
+
+@needs_tinygemm
+def test_tinygemm_holds_only_its_layout():
+    layer = uniform(32, 256, 128)
+    fast = kernels.Int4TinyGemmLinear.from_uniform(layer)
+    names = {n for n, b in fast.named_buffers() if b is not None}
+    assert names == {"weight_int4pack", "scales_and_zeros", "bias"}
+    # 4 bits per weight + (bf16 scale, bf16 zero) per group of 128
+    assert fast.bits_per_weight == pytest.approx(4 + 32 / 128)
+    assert fast.nbytes == 32 * 256 // 2 + 2 * 32 * 4 + 32 * 4  # codes + scales/zeros + fp32 bias
+
+
+@needs_tinygemm
+def test_accelerate_tinygemm_model_bytes_and_outputs():
+    from conftest import tiny_model
+    model = tiny_model("qwen2")
+    qtutor.quantize(model, "rtn_int4", RTNConfig(4, 32))
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).logits
+    res = kernels.accelerate(model, "tinygemm")
+    assert len(res["converted"]) == 14 and not res["skipped"]
+    assert all(isinstance(m, kernels.Int4TinyGemmLinear) for m in model.modules()
+               if isinstance(m, qtutor.quant.QuantizedLinear))
+    assert not any(isinstance(m, UniformLinear) for m in model.modules())  # no second copy kept
+    assert kernels.bits_per_weight(model) == pytest.approx(4 + 32 / 32)
+    assert rel(model(ids).logits, ref) < 2e-2
+
+
+def test_accelerate_skips_with_reasons_and_rejects_bad_backend():
+    from conftest import tiny_model
+    model = tiny_model("qwen2")
+    qtutor.quantize(model, "rtn_int8")
+    res = kernels.accelerate(model, "tinygemm")
+    assert not res["converted"] and set(res["skipped"].values()) == {"8-bit codes (tinygemm is 4-bit)"}
+    assert kernels.accelerate(model, "auto")["backend"] == "none"  # CPU: reference forward
+    with pytest.raises(qtutor.QtutorError, match="unknown kernel backend"):
+        kernels.accelerate(model, "cutlass")
+
+
+# --------------------------------------------------------------------------- Triton (interpreter)
+@needs_triton
+@pytest.mark.parametrize("sym,bias,gs,k", [(False, True, 32, 224), (True, False, 64, 256), (False, False, 16, 80)])
+def test_triton_int4_gemv_equals_reference(sym, bias, gs, k):
+    layer = uniform(24, k, gs, sym, bias)
+    x = torch.randn(k)
+    y = kernels.int4_gemv(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, gs)
+    torch.testing.assert_close(y, layer(x[None])[0], rtol=1e-4, atol=1e-4)
+    # a block/step configuration whose groups-per-step do not divide the group count (tail mask)
+    y = kernels.int4_gemv(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, gs,
+                          config={"BLOCK_N": 16, "GPI": 4})
+    torch.testing.assert_close(y, layer(x[None])[0], rtol=1e-4, atol=1e-4)
+
+
+def lut_reference(idx, lut, scales, bias, rows):
+    W = lut.float().repeat_interleave(rows, 0).gather(1, idx.long())
+    if scales is not None:
+        W = W * scales.float()[:, None]
+    return lambda x: W @ x + (0 if bias is None else bias)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["gather", "load"])
+@pytest.mark.parametrize("n,k,rows,scaled", [(32, 96, 16, True), (48, 200, 48, False)])
+def test_triton_lut_gemv_equals_reference(mode, n, k, rows, scaled):
+    """Generic layout: indices (out, in/2) low nibble first, LUT (n_luts, 16), row r -> LUT r // rows."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    lut = torch.randn(n // rows, 16, generator=g).half()
+    scales = (torch.rand(n, generator=g) + 0.5).half() if scaled else None
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(k, generator=g)
+    y = kernels.lut_gemv(x, qtutor.quant.pack_codes(idx, 4), lut, scales, bias, rows, mode)
+    torch.testing.assert_close(y, lut_reference(idx, lut, scales, bias, rows)(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+def test_accelerate_triton_swaps_forward_keeps_storage():
+    from conftest import tiny_model
+    model = tiny_model("llama")
+    qtutor.quantize(model, "rtn_int4", RTNConfig(4, 32))
+    layer = model.model.layers[0].mlp.down_proj
+    before = {n: b.data_ptr() for n, b in layer.named_buffers()}
+    nbytes, bpw = layer.nbytes, kernels.bits_per_weight(model)
+    res = kernels.accelerate(model, "triton", kernel_on_cpu=True)
+    assert len(res["converted"]) == 14
+    assert isinstance(layer, UniformLinear) and type(layer).__name__ == "TritonUniformLinear"
+    assert {n: b.data_ptr() for n, b in layer.named_buffers()} == before  # same bytes, nothing added
+    assert layer.nbytes == nbytes and kernels.bits_per_weight(model) == bpw
+    x = torch.randn(1, 1, layer.in_features)
+    torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-4, atol=1e-4)
+    assert layer.last_kernel == "triton int4_gemv"
+    layer(torch.randn(2, 3, layer.in_features))  # several rows: the reference forward
+    assert layer.last_kernel == "reference"
+    assert kernels.restore(model) == 14 and type(layer) is UniformLinear
+
+
+@needs_triton
+def test_accelerate_triton_palettized_layer():
+    palettize = pytest.importorskip("qtutor.quant.palettize")
+    g = torch.Generator().manual_seed(0)
+    q = palettize.LUTWeight(torch.randint(0, 16, (32, 64), generator=g, dtype=torch.uint8),
+                            torch.randn(2, 16, generator=g).half(), torch.rand(32, generator=g).half(), 4)
+    layer = palettize.PalettizedLinear(q, torch.randn(32, generator=g))
+    model = nn.Sequential(layer)
+    res = kernels.accelerate(model, "triton", lut_mode="load", kernel_on_cpu=True)
+    assert list(res["converted"].values()) == ["triton lut_gemv (load)"]
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-3, atol=1e-3)
+    assert layer.last_kernel == "triton lut_gemv"
+
+
+# --------------------------------------------------------------------------- on a GPU (skipped here)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("sym", [False, True])
+def test_triton_int4_gemv_on_cuda(sym):
+    layer = uniform(896, 4864, 128, sym).cuda()
+    x = torch.randn(1, 4864, device="cuda", dtype=torch.float16)
+    y = kernels.int4_gemv(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, 128)  # autotuned
+    assert rel(y[None], layer(x)) < 2e-3
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("mode", ["gather", "load"])
+def test_triton_lut_gemv_on_cuda(mode):
+    g = torch.Generator().manual_seed(0)
+    n, k, rows = 4864, 896, 16
+    idx = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    lut = torch.randn(n // rows, 16, generator=g).half()
+    scales = (torch.rand(n, generator=g) + 0.5).half()
+    x = torch.randn(k, generator=g)
+    ref = lut_reference(idx, lut, scales, None, rows)(x)
+    y = kernels.lut_gemv(x.half().cuda(), qtutor.quant.pack_codes(idx, 4).cuda(), lut.cuda(), scales.cuda(),
+                         None, rows, mode)
+    assert rel(y.cpu(), ref) < 2e-3
+
+
+@needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not kernels.tinygemm_available("cuda"),
+                    reason="needs tinygemm on CUDA (sm80+)")
+@pytest.mark.parametrize("sym", [False, True])
+def test_tinygemm_on_cuda(sym):
+    layer = uniform(896, 4864, 128, sym).cuda()
+    fast = kernels.Int4TinyGemmLinear.from_uniform(layer)  # verifies the re-packed weight
+    x = torch.randn(1, 1, 4864, device="cuda", dtype=torch.bfloat16)
+    assert rel(fast(x), layer(x)) < 1e-2
+    x = torch.randn(3, 4864, device="cuda", dtype=torch.float16)
+    assert rel(fast(x), layer(x)) < 1e-2 and fast(x).dtype == torch.float16

@@ -1,0 +1,226 @@
+"""Palettization: exact 1-D k-means, LUT layout, the layer, parity with coremltools."""
+import itertools
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qtutor
+from qtutor import QtutorError
+from qtutor.quant import palettize as P
+from qtutor.quant.palettize import PalettizeConfig, PalettizedLinear
+
+
+def sse(x, centroids, labels, w=None):
+    w = torch.ones_like(x) if w is None else w
+    return float((w * (x - centroids[labels]) ** 2).sum())
+
+
+def brute_force_sse(x, k, w=None):
+    """Best clustering of sorted x into k contiguous runs, by trying every set of cut points."""
+    order = x.argsort()
+    x = x[order].double()
+    w = torch.ones_like(x) if w is None else w[order].double()
+    n = x.numel()
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, n), min(k, n) - 1):
+        total = 0.0
+        for a, b in zip((0, *cuts), (*cuts, n)):
+            xs, ws = x[a:b], w[a:b]
+            mean = (ws * xs).sum() / ws.sum()
+            total += float((ws * (xs - mean) ** 2).sum())
+        best = min(best, total)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_kmeans_1d_is_optimal(seed, k):
+    g = torch.Generator().manual_seed(seed)
+    n = 9
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    w = torch.rand(n, generator=g, dtype=torch.float64) if seed % 2 else None
+    r = P.kmeans_1d(x, k, w)
+    assert r.centroids.shape == (k,) and bool((r.centroids[1:] >= r.centroids[:-1]).all())
+    best = brute_force_sse(x, k, w)
+    assert sse(x, r.centroids, r.labels, w) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_kmeans_1d_recovers_planted_centroids():
+    g = torch.Generator().manual_seed(0)
+    planted = torch.tensor([-3.0, 0.0, 1.0, 5.0])
+    x = (planted[:, None] + 0.01 * torch.randn(4, 200, generator=g)).reshape(-1)
+    r = P.kmeans_1d(x, 4)
+    torch.testing.assert_close(r.centroids, planted, atol=0.005, rtol=0)
+    assert torch.equal(r.labels, torch.arange(4).repeat_interleave(200))
+
+
+def test_kmeans_1d_weights_equal_repetitions():
+    x = torch.tensor([0.1, 0.5, 0.9, 2.0, 2.2, 7.0], dtype=torch.float64)
+    w = torch.tensor([3.0, 1.0, 2.0, 5.0, 1.0, 2.0], dtype=torch.float64)
+    rep = x.repeat_interleave(w.long())
+    torch.testing.assert_close(P.kmeans_1d(x, 3, w).centroids, P.kmeans_1d(rep, 3).centroids)
+
+
+def test_kmeans_1d_fewer_values_than_clusters():
+    x = torch.tensor([1.0, 1.0, 2.0, 4.0, 2.0])
+    r = P.kmeans_1d(x, 16)
+    assert r.centroids.tolist() == [1.0, 2.0, 4.0]
+    assert sse(x, r.centroids, r.labels) == 0
+
+
+def test_kmeans_1d_groups_match_single_runs():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(5, 300, generator=g, dtype=torch.float64)
+    X[2, :150] = X[2, 150:]  # a row with repeated values
+    C = P.kmeans_1d_groups(X, 8)
+    for b in range(5):
+        torch.testing.assert_close(C[b], P.kmeans_1d(X[b], 8).centroids)
+
+
+def test_kmeans_1d_matches_coremltools_kmeans1d():
+    kmeans1d = pytest.importorskip("coremltools._deps.kmeans1d")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3000, generator=g, dtype=torch.float64)
+    ref = kmeans1d.cluster(x.numpy(), 16)
+    r = P.kmeans_1d(x, 16)
+    ref_sse = sse(x, torch.tensor(ref.centroids), torch.tensor(ref.clusters))
+    assert sse(x, r.centroids, r.labels) == pytest.approx(ref_sse, rel=1e-9)
+    torch.testing.assert_close(r.centroids, torch.tensor(ref.centroids, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- LUTs and the layer
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_grouped_channel"])
+@pytest.mark.parametrize("scale", [True, False])
+def test_kmeans_lut_layout(bits, granularity, scale):
+    torch.manual_seed(bits)
+    W = torch.randn(32, 48) * 0.02
+    cfg = PalettizeConfig(bits=bits, granularity=granularity, group_size=8, per_channel_scale=scale)
+    q = P.kmeans_lut(W, cfg)
+    n_luts = 1 if granularity == "per_tensor" else 4
+    assert q.indices.shape == (32, 48) and q.indices.dtype == torch.uint8
+    assert int(q.indices.max()) < 2 ** bits
+    assert q.lut.shape == (n_luts, 2 ** bits) and q.lut.dtype == torch.float16
+    assert (q.scales is not None) == scale
+    if scale:
+        assert q.scales.dtype == torch.float16 and q.scales.shape == (32,)
+        torch.testing.assert_close(q.scales.float(), W.abs().amax(1), rtol=1e-3, atol=0)
+    # dequantize is lut[group(row), index] * scale[row]
+    rows = W.shape[0] // n_luts
+    expect = torch.stack([q.lut[r // rows].float()[q.indices[r].long()] for r in range(32)])
+    if scale:
+        expect = expect * q.scales.float()[:, None]
+    torch.testing.assert_close(q.dequantize(), expect, rtol=0, atol=0)
+    # each weight uses its nearest LUT entry
+    Ws = W / q.scales.float()[:, None] if scale else W
+    lut_rows = q.lut.float().repeat_interleave(rows, 0)
+    dist = (Ws[:, :, None] - lut_rows[:, None, :]).abs()
+    chosen = dist.gather(2, q.indices.long()[:, :, None]).squeeze(2)
+    assert bool((chosen <= dist.min(2).values + 1e-7).all())
+
+
+def test_error_falls_with_bits():
+    torch.manual_seed(0)
+    W = torch.randn(32, 64)
+    errs = [(P.kmeans_lut(W, PalettizeConfig(bits=b)).dequantize() - W).norm().item()
+            for b in (2, 3, 4, 6)]
+    assert errs == sorted(errs, reverse=True)
+
+
+def test_kmeans_modes_agree_closely():
+    torch.manual_seed(0)
+    W = torch.randn(32, 64) * 0.02
+    errs = {m: (P.kmeans_lut(W, PalettizeConfig(kmeans=m)).dequantize() - W).norm().item()
+            for m in P.KMEANS_MODES}
+    assert errs["exact"] <= errs["fp16"] * 1.001
+    assert max(errs.values()) / min(errs.values()) < 1.01
+
+
+def test_weights_with_few_values_are_exact():
+    levels = torch.tensor([-1.0, -0.25, 0.5, 2.0])
+    W = levels[torch.randint(0, 4, (16, 32))]
+    q = P.kmeans_lut(W, PalettizeConfig(bits=2, granularity="per_tensor", per_channel_scale=False))
+    assert torch.equal(q.dequantize(), W)
+
+
+def test_palettized_linear_forward_and_bits():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    q = PalettizedLinear.from_float(lin)
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(q(x), F.linear(x, q.dequantize(), q.bias))
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (32, 32)
+    # 4-bit indices + 2 LUTs of 16 fp16 + 32 fp16 scales
+    assert q.weight_nbytes == 32 * 32 + 2 * 16 * 2 + 32 * 2
+    assert q.bits_per_weight == pytest.approx(8 * q.weight_nbytes / (32 * 64))
+    torch.testing.assert_close(q.dequantize(), P.kmeans_lut(lin.weight.data).dequantize())
+
+
+def test_bad_config_raises():
+    with pytest.raises(QtutorError, match="5-bit"):
+        PalettizeConfig(bits=5)
+    with pytest.raises(QtutorError):
+        PalettizeConfig(granularity="per_channel")
+    with pytest.raises(QtutorError):
+        PalettizeConfig(group_size=0)
+    with pytest.raises(QtutorError):
+        PalettizeConfig(kmeans="lloyd")
+    with pytest.raises(QtutorError, match="does not divide"):
+        P.kmeans_lut(torch.randn(24, 16), PalettizeConfig(group_size=16))
+
+
+def test_quantize_model_with_palettization(model):
+    x = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        ref = model(x).logits
+    report = qtutor.quantize(model, "palettization_4bit")
+    assert len(report.layers) == 14
+    assert 4.0 < report.bits_per_weight < 4.8
+    with torch.no_grad():
+        out = model(x).logits
+    assert (out - ref).norm() / ref.norm() < 0.2
+
+
+# --------------------------------------------------------------------------- coremltools parity
+def coremltools_palettize(W, bits=4, granularity="per_grouped_channel", group_size=16, scale=True):
+    pal = pytest.importorskip("coremltools.optimize.torch.palettization")
+    logging.getLogger("coremltools").setLevel(logging.WARNING)
+    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    lin.weight.data = W.clone()
+    cfg = {"n_bits": bits, "granularity": granularity, "enable_per_channel_scale": scale}
+    if granularity == "per_grouped_channel":
+        cfg["group_size"] = group_size
+    config = pal.PostTrainingPalettizerConfig.from_dict({"global_config": cfg})
+    out = pal.PostTrainingPalettizer(torch.nn.Sequential(lin), config).compress()[0]
+    return out.weight.data, getattr(out, "_COREML_/weight/lut")
+
+
+@pytest.fixture(scope="module")
+def layer_weight():
+    torch.manual_seed(0)
+    W = torch.randn(128, 256) * 0.02
+    W[3, 7] = 0.2  # an outlier, as real layers have
+    return W
+
+
+def rel_err(A, W):
+    return ((A - W).norm() / W.norm()).item()
+
+
+@pytest.mark.parametrize("granularity", ["per_grouped_channel", "per_tensor"])
+def test_parity_error_with_coremltools(layer_weight, granularity):
+    W = layer_weight
+    theirs, _ = coremltools_palettize(W, granularity=granularity)
+    ours = P.kmeans_lut(W, PalettizeConfig(granularity=granularity)).dequantize()
+    assert rel_err(ours, W) <= rel_err(theirs, W) * 1.01
+
+
+def test_parity_lut_with_coremltools_rounding_mode(layer_weight):
+    # kmeans="coreml" clusters what coremltools clusters (fp16, 4 decimals): the same LUTs
+    W = layer_weight
+    theirs, lut = coremltools_palettize(W, scale=False)
+    q = P.kmeans_lut(W, PalettizeConfig(per_channel_scale=False, kmeans="coreml"))
+    assert torch.equal(lut.reshape(q.lut.shape).half(), q.lut)
+    assert rel_err(q.dequantize(), W) <= rel_err(theirs, W) * 1.0001
