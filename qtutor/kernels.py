@@ -66,7 +66,8 @@ def int4_gemv(x, qweight, scales, qzeros, bias, group_size, config=None):
     return tk.int4_gemv(x, qweight, scales, qzeros, bias, group_size, config)
 
 
-def lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode="gather", config=None):
+# "load" by default: Triton 3.6 on an H100 fails to compile the tl.gather variant (PassManager).
+def lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode="load", config=None):
     """Triton GEMV for packed 4-bit LUT indices (see :mod:`qtutor._triton_kernels`)."""
     from . import _triton_kernels as tk
     return tk.lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode, config)
@@ -212,7 +213,7 @@ class _TritonInt4(_TritonGemvMixin):
 
 class _TritonLUT(_TritonGemvMixin):
     kernel_name = "triton lut_gemv"
-    lut_mode: str = "gather"
+    lut_mode: str = "load"
     triton_config: Optional[dict] = None
 
     def _gemv(self, x):
@@ -265,7 +266,7 @@ def triton_lut_reason(layer) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- whole model
-def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut_mode: str = "gather",
+def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut_mode: str = "load",
                kernel_on_cpu: bool = False) -> dict:
     """Give every eligible quantized layer of ``model`` a fast matmul, in place.
 

@@ -85,7 +85,11 @@ def test_accelerate_skips_with_reasons_and_rejects_bad_backend():
 
 
 # --------------------------------------------------------------------------- Triton (interpreter)
-@needs_triton
+# Triton's interpreter patches triton.language for the rest of the process, after which real
+# GPU compilation fails: on a machine with CUDA the compiled kernels are tested below instead.
+needs_interpreter = pytest.mark.skipif(not kernels.triton_available() or torch.cuda.is_available(),
+                                       reason="Triton interpreter tests run on CPU-only machines")
+@needs_interpreter
 @pytest.mark.parametrize("sym,bias,gs,k", [(False, True, 32, 224), (True, False, 64, 256), (False, False, 16, 80)])
 def test_triton_int4_gemv_equals_reference(sym, bias, gs, k):
     layer = uniform(24, k, gs, sym, bias)
@@ -105,7 +109,7 @@ def lut_reference(idx, lut, scales, bias, rows):
     return lambda x: W @ x + (0 if bias is None else bias)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("mode", ["gather", "load"])
 @pytest.mark.parametrize("n,k,rows,scaled", [(32, 96, 16, True), (48, 200, 48, False)])
 def test_triton_lut_gemv_equals_reference(mode, n, k, rows, scaled):
@@ -120,7 +124,7 @@ def test_triton_lut_gemv_equals_reference(mode, n, k, rows, scaled):
     torch.testing.assert_close(y, lut_reference(idx, lut, scales, bias, rows)(x), rtol=1e-4, atol=1e-4)
 
 
-@needs_triton
+@needs_interpreter
 def test_accelerate_triton_swaps_forward_keeps_storage():
     from conftest import tiny_model
     model = tiny_model("llama")
@@ -141,7 +145,7 @@ def test_accelerate_triton_swaps_forward_keeps_storage():
     assert kernels.restore(model) == 14 and type(layer) is UniformLinear
 
 
-@needs_triton
+@needs_interpreter
 def test_accelerate_triton_palettized_layer():
     palettize = pytest.importorskip("qtutor.quant.palettize")
     g = torch.Generator().manual_seed(0)
@@ -172,7 +176,9 @@ def test_triton_int4_gemv_on_cuda(sym):
 
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("mode", ["gather", "load"])
+@pytest.mark.parametrize("mode", [pytest.param("gather", marks=pytest.mark.xfail(
+    reason="Triton 3.6 on an H100 fails to compile tl.gather (PassManager::run failed); 'load' is used")),
+    "load"])
 def test_triton_lut_gemv_on_cuda(mode):
     g = torch.Generator().manual_seed(0)
     n, k, rows = 4864, 896, 16

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -205,27 +207,38 @@ class NF4Weight:
         """The fp32 absmax of each 64-block, dequantized from the second level if needed."""
         if self.absmax2 is None:
             return self.absmax.float()
-        code = dynamic_map().to(self.absmax.device)
+        code = _table("dynamic", self.absmax.device)
         scale = _expand(self.absmax2.float(), self.double_quant_block_size, self.absmax.numel())
         return code[self.absmax.long()] * scale + self.offset.float()
 
     def dequantize(self) -> torch.Tensor:
         """The weight in float32, shaped ``shape``: ``level[code] * absmax`` of its block."""
-        levels = nf4_levels().to(self.qweight.device)
+        levels = _table("nf4", self.qweight.device)
         a = _expand(self.block_absmax(), self.block_size, self.numel)
         return (levels[self.codes().long()] * a).reshape(self.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_table(name: str, device: str) -> torch.Tensor:
+    return (nf4_levels() if name == "nf4" else dynamic_map()).to(device)
+
+
+def _table(name: str, device) -> torch.Tensor:
+    """The NF4 levels or the dynamic map on ``device``, built once per device (so that no
+    host-to-device copy happens inside a captured CUDA graph)."""
+    return _cached_table(name, str(torch.device(device)))
 
 
 def quantize_weight(W: torch.Tensor, cfg: NF4Config = NF4Config()) -> NF4Weight:
     """NF4-quantize ``W`` (any shape; flattened row-major), as bitsandbytes' ``quantize_4bit``."""
     flat = W.detach().float().reshape(-1)
     scaled, absmax = _blockwise_absmax(flat, cfg.block_size)
-    codes = _nearest_code(scaled, nf4_levels().to(flat.device))
+    codes = _nearest_code(scaled, _table("nf4", flat.device))
     absmax2 = offset = None
     if cfg.double_quant:
         offset = absmax.mean()
         scaled2, absmax2 = _blockwise_absmax(absmax - offset, cfg.double_quant_block_size)
-        absmax = _nearest_code(scaled2, dynamic_map().to(flat.device))
+        absmax = _nearest_code(scaled2, _table("dynamic", flat.device))
     return NF4Weight(pack_nibbles(codes), absmax, absmax2, offset, tuple(W.shape),
                      cfg.block_size, cfg.double_quant_block_size)
 

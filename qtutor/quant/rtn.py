@@ -116,7 +116,7 @@ class UniformWeight:
                 return t.float().repeat_interleave(gs, dim=1)[:, :in_features]
         s = expand(self.scales)
         if self.zeros is None:
-            z = torch.tensor(2.0 ** (self.bits - 1), device=s.device)
+            z = 2.0 ** (self.bits - 1)  # a Python number: no host-to-device copy
         else:
             z = expand(self.zeros)
         return dequantize_codes(self.codes.float(), s, z)
