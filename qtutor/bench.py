@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="local WikiText-2 in the Hugging Face layout "
                                                     "(also $QTUTOR_WIKITEXT)")
     p.add_argument("--seqlen", type=int, default=None, help="evaluation window (default 512; 2048 for Qwen2)")
-    p.add_argument("--max-eval-tokens", type=int, default=None, help="cap on evaluated tokens")
+    p.add_argument("--max-eval-tokens", type=int, default=None,
+                   help="cap on evaluated tokens (default: all on CUDA, 32768 on CPU)")
     p.add_argument("--eval-batch-size", type=int, default=4)
-    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128, 32 on CPU)")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128 on CUDA, 16 on CPU)")
     p.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default seqlen)")
     p.add_argument("--bits", type=int, default=None, help="override the bit width of the 4-bit methods")
     p.add_argument("--group-size", type=int, default=None,
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: Triton on CUDA, the reference forward on CPU); perplexity always uses "
                         "the reference forward")
     p.add_argument("--latency-tokens", type=int, default=50)
-    p.add_argument("--latency-runs", type=int, default=5)
+    p.add_argument("--latency-runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
     p.add_argument("--resume", action="store_true", help="keep the finished methods of OUT/results.json")
@@ -175,11 +176,13 @@ def run(args) -> dict:
         raise QtutorError(f"--seqlen/--calib-seqlen {max(seqlen, args.calib_seqlen or 0)} exceeds the model's "
                           f"{max_positions} positions; use a value of at most {max_positions}")
     calib_seqlen = args.calib_seqlen or seqlen
-    n_calib = args.calib_samples or (128 if device.type == "cuda" else 32)
+    n_calib = args.calib_samples or (128 if device.type == "cuda" else 16)
+    # on a CPU the default run evaluates a slice of the text, so that it stays within minutes
+    max_eval = args.max_eval_tokens or (None if device.type == "cuda" else 64 * 512)
 
     if args.random_weights:  # random token ids: the figures are timings, not quality
         g = torch.Generator().manual_seed(args.seed)
-        eval_ids = torch.randint(0, base.config.vocab_size, (args.max_eval_tokens or 64 * seqlen,), generator=g)
+        eval_ids = torch.randint(0, base.config.vocab_size, (max_eval or 64 * seqlen,), generator=g)
         calib_ids = torch.randint(0, base.config.vocab_size, (n_calib * calib_seqlen + 1,), generator=g)
         dataset = "random-tokens"
     else:
@@ -213,7 +216,7 @@ def run(args) -> dict:
             continue
         t0 = time.perf_counter()
         model, report = _quantized_copy(base, name, configs[name], calib, device, progress=not args.no_progress)
-        ppl = perplexity(model, eval_ids, seqlen, args.max_eval_tokens, args.eval_batch_size,
+        ppl = perplexity(model, eval_ids, seqlen, max_eval, args.eval_batch_size,
                          progress=not args.no_progress)
         lat = _latency(model, prompt, args, device)
         mem = memory_report(model)

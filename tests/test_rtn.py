@@ -48,10 +48,11 @@ def test_weights_on_the_grid_come_back_exactly(cfg):
 def test_known_answer_int4_asym():
     W = torch.tensor([[-1.0, 0.0, 0.5, 2.0]])
     q = quantize_weight(W, RTNConfig(bits=4, group_size=0, sym=False))
-    # range [-1, 2] over 15 steps: s = 0.2, z = round(1 / 0.2) = 5
+    # range [-1, 2] over 15 steps: s = 0.2, rounded up to fp16 0.2002; z = round(1 / s) = 5,
+    # and 0.5 / s = 2.4976 rounds to 2: code 7
     assert q.scales.float().item() == pytest.approx(0.2, rel=1e-3)
     assert q.zeros.tolist() == [[5]]
-    assert q.codes.tolist() == [[0, 5, 8, 15]]
+    assert q.codes.tolist() == [[0, 5, 7, 15]]
 
 
 def test_known_answer_int8_sym():
@@ -126,3 +127,14 @@ def test_int4_per_channel_worse_than_int8(model):
         qtutor.quantize(m, name, RTNConfig(bits=8 if name == "rtn_int8" else 4, group_size=0, sym=True))
         errs[name] = (m(ids).logits - ref).norm()
     assert errs["rtn_int8"] < errs["rtn_int4"] / 4
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 16), (8, 0), (4, 16), (3, 24)])
+def test_bound_holds_for_the_stored_fp16_scale_on_many_rows(bits, group_size):
+    """With the scale rounded to nearest fp16, about one group in a few hundred clipped its extreme
+    weight past s/2 at 8 bits; rounding up keeps every weight inside the grid."""
+    W = torch.randn(2000, 48, generator=torch.Generator().manual_seed(7)) * 0.02
+    q = quantize_weight(W, RTNConfig(bits, group_size))
+    gs, _ = group_layout(48, group_size)
+    s = q.scales.float().repeat_interleave(gs, dim=1)[:, :48]
+    assert ((q.dequantize() - W).abs() <= s / 2).all()

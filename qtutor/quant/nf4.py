@@ -214,8 +214,11 @@ class NF4Weight:
     def dequantize(self) -> torch.Tensor:
         """The weight in float32, shaped ``shape``: ``level[code] * absmax`` of its block."""
         levels = _table("nf4", self.qweight.device)
-        a = _expand(self.block_absmax(), self.block_size, self.numel)
-        return (levels[self.codes().long()] * a).reshape(self.shape)
+        values = levels.index_select(0, self.codes().int())
+        absmax = self.block_absmax()
+        if self.numel % self.block_size == 0:  # the usual case: scale whole blocks, no expansion
+            return (values.view(-1, self.block_size) * absmax[:, None]).reshape(self.shape)
+        return (values * _expand(absmax, self.block_size, self.numel)).reshape(self.shape)
 
 
 @functools.lru_cache(maxsize=None)

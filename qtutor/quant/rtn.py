@@ -9,8 +9,9 @@ A b-bit uniform quantizer maps a real weight ``w`` to an integer code
 * symmetric (``sym=True``): ``s = max|w| / (2^(b-1) - 1)`` and ``z = 2^(b-1)``, so zero is exact
   and no zero point is stored (the INT8 convention of LLM.int8() and SmoothQuant).
 
-Inside the range, ``|w - s (q - z)| <= s / 2``. Scales are stored in fp16 and the codes are
-computed with the fp16-rounded scale, so the bound holds for what is stored.
+Every weight satisfies ``|w - s (q - z)| <= s / 2``. Scales are stored in fp16, rounded *up*
+(:func:`fp16_round_up`), and the codes are computed with the stored scale, so the bound holds for
+what is stored (rounding to nearest could shrink the scale and let the clamp cut extreme weights).
 ``group_size`` consecutive input columns share one (s, z); ``group_size=0`` means one pair per
 output channel. When ``group_size`` does not divide the input width the last group is shorter.
 """
@@ -70,10 +71,18 @@ def find_params(W: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
     else:
         scale = (xmax - xmin) / maxq
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows
-    scale = scale.clamp(min=1e-6).half().float()
+    scale = fp16_round_up(scale.clamp(min=1e-6))
     if not sym:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+def fp16_round_up(x: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value >= ``x`` (as float32). A scale rounded *up* keeps every weight of
+    the group inside the grid, so the stored scale still satisfies ``|w - w_hat| <= s / 2``;
+    rounding to nearest could shrink it and let the clamp cut the extreme weights."""
+    h = x.half()
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h).float()
 
 
 def quantize_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,153 @@
+"""Checkers for the exercises of chapter 1, "Round-to-nearest".
+
+``from qtutor.checks import ch01`` then e.g. ``ch01.check_scale_zero(my_fn)``.
+Each checker prints one line and returns True when the answer is right.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..quant.base import pack_codes
+from ..quant.rtn import RTNConfig, UniformLinear, quantize_weight
+from . import report
+from .ch00 import _as_float, _call
+
+
+# --------------------------------------------------------------------------- scale and zero point
+def _scale_zero(w: torch.Tensor, bits: int, fp16_scale: bool = False) -> tuple[float, float]:
+    """Reference: asymmetric grid over [min(w, 0), max(w, 0)]."""
+    lo, hi = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
+    s = (hi - lo) / (2**bits - 1)
+    if fp16_scale:
+        s = float(torch.tensor(s).half())
+    return s, float(round(-lo / s))
+
+
+def check_scale_zero(fn) -> bool:
+    """``fn(w (n,), bits) -> (scale, zero)`` of the asymmetric b-bit grid of one group ``w``."""
+    g = torch.Generator().manual_seed(1)
+    rows = [("a mixed-sign row", torch.randn(64, generator=g) * 0.05 + 0.01, 4),
+            ("a mixed-sign row", torch.randn(128, generator=g) * 0.02, 8),
+            ("a mixed-sign row", torch.randn(32, generator=g), 3),
+            ("an all-positive row", torch.rand(64, generator=g) + 0.5, 4),
+            ("an all-negative row", -torch.rand(64, generator=g) - 0.5, 4)]
+    for what, w, bits in rows:
+        got, err = _call(fn, w.clone(), bits)
+        if err:
+            return report(False, f"scale and zero point of {what}", err)
+        try:
+            s, z = (_as_float(v) for v in got)
+        except Exception:
+            return report(False, f"returned {got!r}", "return a pair (scale, zero point)")
+        ok = False
+        for fp16 in (False, True):
+            ts, tz = _scale_zero(w, bits, fp16)
+            if s is not None and z is not None and math.isclose(s, ts, rel_tol=1e-3) and z == tz:
+                ok = True
+        if not ok:
+            ts, tz = _scale_zero(w, bits)
+            hint = "s = (max - min) / (2^b - 1) and z = round(-min / s)"
+            if s is not None and math.isclose(s, (hi := float(w.max()) - float(w.min())) / (2**bits - 1), rel_tol=1e-3) \
+                    and not math.isclose(s, ts, rel_tol=1e-3):
+                hint = "the range must contain 0 (take min(w, 0) and max(w, 0)), so that 0 is exact"
+            elif s is not None and math.isclose(s, ts * (2**bits - 1) / 2**bits, rel_tol=1e-3):
+                hint = "b bits give 2^b codes, hence 2^b - 1 steps between the first and the last"
+            elif s is not None and math.isclose(s, ts, rel_tol=1e-3):
+                hint = "the scale is right; the zero point is the code of 0.0: round(-min / s), an integer"
+            return report(False, f"{bits}-bit grid of {what}: got ({s:.6g}, {z}), expected ({ts:.6g}, {tz:g})", hint)
+    return report(True, "scale and zero point (mixed-sign, all-positive and all-negative groups)")
+
+
+# --------------------------------------------------------------------------- symmetric RTN
+def check_rtn_symmetric(fn) -> bool:
+    """``fn(W (out, in), bits) -> W_hat``: symmetric round-to-nearest, one scale per output row."""
+    g = torch.Generator().manual_seed(2)
+    for bits in (8, 4):
+        W = torch.randn(48, 96, generator=g) * 0.02
+        W[3, 7] = 0.3  # an outlier that sets its row's scale
+        got, err = _call(fn, W.clone(), bits)
+        if err:
+            return report(False, f"symmetric INT{bits}", err)
+        ref = quantize_weight(W, RTNConfig(bits=bits, group_size=0, sym=True)).dequantize()
+        try:
+            got = torch.as_tensor(got).float()
+        except Exception:
+            return report(False, f"symmetric INT{bits} returned {type(got).__name__}", "return a tensor")
+        if got.shape != W.shape:
+            return report(False, f"symmetric INT{bits}: shape {tuple(got.shape)}, expected {tuple(W.shape)}")
+        s = W.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)
+        # fp32 or fp16 scales are both accepted: every value then moves by at most ~2^-11 of
+        # itself, and a few weights may round to the neighbouring grid point
+        diff = (got - ref).abs()
+        off = diff > 1e-2 * s + 1e-3 * ref.abs()
+        if float(off.float().mean()) > 0.05 or float((diff / s).max()) > 1.01:
+            hint = "s = max|w| / (2^(b-1) - 1) per row, w_hat = s * round(w / s)"
+            s_wrong = W.abs().amax(dim=1, keepdim=True) / 2 ** (bits - 1)
+            if torch.allclose(got, s_wrong * torch.round(W / s_wrong), atol=1e-3 * float(s.min())):
+                hint = "divide max|w| by 2^(b-1) - 1, so that max|w| itself is a grid point"
+            elif float(((got - W).abs() / s).max()) > 0.51:
+                hint = "every weight should end within s/2 of its value"
+            return report(False, f"symmetric INT{bits}: {float(off.float().mean()):.1%} of the "
+                                 f"weights differ from the reference", hint)
+    return report(True, "symmetric per-channel RTN at 8 and 4 bits")
+
+
+# --------------------------------------------------------------------------- bits per weight
+def _stored_bits_per_weight(bits: int, group_size: int, in_features: int, sym: bool) -> float:
+    lin = nn.Linear(in_features, 8, bias=False)
+    return UniformLinear.from_float(lin, RTNConfig(bits=bits, group_size=group_size, sym=sym)).bits_per_weight
+
+
+def check_bits_per_weight(fn) -> bool:
+    """``fn(bits, group_size, in_features, sym) -> float``: bits per weight that qtutor's
+    ``UniformLinear`` stores (codes, fp16 scales, b-bit zero points unless symmetric)."""
+    cases = [(4, 128, 256, False), (4, 32, 256, False), (8, 0, 256, True), (4, 0, 512, False),
+             (3, 64, 256, False), (4, 128, 256, True), (2, 16, 128, False)]
+    for args in cases:
+        got, err = _call(fn, *args)
+        if err:
+            return report(False, f"bits_per_weight{args}", err)
+        got, truth = _as_float(got), _stored_bits_per_weight(*args)
+        if got is None or not math.isclose(got, truth, rel_tol=1e-2):
+            bits, gs, n_in, sym = args
+            g = n_in if gs == 0 else gs
+            hint = "codes + (16-bit scale + b-bit zero point) per group, divided by the weights"
+            if got is not None and math.isclose(got, bits + 16 / g, rel_tol=1e-3) and not sym:
+                hint = "an asymmetric grid also stores a b-bit zero point per group"
+            elif got is not None and math.isclose(got, bits, rel_tol=1e-3):
+                hint = "the scales (16 bits per group) are stored too"
+            elif gs == 0:
+                hint = "group_size=0 means one group per output row: in_features weights"
+            return report(False, f"bits_per_weight{args} = {got}, stored: {truth:.4f}", hint)
+    return report(True, "bits per weight, within 1% of what UniformLinear stores")
+
+
+# --------------------------------------------------------------------------- packing
+def check_pack4(fn) -> bool:
+    """``fn(codes (rows, n) uint8 in [0, 15], n even) -> (rows, n // 2) uint8``, the first code of
+    each pair in the low nibble (as ``qtutor.quant.pack_codes(codes, 4)``)."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (5, 24), generator=g, dtype=torch.uint8)
+    got, err = _call(fn, codes.clone())
+    if err:
+        return report(False, "pack4", err)
+    ref = pack_codes(codes, 4)
+    try:
+        got = torch.as_tensor(got)
+    except Exception:
+        return report(False, f"pack4 returned {type(got).__name__}", "return a uint8 tensor")
+    if got.shape != ref.shape:
+        return report(False, f"pack4: shape {tuple(got.shape)}, expected {tuple(ref.shape)}",
+                      "two codes per byte along the last dimension")
+    if got.dtype != torch.uint8:
+        return report(False, f"pack4: dtype {got.dtype}", "bytes: use torch.uint8")
+    if not torch.equal(got, ref):
+        swapped = (codes[:, 1::2] | (codes[:, 0::2] << 4)).to(torch.uint8)
+        hint = "byte = code[2i] | (code[2i+1] << 4)"
+        if torch.equal(got, swapped):
+            hint = "the first code of a pair goes in the low nibble (bits 0-3)"
+        return report(False, f"pack4: {int((got != ref).sum())} of {ref.numel()} bytes differ", hint)
+    return report(True, "two 4-bit codes per byte, low nibble first")
