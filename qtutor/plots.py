@@ -33,9 +33,7 @@ def results_table(results: dict) -> str:
 
 def plot_results(results: dict, out: Path) -> list[Path]:
     """Perplexity vs bits per weight, memory, and latency bar charts as PNG files in ``out``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
     methods = results["methods"]
     if not methods:
@@ -44,7 +42,8 @@ def plot_results(results: dict, out: Path) -> list[Path]:
     subtitle = f"{results['model']} · {results['dataset']} · {results['device']}"
     paths = []
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     for n in names:
         ax.scatter(methods[n]["bits_per_weight"], methods[n]["ppl"], s=40)
         ax.annotate(n, (methods[n]["bits_per_weight"], methods[n]["ppl"]), textcoords="offset points",
@@ -57,7 +56,8 @@ def plot_results(results: dict, out: Path) -> list[Path]:
 
     for key, label, fname in (("memory_mb", "model memory (MB, parameters + buffers)", "memory.png"),
                               ("latency_ms_per_token", "decode latency (ms/token, batch 1)", "latency.png")):
-        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        fig = Figure(figsize=(6.5, 3.8))
+        ax = fig.subplots()
         vals = [methods[n][key] for n in names]
         ax.barh(names, vals, color="tab:blue")
         for i, v in enumerate(vals):
@@ -72,6 +72,4 @@ def plot_results(results: dict, out: Path) -> list[Path]:
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
     return path

@@ -31,6 +31,16 @@ def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
     return model.eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny matrices: a second intra-op thread only costs time, and on a busy 2-core machine
+    it made some tests 10-30 times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=["qwen2", "llama"])
 def family(request):
     return request.param

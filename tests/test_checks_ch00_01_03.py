@@ -129,14 +129,6 @@ CH03 = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cases():
     seen = {}
     for check, right, wrong in CH00 + CH01 + CH03:

@@ -11,16 +11,6 @@ from qtutor.quant.rtn import RTNConfig, UniformLinear
 from qtutor.quant.rtn import quantize_weight as rtn_quantize_weight
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The matrices here are tiny: on a busy 2-core machine a second intra-op thread only
-    costs time (GPTQ's column loop is hundreds of small ops). Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def correlated_inputs(n=512, width=96, rank=8, seed=0):
     """Tokens with a strong low-rank correlation between input features, plus a little noise."""
     g = torch.Generator().manual_seed(seed)

@@ -13,15 +13,6 @@ from qtutor.quant import smoothquant as S
 from qtutor.quant.smoothquant import W8A8Linear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: on a busy 2-core machine a second intra-op thread only costs time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 OUTLIERS = (3, 17, 40, 51)
 
 

@@ -11,15 +11,6 @@ from qtutor.models import layout_for
 from qtutor.quant.transforms import scale_linear_to_linears, scale_norm_to_linears
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: on a busy 2-core machine a second intra-op thread only costs time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def positive_scales(n, seed=0, spread=2.0):
     """exp(N(0, spread^2)): scales from ~0.01 to ~100, like real outlier ratios."""
     g = torch.Generator().manual_seed(seed)

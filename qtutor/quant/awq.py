@@ -55,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..calib import run_layer
 from ..errors import QtutorError
 from .base import Method, QuantConfig, register
 from .rtn import (RTNConfig, UniformLinear, UniformWeight, check_bits, dequantize_codes, find_params,
@@ -177,16 +178,6 @@ def candidate_scales(x_mean: torch.Tensor, ratio: float,
 
 
 @torch.no_grad()
-def _forward(block: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
-    """``block(x, **kwargs)`` (first output if a tuple) in batches of windows of ``x`` (n, seq, in)."""
-    outs = []
-    for i in range(0, x.shape[0], batch_size):
-        out = block(x[i:i + batch_size], **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outs)
-
-
-@torch.no_grad()
 def search_scale(block: nn.Module, linears: list[nn.Module], x: torch.Tensor,
                  x_mean: torch.Tensor, cfg: AWQConfig, kwargs: Optional[dict] = None) -> dict:
     """Grid search of AWQ's scale for ``linears`` (which all read ``x``) on ``block``'s output.
@@ -201,7 +192,7 @@ def search_scale(block: nn.Module, linears: list[nn.Module], x: torch.Tensor,
     Returns ``{"scales": s (in,), "ratio", "loss", "loss_rtn", "history"}``.
     """
     kwargs = kwargs or {}
-    org_out = _forward(block, x, kwargs)
+    org_out = run_layer(block, x, kwargs)
     originals = [fc.weight.detach().clone() for fc in linears]
     w_mean = weight_mean(originals, cfg.group_size) if cfg.duo_scaling else None
 
@@ -213,7 +204,7 @@ def search_scale(block: nn.Module, linears: list[nn.Module], x: torch.Tensor,
                 sv = s.to(W.device).view(1, -1)
                 Wq = pseudo_quantize(W.float() * sv, cfg) / sv
             fc.weight.copy_(Wq.to(fc.weight.dtype))
-        out = _forward(block, x, kwargs)
+        out = run_layer(block, x, kwargs)
         for fc, W in zip(linears, originals):
             fc.weight.copy_(W)
         return (org_out - out).float().pow(2).mean().item()  # float prevents overflow
@@ -381,7 +372,7 @@ def capture_inputs(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
     of ``layout.sequential`` (linears of one group read the same input) return its inputs on the
     windows ``keep`` ((k, seqlen, in)) and its ``x_mean`` over all windows ((in,)).
     (llm-awq ``run_awq``'s ``cache_input_hook``.)"""
-    from ..calib import record_inputs
+    from ..calib import record_inputs, run_layer
     heads = [seq[0] for seq in layout.sequential]
     feats: dict = {h: [] for h in heads}
     sums: dict = {}
