@@ -201,7 +201,9 @@ def run(args) -> dict:
             if previous.get(key) != header[key]:
                 raise QtutorError(f"cannot resume: {results_path} has {key}={previous.get(key)!r} but this "
                                   f"run has {header[key]!r}; use the same settings or another --out")
-        results["methods"] = previous["methods"]
+        # keep the header of the run being continued (its calibration settings, say), adding
+        # only keys it lacks: a resumed run that needs no calibration must not record 0 windows
+        results = {**header, **previous}
     elif results_path.exists():
         backup = results_path.with_name("results.previous.json")
         os.replace(results_path, backup)
