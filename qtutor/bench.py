@@ -274,13 +274,8 @@ def _quantized_copy(base, name, cfg, calib, device, progress=False):
 
 
 def _kernels(model) -> dict:
-    """Which matmul path each kind of quantized layer used (layers that record it)."""
-    kernels = {}
-    for module in model.modules():
-        k = getattr(module, "last_kernel", None)
-        if k is not None:
-            kernels[type(module).__name__] = k
-    return kernels
+    from .eval.fast_decode import _kernels as kernels_used
+    return kernels_used(model)
 
 
 def _write_outputs(results: dict, out: Path) -> None:

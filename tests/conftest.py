@@ -55,3 +55,26 @@ def model(family):
 def calib_windows():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 128, (8, 32), generator=g)
+
+
+#: hidden channels that ``planted_model`` turns into activation outliers
+OUTLIERS = (3, 17, 40, 51)
+
+
+def planted_model(family, factor=50.0, **overrides):
+    """The tiny model with a few hidden channels of the embedding scaled by ``factor``: the
+    residual stream then carries activation outliers, what AWQ and SmoothQuant exist for."""
+    model = tiny_model(family, **overrides)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, list(OUTLIERS)] *= factor
+    return model
+
+
+def logits(model, windows):
+    with torch.no_grad():
+        return model(windows).logits
+
+
+@pytest.fixture
+def eval_windows():
+    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))

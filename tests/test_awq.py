@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qtutor
-from conftest import tiny_model
+from conftest import OUTLIERS, eval_windows, logits, planted_model, tiny_model  # noqa: F401
 from qtutor import AWQConfig, RTNConfig
 from qtutor.calib import layer_inputs, run_layer, sequential
 from qtutor.models import layout_for
@@ -14,26 +14,6 @@ from qtutor.quant import awq as A
 from qtutor.quant.rtn import UniformLinear
 
 
-OUTLIERS = (3, 17, 40, 51)
-
-
-def planted_model(family, factor=50.0, **overrides):
-    """The conftest model with a few hidden channels of the embedding scaled by ``factor``: the
-    residual stream then carries activation outliers, what AWQ and SmoothQuant exist for."""
-    model = tiny_model(family, **overrides)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, list(OUTLIERS)] *= factor
-    return model
-
-
-def logits(model, windows):
-    with torch.no_grad():
-        return model(windows).logits
-
-
-@pytest.fixture
-def eval_windows():
-    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
 
 
 def first_layer(model, calib_windows):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import qtutor
-from conftest import tiny_model
+from conftest import OUTLIERS, eval_windows, logits, planted_model, tiny_model  # noqa: F401
 from qtutor import RTNConfig, SmoothQuantConfig
 from qtutor.calib import sequential
 from qtutor.models import layout_for
@@ -13,25 +13,6 @@ from qtutor.quant import smoothquant as S
 from qtutor.quant.smoothquant import W8A8Linear
 
 
-OUTLIERS = (3, 17, 40, 51)
-
-
-def planted_model(family, factor=50.0):
-    """The conftest model with a few embedding channels scaled by ``factor`` (activation outliers)."""
-    model = tiny_model(family)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, list(OUTLIERS)] *= factor
-    return model
-
-
-def logits(model, windows):
-    with torch.no_grad():
-        return model(windows).logits
-
-
-@pytest.fixture
-def eval_windows():
-    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
 
 
 # --------------------------------------------------------------------------- the formula
