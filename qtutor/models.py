@@ -12,10 +12,8 @@ SmoothQuant rescale. Qwen2 and Llama share the same module names.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import close, report
+from . import report
 
 
 def _call(fn, *args):

@@ -50,7 +50,7 @@ def check_scale_zero(fn) -> bool:
         if not ok:
             ts, tz = _scale_zero(w, bits)
             hint = "s = (max - min) / (2^b - 1) and z = round(-min / s)"
-            if s is not None and math.isclose(s, (hi := float(w.max()) - float(w.min())) / (2**bits - 1), rel_tol=1e-3) \
+            if s is not None and math.isclose(s, (float(w.max()) - float(w.min())) / (2**bits - 1), rel_tol=1e-3) \
                     and not math.isclose(s, ts, rel_tol=1e-3):
                 hint = "the range must contain 0 (take min(w, 0) and max(w, 0)), so that 0 is exact"
             elif s is not None and math.isclose(s, ts * (2**bits - 1) / 2**bits, rel_tol=1e-3):

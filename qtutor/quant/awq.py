@@ -372,7 +372,7 @@ def capture_inputs(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
     of ``layout.sequential`` (linears of one group read the same input) return its inputs on the
     windows ``keep`` ((k, seqlen, in)) and its ``x_mean`` over all windows ((in,)).
     (llm-awq ``run_awq``'s ``cache_input_hook``.)"""
-    from ..calib import record_inputs, run_layer
+    from ..calib import record_inputs
     heads = [seq[0] for seq in layout.sequential]
     feats: dict = {h: [] for h in heads}
     sums: dict = {}

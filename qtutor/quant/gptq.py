@@ -149,8 +149,8 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
                                   f"used damp={rel:g}", stacklevel=3)
                 return Hinv, rel
         rel = max(rel * 10, 1e-6)
-    warnings.warn(f"GPTQ: H is not positive definite even with damp=1e6; falling back to "
-                  f"round-to-nearest for this layer (Hinv = I)", stacklevel=3)
+    warnings.warn("GPTQ: H is not positive definite even with damp=1e6; falling back to "
+                  "round-to-nearest for this layer (Hinv = I)", stacklevel=3)
     return eye / mean_diag.sqrt(), math.inf
 
 

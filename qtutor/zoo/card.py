@@ -16,7 +16,6 @@ import copy
 import json
 import math
 import random
-from collections import Counter
 from pathlib import Path
 
 import torch
