@@ -12,7 +12,10 @@ How it works (coremltools 9):
    ``PostTrainingPalettizer`` would have registered (buffers ``_COREML_/weight/lut`` (n_luts, 1,
    2^b, 1), ``_COREML_/weight/palettization_scale`` (out, 1) and
    ``_COREML_/weight/compression_type`` = [2], palettization), filled with OUR LUTs and scales.
-   Other quantized linears are exported as plain (dequantized) linears.
+   The LUT buffer's shape says how many blocks each weight axis is cut into, so coremltools
+   needs groups of equal size; a layer whose last group is shorter (``group_size`` not dividing
+   ``out_features``) is exported with an exactly equivalent table of equal groups
+   (:func:`coreml_lut`). Other quantized linears are exported as plain (dequantized) linears.
 3. ``torch.jit.trace`` and ``ct.convert(..., convert_to="mlprogram",
    minimum_deployment_target=ct.target.iOS18)``. The torch frontend turns each annotated weight
    into ``constexpr_lut_to_dense(indices, lut)`` followed by ``constexpr_blockwise_shift_scale``
@@ -29,6 +32,7 @@ How it works (coremltools 9):
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 from typing import Union
@@ -69,6 +73,20 @@ class CausalLMForCoreML(nn.Module):
         return out.logits
 
 
+def coreml_lut(q: PalettizedLinear) -> torch.Tensor:
+    """``q``'s LUTs as equal groups of rows, as coremltools' ``_COREML_/weight/lut`` needs them:
+    (out // g, 2^b) with ``g = gcd(rows_per_lut, out)`` rows per table.
+
+    With ``rows_per_lut`` dividing ``out`` this is ``q.lut`` itself. Otherwise (172 rows, LUTs of
+    16 rows, the last of 12) each LUT is repeated ``rows_per_lut // g`` times and the list cut to
+    ``out // g`` tables (g = 4: 43 tables): row ``r`` uses table ``r // g``, which is LUT
+    ``r // rows_per_lut`` since ``g`` divides ``rows_per_lut``. The indices and the decoded
+    weights are unchanged; the package stores ``rows_per_lut // g`` copies of each LUT.
+    """
+    g = math.gcd(q.rows_per_lut, q.out_features)
+    return q.lut.repeat_interleave(q.rows_per_lut // g, dim=0)[: q.out_features // g]
+
+
 def annotated_linear(q: QuantizedLinear, palettized: bool = True) -> nn.Linear:
     """An ``nn.Linear`` holding ``q``'s dequantized weight; for a :class:`PalettizedLinear` (and
     ``palettized``), also coremltools' palettization metadata holding our LUTs and scales."""
@@ -78,7 +96,8 @@ def annotated_linear(q: QuantizedLinear, palettized: bool = True) -> nn.Linear:
         if q.bias is not None:
             lin.bias.copy_(q.bias.float())
     if palettized and isinstance(q, PalettizedLinear):
-        lin.register_buffer("_COREML_/weight/lut", q.lut.float()[:, None, :, None].clone())
+        lut = coreml_lut(q).float()
+        lin.register_buffer("_COREML_/weight/lut", lut[:, None, :, None].contiguous())
         if q.scales is not None:
             lin.register_buffer("_COREML_/weight/palettization_scale",
                                 q.scales.float()[:, None].clone())
@@ -158,7 +177,9 @@ def read_luts(path_or_model) -> dict:
     coremltools folds a per-channel scale into the table: the stored program computes
     ``constexpr_lut_to_dense(indices, lut=constexpr_blockwise_shift_scale(data, scale))`` with one
     table row per output channel (each group's LUT repeated for its rows) and ``scale`` per row;
-    "lut" is then ``data`` and "scale" is ``scale``. Without scales "lut" is the stored table.
+    "lut" is then ``data`` and "scale" is ``scale``. Without scales "lut" is the stored table,
+    ``n`` equal groups of ``out // n`` rows (see :func:`coreml_lut`): row ``r`` uses
+    ``lut[r // (out // n)]`` in either case.
     """
     prog = _load_program(path_or_model)
     found: dict = {}

@@ -1,5 +1,6 @@
 """Core ML export: our LUTs, scales and indices end up in the saved .mlpackage."""
 import logging
+import math
 import sys
 
 import numpy as np
@@ -41,7 +42,7 @@ def test_package_holds_our_luts_scales_and_indices(exported):
         # coremltools folds the per-channel scale into the table: one table row per output
         # channel, each LUT group's values repeated for its 16 rows
         assert lut.shape == (ours.out_features, 16)
-        assert torch.equal(lut, ours.lut.repeat_interleave(ours.rows_per_lut, dim=0))
+        assert torch.equal(lut, ours.unpacked().row_luts())
         assert torch.equal(torch.from_numpy(entry["scale"].astype(np.float16)), ours.scales)
         assert torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)),
                            ours.unpacked().indices.long())
@@ -59,6 +60,55 @@ def test_luts_without_scales_are_stored_as_is(tmp_path):
     assert torch.equal(torch.from_numpy(np.asarray(entry["lut"], dtype=np.float16)), ours.lut)
     assert torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)),
                        ours.unpacked().indices.long())
+
+
+def row_luts(entry, out_features):
+    """The table each row uses in a read_luts entry: n tables of out_features // n rows each."""
+    lut = torch.from_numpy(np.asarray(entry["lut"], dtype=np.float16))
+    assert out_features % lut.shape[0] == 0
+    return lut.repeat_interleave(out_features // lut.shape[0], dim=0)
+
+
+@pytest.mark.parametrize("out,rows", [(172, 16), (44, 16), (20, 8), (32, 16), (12, 12)])
+def test_coreml_lut_has_equal_groups_and_decodes_the_same(out, rows):
+    g = torch.Generator().manual_seed(out)
+    n_luts = -(-out // rows)
+    q = qtutor.quant.palettize.LUTWeight(torch.randint(0, 16, (out, 8), generator=g, dtype=torch.uint8),
+                                         torch.randn(n_luts, 16, generator=g).half(), None, 4, rows)
+    table = coreml.coreml_lut(PalettizedLinear(q))
+    assert out % table.shape[0] == 0  # equal groups, as coremltools' LUT buffer needs
+    if out % rows == 0:
+        assert torch.equal(table, q.lut)
+    else:
+        assert table.shape[0] == out // math.gcd(rows, out)  # 172, 16: 43 tables of 4 rows
+    assert torch.equal(table.repeat_interleave(out // table.shape[0], dim=0), q.row_luts())
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_export_with_a_shorter_last_group(tmp_path, scale):
+    # intermediate 44 = 2 x 16 + 12: gate/up have 3 LUTs, the last for 12 rows (coremltools'
+    # own palettizer would skip these layers)
+    model = tiny_model("qwen2", num_hidden_layers=1, intermediate_size=44)
+    qtutor.quantize(model, "palettization_4bit", qtutor.PalettizeConfig(per_channel_scale=scale))
+    luts = coreml.read_luts(coreml.export_mlpackage(model, tmp_path / "m.mlpackage", seqlen=4))
+    assert len(luts) == 7
+    for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj"):
+        ours = model.model.layers[0].get_submodule(name)
+        assert ours.rows_per_lut == 16
+        assert ours.lut.shape[0] == -(-ours.out_features // 16)
+        entry = coreml.find_lut(luts, "model.layers.0." + name)
+        assert torch.equal(row_luts(entry, ours.out_features), ours.unpacked().row_luts())
+        assert torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)),
+                           ours.unpacked().indices.long())
+        if scale:
+            assert torch.equal(torch.from_numpy(entry["scale"].astype(np.float16)), ours.scales)
+        else:
+            assert entry["scale"] is None
+            assert torch.equal(torch.from_numpy(np.asarray(entry["lut"], dtype=np.float16)),
+                               coreml.coreml_lut(ours))
+        # every LUT of ours, the short last one included, is in the package
+        stored = {tuple(r.tolist()) for r in torch.from_numpy(np.asarray(entry["lut"], dtype=np.float16))}
+        assert all(tuple(r.tolist()) in stored for r in ours.lut)
 
 
 def test_export_rejects_a_bad_path(tmp_path):

@@ -167,8 +167,72 @@ def test_bad_config_raises():
         PalettizeConfig(group_size=0)
     with pytest.raises(QtutorError):
         PalettizeConfig(kmeans="lloyd")
-    with pytest.raises(QtutorError, match="does not divide"):
-        P.kmeans_lut(torch.randn(24, 16), PalettizeConfig(group_size=16))
+
+
+# --------------------------------------------------------------------------- a shorter last group
+def test_rows_per_lut_need_not_divide_out_features():
+    assert PalettizeConfig(group_size=16).rows_per_lut(172) == 16
+    assert PalettizeConfig(group_size=16).rows_per_lut(160) == 16
+    assert PalettizeConfig(granularity="per_tensor").rows_per_lut(172) == 172
+
+
+@pytest.mark.parametrize("out,inp", [(20, 8), (172, 64), (8, 24)])  # (8, 24): one short group
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_size_not_dividing_out_features(out, inp, scale):
+    torch.manual_seed(out)
+    W = torch.randn(out, inp) * 0.02
+    cfg = PalettizeConfig(group_size=16, per_channel_scale=scale, kmeans="exact")
+    q = P.kmeans_lut(W, cfg)
+    n_full, n_luts = out // 16, -(-out // 16)  # 172 = 10 x 16 + 12: 11 LUTs
+    assert q.rows_per_lut == 16 and q.lut.shape == (n_luts, 16)
+    Ws = W / q.scales.float()[:, None] if scale else W
+    # the full groups in one batch, the last group fitted on its own out % 16 rows only
+    luts = [P.kmeans_1d_groups(Ws[: 16 * n_full].reshape(n_full, -1), 16)] if n_full else []
+    luts.append(P.kmeans_1d_groups(Ws[16 * n_full:].reshape(1, -1), 16))
+    assert torch.equal(q.lut, torch.cat(luts).half())
+    # row r uses LUT r // 16, its nearest entry
+    expect = torch.stack([q.lut[r // 16].float()[q.indices[r].long()] for r in range(out)])
+    assert torch.equal(q.row_luts(), q.lut[torch.arange(out) // 16])
+    dist = (Ws[:, :, None] - q.row_luts().float()[:, None, :]).abs()
+    chosen = dist.gather(2, q.indices.long()[:, :, None]).squeeze(2)
+    assert bool((chosen <= dist.min(2).values + 1e-7).all())
+    if scale:
+        expect = expect * q.scales.float()[:, None]
+    torch.testing.assert_close(q.dequantize(), expect, rtol=0, atol=0)
+    # the layer: packed indices round trip, forward, bytes of ceil(out / 16) LUTs
+    lin = torch.nn.Linear(inp, out)
+    lin.weight.data = W.clone()
+    layer = PalettizedLinear.from_float(lin, cfg)
+    assert layer.rows_per_lut == 16 and "rows_per_lut=16" in repr(layer)
+    u = layer.unpacked()
+    assert u.rows_per_lut == 16 and torch.equal(u.indices, q.indices) and torch.equal(u.lut, q.lut)
+    torch.testing.assert_close(layer.dequantize(), q.dequantize(), rtol=0, atol=0)
+    x = torch.randn(3, inp)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().T + layer.bias)
+    assert layer.weight_nbytes == out * inp // 2 + n_luts * 16 * 2 + (2 * out if scale else 0)
+
+
+def test_lut_weight_checks_rows_per_lut():
+    idx = torch.randint(0, 16, (20, 8), dtype=torch.uint8)
+    lut = torch.randn(2, 16).half()
+    assert P.LUTWeight(idx, lut, None, 4).rows_per_lut == 10  # left out: equal groups
+    # the same shapes, another layout: rows 0..15 and 16..19
+    uneven = P.LUTWeight(idx, lut, None, 4, rows_per_lut=16)
+    assert torch.equal(uneven.dequantize()[15:17],
+                       torch.stack([lut[0].float()[idx[15].long()], lut[1].float()[idx[16].long()]]))
+    with pytest.raises(QtutorError, match="rows_per_lut"):
+        P.LUTWeight(idx, torch.randn(3, 16).half(), None, 4)  # 20 rows in 3 LUTs: say how
+    with pytest.raises(QtutorError, match="do not cover"):
+        P.LUTWeight(idx, lut, None, 4, rows_per_lut=8)  # 8 rows per LUT needs 3 LUTs
+
+
+def test_quantize_model_with_a_shorter_last_group():
+    from conftest import tiny_model
+    model = tiny_model("qwen2", num_hidden_layers=1, intermediate_size=44)  # 44 = 2 x 16 + 12
+    report = qtutor.quantize(model, "palettization_4bit")
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, PalettizedLinear) and up.lut.shape == (3, 16) and up.rows_per_lut == 16
+    assert len(report.layers) == 7
 
 
 def test_quantize_model_with_palettization(model):

@@ -106,8 +106,10 @@ def _entries(seed: int = 9):
 
 def check_dequantize_entry(fn) -> bool:
     """``fn(entry) -> W (out, in)``: the weight stored in one entry of ``qtutor.coreml.read_luts``:
-    ``entry["lut"]`` (n, 2^b) with n = out (one row per output channel) or n = out / group_size
-    (one palette per group of rows), ``entry["indices"]`` (out, in), ``entry["scale"]`` (out,) or None."""
+    ``entry["lut"]`` (n, 2^b) with n = out (one row per output channel) or n dividing out (one
+    palette per group of out / n rows: ``qtutor.coreml.coreml_lut`` exports equal groups even when
+    the layer's last group is shorter), ``entry["indices"]`` (out, in), ``entry["scale"]`` (out,)
+    or None."""
     for with_scale, entry, truth in _entries():
         what = "an entry with per-row scales" if with_scale else "an entry without scales (grouped palettes)"
         got, err = _call(fn, {k: (None if v is None else v.copy()) for k, v in entry.items()})

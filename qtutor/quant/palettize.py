@@ -12,7 +12,13 @@ and Core ML's ``constexpr_lut_to_dense`` op define it:
 * ``granularity="per_tensor"``: one LUT for the whole matrix;
 * ``granularity="per_grouped_channel"``: ``group_size`` consecutive OUTPUT channels (rows of
   ``W``) share one LUT (coremltools' ``group_size`` with ``channel_axis=0``: not RTN's group of
-  input columns). ``group_size`` must divide ``out_features``;
+  input columns). When ``group_size`` does not divide ``out_features`` the last group is
+  shorter: there are ``ceil(out / group_size)`` LUTs, row ``r`` uses LUT ``r // group_size``,
+  and the last LUT is fitted to its remaining rows only (172 rows in groups of 16: ten LUTs of
+  16 rows and one of 12). coremltools 9 instead skips such a layer with a warning (it stays
+  uncompressed; ``sanitize_palettization_group_size`` in
+  ``coremltools.optimize.torch._utils.validation_utils``); :mod:`qtutor.coreml` exports the
+  shorter group exactly (see :func:`qtutor.coreml.coreml_lut`);
 * ``per_channel_scale=True`` (coremltools' ``enable_per_channel_scale``): each row is first
   divided by its max ``|w|`` so that all rows of a group share the range [-1, 1]; the scale is
   stored in fp16 and multiplied back (Core ML's ``constexpr_blockwise_shift_scale``). Unlike
@@ -21,7 +27,7 @@ and Core ML's ``constexpr_lut_to_dense`` op define it:
   model will compute. An all-zero row gets scale 1 (as in coremltools).
 
 The LUTs are stored in fp16, the indices packed ``b`` bits each. ``dequantize`` is
-``LUT[group(row)][index] * scale[row]``.
+``LUT[row // group_size][index] * scale[row]``.
 
 k-means in one dimension is solved EXACTLY by dynamic programming over the sorted values
 (Wang & Song, *Ckmeans.1d.dp*, R Journal 2011; Gronlund et al., *Fast exact k-means, k-medians
@@ -102,14 +108,10 @@ class PalettizeConfig(QuantConfig):
         return 2 ** self.bits
 
     def rows_per_lut(self, out_features: int) -> int:
-        """Output channels sharing one LUT; a :class:`QtutorError` if ``group_size`` does not
-        divide ``out_features``."""
+        """Output channels sharing one LUT: ``group_size`` (``out_features`` for per_tensor).
+        When it does not divide ``out_features``, the last LUT serves the remaining, fewer rows."""
         if self.granularity == "per_tensor":
             return out_features
-        if out_features % self.group_size:
-            raise QtutorError(f"palettization group_size {self.group_size} does not divide the "
-                              f"{out_features} output channels; pick a divisor of {out_features} "
-                              f"or granularity='per_tensor'")
         return self.group_size
 
 
@@ -296,22 +298,40 @@ class LUTWeight:
     """A palettized weight before packing: what :func:`kmeans_lut` returns.
 
     indices: (out, in) uint8 in [0, 2^bits); lut: (n_luts, 2^bits) fp16, LUT ``g`` serving rows
-    ``g*rows_per_lut .. (g+1)*rows_per_lut - 1``; scales: (out,) fp16 or None.
+    ``g*rows_per_lut .. min((g+1)*rows_per_lut, out) - 1``, so ``n_luts = ceil(out /
+    rows_per_lut)`` and the last LUT may serve fewer rows; scales: (out,) fp16 or None.
+
+    ``rows_per_lut`` is stored: with a shorter last group it cannot be derived from the shapes
+    (``out // n_luts`` is wrong, and ``ceil(out / n_luts)`` is ambiguous: 172 rows in 11 LUTs
+    may be groups of 16 or of 17). Left out, it is ``out // n_luts`` and must divide ``out``
+    (equal groups).
     """
 
     indices: torch.Tensor
     lut: torch.Tensor
     scales: Optional[torch.Tensor]
     bits: int
+    rows_per_lut: Optional[int] = None
 
-    @property
-    def rows_per_lut(self) -> int:
-        return self.indices.shape[0] // self.lut.shape[0]
+    def __post_init__(self):
+        out, n_luts = self.indices.shape[0], self.lut.shape[0]
+        if self.rows_per_lut is None:
+            if n_luts == 0 or out % n_luts:
+                raise QtutorError(f"{n_luts} LUTs for {out} rows: give rows_per_lut (the rows each "
+                                  f"LUT serves, the last LUT possibly fewer)")
+            self.rows_per_lut = out // n_luts
+        self.rows_per_lut = int(self.rows_per_lut)
+        if self.rows_per_lut < 1 or n_luts != -(-out // self.rows_per_lut):
+            raise QtutorError(f"{n_luts} LUTs of {self.rows_per_lut} rows do not cover {out} rows: "
+                              f"expected ceil({out} / rows_per_lut) LUTs")
+
+    def row_luts(self) -> torch.Tensor:
+        """(out, 2^bits): the LUT each row uses, ``lut[row // rows_per_lut]``."""
+        return self.lut.repeat_interleave(self.rows_per_lut, dim=0)[: self.indices.shape[0]]
 
     def dequantize(self) -> torch.Tensor:
-        """(out, in) float32: ``lut[group(row), index] * scale[row]``."""
-        lut = self.lut.float().repeat_interleave(self.rows_per_lut, dim=0)
-        W = lut.gather(1, self.indices.long())
+        """(out, in) float32: ``lut[row // rows_per_lut, index] * scale[row]``."""
+        W = self.row_luts().float().gather(1, self.indices.long())
         return W if self.scales is None else W * self.scales.float()[:, None]
 
 
@@ -326,7 +346,11 @@ def _values_to_cluster(G: torch.Tensor, mode: str) -> torch.Tensor:
 
 def kmeans_lut(W: torch.Tensor, cfg: PalettizeConfig = PalettizeConfig()) -> LUTWeight:
     """Palettize ``W`` (out, in): per-channel scales, one exact k-means per LUT group, fp16 LUTs,
-    and each weight's index of its nearest LUT entry."""
+    and each weight's index of its nearest LUT entry.
+
+    The full groups of ``rows_per_lut`` rows are clustered in one batched
+    :func:`kmeans_1d_groups` call; a shorter last group (``out % group_size`` rows) separately,
+    on its own rows only."""
     W = W.detach().float()
     out_features, in_features = W.shape
     rows = cfg.rows_per_lut(out_features)
@@ -335,22 +359,32 @@ def kmeans_lut(W: torch.Tensor, cfg: PalettizeConfig = PalettizeConfig()) -> LUT
         s = W.abs().amax(1)
         scales = torch.where(s > 0, s, torch.ones_like(s)).half()  # all-zero rows: scale 1
         W = W / scales.float()[:, None]
-    G = W.reshape(out_features // rows, rows * in_features)
-    lut = kmeans_1d_groups(_values_to_cluster(G, cfg.kmeans), cfg.n_clusters).half()
-    mids = (lut[:, :-1].float() + lut[:, 1:].float()) / 2
-    idx = torch.searchsorted(mids.contiguous(), G.contiguous())
-    return LUTWeight(idx.reshape(out_features, in_features).to(torch.uint8), lut, scales, cfg.bits)
+    V = _values_to_cluster(W, cfg.kmeans)
+    n_full = out_features // rows
+    split = n_full * rows
+    luts = []
+    if n_full:
+        luts.append(kmeans_1d_groups(V[:split].reshape(n_full, rows * in_features), cfg.n_clusters))
+    if split < out_features:  # the shorter last group
+        luts.append(kmeans_1d_groups(V[split:].reshape(1, -1), cfg.n_clusters))
+    lut = torch.cat(luts).half()
+    row_lut = lut.repeat_interleave(rows, dim=0)[:out_features].float()
+    mids = (row_lut[:, :-1] + row_lut[:, 1:]) / 2
+    idx = torch.searchsorted(mids.contiguous(), W.contiguous())
+    return LUTWeight(idx.to(torch.uint8), lut, scales, cfg.bits, rows)
 
 
 class PalettizedLinear(QuantizedLinear):
     """A linear layer stored as packed ``bits``-bit indices (``qweight``), fp16 LUTs (``lut``) and
     optional fp16 per-row scales (``scales``): what Core ML's ``constexpr_lut_to_dense`` (+
-    ``constexpr_blockwise_shift_scale``) holds."""
+    ``constexpr_blockwise_shift_scale``) holds. ``rows_per_lut`` (a plain int) is the number of
+    rows each LUT serves, the last LUT possibly fewer: row ``r`` uses ``lut[r // rows_per_lut]``."""
 
     def __init__(self, q: LUTWeight, bias: Optional[torch.Tensor] = None):
         out_features, in_features = q.indices.shape
         super().__init__(in_features, out_features, bias)
         self.bits = q.bits
+        self.rows_per_lut = int(q.rows_per_lut)
         self.register_buffer("qweight", pack_codes(q.indices, q.bits))
         self.register_buffer("lut", q.lut.half().contiguous())
         self.register_buffer("scales", None if q.scales is None else q.scales.half().contiguous())
@@ -360,20 +394,16 @@ class PalettizedLinear(QuantizedLinear):
                    cfg: PalettizeConfig = PalettizeConfig()) -> "PalettizedLinear":
         return cls(kmeans_lut(linear.weight.data, cfg), linear.bias)
 
-    @property
-    def rows_per_lut(self) -> int:
-        return self.out_features // self.lut.shape[0]
-
     def unpacked(self) -> LUTWeight:
         return LUTWeight(unpack_codes(self.qweight, self.bits, self.in_features), self.lut,
-                         self.scales, self.bits)
+                         self.scales, self.bits, self.rows_per_lut)
 
     def dequantize(self) -> torch.Tensor:
         return self.unpacked().dequantize()
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", luts={self.lut.shape[0]}x{self.lut.shape[1]}, "
-                f"per_channel_scale={self.scales is not None}")
+                f"rows_per_lut={self.rows_per_lut}, per_channel_scale={self.scales is not None}")
 
 
 register(Method("palettization_4bit", PalettizeConfig(bits=4, granularity="per_grouped_channel",
