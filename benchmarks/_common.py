@@ -16,7 +16,12 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 TINY = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
             bos_token_id=1, eos_token_id=2)
-CONFIGS = {"qwen2-0.5b": {}, "tiny": TINY}
+#: larger members of the family (their config.json shapes), where decoding is bandwidth-bound
+QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2)
+QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+CONFIGS = {"qwen2-0.5b": {}, "qwen2-1.5b": QWEN2_1_5B, "qwen2-7b": QWEN2_7B, "tiny": TINY}
 
 
 def build_model(config: str, dtype: torch.dtype, device: torch.device, seed: int = 0):

@@ -20,9 +20,12 @@ Rows (``--methods``; default all that apply to the device):
   rtn_int4-triton              RTN int4 g128, Triton int4 GEMV on the packed codes (CUDA)
   rtn_int4-tinygemm            RTN int4 g128 re-packed for aten._weight_int4pack_mm (bf16)
   palettized4-gather / -load   4-bit LUT per 16 rows + per-row scale, Triton LUT GEMV (CUDA)
-  smoothquant_w8a8             W8A8Linear as registered (int8 matmul needs M > 16 on CUDA,
-                               so batch-1 decoding takes its fallback: reported as such)
-  + "-compile" variants of fp16 and rtn_int4-triton with --compile (torch.compile of the step)
+  smoothquant_w8a8             W8A8Linear as registered: torch._int_mm (int8 x int8 -> int32;
+                               on CUDA a batch-1 step is zero-padded to 32 rows, as it needs > 16)
+  + with --compile, "-compile" variants of the fp16/bf16 baselines, rtn_int4-triton/-tinygemm,
+    palettized4-load and smoothquant_w8a8: the step goes through torch.compile (inductor fuses
+    the norms, rotary and elementwise glue) before the CUDA graph is captured; their ratios are
+    taken against the compiled baseline of the same dtype
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from _common import ROOT, build_model, environment, pick_device, print_env, table, write_csv
+from _common import CONFIGS, ROOT, build_model, environment, pick_device, print_env, table, write_csv
 
 ALL = ["fp16", "bf16", "hf-loop", "rtn_int4-reference", "rtn_int4-triton", "rtn_int4-tinygemm",
        "palettized4-gather", "palettized4-load", "smoothquant_w8a8"]
@@ -45,7 +48,7 @@ CUDA_ONLY = {"rtn_int4-triton", "palettized4-gather", "palettized4-load"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--config", default=None, choices=("qwen2-0.5b", "tiny"),
+    p.add_argument("--config", default=None, choices=sorted(CONFIGS),
                    help="model shape (default: qwen2-0.5b on CUDA, tiny on CPU)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float16", "float32"),
                    help="activation dtype of the main baseline (auto: float16 on CUDA, float32 on CPU)")
@@ -147,7 +150,8 @@ def main(argv=None):
     rows, baselines = [], {}
 
     def record(name, act, make, baseline, harness="fast", compile=False, check=None):
-        key = "fp16" if name == main_name else name.replace("-compile", "")
+        key = name.replace("-compile", "")
+        key = "fp16" if key == main_name else key
         if key not in wanted:
             return
         if not cuda and key in CUDA_ONLY and not args.triton_on_cpu:
@@ -174,7 +178,7 @@ def main(argv=None):
             if check is not None:
                 row["kernel_check"] = kernel_check(model, check)
             row["status"] = "ok"
-            if name in (main_name, "bf16"):
+            if name in (main_name, "bf16", f"{main_name}-compile", "bf16-compile"):
                 baselines[name] = lat.ms_per_token
         except Exception as err:  # report and go on: one failing kernel must not hide the others
             row["status"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
@@ -255,10 +259,19 @@ def main(argv=None):
     record("palettized4-gather", main_name, palettized("gather"), main_name, check=ref_of_triton)
     record("palettized4-load", main_name, palettized("load"), main_name, check=ref_of_triton)
     record("smoothquant_w8a8", main_name, w8a8, main_name)
-    if args.compile:
-        record(f"{main_name}-compile", main_name, plain(base), main_name, compile=True)
-        record("rtn_int4-triton-compile", main_name, rtn(base, "triton"), main_name, compile=True,
+    if args.compile:  # the same rows with the step through torch.compile, against compiled baselines
+        mc = f"{main_name}-compile"
+        record(mc, main_name, plain(base), mc, compile=True)
+        record("rtn_int4-triton-compile", main_name, rtn(base, "triton"), mc, compile=True,
                check=ref_of_triton)
+        record("palettized4-load-compile", main_name, palettized("load"), mc, compile=True,
+               check=ref_of_triton)
+        record("smoothquant_w8a8-compile", main_name, w8a8, mc, compile=True)
+        if "rtn_int4-tinygemm" in wanted:
+            record("bf16-compile", "bf16", lambda: (bf16_model(), linear_stats(bf16_model())),
+                   "bf16-compile", compile=True)
+            record("rtn_int4-tinygemm-compile", "bf16", rtn(bf16_model(), "tinygemm"), "bf16-compile",
+                   compile=True, check=ref_of_tinygemm)
 
     for r in rows:
         b = baselines.get(r.get("baseline"))

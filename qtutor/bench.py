@@ -27,7 +27,7 @@ OVERRIDES = {
     "rtn_int8": ("group_size", "sym"),
     "rtn_int4": ("bits", "group_size", "sym"),
     "smoothquant_w8a8": (),
-    "gptq_int4": ("bits", "group_size", "sym"),
+    "gptq_int4": ("bits", "group_size", "sym", "act_order"),
     "awq_int4": ("bits", "group_size", "sym"),
     "palettization_4bit": ("bits",),
     "qlora_nf4": (),
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input columns per scale for RTN/GPTQ/AWQ (0 = per output channel)")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
                    help="symmetric (--sym) or asymmetric (--no-sym) grid for RTN/GPTQ/AWQ")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize columns by decreasing diag(H) (the reference's --act-order)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
                    help="compute dtype (auto: float16 on CUDA, float32 on CPU where fp16 matmul is slow)")
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 def method_configs(names: list[str], args) -> dict:
     """Each method's config with the command-line overrides applied where they make sense."""
     from .quant import get_method
-    overrides = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym}
+    overrides = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym,
+                 "act_order": args.act_order}
     configs = {}
     for name in names:
         m = get_method(name)
@@ -139,6 +142,7 @@ def run(args) -> dict:
     from .models import EMBEDDED_MODEL, load_config, load_model, random_model
     from .quant import get_method
 
+    t_start = time.perf_counter()
     names = parse_methods(args.methods)
     configs = method_configs(names, args)
     out = Path(args.out)
@@ -232,12 +236,20 @@ def run(args) -> dict:
                                    "other": mem.other_bytes},
             "config": None if report.config is None else report.config.__dict__,
             "kernel": getattr(lat, "kernels", None) or _kernels(model),
+            "seconds": time.perf_counter() - t0,  # quantize + evaluate + time decoding
         }
         write_json_atomic(results_path, results)
         print(f"{name:20s} ppl {ppl.ppl:9.3f}  {report.bits_per_weight:6.3f} bits/w  "
               f"{mem.total_mb:8.2f} MB  {lat.ms_per_token:7.2f} ms/tok  ({time.perf_counter() - t0:.1f} s)")
         del model
+    done = [n for n in names if n in results["methods"]]
+    wall = time.perf_counter() - t_start
+    # wall time of THIS invocation, from the start (model and text loading included)
+    results["wall_seconds"] = wall if previous is None else None
+    write_json_atomic(results_path, results)
     _write_outputs(results, out)
+    print(f"wall time {wall:.1f} s for this run ({len(done)} methods"
+          + (", continuing an earlier run: not the time of the whole set)" if previous is not None else ")"))
     return results
 
 

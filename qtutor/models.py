@@ -162,8 +162,9 @@ def random_model(config_name: str = "Qwen/Qwen2-0.5B", dtype: torch.dtype = torc
     else:
         config = AutoConfig.from_pretrained(resolve_model(config_name), **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.to(device).eval()
+    with torch.device(device):  # initialise in place: a 7B model's random init is slow on CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
 
 
 #: the architecture of Qwen/Qwen2-0.5B (its config.json), for offline random-weight timing

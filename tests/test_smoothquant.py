@@ -117,6 +117,17 @@ def test_int_path_equals_simulated(act_quant, bias):
     assert y.shape == (3, 7, 40)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the row padding is for CUDA's int8 GEMM")
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_cuda_int_path_pads_few_rows(tokens):
+    q = W8A8Linear.from_float(random_linear(), SmoothQuantConfig()).cuda()
+    x = outlier_inputs((tokens, q.in_features)).cuda().half()
+    y = q(x)
+    padded = tokens < S.INT_MM_MIN_ROWS
+    assert q.last_kernel == "torch._int_mm" + (f" (rows padded {tokens}->32)" if padded else "")
+    torch.testing.assert_close(y, q.forward_simulated(x), rtol=2e-3, atol=2e-3)
+
+
 def test_forward_quantizes_the_input():
     """The W8A8 forward is not F.linear(x, dequantize()): the input is rounded to INT8 too."""
     lin = random_linear()

@@ -115,6 +115,10 @@ def quantize_activation_absmax(x: torch.Tensor, per: str = "per_token") -> tuple
     return codes, scale
 
 
+#: on CUDA, inputs with fewer rows are zero-padded to this many for ``torch._int_mm``
+INT_MM_MIN_ROWS = 32
+
+
 def int_mm_supported(M: int, K: int, N: int, device: torch.device) -> bool:
     """Whether ``torch._int_mm`` (int8 (M, K) x int8 (K, N) -> int32) can take these shapes.
 
@@ -139,8 +143,10 @@ class W8A8Linear(QuantizedLinear):
 
     and computes ``q_x q_w^T`` as an int8 x int8 -> int32 matmul with ``torch._int_mm`` where it
     is available for the shapes (:func:`int_mm_supported`), otherwise in floating point with the
-    same numbers (:meth:`forward_simulated`). ``last_kernel`` records which ran:
-    ``"torch._int_mm"`` or ``"simulated"``. Set ``use_int_mm = False`` to force the simulation.
+    same numbers (:meth:`forward_simulated`). On CUDA, fewer than 17 rows (batch-1 decoding)
+    are zero-padded to :data:`INT_MM_MIN_ROWS` rows first. ``last_kernel`` records which ran:
+    ``"torch._int_mm"`` (with the padding, if any) or ``"simulated"``. Set ``use_int_mm = False``
+    to force the simulation.
     ``dequantize()`` is the weight ``s_w q_w`` the layer represents.
     (mit-han-lab/smoothquant ``fake_quant.W8A8Linear``, ``quantize_output=False``.)
     """
@@ -184,13 +190,17 @@ class W8A8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q_x, s_x = self._quantize_input(x)
         M, K, N = q_x.shape[0], self.in_features, self.out_features
-        if self.use_int_mm and int_mm_supported(M, K, N, q_x.device):
+        # CUDA's int8 GEMM (cuBLASLt) needs more than 16 rows: a decoding step (M = 1) is padded
+        # with zero rows to INT_MM_MIN_ROWS; the extra rows cost no weight traffic
+        rows = INT_MM_MIN_ROWS if q_x.is_cuda and M < INT_MM_MIN_ROWS else M
+        if self.use_int_mm and int_mm_supported(rows, K, N, q_x.device):
+            a = q_x if rows == M else torch.cat([q_x, q_x.new_zeros(rows - M, K)])
             try:
-                acc = torch._int_mm(q_x, self.qweight.t())  # (M, N) int32, exact
+                acc = torch._int_mm(a, self.qweight.t())[:M]  # (M, N) int32, exact
             except RuntimeError:  # a backend without this shape/layout: fall back, and say so
                 acc = None
             if acc is not None:
-                self.last_kernel = "torch._int_mm"
+                self.last_kernel = "torch._int_mm" + (f" (rows padded {M}->{rows})" if rows != M else "")
                 y = acc.float() * s_x * self.weight_scales.view(1, -1)
                 return self._finish(y, x)
         self.last_kernel = "simulated"
