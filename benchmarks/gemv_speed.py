@@ -4,7 +4,7 @@
 For each linear shape of a model config, one input row, the time of ONE call measured inside a
 CUDA graph of ``--calls`` back-to-back calls (so launch gaps are as in the decode harness), for:
 fp16 ``nn.Linear`` (cuBLAS), RTN int4 g128 through the Triton GEMV and through tinygemm (bf16),
-the same with the first, byte-wise Triton kernel ("int4-triton-bytes"), the palettized 4-bit LUT GEMV, and W8A8 ``torch._int_mm`` (with its per-token quantization).
+the palettized 4-bit LUT GEMV, and W8A8 ``torch._int_mm`` (with its per-token quantization).
 Also the bytes each reads and the bandwidth that implies. It shows where a decode step's time
 goes: small matrices take a few microseconds whatever their format (latency-bound), and only the
 large ones gain from reading 4 bits instead of 16.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 
 import torch
 
@@ -63,7 +62,6 @@ def main():
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemv_speed.py times CUDA kernels: it needs a GPU")
-    from qtutor import _triton_kernels as tk
     from qtutor import kernels
     from qtutor.quant.palettize import PalettizeConfig, PalettizedLinear
     from qtutor.quant.rtn import RTNConfig, UniformLinear
@@ -82,15 +80,13 @@ def main():
         lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.float16)
         x = torch.randn(1, k, device=dev, dtype=torch.float16)
         variants = {"fp16": (lin, 2.0 * n * k)}
-        W = copy.deepcopy(lin).float()  # (nn.Module.float() would convert lin itself)
-        q = UniformLinear.from_float(W, RTNConfig(4, 128, False)).to(dev)
-        variants["int4-triton"] = fast(copy.deepcopy(q), "triton")        # int32 words of 8 codes
-        variants["int4-triton-bytes"] = fast(copy.deepcopy(q), "triton")  # the byte-wise kernel
+        q = UniformLinear.from_float(lin.float(), RTNConfig(4, 128, False)).to(dev)
+        variants["int4-triton"] = fast(copy.deepcopy(q), "triton")
         variants["int4-tinygemm"] = fast(copy.deepcopy(q), "tinygemm")  # bf16 inside
         if n * k < 2e7:  # exact k-means of the LM head's 9,496 LUTs would dominate the run
-            pal = PalettizedLinear.from_float(W, PalettizeConfig()).to(dev)
+            pal = PalettizedLinear.from_float(lin.float(), PalettizeConfig()).to(dev)
             variants["lut4-triton"] = fast(pal, "triton")
-        w8 = torch.nn.Sequential(W8A8Linear.from_float(W).to(dev))
+        w8 = torch.nn.Sequential(W8A8Linear.from_float(lin.float()).to(dev))
         variants["w8a8-int_mm"] = (w8, w8[0].weight_nbytes)
         base = None
         for vname, v in variants.items():
@@ -99,15 +95,12 @@ def main():
                 continue
             mod, nbytes = v
             xx = x.bfloat16() if vname == "int4-tinygemm" else x
-            tk.INT4_KERNEL = "bytes" if vname == "int4-triton-bytes" else "words"
             with torch.no_grad():
                 us = per_call_us(mod, xx, args.calls)
-            tk.INT4_KERNEL = "words"
             base = us if vname == "fp16" else base
             rows.append({"matrix": name, "out": n, "in": k, "kernel": vname, "us_per_call": us,
                          "MB_read": nbytes / 1e6, "GB_per_s": nbytes / us / 1e3,
-                         "vs_fp16": us / base,
-                         "layer_kernel": getattr(mod[0] if vname != "fp16" else mod, "last_kernel", None) or "cuBLAS"})
+                         "vs_fp16": us / base, "layer_kernel": getattr(mod[0] if vname != "fp16" else mod, "last_kernel", None) or "cuBLAS"})
             print(f"  {name:8s} {vname:14s} {us:8.2f} us  {nbytes / us / 1e3:7.0f} GB/s", flush=True)
     for r in rows:
         r.update({f"env_{k}": v for k, v in env.items()})
@@ -117,10 +110,7 @@ def main():
                        ("kernel", "kernel", ""), ("us_per_call", "us/call", ".2f"),
                        ("MB_read", "MB read", ".2f"), ("GB_per_s", "GB/s", ".0f"),
                        ("vs_fp16", "vs fp16", ".2f"), ("layer_kernel", "ran", "")]))
-    write_csv(rows, Path(args.out))
-    for tuned in (tk._words_tuned, tk._int4_tuned, tk._lut_tuned):  # the block sizes autotuning chose per shape
-        for key, cfg in tuned.cache.items():
-            print(f"  {tuned.fn.__name__}: {key} -> {cfg}")
+    write_csv(rows, __import__("pathlib").Path(args.out))
     print(f"wrote {args.out}")
 
 

@@ -83,42 +83,6 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, G, stride_w, 
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
-def _int4_gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, G, stride_w, stride_s, stride_z,
-                            GS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            BLOCK_N: tl.constexpr, GPI: tl.constexpr):
-    """The same product reading the codes as int32 words of 8 codes (``qweight.view(int32)``),
-    with the scale taken out of the inner sum: per word, ``s (sum_j q_j x_j - z sum_j x_j)``."""
-    WPG: tl.constexpr = GS // 8                                     # words per group
-    GW: tl.constexpr = GPI * WPG                                    # words per step
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    gw = tl.arange(0, GW)
-    j = tl.arange(0, 8)
-    acc = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
-    n_words = G * WPG
-    for w0 in range(0, n_words, GW):
-        wi = w0 + gw                                                # word index along the row
-        wmask = wi < n_words
-        m2 = rmask[:, None] & wmask[None, :]
-        g = wi // WPG
-        s = tl.load(s_ptr + rows[:, None] * stride_s + g[None, :], mask=m2, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zb = tl.load(z_ptr + rows[:, None] * stride_z + g[None, :] // 2, mask=m2, other=0).to(tl.int32)
-            z = ((zb >> ((g[None, :] % 2) * 4)) & 0xF).to(tl.float32)
-        else:
-            z = tl.full((BLOCK_N, GW), 8.0, dtype=tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + wi[None, :], mask=m2, other=0)   # (BN, GW) int32
-        q = ((w[:, :, None] >> (4 * j)[None, None, :]) & 0xF).to(tl.float32)         # (BN, GW, 8)
-        x = tl.load(x_ptr + wi[:, None] * 8 + j[None, :], mask=wmask[:, None], other=0.0).to(tl.float32)
-        qx = tl.sum(q * x[None, :, :], axis=2)                      # (BN, GW)
-        acc += s * (qx - z * tl.sum(x, axis=1)[None, :])
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
-
-
 # --------------------------------------------------------------------------- 4-bit LUT
 def _lut_gemv_kernel(x_ptr, w_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w, ROWS_PER_LUT,
                      HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
@@ -161,7 +125,6 @@ def _lut_gemv_kernel(x_ptr, w_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w,
 # --------------------------------------------------------------------------- compiled variants
 _int4_jit = triton.jit(_int4_gemv_kernel)
 _lut_jit = triton.jit(_lut_gemv_kernel)
-_words_jit = triton.jit(_int4_gemv_words_kernel)
 _INTERPRETED: dict = {}
 
 # Batch-1 GEMVs are latency-bound at these sizes: configs range from many row blocks with a few
@@ -175,13 +138,6 @@ _LUT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
                                   (16, 256, 4)]]
 _int4_tuned = triton.autotune(configs=_INT4_CONFIGS, key=["N", "G", "GS"])(_int4_jit)
 _lut_tuned = triton.autotune(configs=_LUT_CONFIGS, key=["N", "K", "GATHER", "HAS_SCALES"])(_lut_jit)
-_WORDS_CONFIGS = [triton.Config({"BLOCK_N": bn, "GPI": gpi}, num_warps=w)
-                  for bn, gpi, w in [(1, 8, 4), (2, 4, 4), (2, 8, 4), (4, 2, 4), (4, 4, 4), (8, 1, 4),
-                                     (8, 2, 4), (16, 1, 4), (4, 8, 8)]]
-_words_tuned = triton.autotune(configs=_WORDS_CONFIGS, key=["N", "G", "GS"])(_words_jit)
-
-#: which int4 kernel :func:`int4_gemv` runs: "words" (int32 loads) or "bytes" (the first version)
-INT4_KERNEL = "words"
 
 #: block sizes used where nothing is tuned (the interpreter, or an explicit ``config=``)
 DEFAULT_INT4 = {"BLOCK_N": 4, "GPI": 2}
@@ -241,11 +197,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
             N, G, qweight.stride(0), scales.stride(0), 0 if qzeros is None else qzeros.stride(0))
     kwargs = dict(GS=group_size, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None)
     assert G * group_size == K, "group_size must divide in_features"
-    if INT4_KERNEL == "words" and group_size >= 8 and qweight.is_contiguous():
-        args = (args[0], qweight.view(torch.int32), *args[2:8], qweight.stride(0) // 4, *args[9:])
-        _launch(_int4_gemv_words_kernel, _words_jit, _words_tuned, DEFAULT_INT4, config, N, args, kwargs)
-    else:
-        _launch(_int4_gemv_kernel, _int4_jit, _int4_tuned, DEFAULT_INT4, config, N, args, kwargs)
+    _launch(_int4_gemv_kernel, _int4_jit, _int4_tuned, DEFAULT_INT4, config, N, args, kwargs)
     return y
 
 

@@ -89,18 +89,9 @@ def test_accelerate_skips_with_reasons_and_rejects_bad_backend():
 # GPU compilation fails: on a machine with CUDA the compiled kernels are tested below instead.
 needs_interpreter = pytest.mark.skipif(not kernels.triton_available() or torch.cuda.is_available(),
                                        reason="Triton interpreter tests run on CPU-only machines")
-@pytest.fixture(params=["words", "bytes"])
-def int4_kernel(request, monkeypatch):
-    """Both Triton int4 kernels: int32 words of 8 codes (the default) and single bytes."""
-    from qtutor import _triton_kernels as tk
-    monkeypatch.setattr(tk, "INT4_KERNEL", request.param)
-    return request.param
-
-
 @needs_interpreter
-@pytest.mark.parametrize("sym,bias,gs,k", [(False, True, 32, 224), (True, False, 64, 256), (False, False, 16, 80),
-                                           (False, True, 4, 40)])
-def test_triton_int4_gemv_equals_reference(sym, bias, gs, k, int4_kernel):
+@pytest.mark.parametrize("sym,bias,gs,k", [(False, True, 32, 224), (True, False, 64, 256), (False, False, 16, 80)])
+def test_triton_int4_gemv_equals_reference(sym, bias, gs, k):
     layer = uniform(24, k, gs, sym, bias)
     x = torch.randn(k)
     y = kernels.int4_gemv(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, gs)
@@ -176,7 +167,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("sym", [False, True])
-def test_triton_int4_gemv_on_cuda(sym, int4_kernel):
+def test_triton_int4_gemv_on_cuda(sym):
     layer = uniform(896, 4864, 128, sym).cuda()
     x = torch.randn(1, 4864, device="cuda", dtype=torch.float16)
     y = kernels.int4_gemv(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, 128)  # autotuned
