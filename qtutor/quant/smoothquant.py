@@ -143,8 +143,9 @@ class W8A8Linear(QuantizedLinear):
 
     and computes ``q_x q_w^T`` as an int8 x int8 -> int32 matmul with ``torch._int_mm`` where it
     is available for the shapes (:func:`int_mm_supported`), otherwise in floating point with the
-    same numbers (:meth:`forward_simulated`). On CUDA, fewer than 17 rows (batch-1 decoding)
-    are zero-padded to :data:`INT_MM_MIN_ROWS` rows first. ``last_kernel`` records which ran:
+    same numbers (:meth:`forward_simulated`). On CUDA, where the int8 GEMM needs more than 16
+    rows, an input of fewer than :data:`INT_MM_MIN_ROWS` (32) rows, such as one decoding step,
+    is zero-padded to 32 rows first. ``last_kernel`` records which ran:
     ``"torch._int_mm"`` (with the padding, if any) or ``"simulated"``. Set ``use_int_mm = False``
     to force the simulation.
     ``dequantize()`` is the weight ``s_w q_w`` the layer represents.
@@ -191,7 +192,7 @@ class W8A8Linear(QuantizedLinear):
         q_x, s_x = self._quantize_input(x)
         M, K, N = q_x.shape[0], self.in_features, self.out_features
         # CUDA's int8 GEMM (cuBLASLt) needs more than 16 rows: a decoding step (M = 1) is padded
-        # with zero rows to INT_MM_MIN_ROWS; the extra rows cost no weight traffic
+        # with zero rows to INT_MM_MIN_ROWS (the weight is still read once)
         rows = INT_MM_MIN_ROWS if q_x.is_cuda and M < INT_MM_MIN_ROWS else M
         if self.use_int_mm and int_mm_supported(rows, K, N, q_x.device):
             a = q_x if rows == M else torch.cat([q_x, q_x.new_zeros(rows - M, K)])
