@@ -12,6 +12,7 @@ between a converted layer's fast forward and its reference forward on one random
 
     python benchmarks/decode_speed.py                         # CUDA if available, Qwen2-0.5B
     python benchmarks/decode_speed.py --device cpu --config tiny
+    python benchmarks/decode_speed.py --device cpu --model qtutor-tiny   # the embedded model
 
 Rows (``--methods``; default all that apply to the device):
   fp16 / bf16                  nn.Linear (cuBLAS); on CPU the "fp16" row runs in fp32
@@ -61,6 +62,9 @@ def parse_args(argv=None):
                    help="LUTs for the palettized rows: quantiles (fast; timing only) or the registered "
                         "palettization_4bit method (exact k-means; slow on Qwen2-0.5B)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    p.add_argument("--model", default=None,
+                   help="time a real model instead of a random-weight config, e.g. qtutor-tiny "
+                        "(the embedded model) or a folder")
     p.add_argument("--triton-on-cpu", action="store_true",
                    help="on CPU, run the Triton rows in Triton's interpreter (a correctness check: about "
                         "10 minutes for the tiny config with --tokens 3 --runs 1)")
@@ -139,11 +143,17 @@ def main(argv=None):
         raise SystemExit(f"unknown method(s) {unknown}; choose from {ALL}")
     env = environment(device)
     print_env(env)
-    print(f"model: {config} (random weights), batch 1, prompt {args.prompt} tokens, "
+    if args.model:
+        config = args.model
+    print(f"model: {config}{'' if args.model else ' (random weights)'}, batch 1, prompt {args.prompt} tokens, "
           f"{args.tokens} new tokens, median of {args.runs} runs after 1 warm-up")
     t_start = time.perf_counter()
 
-    base = build_model(config, main_dtype, device)
+    if args.model:
+        from qtutor.models import load_model
+        base, _ = load_model(args.model, dtype=main_dtype, device=str(device))
+    else:
+        base = build_model(config, main_dtype, device)
     vocab = base.config.vocab_size
     prompt = torch.randint(0, vocab, (args.prompt,), generator=torch.Generator().manual_seed(0))
     base_bf16 = None
