@@ -1,9 +1,11 @@
 """Run a model one decoder layer at a time on calibration windows (chapters 2-4).
 
-As in the GPTQ, AWQ and SmoothQuant reference code: the embeddings of all calibration windows
-enter layer 0; each layer is quantized from the inputs it sees, then run again (quantized) to
-produce the inputs of the next layer, so errors of earlier layers are visible to later ones.
-Only one layer at a time needs to sit on the compute device.
+As in the GPTQ reference code: the embeddings of all calibration windows enter layer 0; each
+layer is quantized from the inputs it sees, then run again (quantized) to produce the inputs of
+the next layer, so errors of earlier layers are visible to later ones. Every calibrated method
+here uses this driver; the AWQ and SmoothQuant references instead calibrate each layer on the
+float model's activations (their modules say so). Only one layer at a time needs to sit on the
+compute device.
 """
 from __future__ import annotations
 
