@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 
 import torch
 
@@ -80,13 +81,14 @@ def main():
         lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.float16)
         x = torch.randn(1, k, device=dev, dtype=torch.float16)
         variants = {"fp16": (lin, 2.0 * n * k)}
-        q = UniformLinear.from_float(lin.float(), RTNConfig(4, 128, False)).to(dev)
+        W = copy.deepcopy(lin).float()  # (nn.Module.float() would convert lin itself)
+        q = UniformLinear.from_float(W, RTNConfig(4, 128, False)).to(dev)
         variants["int4-triton"] = fast(copy.deepcopy(q), "triton")
         variants["int4-tinygemm"] = fast(copy.deepcopy(q), "tinygemm")  # bf16 inside
         if n * k < 2e7:  # exact k-means of the LM head's 9,496 LUTs would dominate the run
-            pal = PalettizedLinear.from_float(lin.float(), PalettizeConfig()).to(dev)
+            pal = PalettizedLinear.from_float(W, PalettizeConfig()).to(dev)
             variants["lut4-triton"] = fast(pal, "triton")
-        w8 = torch.nn.Sequential(W8A8Linear.from_float(lin.float()).to(dev))
+        w8 = torch.nn.Sequential(W8A8Linear.from_float(W).to(dev))
         variants["w8a8-int_mm"] = (w8, w8[0].weight_nbytes)
         base = None
         for vname, v in variants.items():
@@ -110,7 +112,11 @@ def main():
                        ("kernel", "kernel", ""), ("us_per_call", "us/call", ".2f"),
                        ("MB_read", "MB read", ".2f"), ("GB_per_s", "GB/s", ".0f"),
                        ("vs_fp16", "vs fp16", ".2f"), ("layer_kernel", "ran", "")]))
-    write_csv(rows, __import__("pathlib").Path(args.out))
+    write_csv(rows, Path(args.out))
+    from qtutor import _triton_kernels as tk
+    for tuned in (tk._int4_tuned, tk._lut_tuned):  # the block sizes autotuning chose per shape
+        for key, cfg in tuned.cache.items():
+            print(f"  {tuned.fn.__name__}: {key} -> {cfg}")
     print(f"wrote {args.out}")
 
 
