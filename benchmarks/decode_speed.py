@@ -141,6 +141,8 @@ def main(argv=None):
     unknown = [m for m in wanted if m not in ALL]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {ALL}")
+    # every ratio needs its baseline row: fp16 always, bf16 for the tinygemm row
+    wanted = list(dict.fromkeys(["fp16"] + wanted + (["bf16"] if "rtn_int4-tinygemm" in wanted else [])))
     env = environment(device)
     print_env(env)
     if args.model:
