@@ -21,12 +21,18 @@ Rows (``--methods``; default all that apply to the device):
   rtn_int4-triton              RTN int4 g128, Triton int4 GEMV on the packed codes (CUDA)
   rtn_int4-tinygemm            RTN int4 g128 re-packed for aten._weight_int4pack_mm (bf16)
   palettized4-gather / -load   4-bit LUT per 16 rows + per-row scale, Triton LUT GEMV (CUDA)
+  palettized4-load-f32         the same, reading a stored float32 copy of the LUTs (counted)
   smoothquant_w8a8             W8A8Linear as registered: torch._int_mm (int8 x int8 -> int32;
                                on CUDA a batch-1 step is zero-padded to 32 rows, as it needs > 16)
   + with --compile, "-compile" variants of the fp16/bf16 baselines, rtn_int4-triton/-tinygemm,
     palettized4-load and smoothquant_w8a8: the step goes through torch.compile (inductor fuses
     the norms, rotary and elementwise glue) before the CUDA graph is captured; their ratios are
     taken against the compiled baseline of the same dtype
+
+The harness stacks q/k/v and gate/up into one matmul each for every row alike (``--no-fuse``:
+seven matmuls per layer). ``--profile`` (CUDA) adds, per row, the kernels one decode step
+launches, the sum of their device times (``gpu_us``) and the part in matrix products
+(``matmul_us``): ms/token minus gpu_us is launch and gap time.
 """
 from __future__ import annotations
 
@@ -42,8 +48,8 @@ import torch
 from _common import CONFIGS, ROOT, build_model, environment, pick_device, print_env, table, write_csv
 
 ALL = ["fp16", "bf16", "hf-loop", "rtn_int4-reference", "rtn_int4-triton", "rtn_int4-tinygemm",
-       "palettized4-gather", "palettized4-load", "smoothquant_w8a8"]
-CUDA_ONLY = {"rtn_int4-triton", "palettized4-gather", "palettized4-load"}
+       "palettized4-gather", "palettized4-load", "palettized4-load-f32", "smoothquant_w8a8"]
+CUDA_ONLY = {"rtn_int4-triton", "palettized4-gather", "palettized4-load", "palettized4-load-f32"}
 
 
 def parse_args(argv=None):
@@ -62,6 +68,8 @@ def parse_args(argv=None):
                    help="LUTs for the palettized rows: quantiles (fast; timing only) or the registered "
                         "palettization_4bit method (exact k-means; slow on Qwen2-0.5B)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    p.add_argument("--no-fuse", action="store_true", help="do not stack q/k/v and gate/up projections")
+    p.add_argument("--profile", action="store_true", help="profile one decode step per row (CUDA)")
     p.add_argument("--model", default=None,
                    help="time a real model instead of a random-weight config, e.g. qtutor-tiny "
                         "(the embedded model) or a folder")
@@ -176,8 +184,14 @@ def main(argv=None):
         try:
             model, info = make()
             if harness == "fast":
-                lat = fast_decode_latency(model, prompt, args.tokens, runs=args.runs, compile=compile)
+                lat = fast_decode_latency(model, prompt, args.tokens, runs=args.runs, compile=compile,
+                                          fuse=not args.no_fuse, profile=args.profile and cuda)
                 row["harness"] = lat.method
+                if lat.profile:
+                    row.update(kernels_per_step=lat.profile["kernels"], gpu_us=lat.profile["gpu_us"],
+                               matmul_us=lat.profile["matmul_us"])
+                    print(f"    {name}: {lat.profile['kernels']} kernels, {lat.profile['gpu_us']:.0f} us on "
+                          f"the GPU ({lat.profile['matmul_us']:.0f} in matmuls); top: {lat.profile['top']}")
             else:
                 lat = decode_latency(model, prompt, args.tokens, runs=args.runs)
                 row["harness"] = "hf-dynamic-cache"
@@ -270,6 +284,7 @@ def main(argv=None):
            else None, "bf16", check=ref_of_tinygemm)
     record("palettized4-gather", main_name, palettized("gather"), main_name, check=ref_of_triton)
     record("palettized4-load", main_name, palettized("load"), main_name, check=ref_of_triton)
+    record("palettized4-load-f32", main_name, palettized("load-f32"), main_name, check=ref_of_triton)
     record("smoothquant_w8a8", main_name, w8a8, main_name)
     if args.compile:  # the same rows with the step through torch.compile, against compiled baselines
         mc = f"{main_name}-compile"
@@ -277,6 +292,8 @@ def main(argv=None):
         record("rtn_int4-triton-compile", main_name, rtn(base, "triton"), mc, compile=True,
                check=ref_of_triton)
         record("palettized4-load-compile", main_name, palettized("load"), mc, compile=True,
+               check=ref_of_triton)
+        record("palettized4-load-f32-compile", main_name, palettized("load-f32"), mc, compile=True,
                check=ref_of_triton)
         record("smoothquant_w8a8-compile", main_name, w8a8, mc, compile=True)
         if "rtn_int4-tinygemm" in wanted:
@@ -297,6 +314,8 @@ def main(argv=None):
                        ("baseline", "baseline", ""), ("baseline_ms_per_token", "base ms/token", ".3f"),
                        ("ratio", "ratio", ".3f"), ("bits_per_weight", "bits/w", ".2f"),
                        ("linear_MB", "linears MB", ".1f"), ("kernel_check", "kernel chk", ".1e"),
+                       ("kernels_per_step", "kernels", ""), ("gpu_us", "GPU us", ".0f"),
+                       ("matmul_us", "matmul us", ".0f"),
                        ("kernels", "kernels", ""), ("harness", "harness", ""), ("status", "status", "")]))
     out = Path(args.out)
     write_csv(rows, out)

@@ -28,6 +28,7 @@ def shapes(config: str) -> dict:
     h, i = c["hidden_size"], c["intermediate_size"]
     kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
     return {"q/o": (h, h), "k/v": (kv, h), "gate/up": (i, h), "down": (h, i),
+            "qkv": (h + 2 * kv, h), "gate_up": (2 * i, h),  # stacked, as the decode harness runs them
             "lm_head": (c["vocab_size"], h)}
 
 
@@ -68,9 +69,9 @@ def main():
     from qtutor.quant.rtn import RTNConfig, UniformLinear
     from qtutor.quant.smoothquant import W8A8Linear
 
-    def fast(layer, backend):  # accelerate() converts the layers inside a model
+    def fast(layer, backend, lut_mode="load"):  # accelerate() converts the layers inside a model
         model = torch.nn.Sequential(layer)
-        res = kernels.accelerate(model, backend)
+        res = kernels.accelerate(model, backend, lut_mode=lut_mode)
         return (model, model[0].weight_nbytes) if res["converted"] else None
     dev = torch.device("cuda")
     env = environment(dev)
@@ -87,7 +88,8 @@ def main():
         variants["int4-tinygemm"] = fast(copy.deepcopy(q), "tinygemm")  # bf16 inside
         if n * k < 2e7:  # exact k-means of the LM head's 9,496 LUTs would dominate the run
             pal = PalettizedLinear.from_float(W, PalettizeConfig()).to(dev)
-            variants["lut4-triton"] = fast(pal, "triton")
+            variants["lut4-triton"] = fast(copy.deepcopy(pal), "triton")
+            variants["lut4-triton-f32"] = fast(pal, "triton", "load-f32")
         w8 = torch.nn.Sequential(W8A8Linear.from_float(W).to(dev))
         variants["w8a8-int_mm"] = (w8, w8[0].weight_nbytes)
         base = None

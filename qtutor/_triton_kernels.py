@@ -44,6 +44,15 @@ except ImportError:  # pragma: no cover - older triton
 
 
 # --------------------------------------------------------------------------- int4, scale + zero
+# 2^23 as float32 has a zero mantissa: OR-ing a 4-bit code q into the mantissa's low bits and
+# reading the word back as a float gives 2^23 + q exactly, without an int->float conversion
+# instruction (a quarter-rate instruction on NVIDIA GPUs, one per weight). Subtracting 2^23 + z
+# then gives (q - z) exactly. This is the usual trick of fast int4 kernels (FasterTransformer,
+# Marlin), here in 32-bit form.
+MAGIC_BITS: tl.constexpr = 0x4B000000   # the bits of 8388608.0 = 2^23
+MAGIC: tl.constexpr = 8388608.0
+
+
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, G, stride_w, stride_s, stride_z,
                       GS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, GPI: tl.constexpr):
@@ -54,7 +63,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, G, stride_w, 
     rmask = rows < N
     gi = tl.arange(0, GPI)                                          # (GPI,)
     hh = tl.arange(0, HALF)                                         # (HALF,) byte in a group
-    acc = tl.zeros((BLOCK_N, GPI, HALF), dtype=tl.float32)
+    kk = tl.arange(0, GS)                                           # (GS,) column in a group
+    acc = tl.zeros((BLOCK_N, GPI), dtype=tl.float32)
     for g0 in range(0, G, GPI):
         g = g0 + gi
         gmask = g < G
@@ -65,19 +75,16 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, G, stride_w, 
             z = ((zb >> ((g[None, :] % 2) * 4)) & 0xF).to(tl.float32)
         else:
             z = tl.full((BLOCK_N, GPI), 8.0, dtype=tl.float32)
-        s3 = s[:, :, None]
-        zs3 = (z * s)[:, :, None]
         col = g[:, None] * HALF + hh[None, :]                       # (GPI, HALF) byte column
         b = tl.load(w_ptr + rows[:, None, None] * stride_w + col[None, :, :],
                     mask=m2[:, :, None], other=0).to(tl.int32)      # (BN, GPI, HALF)
-        lo = (b & 0xF).to(tl.float32)                               # even input column
-        hi = ((b >> 4) & 0xF).to(tl.float32)                        # odd input column
-        xk = g[:, None] * GS + 2 * hh[None, :]
-        xm = gmask[:, None]
-        xe = tl.load(x_ptr + xk, mask=xm, other=0.0).to(tl.float32)[None, :, :]
-        xo = tl.load(x_ptr + xk + 1, mask=xm, other=0.0).to(tl.float32)[None, :, :]
-        acc += (lo * s3 - zs3) * xe + (hi * s3 - zs3) * xo
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        lo = ((b & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True)          # 2^23 + even code
+        hi = (((b >> 4) & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True)   # 2^23 + odd code
+        q = tl.reshape(tl.join(lo, hi), (BLOCK_N, GPI, GS))         # columns in order
+        w = q - (z + MAGIC)[:, :, None]                             # q - z, exact
+        x = tl.load(x_ptr + g[:, None] * GS + kk[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        acc += s * tl.sum(w * x[None, :, :], axis=2)                # scale once per group
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
@@ -87,16 +94,18 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, G, stride_w, 
 def _lut_gemv_kernel(x_ptr, w_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w, ROWS_PER_LUT,
                      HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n] = scale[n] * sum_k LUT[n // R][idx[n,k]] x[k] (+ b[n])."""
+    """y[n] = scale[n] * sum_k LUT[n // R][idx[n,k]] x[k] (+ b[n]). The LUT may be fp16 or fp32."""
     HALF: tl.constexpr = BLOCK_K // 2
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     lrow = rows // ROWS_PER_LUT
     c = tl.arange(0, 16)
-    lut = tl.load(lut_ptr + lrow[:, None] * 16 + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    if GATHER:
+        lut = tl.load(lut_ptr + lrow[:, None] * 16 + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     hk = tl.arange(0, HALF)
-    acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+    kc = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     KB = K // 2
     for k0 in range(0, KB, HALF):
         kk = k0 + hk                                                # byte column
@@ -111,9 +120,10 @@ def _lut_gemv_kernel(x_ptr, w_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w,
         else:       # indexed load from the (L1-resident) LUT
             wl = tl.load(lut_ptr + lrow[:, None] * 16 + lo, mask=m2, other=0.0).to(tl.float32)
             wh = tl.load(lut_ptr + lrow[:, None] * 16 + hi, mask=m2, other=0.0).to(tl.float32)
-        xe = tl.load(x_ptr + 2 * kk, mask=km, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + 2 * kk + 1, mask=km, other=0.0).to(tl.float32)
-        acc += wl * xe[None, :] + wh * xo[None, :]
+        w = tl.reshape(tl.join(wl, wh), (BLOCK_N, BLOCK_K))         # columns in order
+        xk = 2 * k0 + kc
+        x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
+        acc += w * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_SCALES:
         y *= tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)

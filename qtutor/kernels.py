@@ -25,6 +25,7 @@ forward by ``tests/test_kernels.py``:
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -37,6 +38,10 @@ from .quant.rtn import UniformLinear, group_layout
 
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 BACKENDS = ("auto", "triton", "tinygemm", "none")
+#: how the LUT GEMV reads a table entry: from registers (``tl.gather``), by an indexed load from
+#: the layer's fp16 LUT, or by an indexed load from a float32 copy (no fp16 -> fp32 conversion
+#: per weight; the copy is a buffer, so bits per weight count it)
+LUT_MODES = ("gather", "load", "load-f32")
 
 
 # --------------------------------------------------------------------------- availability
@@ -120,6 +125,13 @@ class Int4TinyGemmLinear(QuantizedLinear):
         self.register_buffer("weight_int4pack", weight_int4pack)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.last_kernel: Optional[str] = None
+
+    # the CUDA layout tiles 8 output rows at a time, the CPU one 64: whole tiles stack
+    row_dims = {"weight_int4pack": 0, "scales_and_zeros": 1, "bias": 0}
+
+    @property
+    def row_unit(self) -> int:
+        return 8 if self.packed_for == "cuda" else 64
 
     @classmethod
     def from_uniform(cls, layer: UniformLinear, verify: bool = True) -> "Int4TinyGemmLinear":
@@ -217,8 +229,10 @@ class _TritonLUT(_TritonGemvMixin):
     triton_config: Optional[dict] = None
 
     def _gemv(self, x):
-        return lut_gemv(x, self.qweight, self.lut, self.scales, self.bias, self.rows_per_lut,
-                        self.lut_mode, self.triton_config)
+        lut = self.lut_f32 if self.lut_mode == "load-f32" else self.lut
+        mode = "gather" if self.lut_mode == "gather" else "load"
+        return lut_gemv(x, self.qweight, lut, self.scales, self.bias, self.rows_per_lut, mode,
+                        self.triton_config)
 
 
 _SWAPPED: dict = {}
@@ -270,6 +284,7 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
                kernel_on_cpu: bool = False) -> dict:
     """Give every eligible quantized layer of ``model`` a fast matmul, in place.
 
+    ``lut_mode``: one of :data:`LUT_MODES`.
     ``backend``: ``"triton"`` (Triton GEMVs on the layers' own storage: 4-bit ``UniformLinear``
     and 4-bit LUT layers), ``"tinygemm"`` (``UniformLinear`` re-packed into
     :class:`Int4TinyGemmLinear`; LUT layers still get Triton when available), ``"auto"``
@@ -281,8 +296,8 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
     """
     if backend not in BACKENDS:
         raise QtutorError(f"unknown kernel backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if lut_mode not in ("gather", "load"):
-        raise QtutorError(f"unknown LUT mode {lut_mode!r}; choose 'gather' or 'load'")
+    if lut_mode not in LUT_MODES:
+        raise QtutorError(f"unknown LUT mode {lut_mode!r}; choose from {', '.join(LUT_MODES)}")
     params = list(model.parameters()) + list(model.buffers())
     device = params[0].device if params else torch.device("cpu")
     has_triton = triton_available()
@@ -317,10 +332,94 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
                 module.__class__ = _swapped_class(type(module), _TritonLUT)
                 module.kernel_on_cpu = kernel_on_cpu
                 module.lut_mode = lut_mode
+                if lut_mode == "load-f32":  # a stored float32 copy: counted in the weight bytes
+                    module.register_buffer("lut_f32", module.lut.float().contiguous())
                 converted[name] = f"triton lut_gemv ({lut_mode})"
             else:
                 skipped[name] = reason
     return {"backend": backend, "converted": converted, "skipped": skipped}
+
+
+# --------------------------------------------------------------------------- stacked rows
+_NOT_STATE = ("out_features", "last_kernel", "training")
+
+
+def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -> Optional[nn.Module]:
+    """One layer computing ``torch.cat([layer(x) for layer in layers], -1)`` with ONE matmul.
+
+    Projections that read the same input (q, k and v; gate and up) are stacked along the output
+    dimension, as inference engines do: a decode step then launches one kernel instead of three
+    (or two) and reads one larger weight. Works for ``nn.Linear`` and for every layer that says
+    which buffers hold its rows (``QuantizedLinear.row_dims``): their row slices are concatenated,
+    everything else (group size, bit width, kernel settings, act-order ``g_idx``) must be equal.
+    Returns None where the layers cannot be stacked: different classes or inputs, a layer with
+    no ``row_dims`` (NF4, whose second-level statistics span the whole matrix), or a part that
+    ends inside a block of rows (a LUT shared by rows of two layers). ``verify`` checks the
+    stacked layer against the separate ones on a random input row of ``dtype`` (a layout error
+    raises).
+    """
+    layers = list(layers)
+    first = layers[0]
+    cls = type(first)
+    if len(layers) < 2 or any(type(m) is not cls or m.in_features != first.in_features for m in layers):
+        return None
+    sizes = [m.out_features for m in layers]
+    if cls is nn.Linear:
+        w = first.weight
+        fused = nn.Linear(first.in_features, sum(sizes), bias=any(m.bias is not None for m in layers),
+                          device=w.device, dtype=w.dtype)
+        fused.weight.data.copy_(torch.cat([m.weight.data for m in layers]))
+        if fused.bias is not None:
+            fused.bias.data.copy_(torch.cat([w.new_zeros(m.out_features) if m.bias is None else m.bias.data
+                                             for m in layers]))
+        fused.requires_grad_(False)
+    else:
+        spec = getattr(first, "row_dims", None)
+        if not spec or any(n % first.row_unit for n in sizes[:-1]):
+            return None
+        state = {k: v for k, v in vars(first).items() if not k.startswith("_") and k not in _NOT_STATE}
+        for m in layers[1:]:
+            if {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in _NOT_STATE} != state:
+                return None
+            for name, b in m._buffers.items():
+                b0 = first._buffers.get(name)
+                if name not in spec and not ((b is None and b0 is None) or
+                                             (b is not None and b0 is not None and torch.equal(b, b0))):
+                    return None
+        fused = copy.copy(first)  # same class and settings (a Triton swap included) ...
+        fused._buffers = dict(first._buffers)  # ... with its own buffers
+        fused._parameters, fused._modules = dict(first._parameters), dict(first._modules)
+        for name, dim in spec.items():
+            parts = [m._buffers.get(name) for m in layers]
+            if all(p is None for p in parts):
+                continue
+            if any(p is None for p in parts):
+                if name != "bias":
+                    return None
+                ref = next(p for p in parts if p is not None)
+                parts = [ref.new_zeros(m.out_features) if p is None else p for p, m in zip(parts, layers)]
+            try:
+                fused._buffers[name] = torch.cat(parts, dim)
+            except RuntimeError as err:
+                raise QtutorError(f"cannot stack {cls.__name__} buffer {name!r} along dim {dim} ({err}): "
+                                  f"its row_dims do not describe its layout") from None
+        fused.out_features = sum(sizes)
+    if verify:
+        _check_fused(fused, layers, dtype)
+    return fused
+
+
+@torch.no_grad()
+def _check_fused(fused, layers, dtype) -> None:
+    t = next(iter(fused.buffers()), None)
+    t = fused.weight if isinstance(fused, nn.Linear) else t
+    dtype = t.dtype if isinstance(fused, nn.Linear) else dtype
+    x = torch.randn(1, fused.in_features, generator=torch.Generator().manual_seed(0)).to(t.device, dtype)
+    ref = torch.cat([m(x) for m in layers], -1).float()
+    err = float((fused(x).float() - ref).norm() / ref.norm().clamp(min=1e-12))
+    if not err < 1e-2:
+        raise QtutorError(f"stacking {type(fused).__name__} rows changed the output (relative error "
+                          f"{err:.3g}): its row_dims do not describe its layout")
 
 
 def restore(model: nn.Module) -> int:
@@ -329,6 +428,7 @@ def restore(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, _TritonGemvMixin):
             module.__class__ = type(module).reference_class
+            module._buffers.pop("lut_f32", None)
             n += 1
     return n
 

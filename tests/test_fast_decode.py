@@ -64,7 +64,25 @@ def test_fast_decode_latency_fields():
     model = tiny_model("llama")
     r = fast_decode_latency(model, torch.arange(6), new_tokens=4, runs=2)
     assert r.ms_per_token > 0 and len(r.runs_ms_per_token) == 2 and r.new_tokens == 4
-    assert (r.device, r.dtype, r.method, r.cuda_graph) == ("cpu", "float32", "static-cache", False)
+    assert (r.device, r.dtype, r.method, r.cuda_graph) == ("cpu", "float32", "static-cache+fused", False)
+    r = fast_decode_latency(model, torch.arange(6), new_tokens=4, runs=1, fuse=False)
+    assert r.method == "static-cache"
+
+
+@pytest.mark.parametrize("method", ["fp16_baseline", "rtn_int4", "qlora_nf4"])
+def test_stacked_projections_decode_the_same_tokens(method):
+    """q/k/v and gate/up stacked into one layer each (where the format allows) change nothing."""
+    model = varied_model("qwen2")
+    if method != "fp16_baseline":
+        qtutor.quantize(model, method, qtutor.RTNConfig(4, 32) if method == "rtn_int4" else None)
+    prompt = torch.randint(0, 128, (5,), generator=torch.Generator().manual_seed(3))
+    fused, apart = StaticDecoder(model, 30), StaticDecoder(model, 30, fuse=False)
+    n_layers = len(model.model.layers)
+    # NF4's second-level statistics span a whole matrix: its layers do not stack, and run apart
+    assert len(fused.fused) == (0 if method == "qlora_nf4" else 2 * n_layers) and len(apart.fused) == 0
+    out = fused.generate(prompt, 16)[0]
+    assert torch.equal(out, apart.generate(prompt, 16)[0])
+    assert torch.equal(out, greedy_decode(model, prompt, 16)[0])
 
 
 def test_fast_decode_errors():
@@ -81,7 +99,7 @@ def test_bench_fast_decode_option():
     assert args.fast_decode is True and args.kernels == "auto"
     assert build_parser().parse_args([]).fast_decode is None  # default: on CUDA only
     r = _latency(tiny_model("qwen2"), torch.arange(5), args, torch.device("cpu"))
-    assert r.method == "static-cache"
+    assert r.method == "static-cache+fused"
 
 
 def test_chunked_loss_equals_full_logits(monkeypatch):

@@ -146,18 +146,101 @@ def test_accelerate_triton_swaps_forward_keeps_storage():
 
 
 @needs_interpreter
-def test_accelerate_triton_palettized_layer():
+@pytest.mark.parametrize("mode", ["load", "load-f32"])
+def test_accelerate_triton_palettized_layer(mode):
     palettize = pytest.importorskip("qtutor.quant.palettize")
     g = torch.Generator().manual_seed(0)
     q = palettize.LUTWeight(torch.randint(0, 16, (32, 64), generator=g, dtype=torch.uint8),
                             torch.randn(2, 16, generator=g).half(), torch.rand(32, generator=g).half(), 4)
     layer = palettize.PalettizedLinear(q, torch.randn(32, generator=g))
     model = nn.Sequential(layer)
-    res = kernels.accelerate(model, "triton", lut_mode="load", kernel_on_cpu=True)
-    assert list(res["converted"].values()) == ["triton lut_gemv (load)"]
+    nbytes = layer.weight_nbytes
+    res = kernels.accelerate(model, "triton", lut_mode=mode, kernel_on_cpu=True)
+    assert list(res["converted"].values()) == [f"triton lut_gemv ({mode})"]
+    # the float32 table copy is stored, so it is counted: 2 LUTs x 16 entries x 4 bytes
+    assert layer.weight_nbytes == nbytes + (2 * 16 * 4 if mode == "load-f32" else 0)
     x = torch.randn(1, 64)
     torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-3, atol=1e-3)
     assert layer.last_kernel == "triton lut_gemv"
+    assert kernels.restore(model) == 1 and layer.weight_nbytes == nbytes
+
+
+# --------------------------------------------------------------------------- stacked rows (fuse_rows)
+def _stack_case(kind, n_parts=(24, 8, 8), k=64):
+    from qtutor.quant import nf4, palettize, smoothquant
+    from qtutor.quant.rtn import FloatLinear
+    torch.manual_seed(0)
+    lins = [nn.Linear(k, n) for n in n_parts]
+    make = {"linear": lambda m: m,
+            "float": FloatLinear,
+            "rtn_asym": lambda m: UniformLinear.from_float(m, RTNConfig(4, 32, False)),
+            "rtn_sym": lambda m: UniformLinear.from_float(m, RTNConfig(4, 32, True)),
+            "palettized": lambda m: palettize.PalettizedLinear.from_float(
+                m, palettize.PalettizeConfig(group_size=8)),
+            "w8a8": smoothquant.W8A8Linear.from_float,
+            "nf4": nf4.NF4Linear.from_float}[kind]
+    return [make(m) for m in lins]
+
+
+@pytest.mark.parametrize("kind", ["linear", "float", "rtn_asym", "rtn_sym", "palettized", "w8a8"])
+def test_fuse_rows_equals_the_concatenated_outputs(kind):
+    parts = _stack_case(kind)
+    fused = kernels.fuse_rows(parts)
+    assert fused is not None and type(fused) is type(parts[0]) and fused.out_features == 40
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], -1), rtol=1e-5, atol=1e-5)
+    if kind not in ("linear", "float"):  # the stacked layer stores exactly the parts' bytes
+        assert fused.weight_nbytes == sum(p.weight_nbytes for p in parts)
+    assert parts[0].out_features == 24  # the parts are untouched
+
+
+def test_fuse_rows_refuses_what_cannot_stack():
+    assert kernels.fuse_rows(_stack_case("nf4")) is None           # global second-level statistics
+    lut = _stack_case("palettized", (20, 8, 8))                     # a LUT would span two layers
+    assert lut[0].rows_per_lut == 8 and kernels.fuse_rows(lut) is None
+    mixed = _stack_case("rtn_asym")[:2] + _stack_case("rtn_sym")[2:]  # zero points vs none
+    assert kernels.fuse_rows(mixed) is None
+    assert kernels.fuse_rows(_stack_case("rtn_asym")[:1]) is None   # nothing to stack
+    a = _stack_case("rtn_asym")
+    b = [UniformLinear.from_float(nn.Linear(64, 8), RTNConfig(4, 64, False))]
+    assert kernels.fuse_rows(a[:2] + b) is None                     # another group size
+
+
+def test_fuse_rows_checks_the_layout(monkeypatch):
+    from qtutor.quant.smoothquant import W8A8Linear
+    parts = _stack_case("w8a8")
+    monkeypatch.setattr(W8A8Linear, "row_dims", {"qweight": 1, "weight_scales": 0, "bias": 0})
+    with pytest.raises(qtutor.QtutorError, match="row_dims do not describe"):
+        kernels.fuse_rows(parts)
+
+
+@needs_tinygemm
+def test_fuse_rows_tinygemm_cpu_tiles():
+    """The CPU layout tiles 64 rows: parts of 64 stack, smaller ones are refused (not mis-stacked)."""
+    torch.manual_seed(0)
+    def tg(n):
+        return kernels.Int4TinyGemmLinear.from_uniform(uniform(n, 128, 32))
+    parts = [tg(64), tg(128), tg(32)]
+    fused = kernels.fuse_rows(parts, dtype=torch.bfloat16)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], -1))
+    assert kernels.fuse_rows([tg(32), tg(32)]) is None
+
+
+@needs_interpreter
+def test_fuse_rows_keeps_the_triton_kernel():
+    from conftest import tiny_model
+    model = tiny_model("qwen2")
+    qtutor.quantize(model, "rtn_int4", RTNConfig(4, 32))
+    kernels.accelerate(model, "triton", kernel_on_cpu=True)
+    a = model.model.layers[0].self_attn
+    fused = kernels.fuse_rows([a.q_proj, a.k_proj, a.v_proj])
+    assert type(fused).__name__ == "TritonUniformLinear" and fused.kernel_on_cpu
+    x = torch.randn(1, 1, a.q_proj.in_features)
+    torch.testing.assert_close(fused(x), torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1),
+                               rtol=1e-4, atol=1e-4)
+    assert fused.last_kernel == "triton int4_gemv"
 
 
 # --------------------------------------------------------------------------- on a GPU (skipped here)

@@ -15,13 +15,24 @@ only pay off once that overhead is gone. This module removes it in two steps:
 
 :class:`StaticDecoder` runs the model's OWN modules (embeddings, norms, MLPs, the q/k/v/o
 projections, so any ``QuantizedLinear`` and any fast kernel in them is what is timed) and
-re-implements only the attention glue of the Qwen2/Llama family. Rotary position embedding is
-applied as what it is, a rotation: for position ``p`` the map ``q -> q cos + rotate_half(q) sin``
-is a (head_dim x head_dim) matrix ``R_p`` (block rotations pairing dimension ``i`` with
-``i + head_dim/2``), precomputed for every position, so rotating all heads of q (or k) is one
-batched matmul; the attention scale ``1/sqrt(head_dim)`` is folded into q's matrix. The result
-is the model's own greedy output (``tests/test_fast_decode.py`` checks the tokens against
-``latency.greedy_decode``). Without CUDA (or with ``cuda_graph=False``) the same step runs eagerly.
+re-implements only the attention glue of the Qwen2/Llama family, with as few kernels per layer
+as it can, because at batch 1 every kernel costs a few microseconds whatever it computes:
+
+* **Stacked projections** (``fuse=True``, the default): q, k and v read the same input, and so
+  do gate and up; :func:`qtutor.kernels.fuse_rows` stacks each set into ONE layer of the same
+  kind (fp16 ``nn.Linear``, packed int4, LUT, int8 ...), so a layer runs 4 matmuls instead of 7,
+  for the FP16 baseline and the quantized models alike. Layers that cannot be stacked run apart.
+* **Rotary position embedding as a rotation**: for position ``p`` the map
+  ``q -> q cos + rotate_half(q) sin`` is a (head_dim x head_dim) matrix ``R_p`` (block rotations
+  pairing dimension ``i`` with ``i + head_dim/2``), precomputed for every position, so rotating all
+  heads of q and k is one batched matmul.
+* **Attention** is one ``F.scaled_dot_product_attention`` call over the cache slots, with the
+  grouped-query heads laid out as extra query rows of their key/value head and an additive mask
+  hiding the slots after the current position.
+
+The result is the model's own greedy output (``tests/test_fast_decode.py`` checks the tokens
+against ``latency.greedy_decode``). Without CUDA (or with ``cuda_graph=False``) the same step
+runs eagerly.
 
 Protocol as ``decode_latency`` (DESIGN.md section 4): batch 1, fixed prompt, ``new_tokens``
 tokens of which the first comes from the prefill; the decode phase is timed and divided by
@@ -48,6 +59,7 @@ class FastLatencyResult(LatencyResult):
     cuda_graph: bool = False
     compiled: bool = False
     kernels: dict = field(default_factory=dict)  # layer class -> matmul path of the decode step
+    profile: dict = field(default_factory=dict)  # with profile=True: see profile_step
 
 
 def _rotate_half_matrix(head_dim: int) -> torch.Tensor:
@@ -81,10 +93,12 @@ class StaticDecoder(nn.Module):
 
     ``generate(prompt_ids, new_tokens)`` returns the greedy continuation (new_tokens,) and the
     prefill and decode seconds. ``compile=True`` additionally runs the decode step through
-    ``torch.compile`` (inductor, without its own CUDA graphs) before capturing it.
+    ``torch.compile`` (inductor, without its own CUDA graphs) before capturing it. ``fuse=False``
+    runs q, k, v, gate and up as separate matmuls (the model's modules as they are).
     """
 
-    def __init__(self, model, max_len: int, cuda_graph: Optional[bool] = None, compile: bool = False):
+    def __init__(self, model, max_len: int, cuda_graph: Optional[bool] = None, compile: bool = False,
+                 fuse: bool = True):
         super().__init__()
         from ..models import layout_for
         cfg = model.config
@@ -103,21 +117,21 @@ class StaticDecoder(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.groups = self.n_heads // self.n_kv
         self.max_len = max_len
+        slots = -(-max_len // 16) * 16  # cache rows: a multiple of 16 (aligned attention mask)
         w = self.embed.weight
         self.device, self.dtype = w.device, w.dtype
         dev, dt, hd = self.device, self.dtype, self.head_dim
 
         # rotary embedding as one rotation matrix per position (from the model's own cos/sin)
-        pos = torch.arange(max_len, device=dev)[None]
+        pos = torch.arange(slots, device=dev)[None]
         cos, sin = base.rotary_emb(torch.zeros(1, dtype=torch.float32, device=dev), pos)
-        cos, sin = cos[0].double().cpu(), sin[0].double().cpu()                # (max_len, hd)
+        cos, sin = cos[0].double().cpu(), sin[0].double().cpu()                # (slots, hd)
         R = torch.diag_embed(cos) + _rotate_half_matrix(hd)[None] * sin[:, None, :]
-        scaling = getattr(self.layers[0].self_attn, "scaling", hd ** -0.5)
-        self.register_buffer("rot_k", R.to(device=dev, dtype=dt), persistent=False)
-        self.register_buffer("rot_q", (R * scaling).to(device=dev, dtype=dt), persistent=False)
-        causal = torch.full((max_len, max_len), torch.finfo(dt).min, dtype=dt).triu(1)
+        self.scaling = getattr(self.layers[0].self_attn, "scaling", hd ** -0.5)
+        self.register_buffer("rot", R.to(device=dev, dtype=dt), persistent=False)
+        causal = torch.full((slots, slots), torch.finfo(dt).min, dtype=dt).triu(1)
         self.register_buffer("mask", causal.to(dev), persistent=False)        # row p: slots <= p open
-        shape = (len(self.layers), self.n_kv, max_len, hd)
+        shape = (len(self.layers), self.n_kv, slots, hd)
         self.register_buffer("k_cache", torch.zeros(shape, device=dev, dtype=dt), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, device=dev, dtype=dt), persistent=False)
 
@@ -133,6 +147,15 @@ class StaticDecoder(nn.Module):
         self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         self.graph = None
         self.step_kernels: dict = {}  # layer class -> kernel of the one-token step (not the prefill)
+        # stacked q/k/v and gate/up projections (None where a layer's cannot be stacked)
+        from ..kernels import fuse_rows
+        self.qkv, self.gate_up = [], []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.qkv.append(fuse_rows([a.q_proj, a.k_proj, a.v_proj], dtype=dt) if fuse else None)
+            mlp_ok = fuse and all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+            self.gate_up.append(fuse_rows([m.gate_proj, m.up_proj], dtype=dt) if mlp_ok else None)
+        self.fused = nn.ModuleList([f for f in self.qkv + self.gate_up if f is not None])
 
     # ------------------------------------------------------------------ the model, T tokens
     @torch.no_grad()
@@ -141,24 +164,32 @@ class StaticDecoder(nn.Module):
         T = ids.shape[0]
         nh, nkv, hd, g = self.n_heads, self.n_kv, self.head_dim, self.groups
         h = self.embed(ids)[None]                                      # (1, T, hidden)
-        rq, rk = self.rot_q[positions], self.rot_k[positions]          # (T, hd, hd)
-        mask = self.mask[positions]                                     # (T, max_len)
+        rot = self.rot[positions]                                       # (T, hd, hd)
+        # query row r*T + t of kv head j is token t of q head j*g + r (HF's repeat_kv order)
+        mask = self.mask[positions].repeat(g, 1)                        # (g*T, slots)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = _rms_norm(layer.input_layernorm, h)
-            q = torch.bmm(attn.q_proj(x).view(T, nh, hd), rq)          # rotated and scaled
-            k = torch.bmm(attn.k_proj(x).view(T, nkv, hd), rk)
-            v = attn.v_proj(x).view(T, nkv, hd)
-            kc, vc = self.k_cache[i], self.v_cache[i]                  # (nkv, max_len, hd)
+            if self.qkv[i] is not None:
+                qkv = self.qkv[i](x).view(T, nh + 2 * nkv, hd)
+            else:
+                qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1).view(T, nh + 2 * nkv, hd)
+            qk = torch.bmm(qkv[:, :nh + nkv], rot)                     # q and k heads, rotated
+            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
+            kc, vc = self.k_cache[i], self.v_cache[i]                  # (nkv, slots, hd)
             kc.index_copy_(1, positions, k.transpose(0, 1))
             vc.index_copy_(1, positions, v.transpose(0, 1))
-            # grouped-query attention: q head j*g + r reads kv head j (HF's repeat_kv order)
-            qg = q.transpose(0, 1).reshape(nkv, g * T, hd)
-            scores = torch.bmm(qg, kc.transpose(1, 2)).view(nkv, g, T, self.max_len) + mask
-            p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(nkv, g * T, self.max_len)
-            o = torch.bmm(p, vc).view(nh, T, hd).transpose(0, 1).reshape(1, T, nh * hd)
+            qg = q.transpose(0, 1).reshape(1, nkv, g * T, hd)
+            o = F.scaled_dot_product_attention(qg, kc[None], vc[None], attn_mask=mask, scale=self.scaling)
+            o = o.view(nh, T, hd).transpose(0, 1).reshape(1, T, nh * hd)
             h = h + attn.o_proj(o)
-            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+            x = _rms_norm(layer.post_attention_layernorm, h)
+            if self.gate_up[i] is not None:
+                mlp = layer.mlp
+                gate, up = self.gate_up[i](x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)
+                h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+            else:
+                h = h + layer.mlp(x)
         logits = self.lm_head(_rms_norm(self.norm, h[:, -1]))          # (1, vocab)
         return logits.argmax(dim=-1)
 
@@ -186,7 +217,7 @@ class StaticDecoder(nn.Module):
         with torch.cuda.graph(graph):
             self._step_fn()
         self.graph = graph
-        self.step_kernels = _kernels(self.model)  # what the captured step runs
+        self.step_kernels = _kernels(self.model, self.fused)  # what the captured step runs
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, new_tokens: int):
@@ -213,29 +244,65 @@ class StaticDecoder(nn.Module):
         _sync(self.device)
         t2 = time.perf_counter()
         if self.graph is None and new_tokens > 1:
-            self.step_kernels = _kernels(self.model)
+            self.step_kernels = _kernels(self.model, self.fused)
         return self.out_ids[P:P + new_tokens].clone(), t1 - t0, t2 - t1
 
 
-def _kernels(model) -> dict:
+def _kernels(model, extra=()) -> dict:
     out = {}
-    for m in model.modules():
+    for m in list(model.modules()) + [m for e in extra for m in e.modules()]:
         k = getattr(m, "last_kernel", None)
         if k is not None:
             out[type(m).__name__] = k
     return out
 
 
+#: kernel names of matrix products (cuBLAS/cuBLASLt, CUTLASS, tinygemm, our Triton GEMVs)
+_MATMUL = ("gemm", "gemv", "xmma", "cutlass", "nvjet", "int4", "lut_gemv", "splitk", "matmul", "_mm_")
+
+
+@torch.no_grad()
+def profile_step(dec: StaticDecoder) -> dict:
+    """Kernels of ONE decode step (run once more, outside the graph, under ``torch.profiler``):
+    ``kernels`` launched, ``gpu_us`` the sum of their device times, ``matmul_us`` the part in
+    matrix products (by kernel name), ``top`` the five largest as (name, calls, us). A step's
+    time minus ``gpu_us`` is what launches and gaps between kernels cost."""
+    from torch.profiler import ProfilerActivity, profile
+    if dec.device.type != "cuda":
+        return {}
+    dec.pos.fill_(1)
+    dec._step_fn()
+    torch.cuda.synchronize(dec.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec._step_fn()
+        torch.cuda.synchronize(dec.device)
+    from torch.autograd import DeviceType
+    agg: dict = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            calls, us = agg.get(e.name, (0, 0.0))
+            agg[e.name] = (calls + 1, us + e.time_range.elapsed_us())
+    rows = [(name, calls, us) for name, (calls, us) in agg.items()]
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    mm = sum(r[2] for r in rows if any(t in r[0].lower() for t in _MATMUL))
+    return {"kernels": sum(r[1] for r in rows), "gpu_us": total, "matmul_us": mm,
+            "top": [(n[:60], c, round(u, 1)) for n, c, u in rows[:5]]}
+
+
 def fast_decode_latency(model, prompt_ids: torch.Tensor, new_tokens: int = 50, runs: int = 5,
                         warmup: int = 1, cuda_graph: Optional[bool] = None,
-                        compile: bool = False) -> FastLatencyResult:
+                        compile: bool = False, fuse: bool = True,
+                        profile: bool = False) -> FastLatencyResult:
     """Median ms per decoded token with :class:`StaticDecoder` (static cache; CUDA graph on CUDA).
 
     Same protocol and fields as :func:`qtutor.eval.decode_latency`, plus ``method``,
-    ``cuda_graph``, ``compiled`` and the ``kernels`` the quantized layers used.
+    ``cuda_graph``, ``compiled`` and the ``kernels`` the quantized layers used; ``profile=True``
+    adds :func:`profile_step`'s kernel count and device times of one step (CUDA).
     """
     prompt_ids = prompt_ids.reshape(-1)
-    dec = StaticDecoder(model, prompt_ids.numel() + new_tokens, cuda_graph=cuda_graph, compile=compile)
+    dec = StaticDecoder(model, prompt_ids.numel() + new_tokens, cuda_graph=cuda_graph, compile=compile,
+                        fuse=fuse)
     for _ in range(warmup):
         dec.generate(prompt_ids, new_tokens)
     per_token, prefill = [], []
@@ -243,10 +310,12 @@ def fast_decode_latency(model, prompt_ids: torch.Tensor, new_tokens: int = 50, r
         _, t_prefill, t_decode = dec.generate(prompt_ids, new_tokens)
         per_token.append(1000 * t_decode / max(new_tokens - 1, 1))
         prefill.append(1000 * t_prefill)
-    method = "static-cache" + ("+compile" if compile else "") + ("+cuda-graph" if dec.use_graph else "")
+    method = ("static-cache" + ("+fused" if len(dec.fused) else "") + ("+compile" if compile else "")
+              + ("+cuda-graph" if dec.use_graph else ""))
     result = FastLatencyResult(
         statistics.median(per_token), per_token, statistics.median(prefill), int(prompt_ids.numel()),
         new_tokens, str(dec.device), str(dec.dtype).replace("torch.", ""),
-        method=method, cuda_graph=dec.use_graph, compiled=compile, kernels=dict(dec.step_kernels))
+        method=method, cuda_graph=dec.use_graph, compiled=compile, kernels=dict(dec.step_kernels),
+        profile=profile_step(dec) if profile else {})
     del dec  # frees the graph's memory pool and the cache
     return result

@@ -96,6 +96,14 @@ class QuantizedLinear(nn.Module):
 
     #: buffer names that are not part of the weight (excluded from bits per weight)
     non_weight_buffers = ("bias",)
+    #: buffer name -> the dimension along which it holds one slice per output row, for layers
+    #: whose rows can be stacked into one layer (``qtutor.kernels.fuse_rows``); empty: they cannot
+    row_dims: dict = {}
+
+    @property
+    def row_unit(self) -> int:
+        """Rows stack only in whole multiples of this (e.g. the rows that share one LUT)."""
+        return 1
 
     def __init__(self, in_features: int, out_features: int, bias: Optional[torch.Tensor]):
         super().__init__()

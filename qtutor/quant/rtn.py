@@ -154,6 +154,8 @@ class UniformLinear(QuantizedLinear):
     ``g_idx`` when present (int16, or int32 past 32767 groups; counted in the bits per weight).
     Used by RTN, GPTQ and AWQ."""
 
+    row_dims = {"qweight": 0, "scales": 0, "qzeros": 0, "bias": 0}
+
     def __init__(self, q: UniformWeight, bias: Optional[torch.Tensor] = None):
         out_features, in_features = q.codes.shape
         super().__init__(in_features, out_features, bias)
@@ -180,6 +182,8 @@ class UniformLinear(QuantizedLinear):
 
 class FloatLinear(QuantizedLinear):
     """The FP16 baseline: the weight stored as fp16 (16 bits per weight, nothing else)."""
+
+    row_dims = {"weight": 0, "bias": 0}
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float16):
         super().__init__(linear.in_features, linear.out_features,

@@ -153,6 +153,7 @@ class W8A8Linear(QuantizedLinear):
     """
 
     use_int_mm: bool = True
+    row_dims = {"qweight": 0, "weight_scales": 0, "bias": 0}
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  weight_quant: str = "per_channel", act_quant: str = "per_token"):
