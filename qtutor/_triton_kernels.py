@@ -49,8 +49,8 @@ except ImportError:  # pragma: no cover - older triton
 # instruction (a quarter-rate instruction on NVIDIA GPUs, one per weight). Subtracting 2^23 + z
 # then gives (q - z) exactly. This is the usual trick of fast int4 kernels (FasterTransformer,
 # Marlin), here in 32-bit form.
-MAGIC_BITS: tl.constexpr = 0x4B000000   # the bits of 8388608.0 = 2^23
-MAGIC: tl.constexpr = 8388608.0
+MAGIC_BITS = tl.constexpr(0x4B000000)   # the bits of 8388608.0 = 2^23
+MAGIC = tl.constexpr(8388608.0)
 
 
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, G, stride_w, stride_s, stride_z,

@@ -73,14 +73,16 @@ def _rotate_half_matrix(head_dim: int) -> torch.Tensor:
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm, ``w * (x32 / rms(x32)).to(dtype)`` as Qwen2/Llama compute it, with the
-    normalisation done by ``F.rms_norm`` (one fused kernel where torch has one, instead of
-    to-float, pow, mean, add, rsqrt, mul). Other norm modules are called as they are."""
+    """The model's RMSNorm ``w * (x / rms(x))`` as ONE ``F.rms_norm`` kernel (normalised in float32
+    inside the kernel), instead of Qwen2/Llama's to-float, pow, mean, add, rsqrt, mul, to-dtype,
+    mul. Qwen2/Llama round the normalised row to the model dtype before multiplying by ``w``;
+    here the product is rounded once (equal in float32, within one rounding in fp16/bf16).
+    Other norm modules are called as they are."""
     eps = getattr(norm, "variance_epsilon", None)
     weight = getattr(norm, "weight", None)
     if eps is None or weight is None or not hasattr(F, "rms_norm") or type(norm).__name__ not in _HF_RMS_NORMS:
         return norm(x)
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
 
 
 #: RMSNorm classes whose forward is exactly ``weight * normalise(x.float()).to(x.dtype)``
