@@ -30,7 +30,8 @@ Rows (``--methods``; default all that apply to the device):
     taken against the compiled baseline of the same dtype
 
 The harness stacks q/k/v and gate/up into one matmul each for every row alike (``--no-fuse``:
-seven matmuls per layer). ``--profile`` (CUDA) adds, per row, the kernels one decode step
+seven matmuls per layer) and, on CUDA, runs the glue between the matmuls as fused Triton kernels
+(``--no-glue``: PyTorch ops), see ``qtutor.eval.fast_decode``. ``--profile`` (CUDA) adds, per row, the kernels one decode step
 launches, the sum of their device times (``gpu_us``) and the part in matrix products
 (``matmul_us``): ms/token minus gpu_us is launch and gap time.
 """
@@ -69,6 +70,8 @@ def parse_args(argv=None):
                         "palettization_4bit method (exact k-means; slow on Qwen2-0.5B)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
     p.add_argument("--no-fuse", action="store_true", help="do not stack q/k/v and gate/up projections")
+    p.add_argument("--no-glue", action="store_true",
+                   help="run the step's glue (norms, rotary, attention, SiLU) as PyTorch ops, not fused Triton kernels")
     p.add_argument("--profile", action="store_true", help="profile one decode step per row (CUDA)")
     p.add_argument("--model", default=None,
                    help="time a real model instead of a random-weight config, e.g. qtutor-tiny "
@@ -185,12 +188,13 @@ def main(argv=None):
             model, info = make()
             if harness == "fast":
                 lat = fast_decode_latency(model, prompt, args.tokens, runs=args.runs, compile=compile,
-                                          fuse=not args.no_fuse, profile=args.profile and cuda)
+                                          fuse=not args.no_fuse, glue=False if args.no_glue else None,
+                                          profile=args.profile and cuda)
                 row["harness"] = lat.method
                 if lat.profile:
                     row.update(kernels_per_step=lat.profile["kernels"], gpu_us=lat.profile["gpu_us"],
                                matmul_us=lat.profile["matmul_us"])
-                    print(f"    {name}: {lat.profile['kernels']} kernels, {lat.profile['gpu_us']:.0f} us on "
+                    print(f"  profile {name}: {lat.profile['kernels']} kernels, {lat.profile['gpu_us']:.0f} us on "
                           f"the GPU ({lat.profile['matmul_us']:.0f} in matmuls); top: {lat.profile['top']}")
             else:
                 lat = decode_latency(model, prompt, args.tokens, runs=args.runs)

@@ -133,3 +133,68 @@ def test_cuda_graph_decode_equals_eager(backend):
     assert torch.equal(eager, graph)
     if backend == "none":  # fp32 on the GPU: also the Hugging Face loop's tokens
         assert torch.equal(graph.cpu(), greedy_decode(model, prompt, 24)[0].cpu())
+
+
+# --------------------------------------------------------------------------- fused glue (Triton)
+# On CPU the glue kernels run in Triton's interpreter (same source as on the GPU); skipped where
+# triton is missing, and on CUDA machines, where the interpreter would break later compilation.
+needs_interpreter = pytest.mark.skipif(
+    not __import__("qtutor.kernels").kernels.triton_available() or torch.cuda.is_available(),
+    reason="Triton interpreter tests run on CPU-only machines")
+# Triton's interpreter trips numpy's deprecation of array-to-scalar conversion; not ours
+interp_warning = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+
+@needs_interpreter
+@interp_warning
+def test_glue_kernels_equal_their_torch_definitions():
+    from qtutor import _triton_kernels as tk
+    g = torch.Generator().manual_seed(0)
+    h, r, w = (torch.randn(3, 40, generator=g) for _ in range(3))
+    want_h = h + r
+    want_x = torch.nn.functional.rms_norm(want_h, (40,), w[0], eps=1e-6)
+    x = tk.add_rms_norm(h, r, w[0], 1e-6)                               # h is updated in place
+    torch.testing.assert_close(h, want_h)
+    torch.testing.assert_close(x, want_x)
+    gu = torch.randn(1, 2 * 50, generator=g)
+    torch.testing.assert_close(tk.silu_mul(gu), torch.nn.functional.silu(gu[:, :50]) * gu[:, 50:])
+
+    nh, nkv, hd, slots, pos = 4, 2, 16, 24, 9
+    qkv = torch.randn(1, 1, (nh + 2 * nkv) * hd, generator=g)
+    ang = torch.randn(slots, hd // 2, generator=g)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    kc, vc = torch.randn(nkv, slots, hd, generator=g), torch.randn(nkv, slots, hd, generator=g)
+    kc0, vc0 = kc.clone(), vc.clone()
+    p = torch.tensor([pos])
+    q = tk.rope_cache(qkv, cos, sin, p, kc, vc, nh, nkv)
+    heads = qkv.view(nh + 2 * nkv, hd)
+    rot = heads[:nh + nkv] * cos[pos] + torch.cat([-heads[:nh + nkv, hd // 2:], heads[:nh + nkv, :hd // 2]], -1) * sin[pos]
+    torch.testing.assert_close(q, rot[:nh])
+    torch.testing.assert_close(kc[:, pos], rot[nh:])
+    torch.testing.assert_close(vc[:, pos], heads[nh + nkv:])
+    others = torch.arange(slots) != pos
+    assert torch.equal(kc[:, others], kc0[:, others]) and torch.equal(vc[:, others], vc0[:, others])
+
+    o = tk.decode_attention(q, kc, vc, p, 0.25)                         # slots 0..pos only
+    qg = q.view(nkv, nh // nkv, hd)
+    att = torch.softmax(0.25 * qg @ kc[:, :pos + 1].transpose(1, 2), -1) @ vc[:, :pos + 1]
+    torch.testing.assert_close(o, att.reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+@interp_warning
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_fused_glue_decodes_the_same_tokens(family):
+    model = tiny_model(family, initializer_range=0.3, head_dim=16)
+    prompt = torch.randint(0, 128, (5,), generator=torch.Generator().manual_seed(4))
+    dec = StaticDecoder(model, 80, glue=True)  # 80 slots: attention loops over two blocks of 64
+    assert dec.glue
+    out = dec.generate(prompt, 70)[0]
+    assert torch.equal(out, greedy_decode(model, prompt, 70)[0])
+    assert not StaticDecoder(model, 30).glue  # on CPU the default is off
+
+
+def test_fused_glue_refuses_what_it_does_not_implement():
+    model = tiny_model("qwen2", hidden_act="gelu")
+    with pytest.raises(qtutor.QtutorError, match="fused decode glue unavailable"):
+        StaticDecoder(model, 16, glue=True)

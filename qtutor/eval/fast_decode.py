@@ -29,6 +29,11 @@ as it can, because at batch 1 every kernel costs a few microseconds whatever it 
 * **Attention** is one ``F.scaled_dot_product_attention`` call over the cache slots, with the
   grouped-query heads laid out as extra query rows of their key/value head and an additive mask
   hiding the slots after the current position.
+* **Fused glue** (``glue=True``, the default on CUDA with Triton): the one-token step runs the
+  activation-only work as four small Triton kernels (``qtutor._triton_kernels``): residual add +
+  RMSNorm, rotary + KV-cache write, attention over slots 0..pos, SiLU(gate) * up. A layer is then
+  nine kernels: four matmuls and five of glue (about sixteen without). They round once where
+  PyTorch rounds after every op, so fp16 logits can differ in the last bit.
 
 The result is the model's own greedy output (``tests/test_fast_decode.py`` checks the tokens
 against ``latency.greedy_decode``). Without CUDA (or with ``cuda_graph=False``) the same step
@@ -100,7 +105,7 @@ class StaticDecoder(nn.Module):
     """
 
     def __init__(self, model, max_len: int, cuda_graph: Optional[bool] = None, compile: bool = False,
-                 fuse: bool = True):
+                 fuse: bool = True, glue: Optional[bool] = None):
         super().__init__()
         from ..models import layout_for
         cfg = model.config
@@ -131,6 +136,8 @@ class StaticDecoder(nn.Module):
         R = torch.diag_embed(cos) + _rotate_half_matrix(hd)[None] * sin[:, None, :]
         self.scaling = getattr(self.layers[0].self_attn, "scaling", hd ** -0.5)
         self.register_buffer("rot", R.to(device=dev, dtype=dt), persistent=False)
+        self.register_buffer("cos", cos.to(device=dev, dtype=torch.float32).contiguous(), persistent=False)
+        self.register_buffer("sin", sin.to(device=dev, dtype=torch.float32).contiguous(), persistent=False)
         causal = torch.full((slots, slots), torch.finfo(dt).min, dtype=dt).triu(1)
         self.register_buffer("mask", causal.to(dev), persistent=False)        # row p: slots <= p open
         shape = (len(self.layers), self.n_kv, slots, hd)
@@ -158,12 +165,34 @@ class StaticDecoder(nn.Module):
             mlp_ok = fuse and all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
             self.gate_up.append(fuse_rows([m.gate_proj, m.up_proj], dtype=dt) if mlp_ok else None)
         self.fused = nn.ModuleList([f for f in self.qkv + self.gate_up if f is not None])
+        self.glue = self._glue_reason() is None if glue is None else bool(glue)
+        if glue is None and dev.type != "cuda":
+            self.glue = False  # on CPU the kernels would run in Triton's interpreter: tests only
+        if self.glue and self._glue_reason() is not None:
+            raise QtutorError(f"fused decode glue unavailable: {self._glue_reason()}")
+
+    def _glue_reason(self) -> Optional[str]:
+        """Why the fused Triton glue cannot run this model's step (None: it can)."""
+        from ..kernels import triton_available
+        if not triton_available():
+            return "triton is not installed"
+        norms = [l.input_layernorm for l in self.layers] + [l.post_attention_layernorm for l in self.layers]
+        if any(type(n).__name__ not in _HF_RMS_NORMS for n in norms + [self.norm]):
+            return "a norm that is not Qwen2/Llama RMSNorm"
+        if any(g is None or type(l.mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU")
+               for g, l in zip(self.gate_up, self.layers)):
+            return "an MLP that is not SiLU(gate) * up with stacked gate/up"
+        if self.head_dim & (self.head_dim - 1) or self.head_dim < 16:
+            return f"head_dim {self.head_dim} is not a power of two >= 16"
+        return None
 
     # ------------------------------------------------------------------ the model, T tokens
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Run tokens ``ids`` (T,) at ``positions`` (T,), filling the cache; -> greedy next id (1,)."""
         T = ids.shape[0]
+        if T == 1 and self.glue:
+            return self._forward_one(ids, positions)
         nh, nkv, hd, g = self.n_heads, self.n_kv, self.head_dim, self.groups
         h = self.embed(ids)[None]                                      # (1, T, hidden)
         rot = self.rot[positions]                                       # (T, hd, hd)
@@ -183,7 +212,7 @@ class StaticDecoder(nn.Module):
             vc.index_copy_(1, positions, v.transpose(0, 1))
             qg = q.transpose(0, 1).reshape(1, nkv, g * T, hd)
             o = F.scaled_dot_product_attention(qg, kc[None], vc[None], attn_mask=mask, scale=self.scaling)
-            o = o.view(nh, T, hd).transpose(0, 1).reshape(1, T, nh * hd)
+            o = o.reshape(nh, T, hd).transpose(0, 1).reshape(1, T, nh * hd)
             h = h + attn.o_proj(o)
             x = _rms_norm(layer.post_attention_layernorm, h)
             if self.gate_up[i] is not None:
@@ -194,6 +223,26 @@ class StaticDecoder(nn.Module):
                 h = h + layer.mlp(x)
         logits = self.lm_head(_rms_norm(self.norm, h[:, -1]))          # (1, vocab)
         return logits.argmax(dim=-1)
+
+    def _forward_one(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for one token with the fused glue kernels (same math)."""
+        from .. import _triton_kernels as tk
+        nh, nkv = self.n_heads, self.n_kv
+        h = self.embed(ids)[None]                                       # (1, 1, hidden)
+        first = self.layers[0].input_layernorm
+        x = tk.add_rms_norm(h, None, first.weight, first.variance_epsilon)
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = self.qkv[i](x) if self.qkv[i] is not None else torch.cat(
+                [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+            q = tk.rope_cache(qkv, self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i], nh, nkv)
+            o = tk.decode_attention(q, self.k_cache[i], self.v_cache[i], pos, self.scaling)
+            post = layer.post_attention_layernorm
+            x = tk.add_rms_norm(h, attn.o_proj(o.view(1, 1, -1)), post.weight, post.variance_epsilon)
+            y = mlp.down_proj(tk.silu_mul(self.gate_up[i](x)))
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x = tk.add_rms_norm(h, y, nxt.weight, nxt.variance_epsilon)
+        return self.lm_head(x[:, -1]).argmax(dim=-1)
 
     def _step(self):
         """One decode step on the fixed buffers: token ``tok`` at position ``pos``."""
@@ -294,7 +343,7 @@ def profile_step(dec: StaticDecoder) -> dict:
 
 def fast_decode_latency(model, prompt_ids: torch.Tensor, new_tokens: int = 50, runs: int = 5,
                         warmup: int = 1, cuda_graph: Optional[bool] = None,
-                        compile: bool = False, fuse: bool = True,
+                        compile: bool = False, fuse: bool = True, glue: Optional[bool] = None,
                         profile: bool = False) -> FastLatencyResult:
     """Median ms per decoded token with :class:`StaticDecoder` (static cache; CUDA graph on CUDA).
 
@@ -304,7 +353,7 @@ def fast_decode_latency(model, prompt_ids: torch.Tensor, new_tokens: int = 50, r
     """
     prompt_ids = prompt_ids.reshape(-1)
     dec = StaticDecoder(model, prompt_ids.numel() + new_tokens, cuda_graph=cuda_graph, compile=compile,
-                        fuse=fuse)
+                        fuse=fuse, glue=glue)
     for _ in range(warmup):
         dec.generate(prompt_ids, new_tokens)
     per_token, prefill = [], []
@@ -312,7 +361,8 @@ def fast_decode_latency(model, prompt_ids: torch.Tensor, new_tokens: int = 50, r
         _, t_prefill, t_decode = dec.generate(prompt_ids, new_tokens)
         per_token.append(1000 * t_decode / max(new_tokens - 1, 1))
         prefill.append(1000 * t_prefill)
-    method = ("static-cache" + ("+fused" if len(dec.fused) else "") + ("+compile" if compile else "")
+    method = ("static-cache" + ("+fused" if len(dec.fused) else "") + ("+glue" if dec.glue else "")
+              + ("+compile" if compile else "")
               + ("+cuda-graph" if dec.use_graph else ""))
     result = FastLatencyResult(
         statistics.median(per_token), per_token, statistics.median(prefill), int(prompt_ids.numel()),
