@@ -242,7 +242,7 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, D, eps, HAS_RES: tl.constex
         h = (h.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * D + d, h, mask=m)
     hf = h.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)
+    rstd = (1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)).to(tl.float32)
     w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
     tl.store(x_ptr + row * D + d, (hf * rstd * w).to(x_ptr.dtype.element_ty), mask=m)
 
@@ -304,7 +304,7 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, SLOTS, scale
         sl = l0 + tl.arange(0, BLOCK_L)
         lm = sl <= pos
         k = tl.load(kc_ptr + (kvh * SLOTS + sl)[:, None] * HD + d[None, :], mask=lm[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale   # (BG, BL) float32
+        s = (tl.dot(q, tl.trans(k), input_precision="ieee") * scale).to(tl.float32)  # (BG, BL)
         s = tl.where(lm[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
