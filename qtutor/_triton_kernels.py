@@ -290,7 +290,9 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr
 def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, SLOTS, scale, G,
                              HD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
     """kv head ``pid`` and its G query heads: softmax(scale q K^T) V over cache slots 0..pos,
-    with an online softmax over blocks of BLOCK_L slots (float32 scores, fp16/bf16 products)."""
+    with an online softmax over blocks of BLOCK_L slots (float32 scores, fp16/bf16 products).
+    One program per kv head walks the whole cache: right for the short caches of these
+    benchmarks; long ones would want the slots split over programs (flash-decoding)."""
     kvh = tl.program_id(0)
     pos = tl.load(pos_ptr)
     r = tl.arange(0, BLOCK_G)

@@ -387,8 +387,9 @@ def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -
                                              (b is not None and b0 is not None and torch.equal(b, b0))):
                     return None
         fused = copy.copy(first)  # same class and settings (a Triton swap included) ...
-        fused._buffers = dict(first._buffers)  # ... with its own buffers
-        fused._parameters, fused._modules = dict(first._parameters), dict(first._modules)
+        for k, v in vars(first).items():  # ... with its own buffer, parameter and hook tables
+            if isinstance(v, dict):
+                setattr(fused, k, copy.copy(v))
         for name, dim in spec.items():
             parts = [m._buffers.get(name) for m in layers]
             if all(p is None for p in parts):

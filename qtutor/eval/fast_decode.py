@@ -22,6 +22,7 @@ as it can, because at batch 1 every kernel costs a few microseconds whatever it 
   do gate and up; :func:`qtutor.kernels.fuse_rows` stacks each set into ONE layer of the same
   kind (fp16 ``nn.Linear``, packed int4, LUT, int8 ...), so a layer runs 4 matmuls instead of 7,
   for the FP16 baseline and the quantized models alike. Layers that cannot be stacked run apart.
+  The stacked copies hold the projections' bytes a second time while the decoder lives.
 * **Rotary position embedding as a rotation**: for position ``p`` the map
   ``q -> q cos + rotate_half(q) sin`` is a (head_dim x head_dim) matrix ``R_p`` (block rotations
   pairing dimension ``i`` with ``i + head_dim/2``), precomputed for every position, so rotating all
