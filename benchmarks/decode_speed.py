@@ -25,15 +25,16 @@ Rows (``--methods``; default all that apply to the device):
   smoothquant_w8a8             W8A8Linear as registered: torch._int_mm (int8 x int8 -> int32;
                                on CUDA a batch-1 step is zero-padded to 32 rows, as it needs > 16)
   + with --compile, "-compile" variants of the fp16/bf16 baselines, rtn_int4-triton/-tinygemm,
-    palettized4-load and smoothquant_w8a8: the step goes through torch.compile (inductor fuses
-    the norms, rotary and elementwise glue) before the CUDA graph is captured; their ratios are
-    taken against the compiled baseline of the same dtype
+    palettized4-load(-f32) and smoothquant_w8a8: the step goes through torch.compile before the
+    CUDA graph is captured; their ratios are taken against the compiled baseline of the same
+    dtype (with the fused glue below, compiling is slower than the eager graph)
 
 The harness stacks q/k/v and gate/up into one matmul each for every row alike (``--no-fuse``:
-seven matmuls per layer) and, on CUDA, runs the glue between the matmuls as fused Triton kernels
-(``--no-glue``: PyTorch ops), see ``qtutor.eval.fast_decode``. ``--profile`` (CUDA) adds, per row, the kernels one decode step
-launches, the sum of their device times (``gpu_us``) and the part in matrix products
-(``matmul_us``): ms/token minus gpu_us is launch and gap time.
+seven matmuls per layer) and, on CUDA, runs the glue between the matmuls as fused Triton
+kernels (``--no-glue``: PyTorch ops), see ``qtutor.eval.fast_decode``. ``--profile`` (CUDA)
+adds, per row, the kernels one decode step launches, the sum of their device times
+(``gpu_us``) and the part in matrix products (``matmul_us``): ms/token minus gpu_us is launch
+and gap time.
 """
 from __future__ import annotations
 

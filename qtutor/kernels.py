@@ -412,9 +412,11 @@ def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -
 
 @torch.no_grad()
 def _check_fused(fused, layers, dtype) -> None:
-    t = next(iter(fused.buffers()), None)
-    t = fused.weight if isinstance(fused, nn.Linear) else t
-    dtype = t.dtype if isinstance(fused, nn.Linear) else dtype
+    if isinstance(fused, nn.Linear):
+        t = fused.weight
+        dtype = t.dtype
+    else:
+        t = next(iter(fused.buffers()))
     x = torch.randn(1, fused.in_features, generator=torch.Generator().manual_seed(0)).to(t.device, dtype)
     ref = torch.cat([m(x) for m in layers], -1).float()
     err = float((fused(x).float() - ref).norm() / ref.norm().clamp(min=1e-12))
