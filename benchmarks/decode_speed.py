@@ -22,8 +22,12 @@ Rows (``--methods``; default all that apply to the device):
   rtn_int4-tinygemm            RTN int4 g128 re-packed for aten._weight_int4pack_mm (bf16)
   palettized4-gather / -load   4-bit LUT per 16 rows + per-row scale, Triton LUT GEMV (CUDA)
   palettized4-load-f32         the same, reading a stored float32 copy of the LUTs (counted)
+  palettized4-pairs            the same, one load per packed byte from a stored 256-entry table
+                               of weight pairs per LUT (FLUTE's vectorized lookup; counted)
   smoothquant_w8a8             W8A8Linear as registered: torch._int_mm (int8 x int8 -> int32;
                                on CUDA a batch-1 step is zero-padded to 32 rows, as it needs > 16)
+  smoothquant_w8a8-triton      the same layers, Triton W8A8 GEMV (CUDA): the row is quantized per
+                               token inside the kernel, int8 x int8 products summed in int32
   + with --compile, "-compile" variants of the fp16/bf16 baselines, rtn_int4-triton/-tinygemm,
     palettized4-load(-f32) and smoothquant_w8a8: the step goes through torch.compile before the
     CUDA graph is captured; their ratios are taken against the compiled baseline of the same
@@ -50,8 +54,10 @@ import torch
 from _common import CONFIGS, ROOT, build_model, environment, pick_device, print_env, table, write_csv
 
 ALL = ["fp16", "bf16", "hf-loop", "rtn_int4-reference", "rtn_int4-triton", "rtn_int4-tinygemm",
-       "palettized4-gather", "palettized4-load", "palettized4-load-f32", "smoothquant_w8a8"]
-CUDA_ONLY = {"rtn_int4-triton", "palettized4-gather", "palettized4-load", "palettized4-load-f32"}
+       "palettized4-gather", "palettized4-load", "palettized4-load-f32", "palettized4-pairs", "smoothquant_w8a8",
+       "smoothquant_w8a8-triton"]
+CUDA_ONLY = {"rtn_int4-triton", "palettized4-gather", "palettized4-load", "palettized4-load-f32",
+             "palettized4-pairs", "smoothquant_w8a8-triton"}
 
 
 def parse_args(argv=None):
@@ -264,12 +270,18 @@ def main(argv=None):
             return model, linear_stats(model)
         return make
 
-    def w8a8():
-        model = copy.deepcopy(base)
-        g = torch.Generator().manual_seed(1)
-        calib = torch.randint(0, vocab, (8, 256), generator=g)
-        qtutor.quantize(model, "smoothquant_w8a8", calib=calib)
-        return model, linear_stats(model)
+    def w8a8(backend=None):
+        def make():
+            model = copy.deepcopy(base)
+            g = torch.Generator().manual_seed(1)
+            calib = torch.randint(0, vocab, (8, 256), generator=g)
+            qtutor.quantize(model, "smoothquant_w8a8", calib=calib)
+            if backend is not None:
+                res = kernels.accelerate(model, backend, kernel_on_cpu=args.triton_on_cpu)
+                if not res["converted"]:
+                    raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
+            return model, linear_stats(model)
+        return make
 
     def ref_of_triton(m):
         return m.forward_reference if isinstance(m, kernels._TritonGemvMixin) else None
@@ -290,7 +302,9 @@ def main(argv=None):
     record("palettized4-gather", main_name, palettized("gather"), main_name, check=ref_of_triton)
     record("palettized4-load", main_name, palettized("load"), main_name, check=ref_of_triton)
     record("palettized4-load-f32", main_name, palettized("load-f32"), main_name, check=ref_of_triton)
-    record("smoothquant_w8a8", main_name, w8a8, main_name)
+    record("palettized4-pairs", main_name, palettized("pairs"), main_name, check=ref_of_triton)
+    record("smoothquant_w8a8", main_name, w8a8(), main_name)
+    record("smoothquant_w8a8-triton", main_name, w8a8("triton"), main_name, check=ref_of_triton)
     if args.compile:  # the same rows with the step through torch.compile, against compiled baselines
         mc = f"{main_name}-compile"
         record(mc, main_name, plain(base), mc, compile=True)
@@ -300,7 +314,7 @@ def main(argv=None):
                check=ref_of_triton)
         record("palettized4-load-f32-compile", main_name, palettized("load-f32"), mc, compile=True,
                check=ref_of_triton)
-        record("smoothquant_w8a8-compile", main_name, w8a8, mc, compile=True)
+        record("smoothquant_w8a8-compile", main_name, w8a8(), mc, compile=True)
         if "rtn_int4-tinygemm" in wanted:
             record("bf16-compile", "bf16", lambda: (bf16_model(), linear_stats(bf16_model())),
                    "bf16-compile", compile=True)

@@ -89,9 +89,12 @@ def main():
         if n * k < 2e7:  # exact k-means of the LM head's 9,496 LUTs would dominate the run
             pal = PalettizedLinear.from_float(W, PalettizeConfig()).to(dev)
             variants["lut4-triton"] = fast(copy.deepcopy(pal), "triton")
-            variants["lut4-triton-f32"] = fast(pal, "triton", "load-f32")
+            variants["lut4-triton-f32"] = fast(copy.deepcopy(pal), "triton", "load-f32")
+            variants["lut4-triton-gather"] = fast(copy.deepcopy(pal), "triton", "gather")
+            variants["lut4-triton-pairs"] = fast(pal, "triton", "pairs")
         w8 = torch.nn.Sequential(W8A8Linear.from_float(W).to(dev))
         variants["w8a8-int_mm"] = (w8, w8[0].weight_nbytes)
+        variants["w8a8-triton"] = fast(copy.deepcopy(w8[0]), "triton")
         base = None
         for vname, v in variants.items():
             if v is None:
@@ -116,7 +119,7 @@ def main():
                        ("vs_fp16", "vs fp16", ".2f"), ("layer_kernel", "ran", "")]))
     write_csv(rows, Path(args.out))
     from qtutor import _triton_kernels as tk
-    for tuned in (tk._int4_tuned, tk._lut_tuned):  # the block sizes autotuning chose per shape
+    for tuned in (tk._int4_tuned, tk._lut_tuned, tk._lut_gather_tuned, tk._w8a8_tuned):  # the block sizes autotuning chose per shape
         for key, cfg in tuned.cache.items():
             print(f"  {tuned.fn.__name__}: {key} -> {cfg}")
     print(f"wrote {args.out}")

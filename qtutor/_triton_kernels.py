@@ -15,7 +15,8 @@ packed weight straight from the layer's own storage (no re-packed copy):
   packed indices (out, in/2) uint8 (low nibble first), ``lut`` (n_luts, 16) fp16 and optional
   fp16 per-row ``scales`` (out,). The 16-entry LUT rows of a block of output rows are loaded
   once into registers and each weight is looked up with ``tl.gather`` (``mode="gather"``), or
-  read through the L1 cache with an indexed load (``mode="load"``).
+  read through the L1 cache with an indexed load (``mode="load"``), or each packed byte's two
+  weights are read with one load from a 256-entry table of pairs (``mode="pairs"``).
 
 A program handles ``BLOCK_N`` output rows and walks the input dimension; accumulation is in
 float32 and the result is written in ``x``'s dtype. On CUDA the block sizes are autotuned per
@@ -30,6 +31,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
+
+from .errors import QtutorError
 
 try:  # triton >= 3.4
     from triton import knobs
@@ -91,17 +94,28 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, G, stride_w, 
 
 
 # --------------------------------------------------------------------------- 4-bit LUT
+# How a weight's table entry is read (the MODE constexpr):
+GATHER = tl.constexpr(0)  # the program's LUT rows are loaded once into registers; tl.gather per weight
+LOAD = tl.constexpr(1)    # an indexed load per weight from the (L1-resident) LUT, fp16 or fp32
+PAIRS = tl.constexpr(2)   # an indexed load per BYTE from a 256-entry table of weight pairs: entry b
+                          # holds the fp16 bits of LUT[b & 15] (low half) and LUT[b >> 4] (high
+                          # half), the "vectorized lookup" of FLUTE (Guo et al., 2024): half the loads
+
+
 def _lut_gemv_kernel(x_ptr, w_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w, ROWS_PER_LUT,
-                     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr,
+                     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n] = scale[n] * sum_k LUT[n // R][idx[n,k]] x[k] (+ b[n]). The LUT may be fp16 or fp32."""
+    """y[n] = scale[n] * sum_k LUT[n // R][idx[n,k]] x[k] (+ b[n]).
+
+    ``lut_ptr``: the (n_luts, 16) LUT in fp16 or fp32 (GATHER, LOAD), or the (n_luts, 256) int32
+    pair table (PAIRS)."""
     HALF: tl.constexpr = BLOCK_K // 2
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     lrow = rows // ROWS_PER_LUT
-    c = tl.arange(0, 16)
-    if GATHER:
+    if MODE == GATHER:
+        c = tl.arange(0, 16)
         lut = tl.load(lut_ptr + lrow[:, None] * 16 + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     hk = tl.arange(0, HALF)
     kc = tl.arange(0, BLOCK_K)
@@ -112,14 +126,16 @@ def _lut_gemv_kernel(x_ptr, w_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w,
         km = kk < KB
         m2 = rmask[:, None] & km[None, :]
         b = tl.load(w_ptr + rows[:, None] * stride_w + kk[None, :], mask=m2, other=0).to(tl.int32)
-        lo = b & 0xF
-        hi = (b >> 4) & 0xF
-        if GATHER:  # the LUT rows sit in registers
-            wl = tl.gather(lut, lo, axis=1)
-            wh = tl.gather(lut, hi, axis=1)
-        else:       # indexed load from the (L1-resident) LUT
-            wl = tl.load(lut_ptr + lrow[:, None] * 16 + lo, mask=m2, other=0.0).to(tl.float32)
-            wh = tl.load(lut_ptr + lrow[:, None] * 16 + hi, mask=m2, other=0.0).to(tl.float32)
+        if MODE == PAIRS:  # one load gives both weights of the byte (low nibble = even column)
+            v = tl.load(lut_ptr + lrow[:, None] * 256 + b, mask=m2, other=0)
+            wl = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            wh = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        elif MODE == GATHER:  # the LUT rows sit in registers
+            wl = tl.gather(lut, b & 0xF, axis=1)
+            wh = tl.gather(lut, (b >> 4) & 0xF, axis=1)
+        else:  # LOAD: indexed load from the (L1-resident) LUT
+            wl = tl.load(lut_ptr + lrow[:, None] * 16 + (b & 0xF), mask=m2, other=0.0).to(tl.float32)
+            wh = tl.load(lut_ptr + lrow[:, None] * 16 + ((b >> 4) & 0xF), mask=m2, other=0.0).to(tl.float32)
         w = tl.reshape(tl.join(wl, wh), (BLOCK_N, BLOCK_K))         # columns in order
         xk = 2 * k0 + kc
         x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
@@ -132,9 +148,60 @@ def _lut_gemv_kernel(x_ptr, w_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w,
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
+def lut_pair_table(lut: torch.Tensor) -> torch.Tensor:
+    """(n_luts, 16) fp16 LUT -> (n_luts, 256) int32 table of weight pairs for ``mode="pairs"``:
+    entry ``b`` holds the fp16 bits of ``lut[:, b & 15]`` in its low half and of
+    ``lut[:, b >> 4]`` in its high half (a packed byte's two weights, low nibble first)."""
+    bits = lut.to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    b = torch.arange(256, device=lut.device)
+    pairs = bits[:, b & 15] | (bits[:, b >> 4] << 16)               # in [0, 2^32)
+    return torch.where(pairs >= 2 ** 31, pairs - 2 ** 32, pairs).to(torch.int32).contiguous()
+
+
+# --------------------------------------------------------------------------- W8A8 (SmoothQuant)
+# 1.5 * 2^23: adding and subtracting it rounds a float32 |v| < 2^22 to the nearest integer, ties
+# to even, exactly as torch.round (the float32 sum has no bits below 1 at that magnitude).
+ROUND_MAGIC = tl.constexpr(12582912.0)
+
+
+def _w8a8_gemv_kernel(x_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, N, K, stride_w,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n] = s_x s_w[n] sum_k q_w[n,k] q_x[k] (+ b[n]): int8 x int8 products summed in int32.
+
+    The one-token activation is quantized inside the kernel, per token as SmoothQuant's
+    ``quantize_activation_per_token_absmax``: ``s_x = max(max|x|, 1e-5) / 127``,
+    ``q_x = clamp(round(x / s_x), -127, 127)``, with IEEE division and ties-to-even rounding so
+    that the codes are those of the PyTorch reference. Each program redoes this for the whole
+    row ``x`` (a few KB, read from cache) instead of launching a separate kernel."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    kc = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + k0 + kc, mask=k0 + kc < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    s_x = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-5), 127.0)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kc
+        km = k < K
+        x = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
+        q = (tl.math.div_rn(x, s_x) + ROUND_MAGIC) - ROUND_MAGIC         # round(x / s_x)
+        q_x = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
+        q_w = tl.load(w_ptr + rows[:, None] * stride_w + k[None, :], mask=rmask[:, None] & km[None, :],
+                      other=0).to(tl.int32)
+        acc += q_w * q_x[None, :]                                        # exact in int32
+    y = tl.sum(acc, axis=1).to(tl.float32) * s_x * tl.load(sw_ptr + rows, mask=rmask, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
 # --------------------------------------------------------------------------- compiled variants
 _int4_jit = triton.jit(_int4_gemv_kernel)
 _lut_jit = triton.jit(_lut_gemv_kernel)
+_w8a8_jit = triton.jit(_w8a8_gemv_kernel)
 _INTERPRETED: dict = {}
 
 # Batch-1 GEMVs are latency-bound at these sizes: configs range from many row blocks with a few
@@ -147,11 +214,26 @@ _LUT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
                 for bn, bk, w in [(2, 2048, 4), (2, 4096, 8), (4, 1024, 4), (8, 512, 4), (8, 1024, 8),
                                   (16, 256, 4), (16, 512, 8), (32, 256, 8)]]
 _int4_tuned = triton.autotune(configs=_INT4_CONFIGS, key=["N", "G", "GS"])(_int4_jit)
-_lut_tuned = triton.autotune(configs=_LUT_CONFIGS, key=["N", "K", "GATHER", "HAS_SCALES"])(_lut_jit)
+# tl.gather compiles (Triton 3.6, sm_90) only with at least two rows per warp: with fewer,
+# the TritonGPUOptimizeThreadLocality pass fails ("PassManager::run failed"); its configs keep to
+# BLOCK_N >= 2 * num_warps (checked by compiling each for sm_90, which needs no GPU).
+_LUT_GATHER_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                       for bn, bk, w in [(8, 256, 4), (8, 512, 4), (8, 1024, 4), (16, 128, 4), (16, 256, 4),
+                                         (16, 512, 8), (16, 1024, 8), (32, 128, 4), (32, 256, 8), (32, 512, 8),
+                                         (64, 128, 8)]]
+_lut_tuned = triton.autotune(configs=_LUT_CONFIGS, key=["N", "K", "MODE", "HAS_SCALES"])(_lut_jit)
+_lut_gather_tuned = triton.autotune(configs=_LUT_GATHER_CONFIGS, key=["N", "K", "HAS_SCALES"])(_lut_jit)
+
+_W8A8_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                 for bn, bk, w in [(2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 8), (8, 256, 4),
+                                   (8, 512, 8), (16, 128, 4), (16, 256, 8), (32, 128, 8)]]
+_w8a8_tuned = triton.autotune(configs=_W8A8_CONFIGS, key=["N", "K", "HAS_BIAS"])(_w8a8_jit)
 
 #: block sizes used where nothing is tuned (the interpreter, or an explicit ``config=``)
 DEFAULT_INT4 = {"BLOCK_N": 4, "GPI": 2}
 DEFAULT_LUT = {"BLOCK_N": 4, "BLOCK_K": 64}
+DEFAULT_LUT_GATHER = {"BLOCK_N": 8, "BLOCK_K": 64}
+DEFAULT_W8A8 = {"BLOCK_N": 4, "BLOCK_K": 64}
 
 
 def _interpreted(fn):
@@ -211,17 +293,45 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     return y
 
 
+#: ``lut_gemv`` modes -> the kernel's MODE
+LUT_KERNEL_MODES = {"gather": 0, "load": 1, "pairs": 2}
+
+
 def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor, scales, bias, rows_per_lut: int,
              mode: str = "gather", config: dict = None) -> torch.Tensor:
-    """``W x + b`` for one row ``x`` (in,) with packed 4-bit LUT indices -> (out,) in x's dtype."""
+    """``W x + b`` for one row ``x`` (in,) with packed 4-bit LUT indices -> (out,) in x's dtype.
+
+    ``lut``: (n_luts, 16) fp16/fp32 for ``mode`` "gather" and "load"; for "pairs", the int32
+    table of :func:`lut_pair_table`."""
+    if mode not in LUT_KERNEL_MODES:
+        raise QtutorError(f"unknown lut_gemv mode {mode!r}; choose from {', '.join(LUT_KERNEL_MODES)}")
+    width = 256 if mode == "pairs" else 16
+    if lut.dim() != 2 or lut.shape[1] != width or (mode == "pairs") != (lut.dtype == torch.int32):
+        raise QtutorError(f"lut_gemv mode {mode!r} needs a (n_luts, {width}) "
+                         f"{'int32 pair table' if mode == 'pairs' else 'float LUT'}, got {tuple(lut.shape)} {lut.dtype}")
     N, K = qweight.shape[0], x.numel()
     x = x.reshape(-1).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     dummy = lut
     args = (x, qweight, lut, dummy if scales is None else scales, dummy if bias is None else bias, y,
             N, K, qweight.stride(0), rows_per_lut)
-    kwargs = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, GATHER=mode == "gather")
-    _launch(_lut_gemv_kernel, _lut_jit, _lut_tuned, DEFAULT_LUT, config, N, args, kwargs)
+    kwargs = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, MODE=LUT_KERNEL_MODES[mode])
+    tuned = _lut_gather_tuned if mode == "gather" else _lut_tuned
+    default = DEFAULT_LUT_GATHER if mode == "gather" else DEFAULT_LUT
+    _launch(_lut_gemv_kernel, _lut_jit, tuned, default, config, N, args, kwargs)
+    return y
+
+
+def w8a8_gemv(x: torch.Tensor, qweight: torch.Tensor, weight_scales: torch.Tensor, bias,
+              config: dict = None) -> torch.Tensor:
+    """``y = s_x s_w q_w q_x + b`` for one row ``x`` (in,), quantized per token inside the kernel,
+    with int8 ``qweight`` (out, in) and float32 ``weight_scales`` (out,) -> (out,) in x's dtype."""
+    N, K = qweight.shape[0], x.numel()
+    x = x.reshape(-1).contiguous()
+    y = torch.empty(N, dtype=x.dtype, device=x.device)
+    args = (x, qweight, weight_scales, weight_scales if bias is None else bias, y, N, K, qweight.stride(0))
+    _launch(_w8a8_gemv_kernel, _w8a8_jit, _w8a8_tuned, DEFAULT_W8A8, config, N, args,
+            dict(HAS_BIAS=bias is not None))
     return y
 
 

@@ -35,13 +35,18 @@ import torch.nn as nn
 from .errors import QtutorError
 from .quant.base import QuantizedLinear, unpack_codes
 from .quant.rtn import UniformLinear, group_layout
+from .quant.smoothquant import W8A8Linear
 
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 BACKENDS = ("auto", "triton", "tinygemm", "none")
 #: how the LUT GEMV reads a table entry: from registers (``tl.gather``), by an indexed load from
-#: the layer's fp16 LUT, or by an indexed load from a float32 copy (no fp16 -> fp32 conversion
-#: per weight; the copy is a buffer, so bits per weight count it)
-LUT_MODES = ("gather", "load", "load-f32")
+#: the layer's fp16 LUT, by an indexed load from a float32 copy (no fp16 -> fp32 conversion
+#: per weight), or one load per packed byte from a 256-entry table of weight pairs (FLUTE's
+#: vectorized lookup). The float32 copy and the pair table are buffers of the layer, so its
+#: bytes (and bits per weight) count them: 4 bytes per LUT entry, 1 KiB per LUT.
+LUT_MODES = ("gather", "load", "load-f32", "pairs")
+#: the buffer each LUT mode adds to a layer (removed again by :func:`restore`)
+_LUT_EXTRA = {"load-f32": "lut_f32", "pairs": "lut_pairs"}
 
 
 # --------------------------------------------------------------------------- availability
@@ -71,11 +76,16 @@ def int4_gemv(x, qweight, scales, qzeros, bias, group_size, config=None):
     return tk.int4_gemv(x, qweight, scales, qzeros, bias, group_size, config)
 
 
-# "load" by default: Triton 3.6 on an H100 fails to compile the tl.gather variant (PassManager).
 def lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode="load", config=None):
     """Triton GEMV for packed 4-bit LUT indices (see :mod:`qtutor._triton_kernels`)."""
     from . import _triton_kernels as tk
     return tk.lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode, config)
+
+
+def w8a8_gemv(x, qweight, weight_scales, bias, config=None):
+    """Triton W8A8 GEMV: quantizes the row per token and sums int8 x int8 products in int32."""
+    from . import _triton_kernels as tk
+    return tk.w8a8_gemv(x, qweight, weight_scales, bias, config)
 
 
 # --------------------------------------------------------------------------- tinygemm
@@ -229,10 +239,19 @@ class _TritonLUT(_TritonGemvMixin):
     triton_config: Optional[dict] = None
 
     def _gemv(self, x):
-        lut = self.lut_f32 if self.lut_mode == "load-f32" else self.lut
-        mode = "gather" if self.lut_mode == "gather" else "load"
+        extra = _LUT_EXTRA.get(self.lut_mode)
+        lut = getattr(self, extra) if extra else self.lut
+        mode = {"load-f32": "load"}.get(self.lut_mode, self.lut_mode)
         return lut_gemv(x, self.qweight, lut, self.scales, self.bias, self.rows_per_lut, mode,
                         self.triton_config)
+
+
+class _TritonW8A8(_TritonGemvMixin):
+    kernel_name = "triton w8a8_gemv"
+    triton_config: Optional[dict] = None
+
+    def _gemv(self, x):
+        return w8a8_gemv(x, self.qweight, self.weight_scales, self.bias, self.triton_config)
 
 
 _SWAPPED: dict = {}
@@ -276,6 +295,16 @@ def triton_lut_reason(layer) -> Optional[str]:
         return "not 4-bit"
     if layer.in_features % 2 or layer.qweight.shape[-1] != layer.in_features // 2:
         return "unexpected index layout"
+    return None
+
+
+def triton_w8a8_reason(layer) -> Optional[str]:
+    if not isinstance(layer, W8A8Linear):
+        return "not a W8A8Linear"
+    if layer.act_quant != "per_token":
+        return f"activation quantization {layer.act_quant!r} (the kernel quantizes per token)"
+    if not layer.use_int_mm:
+        return "use_int_mm is off (the layer simulates the integer matmul)"
     return None
 
 
@@ -334,7 +363,18 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
                 module.lut_mode = lut_mode
                 if lut_mode == "load-f32":  # a stored float32 copy: counted in the weight bytes
                     module.register_buffer("lut_f32", module.lut.float().contiguous())
+                elif lut_mode == "pairs":   # the stored pair table: counted too
+                    from ._triton_kernels import lut_pair_table
+                    module.register_buffer("lut_pairs", lut_pair_table(module.lut))
                 converted[name] = f"triton lut_gemv ({lut_mode})"
+            else:
+                skipped[name] = reason
+        elif isinstance(module, W8A8Linear):
+            reason = triton_w8a8_reason(module) if has_triton else "triton is not installed"
+            if reason is None:
+                module.__class__ = _swapped_class(type(module), _TritonW8A8)
+                module.kernel_on_cpu = kernel_on_cpu
+                converted[name] = "triton w8a8_gemv"
             else:
                 skipped[name] = reason
     return {"backend": backend, "converted": converted, "skipped": skipped}
@@ -431,7 +471,8 @@ def restore(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, _TritonGemvMixin):
             module.__class__ = type(module).reference_class
-            module._buffers.pop("lut_f32", None)
+            for extra in _LUT_EXTRA.values():
+                module._buffers.pop(extra, None)
             n += 1
     return n
 

@@ -109,8 +109,14 @@ def lut_reference(idx, lut, scales, bias, rows):
     return lambda x: W @ x + (0 if bias is None else bias)
 
 
+def _lut_table(lut, mode):
+    """What lut_gemv reads in ``mode``: the fp16 LUT, or its pair table."""
+    from qtutor._triton_kernels import lut_pair_table
+    return lut_pair_table(lut) if mode == "pairs" else lut
+
+
 @needs_interpreter
-@pytest.mark.parametrize("mode", ["gather", "load"])
+@pytest.mark.parametrize("mode", ["gather", "load", "pairs"])
 @pytest.mark.parametrize("n,k,rows,scaled", [(32, 96, 16, True), (48, 200, 48, False)])
 def test_triton_lut_gemv_equals_reference(mode, n, k, rows, scaled):
     """Generic layout: indices (out, in/2) low nibble first, LUT (n_luts, 16), row r -> LUT r // rows."""
@@ -120,8 +126,54 @@ def test_triton_lut_gemv_equals_reference(mode, n, k, rows, scaled):
     scales = (torch.rand(n, generator=g) + 0.5).half() if scaled else None
     bias = torch.randn(n, generator=g)
     x = torch.randn(k, generator=g)
-    y = kernels.lut_gemv(x, qtutor.quant.pack_codes(idx, 4), lut, scales, bias, rows, mode)
+    y = kernels.lut_gemv(x, qtutor.quant.pack_codes(idx, 4), _lut_table(lut, mode), scales, bias, rows, mode)
     torch.testing.assert_close(y, lut_reference(idx, lut, scales, bias, rows)(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_interpreter
+def test_lut_pair_table_known_entries():
+    """Entry b holds LUT[b & 15] in its low 16 bits and LUT[b >> 4] in its high 16 bits (fp16 bits),
+    negative values included (the int32 word is then negative)."""
+    from qtutor._triton_kernels import lut_pair_table
+    lut = torch.tensor([[-2.0 + 0.25 * i for i in range(16)]]).half()
+    t = lut_pair_table(lut)
+    assert t.shape == (1, 256) and t.dtype == torch.int32
+    bits = lut.view(torch.int16)[0].tolist()
+    for b in (0, 0x0F, 0xF0, 0x3A, 0xFF):
+        word = int(t[0, b]) & 0xFFFFFFFF
+        assert word & 0xFFFF == bits[b & 15] & 0xFFFF and word >> 16 == bits[b >> 4] & 0xFFFF
+    assert int(t[0, 0x00]) < 0 and int(t[0, 0xFF]) > 0  # LUT[0] = -2 (sign bit set), LUT[15] = 1.75
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode,table", [("pairs", "lut"), ("load", "pairs"), ("nearest", "lut")])
+def test_lut_gemv_refuses_a_table_of_the_wrong_kind(mode, table):
+    idx = torch.zeros(16, 16, dtype=torch.uint8)
+    lut = torch.zeros(1, 16).half()
+    with pytest.raises(qtutor.QtutorError, match="lut_gemv mode"):
+        kernels.lut_gemv(torch.zeros(16), qtutor.quant.pack_codes(idx, 4),
+                         _lut_table(lut, "pairs") if table == "pairs" else lut, None, None, 16, mode)
+
+
+@needs_interpreter
+def test_lut_gather_configs_compile_for_sm90():
+    """tl.gather fails to compile for some block shapes on Triton 3.6 (PassManager, fewer than two
+    rows per warp). Every autotuning config of the gather mode must compile for an H100 (sm_90):
+    Triton compiles for a target without a GPU, with the ptxas it ships."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import qtutor._triton_kernels as tk
+    sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "lut_ptr": "*fp16", "s_ptr": "*fp16", "b_ptr": "*fp16",
+           "y_ptr": "*fp16", "N": "i32", "K": "i32", "stride_w": "i32", "ROWS_PER_LUT": "i32",
+           "HAS_SCALES": "constexpr", "HAS_BIAS": "constexpr", "MODE": "constexpr",
+           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    names = list(sig)
+    for cfg in tk._LUT_GATHER_CONFIGS:
+        const = {"HAS_SCALES": True, "HAS_BIAS": False, "MODE": tk.LUT_KERNEL_MODES["gather"], **cfg.kwargs}
+        src = ASTSource(fn=tk._lut_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+        assert compiled.asm["cubin"], cfg
 
 
 @needs_interpreter
@@ -146,7 +198,7 @@ def test_accelerate_triton_swaps_forward_keeps_storage():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("mode", ["load", "load-f32"])
+@pytest.mark.parametrize("mode", ["gather", "load", "load-f32", "pairs"])
 def test_accelerate_triton_palettized_layer(mode):
     palettize = pytest.importorskip("qtutor.quant.palettize")
     g = torch.Generator().manual_seed(0)
@@ -157,12 +209,80 @@ def test_accelerate_triton_palettized_layer(mode):
     nbytes = layer.weight_nbytes
     res = kernels.accelerate(model, "triton", lut_mode=mode, kernel_on_cpu=True)
     assert list(res["converted"].values()) == [f"triton lut_gemv ({mode})"]
-    # the float32 table copy is stored, so it is counted: 2 LUTs x 16 entries x 4 bytes
-    assert layer.weight_nbytes == nbytes + (2 * 16 * 4 if mode == "load-f32" else 0)
+    # the float32 table copy and the pair table are stored, so they are counted:
+    # 2 LUTs x 16 entries x 4 bytes, 2 LUTs x 256 pairs x 4 bytes
+    assert layer.weight_nbytes == nbytes + {"load-f32": 2 * 16 * 4, "pairs": 2 * 256 * 4}.get(mode, 0)
     x = torch.randn(1, 64)
     torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-3, atol=1e-3)
     assert layer.last_kernel == "triton lut_gemv"
     assert kernels.restore(model) == 1 and layer.weight_nbytes == nbytes
+
+
+# --------------------------------------------------------------------------- W8A8 GEMV
+def w8a8_layer(n, k, bias=True, seed=0):
+    from qtutor.quant.smoothquant import W8A8Linear
+    torch.manual_seed(seed)
+    return W8A8Linear.from_float(nn.Linear(k, n, bias=bias))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n,k,bias", [(48, 200, True), (24, 64, False)])
+@pytest.mark.parametrize("scale", [1.0, 1e-7, 300.0])
+def test_triton_w8a8_gemv_equals_int_mm_bitwise(n, k, bias, scale):
+    """The kernel quantizes the row as the reference does (same codes, same scale) and sums the
+    int8 products exactly, so it equals W8A8Linear's torch._int_mm forward bit for bit."""
+    layer = w8a8_layer(n, k, bias)
+    x = torch.randn(k, generator=torch.Generator().manual_seed(1)) * scale
+    y = kernels.w8a8_gemv(x, layer.qweight, layer.weight_scales, layer.bias)
+    ref = layer(x[None])[0]
+    assert layer.last_kernel == "torch._int_mm"
+    assert torch.equal(y, ref)
+
+
+@needs_interpreter
+def test_triton_w8a8_rounds_ties_to_even():
+    """max|x| = 127 gives s_x = 1, so x itself holds the codes' ties: round(0.5) = 0,
+    round(1.5) = round(2.5) = 2, round(-2.5) = -2 (torch.round); a weight of ones sums them."""
+    from qtutor.quant.smoothquant import W8A8Linear
+    x = torch.tensor([127.0, 0.5, 1.5, 2.5, -2.5, -0.5, 3.5, 0.0])
+    ones = torch.zeros(2, 8, dtype=torch.int8)
+    ones[0, 1:] = 1                 # row 0: the ties only
+    ones[1, 0] = 1                  # row 1: the 127
+    layer = W8A8Linear(ones, torch.ones(2))
+    y = kernels.w8a8_gemv(x, layer.qweight, layer.weight_scales, None)
+    assert y.tolist() == [0 + 2 + 2 - 2 - 0 + 4 + 0, 127.0]
+
+
+@needs_interpreter
+def test_accelerate_converts_w8a8_layers():
+    from conftest import tiny_model
+    model = tiny_model("qwen2")
+    g = torch.Generator().manual_seed(0)
+    qtutor.quantize(model, "smoothquant_w8a8", calib=torch.randint(0, model.config.vocab_size, (2, 16), generator=g))
+    layer = model.model.layers[0].mlp.down_proj
+    before = {n: b.data_ptr() for n, b in layer.named_buffers()}
+    res = kernels.accelerate(model, "triton", kernel_on_cpu=True)
+    assert set(res["converted"].values()) == {"triton w8a8_gemv"} and len(res["converted"]) == 14
+    assert type(layer).__name__ == "TritonW8A8Linear"
+    assert {n: b.data_ptr() for n, b in layer.named_buffers()} == before
+    x = torch.randn(1, 1, layer.in_features)
+    y = layer(x)
+    assert layer.last_kernel == "triton w8a8_gemv" and torch.equal(y, layer.forward_reference(x))
+    a = model.model.layers[0].self_attn
+    fused = kernels.fuse_rows([a.q_proj, a.k_proj, a.v_proj])
+    assert type(fused).__name__ == "TritonW8A8Linear"
+    x = torch.randn(1, 1, a.q_proj.in_features)
+    torch.testing.assert_close(fused(x), torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1))
+    assert kernels.restore(model) == 14 and type(layer).__name__ == "W8A8Linear"
+
+
+def test_accelerate_leaves_simulated_w8a8_alone():
+    layer = w8a8_layer(16, 32)
+    layer.act_quant = "per_tensor"
+    res = kernels.accelerate(nn.Sequential(layer), "triton" if kernels.triton_available() else "none")
+    assert not res["converted"]
+    if kernels.triton_available():
+        assert "per token" in res["skipped"]["0"]
 
 
 # --------------------------------------------------------------------------- stacked rows (fuse_rows)
@@ -259,9 +379,7 @@ def test_triton_int4_gemv_on_cuda(sym):
 
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("mode", [pytest.param("gather", marks=pytest.mark.xfail(
-    reason="Triton 3.6 on an H100 fails to compile tl.gather (PassManager::run failed); 'load' is used")),
-    "load"])
+@pytest.mark.parametrize("mode", ["gather", "load", "pairs"])
 def test_triton_lut_gemv_on_cuda(mode):
     g = torch.Generator().manual_seed(0)
     n, k, rows = 4864, 896, 16
@@ -270,9 +388,20 @@ def test_triton_lut_gemv_on_cuda(mode):
     scales = (torch.rand(n, generator=g) + 0.5).half()
     x = torch.randn(k, generator=g)
     ref = lut_reference(idx, lut, scales, None, rows)(x)
-    y = kernels.lut_gemv(x.half().cuda(), qtutor.quant.pack_codes(idx, 4).cuda(), lut.cuda(), scales.cuda(),
-                         None, rows, mode)
+    y = kernels.lut_gemv(x.half().cuda(), qtutor.quant.pack_codes(idx, 4).cuda(), _lut_table(lut, mode).cuda(),
+                         scales.cuda(), None, rows, mode)
     assert rel(y.cpu(), ref) < 2e-3
+
+
+@needs_cuda
+@needs_triton
+def test_triton_w8a8_gemv_on_cuda():
+    layer = w8a8_layer(4864, 896).cuda()
+    x = torch.randn(1, 896, device="cuda", dtype=torch.float16)
+    y = kernels.w8a8_gemv(x, layer.qweight, layer.weight_scales, layer.bias)  # autotuned
+    ref = layer(x)  # torch._int_mm, the row padded to 32
+    assert layer.last_kernel.startswith("torch._int_mm")
+    assert rel(y[None], ref) < 1e-3
 
 
 @needs_cuda
