@@ -20,7 +20,9 @@ Rows (``--methods``; default all that apply to the device):
   rtn_int4-reference           RTN int4 g128, reference forward (dequantize + matmul per call)
   rtn_int4-triton              RTN int4 g128, Triton int4 GEMV on the packed codes (CUDA)
   rtn_int4-tinygemm            RTN int4 g128 re-packed for aten._weight_int4pack_mm (bf16)
-  palettized4-gather / -load   4-bit LUT per 16 rows + per-row scale, Triton LUT GEMV (CUDA)
+  palettized4-prmt             4-bit LUT per 16 rows + per-row scale, Triton LUT GEMV (CUDA) with
+                               the LUT in registers, looked up by byte permutes (the default)
+  palettized4-gather / -load   the same kernel family: tl.gather from registers / indexed load
   palettized4-load-f32         the same, reading a stored float32 copy of the LUTs (counted)
   palettized4-pairs            the same, one load per packed byte from a stored 256-entry table
                                of weight pairs per LUT (FLUTE's vectorized lookup; counted)
@@ -54,9 +56,9 @@ import torch
 from _common import CONFIGS, ROOT, build_model, environment, pick_device, print_env, table, write_csv
 
 ALL = ["fp16", "bf16", "hf-loop", "rtn_int4-reference", "rtn_int4-triton", "rtn_int4-tinygemm",
-       "palettized4-gather", "palettized4-load", "palettized4-load-f32", "palettized4-pairs", "smoothquant_w8a8",
+       "palettized4-prmt", "palettized4-gather", "palettized4-load", "palettized4-load-f32", "palettized4-pairs", "smoothquant_w8a8",
        "smoothquant_w8a8-triton"]
-CUDA_ONLY = {"rtn_int4-triton", "palettized4-gather", "palettized4-load", "palettized4-load-f32",
+CUDA_ONLY = {"rtn_int4-triton", "palettized4-prmt", "palettized4-gather", "palettized4-load", "palettized4-load-f32",
              "palettized4-pairs", "smoothquant_w8a8-triton"}
 
 
@@ -299,6 +301,7 @@ def main(argv=None):
     record("rtn_int4-triton", main_name, rtn(base, "triton"), main_name, check=ref_of_triton)
     record("rtn_int4-tinygemm", "bf16", rtn(bf16_model(), "tinygemm") if "rtn_int4-tinygemm" in wanted
            else None, "bf16", check=ref_of_tinygemm)
+    record("palettized4-prmt", main_name, palettized("prmt"), main_name, check=ref_of_triton)
     record("palettized4-gather", main_name, palettized("gather"), main_name, check=ref_of_triton)
     record("palettized4-load", main_name, palettized("load"), main_name, check=ref_of_triton)
     record("palettized4-load-f32", main_name, palettized("load-f32"), main_name, check=ref_of_triton)
@@ -309,6 +312,8 @@ def main(argv=None):
         mc = f"{main_name}-compile"
         record(mc, main_name, plain(base), mc, compile=True)
         record("rtn_int4-triton-compile", main_name, rtn(base, "triton"), mc, compile=True,
+               check=ref_of_triton)
+        record("palettized4-prmt-compile", main_name, palettized("prmt"), mc, compile=True,
                check=ref_of_triton)
         record("palettized4-load-compile", main_name, palettized("load"), mc, compile=True,
                check=ref_of_triton)

@@ -69,7 +69,7 @@ def main():
     from qtutor.quant.rtn import RTNConfig, UniformLinear
     from qtutor.quant.smoothquant import W8A8Linear
 
-    def fast(layer, backend, lut_mode="load"):  # accelerate() converts the layers inside a model
+    def fast(layer, backend, lut_mode="prmt"):  # accelerate() converts the layers inside a model
         model = torch.nn.Sequential(layer)
         res = kernels.accelerate(model, backend, lut_mode=lut_mode)
         return (model, model[0].weight_nbytes) if res["converted"] else None
@@ -88,7 +88,8 @@ def main():
         variants["int4-tinygemm"] = fast(copy.deepcopy(q), "tinygemm")  # bf16 inside
         if n * k < 2e7:  # exact k-means of the LM head's 9,496 LUTs would dominate the run
             pal = PalettizedLinear.from_float(W, PalettizeConfig()).to(dev)
-            variants["lut4-triton"] = fast(copy.deepcopy(pal), "triton")
+            variants["lut4-triton-prmt"] = fast(copy.deepcopy(pal), "triton", "prmt")
+            variants["lut4-triton-load"] = fast(copy.deepcopy(pal), "triton", "load")
             variants["lut4-triton-f32"] = fast(copy.deepcopy(pal), "triton", "load-f32")
             variants["lut4-triton-gather"] = fast(copy.deepcopy(pal), "triton", "gather")
             variants["lut4-triton-pairs"] = fast(pal, "triton", "pairs")
@@ -119,7 +120,8 @@ def main():
                        ("vs_fp16", "vs fp16", ".2f"), ("layer_kernel", "ran", "")]))
     write_csv(rows, Path(args.out))
     from qtutor import _triton_kernels as tk
-    for tuned in (tk._int4_tuned, tk._lut_tuned, tk._lut_gather_tuned, tk._w8a8_tuned):  # the block sizes autotuning chose per shape
+    for tuned in (tk._int4_tuned, tk._lut_tuned, tk._lut_gather_tuned, tk._lut_prmt_tuned,
+                  tk._w8a8_tuned):  # the block sizes autotuning chose per shape
         for key, cfg in tuned.cache.items():
             print(f"  {tuned.fn.__name__}: {key} -> {cfg}")
     print(f"wrote {args.out}")

@@ -16,7 +16,9 @@ packed weight straight from the layer's own storage (no re-packed copy):
   fp16 per-row ``scales`` (out,). The 16-entry LUT rows of a block of output rows are loaded
   once into registers and each weight is looked up with ``tl.gather`` (``mode="gather"``), or
   read through the L1 cache with an indexed load (``mode="load"``), or each packed byte's two
-  weights are read with one load from a 256-entry table of pairs (``mode="pairs"``).
+  weights are read with one load from a 256-entry table of pairs (``mode="pairs"``), or the LUT
+  sits in 8 registers per row and eight indices at a time are looked up with byte permutes
+  (``mode="prmt"``, no memory access per weight).
 
 A program handles ``BLOCK_N`` output rows and walks the input dimension; accumulation is in
 float32 and the result is written in ``x``'s dtype. On CUDA the block sizes are autotuned per
@@ -158,6 +160,105 @@ def lut_pair_table(lut: torch.Tensor) -> torch.Tensor:
     return torch.where(pairs >= 2 ** 31, pairs - 2 ** 32, pairs).to(torch.int32).contiguous()
 
 
+# --------------------------------------------------------------------------- 4-bit LUT in registers
+# A 16-entry fp16 LUT is 32 bytes: 8 registers. The GPU's byte-permute instruction
+# ``prmt.b32 d, a, b, sel`` builds d from four of the 8 bytes of {b, a}, chosen by the four low
+# nibbles of sel; a selector nibble with bit 3 set gives instead 0x00 or 0xFF, the sign of the
+# byte it names. So four 3-bit indices look up four bytes of an 8-byte table in one instruction.
+# With the low bytes of the 16 entries in L0..L3 and the high bytes in H0..H3 (4 registers each),
+# eight packed indices (one 32-bit word) become eight fp16 weights in about 20 integer
+# instructions and no memory access: per half-word, 4 lookups (entries 0-7 and 8-15, low and
+# high bytes), 2 merges by index bit 3, 2 permutes that interleave low and high bytes.
+# (The register-LUT idea of LUT-GEMM and FLUTE; the permute form here is ours.)
+@triton.jit
+def _prmt(a, b, sel, ASM: tl.constexpr):
+    """``prmt.b32`` on int32 tensors (broadcast): the PTX instruction on the GPU (``ASM``), and
+    the same byte selection in plain integer ops for Triton's interpreter (no inline asm there)."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = (a & 0) | (b & 0) | (sel & 0)                               # zeros, broadcast shape
+        for j in tl.static_range(4):
+            s = (sel >> (4 * j)) & 0xF
+            i = s & 7                                                   # byte i of {b, a}
+            byte = (tl.where(i < 4, a, b) >> ((i & 3) * 8)) & 0xFF
+            byte = tl.where((s & 8) != 0, tl.where((byte & 0x80) != 0, 0xFF, 0), byte)
+            r = r | (byte << (8 * j))
+        return r
+
+
+@triton.jit
+def _lookup4(q, L0, L1, L2, L3, H0, H1, H2, H3, ASM: tl.constexpr):
+    """The fp16 LUT entries of the four indices in the low 16 bits of ``q`` (nibble k = column k)
+    -> two int32 words of fp16 pairs: (column 0, column 1) and (column 2, column 3)."""
+    sel = q & 0x7777                                                    # index bits 0-2
+    m = _prmt(q, q << 4, q * 0 + 0x9D8C, ASM)                           # byte k: 0xFF if bit 3 of index k
+    lo = (_prmt(L0, L1, sel, ASM) & ~m) | (_prmt(L2, L3, sel, ASM) & m)  # low bytes of the 4 entries
+    hi = (_prmt(H0, H1, sel, ASM) & ~m) | (_prmt(H2, H3, sel, ASM) & m)  # high bytes
+    return _prmt(lo, hi, q * 0 + 0x5140, ASM), _prmt(lo, hi, q * 0 + 0x7362, ASM)
+
+
+@triton.jit
+def _fp16_pair(v):
+    """An int32 word holding two fp16 values -> (low, high) as float32."""
+    lo = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+def _lut_gemv_prmt_kernel(x_ptr, q_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_q, ROWS_PER_LUT,
+                          HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """y[n] = scale[n] * sum_k LUT[n // R][idx[n,k]] x[k] (+ b[n]) with the LUT in registers.
+
+    ``q_ptr``: the packed indices read as int32 words (out, in/8), eight columns per word (column
+    8w + k in nibble k); ``lut_ptr``: the fp16 LUT read as int32 words (n_luts, 8)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    lrow = rows // ROWS_PER_LUT
+    # the program's LUT rows, split into low-byte and high-byte tables (8 words -> 8 words)
+    w0 = tl.load(lut_ptr + lrow * 8 + 0, mask=rmask, other=0)
+    w1 = tl.load(lut_ptr + lrow * 8 + 1, mask=rmask, other=0)
+    w2 = tl.load(lut_ptr + lrow * 8 + 2, mask=rmask, other=0)
+    w3 = tl.load(lut_ptr + lrow * 8 + 3, mask=rmask, other=0)
+    w4 = tl.load(lut_ptr + lrow * 8 + 4, mask=rmask, other=0)
+    w5 = tl.load(lut_ptr + lrow * 8 + 5, mask=rmask, other=0)
+    w6 = tl.load(lut_ptr + lrow * 8 + 6, mask=rmask, other=0)
+    w7 = tl.load(lut_ptr + lrow * 8 + 7, mask=rmask, other=0)
+    LO = w0 * 0 + 0x6420                                                # bytes 0, 2, 4, 6 of {b, a}
+    HI = w0 * 0 + 0x7531                                                # bytes 1, 3, 5, 7
+    L0, H0 = _prmt(w0, w1, LO, ASM)[:, None], _prmt(w0, w1, HI, ASM)[:, None]   # entries 0-3
+    L1, H1 = _prmt(w2, w3, LO, ASM)[:, None], _prmt(w2, w3, HI, ASM)[:, None]   # entries 4-7
+    L2, H2 = _prmt(w4, w5, LO, ASM)[:, None], _prmt(w4, w5, HI, ASM)[:, None]   # entries 8-11
+    L3, H3 = _prmt(w6, w7, LO, ASM)[:, None], _prmt(w6, w7, HI, ASM)[:, None]   # entries 12-15
+    cw = tl.arange(0, BLOCK_W)
+    c8 = tl.arange(0, 8)
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    for w_0 in range(0, KW, BLOCK_W):
+        wi = w_0 + cw                                                   # word column
+        wm = wi < KW
+        q = tl.load(q_ptr + rows[:, None] * stride_q + wi[None, :], mask=rmask[:, None] & wm[None, :], other=0)
+        c01, c23 = _lookup4(q, L0, L1, L2, L3, H0, H1, H2, H3, ASM)            # columns 0-3 of each word
+        c45, c67 = _lookup4(q >> 16, L0, L1, L2, L3, H0, H1, H2, H3, ASM)      # columns 4-7
+        a0, a1 = _fp16_pair(c01)
+        a2, a3 = _fp16_pair(c23)
+        a4, a5 = _fp16_pair(c45)
+        a6, a7 = _fp16_pair(c67)
+        # tl.join adds a LAST axis, so the outermost join picks bit 0 of the column, the innermost bit 2
+        w = tl.reshape(tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)),
+                               tl.join(tl.join(a1, a5), tl.join(a3, a7))), (BLOCK_N, BLOCK_W, 8))  # in order
+        x = tl.load(x_ptr + 8 * wi[:, None] + c8[None, :], mask=wm[:, None], other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :, :], axis=2)
+    y = tl.sum(acc, axis=1)
+    if HAS_SCALES:
+        y *= tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
 # --------------------------------------------------------------------------- W8A8 (SmoothQuant)
 # 1.5 * 2^23: adding and subtracting it rounds a float32 |v| < 2^22 to the nearest integer, ties
 # to even, exactly as torch.round (the float32 sum has no bits below 1 at that magnitude).
@@ -202,6 +303,7 @@ def _w8a8_gemv_kernel(x_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, N, K, stride_w,
 _int4_jit = triton.jit(_int4_gemv_kernel)
 _lut_jit = triton.jit(_lut_gemv_kernel)
 _w8a8_jit = triton.jit(_w8a8_gemv_kernel)
+_lut_prmt_jit = triton.jit(_lut_gemv_prmt_kernel)
 _INTERPRETED: dict = {}
 
 # Batch-1 GEMVs are latency-bound at these sizes: configs range from many row blocks with a few
@@ -224,6 +326,11 @@ _LUT_GATHER_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w
 _lut_tuned = triton.autotune(configs=_LUT_CONFIGS, key=["N", "K", "MODE", "HAS_SCALES"])(_lut_jit)
 _lut_gather_tuned = triton.autotune(configs=_LUT_GATHER_CONFIGS, key=["N", "K", "HAS_SCALES"])(_lut_jit)
 
+_LUT_PRMT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w)
+                     for bn, bw, w in [(1, 128, 4), (1, 256, 4), (2, 128, 4), (2, 256, 8), (4, 64, 4),
+                                       (4, 128, 4), (4, 128, 8), (4, 256, 8), (8, 32, 4), (8, 64, 4),
+                                       (8, 64, 8), (8, 128, 8), (16, 16, 4), (16, 32, 8), (32, 16, 8)]]
+_lut_prmt_tuned = triton.autotune(configs=_LUT_PRMT_CONFIGS, key=["N", "KW", "HAS_SCALES"])(_lut_prmt_jit)
 _W8A8_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
                  for bn, bk, w in [(2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 8), (8, 256, 4),
                                    (8, 512, 8), (16, 128, 4), (16, 256, 8), (32, 128, 8)]]
@@ -234,6 +341,7 @@ DEFAULT_INT4 = {"BLOCK_N": 4, "GPI": 2}
 DEFAULT_LUT = {"BLOCK_N": 4, "BLOCK_K": 64}
 DEFAULT_LUT_GATHER = {"BLOCK_N": 8, "BLOCK_K": 64}
 DEFAULT_W8A8 = {"BLOCK_N": 4, "BLOCK_K": 64}
+DEFAULT_LUT_PRMT = {"BLOCK_N": 4, "BLOCK_W": 8}
 
 
 def _interpreted(fn):
@@ -294,7 +402,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
 
 
 #: ``lut_gemv`` modes -> the kernel's MODE
-LUT_KERNEL_MODES = {"gather": 0, "load": 1, "pairs": 2}
+LUT_KERNEL_MODES = {"gather": 0, "load": 1, "pairs": 2, "prmt": None}
 
 
 def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor, scales, bias, rows_per_lut: int,
@@ -309,6 +417,8 @@ def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor, scales, 
     if lut.dim() != 2 or lut.shape[1] != width or (mode == "pairs") != (lut.dtype == torch.int32):
         raise QtutorError(f"lut_gemv mode {mode!r} needs a (n_luts, {width}) "
                          f"{'int32 pair table' if mode == 'pairs' else 'float LUT'}, got {tuple(lut.shape)} {lut.dtype}")
+    if mode == "prmt":
+        return _lut_gemv_prmt(x, qweight, lut, scales, bias, rows_per_lut, config)
     N, K = qweight.shape[0], x.numel()
     x = x.reshape(-1).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
@@ -319,6 +429,22 @@ def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor, scales, 
     tuned = _lut_gather_tuned if mode == "gather" else _lut_tuned
     default = DEFAULT_LUT_GATHER if mode == "gather" else DEFAULT_LUT
     _launch(_lut_gemv_kernel, _lut_jit, tuned, default, config, N, args, kwargs)
+    return y
+
+
+def _lut_gemv_prmt(x, qweight, lut, scales, bias, rows_per_lut, config):
+    N, K = qweight.shape[0], x.numel()
+    if lut.dtype != torch.float16 or K % 8 or qweight.stride(-1) != 1 or qweight.stride(0) % 4:
+        raise QtutorError(f"lut_gemv mode 'prmt' needs an fp16 LUT and in_features divisible by 8 "
+                          f"(got {lut.dtype}, {K}): use mode 'load'")
+    x = x.reshape(-1).contiguous()
+    y = torch.empty(N, dtype=x.dtype, device=x.device)
+    q32 = qweight.view(torch.int32)                                     # (out, in/8): 8 indices a word
+    lut32 = lut.contiguous().view(torch.int32)                          # (n_luts, 8): 2 entries a word
+    args = (x, q32, lut32, lut if scales is None else scales, lut if bias is None else bias, y,
+            N, K // 8, q32.stride(0), rows_per_lut)
+    kwargs = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, ASM=x.is_cuda)
+    _launch(_lut_gemv_prmt_kernel, _lut_prmt_jit, _lut_prmt_tuned, DEFAULT_LUT_PRMT, config, N, args, kwargs)
     return y
 
 

@@ -39,12 +39,14 @@ from .quant.smoothquant import W8A8Linear
 
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 BACKENDS = ("auto", "triton", "tinygemm", "none")
-#: how the LUT GEMV reads a table entry: from registers (``tl.gather``), by an indexed load from
-#: the layer's fp16 LUT, by an indexed load from a float32 copy (no fp16 -> fp32 conversion
-#: per weight), or one load per packed byte from a 256-entry table of weight pairs (FLUTE's
-#: vectorized lookup). The float32 copy and the pair table are buffers of the layer, so its
-#: bytes (and bits per weight) count them: 4 bytes per LUT entry, 1 KiB per LUT.
-LUT_MODES = ("gather", "load", "load-f32", "pairs")
+#: how the LUT GEMV reads a table entry: from registers with byte permutes (``prmt``: eight
+#: indices per 32-bit word looked up in the 8 registers that hold an fp16 LUT, no memory access
+#: per weight; the default), from registers with ``tl.gather``, by an indexed load from the
+#: layer's fp16 LUT, by an indexed load from a float32 copy (no fp16 -> fp32 conversion per
+#: weight), or one load per packed byte from a 256-entry table of weight pairs (FLUTE's vectorized
+#: lookup). The float32 copy and the pair table are buffers of the layer, so its bytes (and bits
+#: per weight) count them: 4 bytes per LUT entry, 1 KiB per LUT.
+LUT_MODES = ("prmt", "gather", "load", "load-f32", "pairs")
 #: the buffer each LUT mode adds to a layer (removed again by :func:`restore`)
 _LUT_EXTRA = {"load-f32": "lut_f32", "pairs": "lut_pairs"}
 
@@ -76,7 +78,7 @@ def int4_gemv(x, qweight, scales, qzeros, bias, group_size, config=None):
     return tk.int4_gemv(x, qweight, scales, qzeros, bias, group_size, config)
 
 
-def lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode="load", config=None):
+def lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode="prmt", config=None):
     """Triton GEMV for packed 4-bit LUT indices (see :mod:`qtutor._triton_kernels`)."""
     from . import _triton_kernels as tk
     return tk.lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode, config)
@@ -235,7 +237,7 @@ class _TritonInt4(_TritonGemvMixin):
 
 class _TritonLUT(_TritonGemvMixin):
     kernel_name = "triton lut_gemv"
-    lut_mode: str = "load"
+    lut_mode: str = "prmt"
     triton_config: Optional[dict] = None
 
     def _gemv(self, x):
@@ -295,6 +297,8 @@ def triton_lut_reason(layer) -> Optional[str]:
         return "not 4-bit"
     if layer.in_features % 2 or layer.qweight.shape[-1] != layer.in_features // 2:
         return "unexpected index layout"
+    if layer.lut.dtype != torch.float16:
+        return f"{layer.lut.dtype} LUT (the kernels read fp16)"
     return None
 
 
@@ -309,7 +313,7 @@ def triton_w8a8_reason(layer) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- whole model
-def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut_mode: str = "load",
+def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut_mode: str = "prmt",
                kernel_on_cpu: bool = False) -> dict:
     """Give every eligible quantized layer of ``model`` a fast matmul, in place.
 
@@ -357,6 +361,8 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
             skipped[name] = reason
         elif hasattr(module, "lut") and isinstance(module, QuantizedLinear):
             reason = triton_lut_reason(module) if has_triton else "triton is not installed"
+            if reason is None and lut_mode == "prmt" and module.in_features % 8:
+                reason = f"in_features {module.in_features} is not a multiple of 8 (lut_mode 'prmt'; 'load' takes it)"
             if reason is None:
                 module.__class__ = _swapped_class(type(module), _TritonLUT)
                 module.kernel_on_cpu = kernel_on_cpu

@@ -3,6 +3,8 @@
 tinygemm runs through its CPU twin (``_weight_int4pack_mm_for_cpu``); the Triton kernels run in
 Triton's interpreter on CPU tensors (skipped where triton is not installed).
 """
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -103,7 +105,7 @@ def test_triton_int4_gemv_equals_reference(sym, bias, gs, k):
 
 
 def lut_reference(idx, lut, scales, bias, rows):
-    W = lut.float().repeat_interleave(rows, 0).gather(1, idx.long())
+    W = lut.float().repeat_interleave(rows, 0)[: idx.shape[0]].gather(1, idx.long())
     if scales is not None:
         W = W * scales.float()[:, None]
     return lambda x: W @ x + (0 if bias is None else bias)
@@ -116,13 +118,13 @@ def _lut_table(lut, mode):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("mode", ["gather", "load", "pairs"])
-@pytest.mark.parametrize("n,k,rows,scaled", [(32, 96, 16, True), (48, 200, 48, False)])
+@pytest.mark.parametrize("mode", ["prmt", "gather", "load", "pairs"])
+@pytest.mark.parametrize("n,k,rows,scaled", [(32, 96, 16, True), (48, 200, 48, False), (40, 64, 16, True)])
 def test_triton_lut_gemv_equals_reference(mode, n, k, rows, scaled):
     """Generic layout: indices (out, in/2) low nibble first, LUT (n_luts, 16), row r -> LUT r // rows."""
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    lut = torch.randn(n // rows, 16, generator=g).half()
+    lut = torch.randn(-(-n // rows), 16, generator=g).half()  # (40, 16): the last LUT serves 8 rows
     scales = (torch.rand(n, generator=g) + 0.5).half() if scaled else None
     bias = torch.randn(n, generator=g)
     x = torch.randn(k, generator=g)
@@ -146,34 +148,81 @@ def test_lut_pair_table_known_entries():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("mode,table", [("pairs", "lut"), ("load", "pairs"), ("nearest", "lut")])
+@pytest.mark.parametrize("mode,table", [("pairs", "lut"), ("load", "pairs"), ("nearest", "lut"),
+                                        ("prmt", "f32"), ("prmt", "odd")])
 def test_lut_gemv_refuses_a_table_of_the_wrong_kind(mode, table):
-    idx = torch.zeros(16, 16, dtype=torch.uint8)
+    k = 12 if table == "odd" else 16   # prmt reads eight indices per 32-bit word
+    idx = torch.zeros(16, k, dtype=torch.uint8)
     lut = torch.zeros(1, 16).half()
+    lut = {"pairs": _lut_table(lut, "pairs"), "f32": lut.float()}.get(table, lut)
     with pytest.raises(qtutor.QtutorError, match="lut_gemv mode"):
-        kernels.lut_gemv(torch.zeros(16), qtutor.quant.pack_codes(idx, 4),
-                         _lut_table(lut, "pairs") if table == "pairs" else lut, None, None, 16, mode)
+        kernels.lut_gemv(torch.zeros(k), qtutor.quant.pack_codes(idx, 4), lut, None, None, 16, mode)
 
 
 @needs_interpreter
-def test_lut_gather_configs_compile_for_sm90():
+@pytest.mark.parametrize("mode", ["prmt", "load"])
+def test_accelerate_prmt_needs_whole_words_of_indices(mode):
+    palettize = pytest.importorskip("qtutor.quant.palettize")
+    g = torch.Generator().manual_seed(0)
+    q = palettize.LUTWeight(torch.randint(0, 16, (16, 12), generator=g, dtype=torch.uint8),
+                            torch.randn(1, 16, generator=g).half(), None, 4)
+    res = kernels.accelerate(nn.Sequential(palettize.PalettizedLinear(q)), "triton", lut_mode=mode, kernel_on_cpu=True)
+    if mode == "prmt":
+        assert not res["converted"] and "multiple of 8" in res["skipped"]["0"]
+    else:
+        assert res["converted"] == {"0": "triton lut_gemv (load)"}
+
+
+_COMPILE_SM90 = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import qtutor._triton_kernels as tk
+sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "lut_ptr": "*fp16", "s_ptr": "*fp16", "b_ptr": "*fp16",
+       "y_ptr": "*fp16", "N": "i32", "K": "i32", "stride_w": "i32", "ROWS_PER_LUT": "i32",
+       "HAS_SCALES": "constexpr", "HAS_BIAS": "constexpr", "MODE": "constexpr",
+       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+names = list(sig)
+for cfg in tk._LUT_GATHER_CONFIGS:
+    const = {"HAS_SCALES": True, "HAS_BIAS": False, "MODE": tk.LUT_KERNEL_MODES["gather"], **cfg.kwargs}
+    src = ASTSource(fn=tk._lut_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    except Exception as e:
+        sys.exit(f"{cfg}: {str(e).splitlines()[-1]}")
+sig = {"x_ptr": "*fp16", "q_ptr": "*i32", "lut_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": "*fp16",
+       "y_ptr": "*fp16", "N": "i32", "KW": "i32", "stride_q": "i32", "ROWS_PER_LUT": "i32",
+       "HAS_SCALES": "constexpr", "HAS_BIAS": "constexpr", "ASM": "constexpr",
+       "BLOCK_N": "constexpr", "BLOCK_W": "constexpr"}
+names = list(sig)
+for cfg in tk._LUT_PRMT_CONFIGS:  # the prmt inline assembly goes through ptxas too
+    const = {"HAS_SCALES": True, "HAS_BIAS": False, "ASM": True, **cfg.kwargs}
+    src = ASTSource(fn=tk._lut_prmt_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    except Exception as e:
+        sys.exit(f"{cfg}: {str(e).splitlines()[-1]}")
+    assert "prmt.b32" in k.asm["ptx"]
+print("compiled", len(tk._LUT_GATHER_CONFIGS), len(tk._LUT_PRMT_CONFIGS))
+"""
+
+
+@needs_interpreter
+def test_lut_gather_configs_compile_for_sm90(tmp_path):
     """tl.gather fails to compile for some block shapes on Triton 3.6 (PassManager, fewer than two
-    rows per warp). Every autotuning config of the gather mode must compile for an H100 (sm_90):
-    Triton compiles for a target without a GPU, with the ptxas it ships."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    import qtutor._triton_kernels as tk
-    sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "lut_ptr": "*fp16", "s_ptr": "*fp16", "b_ptr": "*fp16",
-           "y_ptr": "*fp16", "N": "i32", "K": "i32", "stride_w": "i32", "ROWS_PER_LUT": "i32",
-           "HAS_SCALES": "constexpr", "HAS_BIAS": "constexpr", "MODE": "constexpr",
-           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-    names = list(sig)
-    for cfg in tk._LUT_GATHER_CONFIGS:
-        const = {"HAS_SCALES": True, "HAS_BIAS": False, "MODE": tk.LUT_KERNEL_MODES["gather"], **cfg.kwargs}
-        src = ASTSource(fn=tk._lut_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
-        assert compiled.asm["cubin"], cfg
+    rows per warp). Every autotuning config of the gather mode, and of the prmt kernel with its
+    inline assembly (which the interpreter replaces), must compile for an H100 (sm_90):
+    Triton compiles for a target without a GPU, with the ptxas it ships. In a fresh process: the
+    interpreter of the other tests leaves triton.language patched."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": root}
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "compiled 11 15" in out.stdout
 
 
 @needs_interpreter
@@ -198,7 +247,7 @@ def test_accelerate_triton_swaps_forward_keeps_storage():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("mode", ["gather", "load", "load-f32", "pairs"])
+@pytest.mark.parametrize("mode", ["prmt", "gather", "load", "load-f32", "pairs"])
 def test_accelerate_triton_palettized_layer(mode):
     palettize = pytest.importorskip("qtutor.quant.palettize")
     g = torch.Generator().manual_seed(0)
@@ -379,7 +428,7 @@ def test_triton_int4_gemv_on_cuda(sym):
 
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("mode", ["gather", "load", "pairs"])
+@pytest.mark.parametrize("mode", ["prmt", "gather", "load", "pairs"])
 def test_triton_lut_gemv_on_cuda(mode):
     g = torch.Generator().manual_seed(0)
     n, k, rows = 4864, 896, 16
