@@ -209,15 +209,21 @@ def _fp16_pair(v):
 
 def _lut_gemv_prmt_kernel(x_ptr, q_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_q, ROWS_PER_LUT,
                           HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr):
     """y[n] = scale[n] * sum_k LUT[n // R][idx[n,k]] x[k] (+ b[n]) with the LUT in registers.
 
     ``q_ptr``: the packed indices read as int32 words (out, in/8), eight columns per word (column
-    8w + k in nibble k); ``lut_ptr``: the fp16 LUT read as int32 words (n_luts, 8)."""
+    8w + k in nibble k); ``lut_ptr``: the fp16 LUT read as int32 words (n_luts, 8). ``PREFETCH``:
+    each tile of indices is loaded one step ahead, the first before the LUT registers are built,
+    so that the LUT's and the first tile's memory round trips overlap."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     lrow = rows // ROWS_PER_LUT
+    cw = tl.arange(0, BLOCK_W)
+    q_rows = q_ptr + rows[:, None] * stride_q
+    if PREFETCH:
+        q_next = tl.load(q_rows + cw[None, :], mask=rmask[:, None] & (cw < KW)[None, :], other=0)
     # the program's LUT rows, split into low-byte and high-byte tables (8 words -> 8 words)
     w0 = tl.load(lut_ptr + lrow * 8 + 0, mask=rmask, other=0)
     w1 = tl.load(lut_ptr + lrow * 8 + 1, mask=rmask, other=0)
@@ -233,13 +239,17 @@ def _lut_gemv_prmt_kernel(x_ptr, q_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, KW, str
     L1, H1 = _prmt(w2, w3, LO, ASM)[:, None], _prmt(w2, w3, HI, ASM)[:, None]   # entries 4-7
     L2, H2 = _prmt(w4, w5, LO, ASM)[:, None], _prmt(w4, w5, HI, ASM)[:, None]   # entries 8-11
     L3, H3 = _prmt(w6, w7, LO, ASM)[:, None], _prmt(w6, w7, HI, ASM)[:, None]   # entries 12-15
-    cw = tl.arange(0, BLOCK_W)
     c8 = tl.arange(0, 8)
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
     for w_0 in range(0, KW, BLOCK_W):
         wi = w_0 + cw                                                   # word column
         wm = wi < KW
-        q = tl.load(q_ptr + rows[:, None] * stride_q + wi[None, :], mask=rmask[:, None] & wm[None, :], other=0)
+        if PREFETCH:
+            q = q_next
+            wn = wi + BLOCK_W                                           # the next tile (masked off at the end)
+            q_next = tl.load(q_rows + wn[None, :], mask=rmask[:, None] & (wn < KW)[None, :], other=0)
+        else:
+            q = tl.load(q_rows + wi[None, :], mask=rmask[:, None] & wm[None, :], other=0)
         c01, c23 = _lookup4(q, L0, L1, L2, L3, H0, H1, H2, H3, ASM)            # columns 0-3 of each word
         c45, c67 = _lookup4(q >> 16, L0, L1, L2, L3, H0, H1, H2, H3, ASM)      # columns 4-7
         a0, a1 = _fp16_pair(c01)
@@ -326,14 +336,18 @@ _LUT_GATHER_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w
 _lut_tuned = triton.autotune(configs=_LUT_CONFIGS, key=["N", "K", "MODE", "HAS_SCALES"])(_lut_jit)
 _lut_gather_tuned = triton.autotune(configs=_LUT_GATHER_CONFIGS, key=["N", "K", "HAS_SCALES"])(_lut_jit)
 
-_LUT_PRMT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w)
-                     for bn, bw, w in [(1, 128, 4), (1, 256, 4), (2, 128, 4), (2, 256, 8), (4, 64, 4),
-                                       (4, 128, 4), (4, 128, 8), (4, 256, 8), (8, 32, 4), (8, 64, 4),
-                                       (8, 64, 8), (8, 128, 8), (16, 16, 4), (16, 32, 8), (32, 16, 8)]]
+_LUT_PRMT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "PREFETCH": pf}, num_warps=w)
+                     for bn, bw, w, pf in [(1, 128, 4, 1), (1, 256, 4, 1), (2, 128, 4, 1), (2, 256, 8, 1),
+                                           (4, 64, 4, 1), (4, 128, 4, 1), (4, 128, 8, 1), (4, 256, 8, 1),
+                                           (8, 32, 4, 1), (8, 64, 4, 1), (8, 64, 8, 1), (8, 128, 8, 1),
+                                           (16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1),
+                                           (1, 128, 2, 1), (2, 64, 2, 1), (2, 128, 2, 1), (4, 32, 2, 1),
+                                           (2, 128, 4, 0), (2, 256, 8, 0), (8, 32, 4, 0), (8, 64, 8, 0)]]
 _lut_prmt_tuned = triton.autotune(configs=_LUT_PRMT_CONFIGS, key=["N", "KW", "HAS_SCALES"])(_lut_prmt_jit)
 _W8A8_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
                  for bn, bk, w in [(2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 8), (8, 256, 4),
-                                   (8, 512, 8), (16, 128, 4), (16, 256, 8), (32, 128, 8)]]
+                                   (8, 512, 8), (16, 128, 4), (16, 256, 8), (32, 128, 8), (16, 512, 8),
+                                   (32, 256, 8), (64, 128, 8)]]
 _w8a8_tuned = triton.autotune(configs=_W8A8_CONFIGS, key=["N", "K", "HAS_BIAS"])(_w8a8_jit)
 
 #: block sizes used where nothing is tuned (the interpreter, or an explicit ``config=``)
@@ -341,7 +355,7 @@ DEFAULT_INT4 = {"BLOCK_N": 4, "GPI": 2}
 DEFAULT_LUT = {"BLOCK_N": 4, "BLOCK_K": 64}
 DEFAULT_LUT_GATHER = {"BLOCK_N": 8, "BLOCK_K": 64}
 DEFAULT_W8A8 = {"BLOCK_N": 4, "BLOCK_K": 64}
-DEFAULT_LUT_PRMT = {"BLOCK_N": 4, "BLOCK_W": 8}
+DEFAULT_LUT_PRMT = {"BLOCK_N": 4, "BLOCK_W": 8, "PREFETCH": 1}
 
 
 def _interpreted(fn):

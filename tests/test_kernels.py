@@ -133,6 +133,20 @@ def test_triton_lut_gemv_equals_reference(mode, n, k, rows, scaled):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_prmt_lut_gemv_over_several_tiles(prefetch):
+    """Rows longer than one tile (40 words of 16), with and without loading a tile ahead."""
+    g = torch.Generator().manual_seed(3)
+    n, k, rows = 24, 8 * 40, 16
+    idx = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    lut = torch.randn(2, 16, generator=g).half()
+    x = torch.randn(k, generator=g)
+    y = kernels.lut_gemv(x, qtutor.quant.pack_codes(idx, 4), lut, None, None, rows, "prmt",
+                         config={"BLOCK_N": 4, "BLOCK_W": 16, "PREFETCH": prefetch})
+    torch.testing.assert_close(y, lut_reference(idx, lut, None, None, rows)(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_interpreter
 def test_lut_pair_table_known_entries():
     """Entry b holds LUT[b & 15] in its low 16 bits and LUT[b >> 4] in its high 16 bits (fp16 bits),
     negative values included (the int32 word is then negative)."""
@@ -193,7 +207,7 @@ for cfg in tk._LUT_GATHER_CONFIGS:
 sig = {"x_ptr": "*fp16", "q_ptr": "*i32", "lut_ptr": "*i32", "s_ptr": "*fp16", "b_ptr": "*fp16",
        "y_ptr": "*fp16", "N": "i32", "KW": "i32", "stride_q": "i32", "ROWS_PER_LUT": "i32",
        "HAS_SCALES": "constexpr", "HAS_BIAS": "constexpr", "ASM": "constexpr",
-       "BLOCK_N": "constexpr", "BLOCK_W": "constexpr"}
+       "BLOCK_N": "constexpr", "BLOCK_W": "constexpr", "PREFETCH": "constexpr"}
 names = list(sig)
 for cfg in tk._LUT_PRMT_CONFIGS:  # the prmt inline assembly goes through ptxas too
     const = {"HAS_SCALES": True, "HAS_BIAS": False, "ASM": True, **cfg.kwargs}
@@ -222,7 +236,8 @@ def test_lut_gather_configs_compile_for_sm90(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "compiled 11 15" in out.stdout
+    import qtutor._triton_kernels as tk
+    assert f"compiled {len(tk._LUT_GATHER_CONFIGS)} {len(tk._LUT_PRMT_CONFIGS)}" in out.stdout
 
 
 @needs_interpreter
