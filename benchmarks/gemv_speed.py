@@ -4,7 +4,8 @@
 For each linear shape of a model config, one input row, the time of ONE call measured inside a
 CUDA graph of ``--calls`` back-to-back calls (so launch gaps are as in the decode harness), for:
 fp16 ``nn.Linear`` (cuBLAS), RTN int4 g128 through the Triton GEMV and through tinygemm (bf16),
-the palettized 4-bit LUT GEMV, and W8A8 ``torch._int_mm`` (with its per-token quantization).
+the palettized 4-bit LUT GEMV in each LUT mode, and W8A8 through ``torch._int_mm`` (with its
+per-token quantization as PyTorch ops) and through the Triton W8A8 GEMV.
 Also the bytes each reads and the bandwidth that implies. It shows where a decode step's time
 goes: small matrices take a few microseconds whatever their format (latency-bound), and only the
 large ones gain from reading 4 bits instead of 16.

@@ -18,8 +18,11 @@ forward by ``tests/test_kernels.py``:
   fp16 scale + 4-bit zero), and ``dequantize()`` reads the weight back through the kernel.
 * **Triton** GEMV kernels (:mod:`qtutor._triton_kernels`) that read the layers' own packed
   storage, nothing re-packed: ``int4_gemv`` for ``UniformLinear`` (4-bit, groups of a power of
-  two) and ``lut_gemv`` for 4-bit palettized layers (16-entry LUT per group of output rows, per-row
-  scale). They serve one input row (batch-1 decoding); other shapes use the reference forward.
+  two), ``lut_gemv`` for 4-bit palettized layers (16-entry LUT per group of output rows, per-row
+  scale; by default the LUT sits in registers and is read with byte permutes) and
+  ``w8a8_gemv`` for SmoothQuant's ``W8A8Linear`` (the row quantized per token inside the kernel,
+  int8 x int8 products summed in int32, equal to its ``torch._int_mm`` forward bit for bit).
+  They serve one input row (batch-1 decoding); other shapes use the reference forward.
 
 :func:`accelerate` converts every eligible layer of a model in place and says what it did.
 """
@@ -318,9 +321,9 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
     """Give every eligible quantized layer of ``model`` a fast matmul, in place.
 
     ``lut_mode``: one of :data:`LUT_MODES`.
-    ``backend``: ``"triton"`` (Triton GEMVs on the layers' own storage: 4-bit ``UniformLinear``
-    and 4-bit LUT layers), ``"tinygemm"`` (``UniformLinear`` re-packed into
-    :class:`Int4TinyGemmLinear`; LUT layers still get Triton when available), ``"auto"``
+    ``backend``: ``"triton"`` (Triton GEMVs on the layers' own storage: 4-bit ``UniformLinear``,
+    4-bit LUT layers and ``W8A8Linear``), ``"tinygemm"`` (``UniformLinear`` re-packed into
+    :class:`Int4TinyGemmLinear`; LUT and W8A8 layers still get Triton when available), ``"auto"``
     (on CUDA: Triton if importable, else tinygemm; on CPU: nothing, the reference forward is
     the fast one there), or ``"none"``. On CPU the Triton kernels run in Triton's interpreter
     (for tests) only with ``kernel_on_cpu=True``.
