@@ -20,6 +20,8 @@ Rows (``--methods``; default all that apply to the device):
   rtn_int4-reference           RTN int4 g128, reference forward (dequantize + matmul per call)
   rtn_int4-triton              RTN int4 g128, Triton int4 GEMV on the packed codes (CUDA)
   rtn_int4-tinygemm            RTN int4 g128 re-packed for aten._weight_int4pack_mm (bf16)
+  palettized4-reference        4-bit LUT per 16 rows + per-row scale, reference forward
+                               (dequantize + matmul per call; the CPU's only path)
   palettized4-prmt             4-bit LUT per 16 rows + per-row scale, Triton LUT GEMV (CUDA) with
                                the LUT in registers, looked up by byte permutes (the default)
   palettized4-gather / -load   the same kernel family: tl.gather from registers / indexed load
@@ -56,7 +58,7 @@ import torch
 from _common import CONFIGS, ROOT, build_model, environment, pick_device, print_env, table, write_csv
 
 ALL = ["fp16", "bf16", "hf-loop", "rtn_int4-reference", "rtn_int4-triton", "rtn_int4-tinygemm",
-       "palettized4-prmt", "palettized4-gather", "palettized4-load", "palettized4-load-f32", "palettized4-pairs", "smoothquant_w8a8",
+       "palettized4-reference", "palettized4-prmt", "palettized4-gather", "palettized4-load", "palettized4-load-f32", "palettized4-pairs", "smoothquant_w8a8",
        "smoothquant_w8a8-triton"]
 CUDA_ONLY = {"rtn_int4-triton", "palettized4-prmt", "palettized4-gather", "palettized4-load", "palettized4-load-f32",
              "palettized4-pairs", "smoothquant_w8a8-triton"}
@@ -266,9 +268,10 @@ def main(argv=None):
                 qtutor.quantize(model, "palettization_4bit")
             else:
                 quick_palettize(model)
-            res = kernels.accelerate(model, "triton", lut_mode=mode, kernel_on_cpu=args.triton_on_cpu)
-            if not res["converted"]:
-                raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
+            if mode is not None:
+                res = kernels.accelerate(model, "triton", lut_mode=mode, kernel_on_cpu=args.triton_on_cpu)
+                if not res["converted"]:
+                    raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
             return model, linear_stats(model)
         return make
 
@@ -301,6 +304,7 @@ def main(argv=None):
     record("rtn_int4-triton", main_name, rtn(base, "triton"), main_name, check=ref_of_triton)
     record("rtn_int4-tinygemm", "bf16", rtn(bf16_model(), "tinygemm") if "rtn_int4-tinygemm" in wanted
            else None, "bf16", check=ref_of_tinygemm)
+    record("palettized4-reference", main_name, palettized(None), main_name)
     record("palettized4-prmt", main_name, palettized("prmt"), main_name, check=ref_of_triton)
     record("palettized4-gather", main_name, palettized("gather"), main_name, check=ref_of_triton)
     record("palettized4-load", main_name, palettized("load"), main_name, check=ref_of_triton)
