@@ -464,6 +464,8 @@ def _lut_gemv_prmt(x, qweight, lut, scales, bias, rows_per_lut, config):
     if lut.dtype != torch.float16 or K % 8 or qweight.stride(-1) != 1 or qweight.stride(0) % 4:
         raise QtutorError(f"lut_gemv mode 'prmt' needs an fp16 LUT and in_features divisible by 8 "
                           f"(got {lut.dtype}, {K}): use mode 'load'")
+    if x.is_cuda and torch.version.hip:
+        raise QtutorError("lut_gemv mode 'prmt' runs NVIDIA PTX (prmt.b32): on an AMD GPU use mode 'load'")
     x = x.reshape(-1).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     q32 = qweight.view(torch.int32)                                     # (out, in/8): 8 indices a word

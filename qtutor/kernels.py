@@ -305,6 +305,11 @@ def triton_lut_reason(layer) -> Optional[str]:
     return None
 
 
+def _prmt_fits(layer) -> bool:
+    """The ``prmt`` LUT kernel reads eight indices per 32-bit word and runs NVIDIA PTX."""
+    return layer.in_features % 8 == 0 and not (layer.lut.is_cuda and torch.version.hip)
+
+
 def triton_w8a8_reason(layer) -> Optional[str]:
     if not isinstance(layer, W8A8Linear):
         return "not a W8A8Linear"
@@ -320,7 +325,8 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
                kernel_on_cpu: bool = False) -> dict:
     """Give every eligible quantized layer of ``model`` a fast matmul, in place.
 
-    ``lut_mode``: one of :data:`LUT_MODES`.
+    ``lut_mode``: one of :data:`LUT_MODES`; with ``"prmt"``, a LUT layer whose ``in_features``
+    is not a multiple of 8 (or on an AMD GPU) gets ``"load"`` (the ``converted`` entry says which).
     ``backend``: ``"triton"`` (Triton GEMVs on the layers' own storage: 4-bit ``UniformLinear``,
     4-bit LUT layers and ``W8A8Linear``), ``"tinygemm"`` (``UniformLinear`` re-packed into
     :class:`Int4TinyGemmLinear`; LUT and W8A8 layers still get Triton when available), ``"auto"``
@@ -364,18 +370,19 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
             skipped[name] = reason
         elif hasattr(module, "lut") and isinstance(module, QuantizedLinear):
             reason = triton_lut_reason(module) if has_triton else "triton is not installed"
-            if reason is None and lut_mode == "prmt" and module.in_features % 8:
-                reason = f"in_features {module.in_features} is not a multiple of 8 (lut_mode 'prmt'; 'load' takes it)"
             if reason is None:
+                mode = lut_mode
+                if mode == "prmt" and not _prmt_fits(module):  # whole 32-bit words, NVIDIA PTX
+                    mode = "load"
                 module.__class__ = _swapped_class(type(module), _TritonLUT)
                 module.kernel_on_cpu = kernel_on_cpu
-                module.lut_mode = lut_mode
-                if lut_mode == "load-f32":  # a stored float32 copy: counted in the weight bytes
+                module.lut_mode = mode
+                if mode == "load-f32":  # a stored float32 copy: counted in the weight bytes
                     module.register_buffer("lut_f32", module.lut.float().contiguous())
-                elif lut_mode == "pairs":   # the stored pair table: counted too
+                elif mode == "pairs":   # the stored pair table: counted too
                     from ._triton_kernels import lut_pair_table
                     module.register_buffer("lut_pairs", lut_pair_table(module.lut))
-                converted[name] = f"triton lut_gemv ({lut_mode})"
+                converted[name] = f"triton lut_gemv ({mode})"
             else:
                 skipped[name] = reason
         elif isinstance(module, W8A8Linear):

@@ -174,17 +174,18 @@ def test_lut_gemv_refuses_a_table_of_the_wrong_kind(mode, table):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("mode", ["prmt", "load"])
-def test_accelerate_prmt_needs_whole_words_of_indices(mode):
+@pytest.mark.parametrize("k,mode", [(12, "load"), (16, "prmt")])
+def test_accelerate_prmt_falls_back_to_load_without_whole_words(k, mode):
+    """prmt reads eight indices per 32-bit word: a row of 12 indices gets the 'load' kernel."""
     palettize = pytest.importorskip("qtutor.quant.palettize")
     g = torch.Generator().manual_seed(0)
-    q = palettize.LUTWeight(torch.randint(0, 16, (16, 12), generator=g, dtype=torch.uint8),
+    q = palettize.LUTWeight(torch.randint(0, 16, (16, k), generator=g, dtype=torch.uint8),
                             torch.randn(1, 16, generator=g).half(), None, 4)
-    res = kernels.accelerate(nn.Sequential(palettize.PalettizedLinear(q)), "triton", lut_mode=mode, kernel_on_cpu=True)
-    if mode == "prmt":
-        assert not res["converted"] and "multiple of 8" in res["skipped"]["0"]
-    else:
-        assert res["converted"] == {"0": "triton lut_gemv (load)"}
+    layer = palettize.PalettizedLinear(q)
+    res = kernels.accelerate(nn.Sequential(layer), "triton", lut_mode="prmt", kernel_on_cpu=True)
+    assert res["converted"] == {"0": f"triton lut_gemv ({mode})"} and layer.lut_mode == mode
+    x = torch.randn(1, k)
+    torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-3, atol=1e-3)
 
 
 _COMPILE_SM90 = """
@@ -340,7 +341,7 @@ def test_accelerate_converts_w8a8_layers():
     assert kernels.restore(model) == 14 and type(layer).__name__ == "W8A8Linear"
 
 
-def test_accelerate_leaves_simulated_w8a8_alone():
+def test_accelerate_skips_w8a8_with_per_tensor_activations():
     layer = w8a8_layer(16, 32)
     layer.act_quant = "per_tensor"
     res = kernels.accelerate(nn.Sequential(layer), "triton" if kernels.triton_available() else "none")
