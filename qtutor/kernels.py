@@ -300,14 +300,13 @@ def triton_lut_reason(layer) -> Optional[str]:
         return "not 4-bit"
     if layer.in_features % 2 or layer.qweight.shape[-1] != layer.in_features // 2:
         return "unexpected index layout"
-    if layer.lut.dtype != torch.float16:
-        return f"{layer.lut.dtype} LUT (the kernels read fp16)"
     return None
 
 
 def _prmt_fits(layer) -> bool:
-    """The ``prmt`` LUT kernel reads eight indices per 32-bit word and runs NVIDIA PTX."""
-    return layer.in_features % 8 == 0 and not (layer.lut.is_cuda and torch.version.hip)
+    """The ``prmt`` LUT kernel reads eight indices per 32-bit word from an fp16 LUT, in NVIDIA PTX."""
+    return (layer.in_features % 8 == 0 and layer.lut.dtype == torch.float16
+            and not (layer.lut.is_cuda and torch.version.hip))
 
 
 def triton_w8a8_reason(layer) -> Optional[str]:
@@ -326,7 +325,8 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
     """Give every eligible quantized layer of ``model`` a fast matmul, in place.
 
     ``lut_mode``: one of :data:`LUT_MODES`; with ``"prmt"``, a LUT layer whose ``in_features``
-    is not a multiple of 8 (or on an AMD GPU) gets ``"load"`` (the ``converted`` entry says which).
+    is not a multiple of 8, whose LUT is not fp16, or on an AMD GPU gets ``"load"`` (the
+    ``converted`` entry says which).
     ``backend``: ``"triton"`` (Triton GEMVs on the layers' own storage: 4-bit ``UniformLinear``,
     4-bit LUT layers and ``W8A8Linear``), ``"tinygemm"`` (``UniformLinear`` re-packed into
     :class:`Int4TinyGemmLinear`; LUT and W8A8 layers still get Triton when available), ``"auto"``

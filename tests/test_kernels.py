@@ -174,14 +174,17 @@ def test_lut_gemv_refuses_a_table_of_the_wrong_kind(mode, table):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("k,mode", [(12, "load"), (16, "prmt")])
-def test_accelerate_prmt_falls_back_to_load_without_whole_words(k, mode):
-    """prmt reads eight indices per 32-bit word: a row of 12 indices gets the 'load' kernel."""
+@pytest.mark.parametrize("k,lut_dtype,mode", [(12, torch.float16, "load"), (16, torch.float32, "load"),
+                                              (16, torch.float16, "prmt")])
+def test_accelerate_prmt_falls_back_to_load(k, lut_dtype, mode):
+    """prmt reads eight indices per 32-bit word from an fp16 LUT: a row of 12 indices, or a LUT
+    turned float32 (``model.float()`` converts buffers), gets the 'load' kernel."""
     palettize = pytest.importorskip("qtutor.quant.palettize")
     g = torch.Generator().manual_seed(0)
     q = palettize.LUTWeight(torch.randint(0, 16, (16, k), generator=g, dtype=torch.uint8),
                             torch.randn(1, 16, generator=g).half(), None, 4)
     layer = palettize.PalettizedLinear(q)
+    layer.lut = layer.lut.to(lut_dtype)
     res = kernels.accelerate(nn.Sequential(layer), "triton", lut_mode="prmt", kernel_on_cpu=True)
     assert res["converted"] == {"0": f"triton lut_gemv ({mode})"} and layer.lut_mode == mode
     x = torch.randn(1, k)
