@@ -250,14 +250,17 @@ def main(argv=None):
             base_bf16 = copy.deepcopy(base).to(torch.bfloat16)
         return base_bf16
 
+    def accelerated(model, backend, **kw):
+        res = kernels.accelerate(model, backend, kernel_on_cpu=args.triton_on_cpu, **kw)
+        if not res["converted"]:
+            raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
+
     def rtn(src, backend=None):
         def make():
             model = copy.deepcopy(src)
             qtutor.quantize(model, "rtn_int4", qtutor.RTNConfig(4, args.group_size, False))
             if backend is not None:
-                res = kernels.accelerate(model, backend, kernel_on_cpu=args.triton_on_cpu)
-                if not res["converted"]:
-                    raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
+                accelerated(model, backend)
             return model, linear_stats(model)
         return make
 
@@ -269,9 +272,7 @@ def main(argv=None):
             else:
                 quick_palettize(model)
             if mode is not None:
-                res = kernels.accelerate(model, "triton", lut_mode=mode, kernel_on_cpu=args.triton_on_cpu)
-                if not res["converted"]:
-                    raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
+                accelerated(model, "triton", lut_mode=mode)
             return model, linear_stats(model)
         return make
 
@@ -282,9 +283,7 @@ def main(argv=None):
             calib = torch.randint(0, vocab, (8, 256), generator=g)
             qtutor.quantize(model, "smoothquant_w8a8", calib=calib)
             if backend is not None:
-                res = kernels.accelerate(model, backend, kernel_on_cpu=args.triton_on_cpu)
-                if not res["converted"]:
-                    raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
+                accelerated(model, backend)
             return model, linear_stats(model)
         return make
 

@@ -59,6 +59,16 @@ MAGIC_BITS = tl.constexpr(0x4B000000)   # the bits of 8388608.0 = 2^23
 MAGIC = tl.constexpr(8388608.0)
 
 
+@triton.jit
+def _finish_rows(y, rows, rmask, s_ptr, b_ptr, y_ptr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Every GEMV's epilogue: ``y[n] *= s[n]``, ``y[n] += b[n]`` (float32), stored in y's dtype."""
+    if HAS_SCALES:
+        y *= tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, G, stride_w, stride_s, stride_z,
                       GS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, GPI: tl.constexpr):
@@ -90,10 +100,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, G, stride_w, 
         w = q - (z + MAGIC)[:, :, None]                             # q - z, exact
         x = tl.load(x_ptr + g[:, None] * GS + kk[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
         acc += s * tl.sum(w * x[None, :, :], axis=2)                # scale once per group
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    _finish_rows(tl.sum(acc, axis=1), rows, rmask, b_ptr, b_ptr, y_ptr, False, HAS_BIAS)
 
 
 # --------------------------------------------------------------------------- 4-bit LUT
@@ -143,12 +150,7 @@ def _lut_gemv_kernel(x_ptr, w_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w,
         xk = 2 * k0 + kc
         x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
         acc += w * x[None, :]
-    y = tl.sum(acc, axis=1)
-    if HAS_SCALES:
-        y *= tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    _finish_rows(tl.sum(acc, axis=1), rows, rmask, s_ptr, b_ptr, y_ptr, HAS_SCALES, HAS_BIAS)
 
 
 def lut_pair_table(lut: torch.Tensor) -> torch.Tensor:
@@ -262,12 +264,7 @@ def _lut_gemv_prmt_kernel(x_ptr, q_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, KW, str
                                tl.join(tl.join(a1, a5), tl.join(a3, a7))), (BLOCK_N, BLOCK_W, 8))  # in order
         x = tl.load(x_ptr + 8 * wi[:, None] + c8[None, :], mask=wm[:, None], other=0.0).to(tl.float32)
         acc += tl.sum(w * x[None, :, :], axis=2)
-    y = tl.sum(acc, axis=1)
-    if HAS_SCALES:
-        y *= tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    _finish_rows(tl.sum(acc, axis=1), rows, rmask, s_ptr, b_ptr, y_ptr, HAS_SCALES, HAS_BIAS)
 
 
 # --------------------------------------------------------------------------- W8A8 (SmoothQuant)
@@ -304,10 +301,7 @@ def _w8a8_gemv_kernel(x_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, N, K, stride_w,
         q_w = tl.load(w_ptr + rows[:, None] * stride_w + k[None, :], mask=rmask[:, None] & km[None, :],
                       other=0).to(tl.int32)
         acc += q_w * q_x[None, :]                                        # exact in int32
-    y = tl.sum(acc, axis=1).to(tl.float32) * s_x * tl.load(sw_ptr + rows, mask=rmask, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    _finish_rows(tl.sum(acc, axis=1).to(tl.float32) * s_x, rows, rmask, sw_ptr, b_ptr, y_ptr, True, HAS_BIAS)
 
 
 # --------------------------------------------------------------------------- compiled variants
@@ -429,7 +423,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
 
 
 #: ``lut_gemv`` modes -> the kernel's MODE
-LUT_KERNEL_MODES = {"gather": 0, "load": 1, "pairs": 2, "prmt": None}
+LUT_KERNEL_MODES = {"gather": GATHER.value, "load": LOAD.value, "pairs": PAIRS.value, "prmt": None}
 
 
 def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor, scales, bias, rows_per_lut: int,
