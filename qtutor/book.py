@@ -1,0 +1,135 @@
+"""What the chapters share, tested once (as d2l's book package does for its chapters).
+
+* :func:`load_model`: the chapter's model on the reader's device, in float16 on a GPU (as
+  ``qtutor bench`` runs it) and float32 on a CPU, after checking that it fits; it prints what
+  the reader should know about the figures that follow (random weights, CPU budgets).
+* :func:`budget`: evaluation and calibration sizes that finish on the reader's hardware. On a
+  GPU, or with a small model, the chapter's own sizes stand; on a CPU with a model of
+  Qwen2-0.5B's class, fewer evaluation tokens and calibration windows, said out loud.
+* :func:`random_weights`: whether a model was written with random weights (time and memory
+  only: its perplexities say nothing about quantization).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from .errors import QtutorError
+
+#: hidden size from which a model counts as "large" for a CPU (Qwen2-0.5B has 896)
+LARGE_HIDDEN = 512
+
+#: what a CPU chapter evaluates with a large model: 2 windows of 2048 tokens ...
+CPU_EVAL_TOKENS = 2 * 2048
+#: ... and calibrates with, at most
+CPU_CALIB_WINDOWS = 8
+
+
+def pick_device() -> str:
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_weights(model) -> bool:
+    """Whether ``model`` (or its config) was written with random weights (``qtutor_random_weights``)."""
+    config = getattr(model, "config", model)
+    return bool(getattr(config, "qtutor_random_weights", False))
+
+
+def is_large(config) -> bool:
+    return config.hidden_size >= LARGE_HIDDEN
+
+
+def _bytes_needed(config, dtype: torch.dtype, copies: float) -> int:
+    """Parameter bytes of ``copies`` models of ``config`` in ``dtype``: a lower bound on what a
+    chapter holds (it keeps the model, quantized copies and activations)."""
+    h, m, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * m
+    emb = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", True) else 2)
+    return int(copies * (n * per_layer + emb) * torch.finfo(dtype).bits // 8)
+
+
+def check_fits(config, device: str, dtype: torch.dtype, copies: float = 3.0) -> None:
+    """Refuse, in one line, a model that cannot fit: a chapter holds about three copies of it."""
+    need = _bytes_needed(config, dtype, copies)
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        have, where = free, "free GPU memory"
+    else:
+        try:
+            import psutil
+            have, where = psutil.virtual_memory().available, "available host memory"
+        except ImportError:  # pragma: no cover - psutil is optional
+            return
+    if need > have:
+        raise QtutorError(
+            f"this chapter needs about {need / 2**30:.1f} GiB ({copies:g} copies of the model in "
+            f"{str(dtype).replace('torch.', '')}) but there are {have / 2**30:.1f} GiB of {where}; "
+            f"use a smaller MODEL, run on the CPU, or lower the chapter's sizes")
+
+
+def load_model(name: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+    """(model, tokenizer) for a chapter, with a one-line note on what its numbers mean.
+
+    float16 on a GPU (as ``qtutor bench``), float32 on a CPU, unless ``dtype`` is given.
+    """
+    from .models import load_config
+    from .models import load_model as _load
+
+    device = device or pick_device()
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    config = load_config(name)
+    check_fits(config, device, dtype)
+    model, tokenizer = _load(name, dtype=dtype, device=device)
+    print(describe(model, device))
+    return model, tokenizer
+
+
+def describe(model, device: str) -> str:
+    """What the reader should know about the figures this model will give."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    text = f"{n / 1e6:,.1f}M parameters, {c.num_hidden_layers} layers, in {dtype} on {device}."
+    if random_weights(model):
+        text += (" RANDOM WEIGHTS: this model has the architecture of a real one but was never "
+                 "trained, so its times and memory are real and its perplexities and errors are "
+                 "meaningless.")
+    if device == "cpu" and is_large(c):
+        text += (f" On a CPU this model is slow: the chapter evaluates {CPU_EVAL_TOKENS:,} tokens "
+                 f"and calibrates with at most {CPU_CALIB_WINDOWS} windows (a GPU runs the full "
+                 f"protocol).")
+    return text
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A chapter's sizes: evaluation tokens (None: the whole text) and calibration windows."""
+
+    max_eval_tokens: Optional[int]
+    calib_windows: int = 0
+
+
+def budget(config, device: str, max_eval_tokens: Optional[int], calib_windows: int = 0) -> Budget:
+    """The chapter's sizes, lowered on a CPU for a model of Qwen2-0.5B's class.
+
+    >>> budget(type("C", (), {"hidden_size": 896})(), "cpu", None, 128)
+    Budget(max_eval_tokens=4096, calib_windows=8)
+    """
+    b = Budget(max_eval_tokens, calib_windows)
+    if device != "cpu" or not is_large(config):
+        return b
+    tokens = CPU_EVAL_TOKENS if max_eval_tokens is None else min(max_eval_tokens, CPU_EVAL_TOKENS)
+    return replace(b, max_eval_tokens=tokens, calib_windows=min(calib_windows, CPU_CALIB_WINDOWS))
+
+
+def pick_group_size(width: int, preferred: int = 128) -> int:
+    """``preferred`` when it divides ``width`` into several groups, else the largest smaller power
+    of two that does (8 at the least)."""
+    g = preferred
+    while g > 8 and (width % g or g >= width):
+        g //= 2
+    return g
