@@ -76,8 +76,9 @@ def make_model(folder: Path, seed: int = 0) -> None:
           f"the embedded model's tokenizer (vocabulary 4096 of the embedding's 151,936 rows)")
 
 
-def _code(src: str) -> dict:
-    return {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": src}
+def _code(src: str, cell_id: str) -> dict:
+    return {"cell_type": "code", "execution_count": None, "id": cell_id, "metadata": {}, "outputs": [],
+            "source": src}
 
 
 def _first_error(cell: dict) -> str:
@@ -94,8 +95,8 @@ def run_chapter(path: Path, env: dict, cap_gib: float, timeout: int, keep: Path 
     import nbformat
 
     nb = nbformat.reads(json.dumps(_nbio.read(path)), as_version=4)
-    nb.cells.insert(0, nbformat.from_dict(_code(CAP_CELL.format(cap_gib=cap_gib))))
-    stats_cell = nbformat.from_dict(_code(STATS_CELL))
+    nb.cells.insert(0, nbformat.from_dict(_code(CAP_CELL.format(cap_gib=cap_gib), "rehearsal-cap")))
+    stats_cell = nbformat.from_dict(_code(STATS_CELL, "rehearsal-stats"))
     old_env = os.environ.copy()
     os.environ.update(env)
     if "QTUTOR_FAST" not in env:
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device; use --device cpu")
 
-    env = {"QTUTOR_MODEL": args.model, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model  # chapters run in chapters/
+    env = {"QTUTOR_MODEL": model, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "MPLBACKEND": "Agg"}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
