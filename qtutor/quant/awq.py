@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from ..calib import run_layer
 from ..errors import QtutorError
 from .base import Method, QuantConfig, register
-from .rtn import (RTNConfig, UniformLinear, UniformWeight, check_bits, dequantize_codes, find_params,
-                  group_layout, quantize_codes)
+from .rtn import (RTNConfig, UniformLinear, UniformWeight, check_uniform_grid, dequantize_codes,
+                  find_params, group_layout, quantize_codes)
 from .rtn import quantize_weight as rtn_quantize_weight
 from .transforms import scale_linear_to_linears, scale_norm_to_linears
 
@@ -104,10 +104,8 @@ class AWQConfig(QuantConfig):
     max_search_tokens: Optional[int] = 128 * 512
 
     def __post_init__(self):
-        check_bits(self.bits)
-        if self.group_size < 0:
-            raise QtutorError(f"group size {self.group_size} is negative; use 0 for one scale "
-                              f"per output channel or a positive number of input columns")
+        super().__post_init__()
+        check_uniform_grid(self.bits, self.group_size)
         if self.n_grid < 1 or self.n_clip_grid < 1 or self.n_clip_tokens < 1:
             raise QtutorError("n_grid, n_clip_grid and n_clip_tokens must be at least 1")
         if not 0.0 <= self.max_shrink < 1.0:

@@ -13,7 +13,9 @@ Notation as in the papers: ``W`` is (out_features, in_features), ``X`` is (token
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+import numbers
+import typing
+from dataclasses import MISSING, dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -25,13 +27,51 @@ from ..errors import QtutorError
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Base class of the method configs. Subclasses add their own fields."""
+    """Base class of the method configs. Subclasses add their own fields.
+
+    Every field is type-checked against its annotation when a config is made (``bits=4.0``,
+    ``group_size=2.5`` or ``sym="no"`` are refused with a one-line :class:`QtutorError`);
+    subclasses check their own ranges in ``__post_init__`` after calling this one.
+    """
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = _typed_value(type(self).__name__, f, hints[f.name], getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
 
     def replace(self, **overrides) -> "QuantConfig":
         """A copy with ``overrides`` applied; keys the config does not have are ignored."""
         names = {f.name for f in fields(self)}
         kept = {k: v for k, v in overrides.items() if k in names and v is not None}
         return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **kept})
+
+
+#: the field types configs check: type -> (accepts(value), what to pass)
+_FIELD_KINDS = {
+    bool: (lambda v: isinstance(v, bool), "True or False"),
+    int: (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+            "a finite number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _typed_value(cls: str, f, hint, value):
+    """``value`` as the plain Python type of the field's annotation (bool, int, float or str,
+    optionally ``None``), or a one-line :class:`QtutorError` naming the field and what to pass."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+    if value is None and type(None) in args:
+        return None
+    kind = next((a for a in args if a is not type(None)), hint)
+    if kind not in _FIELD_KINDS:
+        return value  # a type this check does not know: left to the method's own checks
+    accepts, wanted = _FIELD_KINDS[kind]
+    if accepts(value):
+        return kind(value)  # numpy integers become ints, integers of float fields floats
+    example = f.default if f.default is not MISSING and f.default is not None else None
+    such_as = f", e.g. {f.name}={example!r}" if example is not None else ""
+    raise QtutorError(f"{cls}({f.name}={value!r}): {f.name} must be {wanted}{such_as}")
 
 
 # --------------------------------------------------------------------------- packing

@@ -56,7 +56,7 @@ import torch.nn as nn
 from ..calib import record_inputs, run_layer
 from ..errors import QtutorError
 from .base import Method, QuantConfig, register
-from .rtn import (UniformLinear, UniformWeight, check_bits, dequantize_codes, find_params,
+from .rtn import (UniformLinear, UniformWeight, check_uniform_grid, dequantize_codes, find_params,
                   group_layout, quantize_codes)
 
 
@@ -82,10 +82,8 @@ class GPTQConfig(QuantConfig):
     true_sequential: bool = True
 
     def __post_init__(self):
-        check_bits(self.bits)
-        if self.group_size < 0:
-            raise QtutorError(f"group size {self.group_size} is negative; use 0 for one scale "
-                              f"per output channel or a positive number of input columns")
+        super().__post_init__()
+        check_uniform_grid(self.bits, self.group_size)
         if not self.damp >= 0:
             raise QtutorError(f"damp {self.damp} must be >= 0 (a fraction of mean(diag H), e.g. 0.01)")
         if self.block_size < 1:

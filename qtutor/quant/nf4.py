@@ -62,6 +62,7 @@ class NF4Config(QuantConfig):
     compute_dtype: Optional[str] = None
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("block_size", "double_quant_block_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:

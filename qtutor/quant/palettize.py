@@ -89,6 +89,7 @@ class PalettizeConfig(QuantConfig):
     kmeans: str = "fp16"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.bits not in SUPPORTED_BITS:
             raise QtutorError(f"{self.bits}-bit palettization is not supported; choose bits from "
                               f"{', '.join(map(str, SUPPORTED_BITS))}")

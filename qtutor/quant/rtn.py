@@ -38,16 +38,22 @@ class RTNConfig(QuantConfig):
     sym: bool = False
 
     def __post_init__(self):
-        check_bits(self.bits)
-        if self.group_size < 0:
-            raise QtutorError(f"group size {self.group_size} is negative; use 0 for one scale "
-                              f"per output channel or a positive number of input columns")
+        super().__post_init__()
+        check_uniform_grid(self.bits, self.group_size)
 
 
 def check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise QtutorError(f"{bits}-bit uniform quantization is not supported; "
                           f"choose bits from {', '.join(map(str, SUPPORTED_BITS))}")
+
+
+def check_uniform_grid(bits: int, group_size: int) -> None:
+    """The checks RTN, GPTQ and AWQ share: supported bits, a group size of 0 or more."""
+    check_bits(bits)
+    if group_size < 0:
+        raise QtutorError(f"group size {group_size} is negative; use 0 for one scale "
+                          f"per output channel or a positive number of input columns")
 
 
 def group_layout(in_features: int, group_size: int) -> tuple[int, int]:

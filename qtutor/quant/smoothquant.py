@@ -65,6 +65,7 @@ class SmoothQuantConfig(QuantConfig):
     smooth: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise QtutorError(f"alpha {self.alpha} must lie in [0, 1]")
         if self.weight_quant not in ("per_channel", "per_tensor"):
