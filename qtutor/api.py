@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from .errors import QtutorError
 from .models import layout_for
@@ -45,7 +46,10 @@ def quantize(model, method: str, config: Optional[QuantConfig] = None,
     if m.default_config is not None and not isinstance(cfg, type(m.default_config)):
         raise QtutorError(f"{method} takes a {type(m.default_config).__name__}, "
                           f"not a {type(cfg).__name__}")
-    layout = layout_for(model)
+    layout = check_model(model)
+    device = None if device is None else parse_device(device)
+    if calib is not None:
+        check_calib(calib, model)
     layers = layout.layers(model)
     t0 = time.perf_counter()
     stats: dict = {}
@@ -74,3 +78,63 @@ def quantize(model, method: str, config: Optional[QuantConfig] = None,
             entry["bits_per_weight"] = (module.bits_per_weight if isinstance(module, QuantizedLinear)
                                         else 8.0 * module.weight.element_size())
     return QuantReport(method, cfg, time.perf_counter() - t0, stats)
+
+
+def parse_device(spec) -> torch.device:
+    """``spec`` ('cpu', 'cuda', 'cuda:N' or a ``torch.device``) as a device that exists here,
+    or a one-line :class:`QtutorError` saying which to use instead."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as err:
+        raise QtutorError(f"unknown device {spec!r}; use 'cpu' or 'cuda' (or 'cuda:N')") from err
+    if device.type not in ("cpu", "cuda"):
+        raise QtutorError(f"device {spec!r} is not supported by qtutor; use 'cpu' or 'cuda'")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise QtutorError(f"device {spec!r} but no CUDA device is available; use 'cpu'")
+        if device.index is not None and device.index >= count:
+            raise QtutorError(f"device {spec!r} but there are {count} CUDA devices; "
+                              f"use 'cuda:0' to 'cuda:{count - 1}'")
+    return device
+
+
+def check_model(model):
+    """The layout of ``model``, after checking that it is a float causal LM that ``quantize`` can
+    work on: a supported family, its decoder linears not yet quantized, their weights finite."""
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+        raise QtutorError(f"quantize needs a causal LM such as qtutor.load_model returns, "
+                          f"got {type(model).__name__}")
+    layout = layout_for(model)
+    for i, layer in enumerate(layout.layers(model)):
+        for name, linear in layout.linears(layer).items():
+            where = f"layers.{i}.{name}"
+            if isinstance(linear, QuantizedLinear):
+                raise QtutorError(f"the model is already quantized ({where} is a "
+                                  f"{type(linear).__name__}); quantize a fresh float copy "
+                                  f"(load the model again, or copy.deepcopy it before quantizing)")
+            if not isinstance(linear, nn.Linear):
+                raise QtutorError(f"{where} is a {type(linear).__name__}, not an nn.Linear; "
+                                  f"quantize a float model as transformers builds it")
+            bad = int((~torch.isfinite(linear.weight.detach())).sum())
+            if bad:
+                raise QtutorError(f"{where}.weight holds {bad} NaN/Inf values; quantization would "
+                                  f"hide them: repair or re-download the model weights")
+    return layout
+
+
+def check_calib(calib, model) -> None:
+    """``calib`` must be (n, seqlen) integer token ids within the model's vocabulary."""
+    how = "pass (n, seqlen) token ids, e.g. qtutor.data.calibration_windows(ids, n, seqlen)"
+    if not isinstance(calib, torch.Tensor):
+        raise QtutorError(f"calib is a {type(calib).__name__}, not a tensor; {how}")
+    if calib.dtype == torch.bool or calib.is_floating_point() or calib.is_complex():
+        raise QtutorError(f"calib holds {str(calib.dtype).replace('torch.', '')} values, not integer "
+                          f"token ids; {how}")
+    if calib.dim() != 2 or calib.numel() == 0:
+        raise QtutorError(f"calib has shape {tuple(calib.shape)}, not (n, seqlen) with n, seqlen >= 1; {how}")
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(calib.min()), int(calib.max())
+    if low < 0 or high >= vocab:
+        raise QtutorError(f"calib holds token ids from {low} to {high}, outside the model's vocabulary "
+                          f"of {vocab}; tokenize with the model's own tokenizer")

@@ -133,13 +133,30 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32,
         raise QtutorError(f"model type {config.model_type!r} has no layout in qtutor; "
                           f"supported: {', '.join(sorted(LAYOUTS))}")
     path = resolve_model(name)
+    from safetensors import SafetensorError
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = _load_tokenizer(path) if with_tokenizer else None
+    except SafetensorError as err:  # a truncated or damaged model.safetensors
+        raise QtutorError(f"the weights of {path!r} are damaged ({str(err).splitlines()[0]}); "
+                          f"copy or download the model again") from err
     except OSError as err:
         raise QtutorError(f"cannot load model weights or tokenizer of {path!r}: "
                           f"{str(err).splitlines()[0]}") from err
+    _refuse_non_finite(model, path, dtype)
     return model.to(device).eval(), tokenizer
+
+
+def _refuse_non_finite(model: nn.Module, path: str, dtype: torch.dtype) -> None:
+    """A one-line error naming the first tensor with NaN or Inf values (quantizers would hide
+    them in plausible-looking numbers)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise QtutorError(f"weight {name} of {path!r} holds {bad} NaN/Inf values (as "
+                              f"{str(dtype).replace('torch.', '')}); repair or re-download the model"
+                              + ("" if dtype == torch.float32 else ", or use --dtype float32 if it only "
+                                                                    "overflows this dtype"))
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -160,6 +177,7 @@ def random_model(config_name: str = "Qwen/Qwen2-0.5B", dtype: torch.dtype = torc
     if config_name.lower() in ("qwen2-0.5b", "qwen/qwen2-0.5b"):
         config = Qwen2Config(**{**QWEN2_0_5B, **overrides})
     else:
+        load_config(config_name)  # a one-line error for a missing folder or an unknown id
         config = AutoConfig.from_pretrained(resolve_model(config_name), **overrides)
     torch.manual_seed(seed)
     with torch.device(device):  # initialise in place: a 7B model's random init is slow on CPU
