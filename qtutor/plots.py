@@ -23,12 +23,18 @@ def results_table(results: dict) -> str:
     rows = [f"# {results['model']} | {results['dataset']} (seqlen {results['seqlen']}) | "
             f"{results['device']} | {results['dtype']}", head, "-" * len(head)]
     for name, r in results["methods"].items():
-        rows.append(f"{name:20s} {r['ppl']:9.3f} {r['bits_per_weight']:7.3f} {r['memory_mb']:8.2f} "
-                    f"{r['compression_ratio']:6.2f} {r['latency_ms_per_token']:7.2f} {r['quant_seconds']:8.1f}")
+        rows.append(f"{name:20s} {format_number(r['ppl'], 9, 3)} {format_number(r['bits_per_weight'], 7, 3)} "
+                    f"{format_number(r['memory_mb'], 8, 2)} {format_number(r['compression_ratio'], 6, 2)} "
+                    f"{format_number(r['latency_ms_per_token'], 7, 2)} {format_number(r['quant_seconds'], 8, 1)}")
     first = next(iter(results["methods"].values()), None)
     if first is not None:
         rows.append(f"perplexity over {first['eval_tokens']} tokens in windows of {first['seqlen']}")
     return "\n".join(rows)
+
+
+def format_number(value, width: int, decimals: int) -> str:
+    """A number for the table; ``None`` (a value that was not finite) shows as n/a."""
+    return f"{'n/a':>{width}s}" if value is None else f"{value:{width}.{decimals}f}"
 
 
 def plot_results(results: dict, out: Path) -> list[Path]:
@@ -44,7 +50,7 @@ def plot_results(results: dict, out: Path) -> list[Path]:
 
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
-    for n in names:
+    for n in (n for n in names if methods[n]["ppl"] is not None):  # null: not finite
         ax.scatter(methods[n]["bits_per_weight"], methods[n]["ppl"], s=40)
         ax.annotate(n, (methods[n]["bits_per_weight"], methods[n]["ppl"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
@@ -58,7 +64,7 @@ def plot_results(results: dict, out: Path) -> list[Path]:
                               ("latency_ms_per_token", "decode latency (ms/token, batch 1)", "latency.png")):
         fig = Figure(figsize=(6.5, 3.8))
         ax = fig.subplots()
-        vals = [methods[n][key] for n in names]
+        vals = [methods[n][key] or 0.0 for n in names]  # null (not finite) shows as 0
         ax.barh(names, vals, color="tab:blue")
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
