@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -74,12 +75,15 @@ def check_fits(config, device: str, dtype: torch.dtype, copies: float = 3.0) -> 
 def load_model(name: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """(model, tokenizer) for a chapter, with a one-line note on what its numbers mean.
 
-    float16 on a GPU (as ``qtutor bench``), float32 on a CPU, unless ``dtype`` is given.
+    float16 on a GPU (as ``qtutor bench``), float32 on a CPU, unless ``dtype`` is given or the
+    environment sets ``QTUTOR_DTYPE`` (``float16`` on a CPU rehearses a GPU's numerics).
     """
     from .models import load_config
     from .models import load_model as _load
 
     device = device or pick_device()
+    if dtype is None and os.environ.get("QTUTOR_DTYPE"):  # e.g. float16 on a CPU: a GPU's numerics
+        dtype = getattr(torch, os.environ["QTUTOR_DTYPE"])
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     config = load_config(name)
     check_fits(config, device, dtype)

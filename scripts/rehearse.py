@@ -2,7 +2,7 @@
 """Rehearse the book as a reader runs it: every chapter top to bottom, on a given model and device.
 
     # Qwen2-0.5B's exact architecture with random weights, offline (time and memory only)
-    python scripts/rehearse.py --make-model runs/qwen2-0.5b-random
+    python scripts/rehearse.py --make-model runs/qwen2-0.5b-random --data-dir DIR
     # every chapter in full mode on the GPU, capped at a Colab T4's 15 GiB
     python scripts/rehearse.py --model runs/qwen2-0.5b-random --dataset wikitext2 \\
         --data-dir DIR --device cuda --out benchmarks/rehearsal_qwen2-0.5b_h200
@@ -60,8 +60,13 @@ FIELDS = ["chapter", "status", "wall_s", "gpu_reserved_peak_gib", "gpu_allocated
           "host_peak_gib", "slowest_cells", "error"]
 
 
-def make_model(folder: Path, seed: int = 0) -> None:
-    """Write Qwen2-0.5B's exact architecture (random weights) with the embedded tokenizer."""
+def make_model(folder: Path, data_dir: str | None = None, seed: int = 0) -> None:
+    """Write Qwen2-0.5B's exact architecture (random weights) with a tokenizer.
+
+    With ``data_dir`` (WikiText-2 in the Hugging Face layout), a byte-level BPE tokenizer of
+    32,000 entries trained on the validation split, so that the test split's token count (and
+    so every evaluation's cost) is close to Qwen2's own tokenizer's; else the embedded model's.
+    """
     import torch
 
     from qtutor.models import embedded_model_dir, random_model
@@ -69,11 +74,28 @@ def make_model(folder: Path, seed: int = 0) -> None:
     model.config.qtutor_random_weights = True  # read by qtutor.book: chapters say so
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(embedded_model_dir() / name, folder / name)
+    if data_dir:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        from qtutor.data import tokenize, wikitext2_text
+        text = wikitext2_text("validation", data_dir)
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator((text[i:i + 10_000] for i in range(0, len(text), 10_000)),
+                                trainers.BpeTrainer(vocab_size=32_000, special_tokens=["<|endoftext|>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+        fast.save_pretrained(folder)
+        n_test = tokenize(fast, wikitext2_text("test", data_dir)).numel()
+        how = f"a byte-level BPE of {tok.get_vocab_size():,} entries trained on WikiText-2 validation ({n_test:,} test tokens)"
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(embedded_model_dir() / name, folder / name)
+        how = "the embedded model's tokenizer (4,096 entries)"
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {folder}: Qwen2-0.5B architecture, {n:,} parameters, random weights (seed {seed}), "
-          f"the embedded model's tokenizer (vocabulary 4096 of the embedding's 151,936 rows)")
+    print(f"wrote {folder}: Qwen2-0.5B architecture, {n:,} parameters, random weights (seed {seed}), {how}")
 
 
 def _code(src: str, cell_id: str) -> dict:
@@ -116,12 +138,13 @@ def run_chapter(path: Path, env: dict, cap_gib: float, timeout: int, keep: Path 
                     client.execute_cell(cell, i)
                 except (CellExecutionError, CellTimeoutError) as err:
                     row["status"] = "timeout" if isinstance(err, CellTimeoutError) else "error"
-                    row["error"] = f"cell {i}: " + (_first_error(cell) or str(err).strip().splitlines()[-1])[:400]
+                    row["error"] = f"cell {i - 1}: " + (_first_error(cell) or str(err).strip().splitlines()[-1])[:400]
                     break
                 finally:
                     times.append((time.perf_counter() - c0, i))
             row["wall_s"] = round(time.perf_counter() - t0, 1)
-            client.execute_cell(stats_cell, len(nb.cells))
+            nb.cells.append(stats_cell)
+            client.execute_cell(stats_cell, len(nb.cells) - 1)
     except Exception as err:  # the kernel died (out of host memory, say)
         row.update(status="error", error=row["error"] or f"{type(err).__name__}: {err}"[:400])
         row.setdefault("wall_s", round(time.perf_counter() - t0, 1))
@@ -174,7 +197,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.make_model:
-        make_model(Path(args.make_model))
+        make_model(Path(args.make_model), args.data_dir)
         return 0
     if args.gpu_mem_gib < 0 or args.timeout <= 0:
         p.error("--gpu-mem-gib must be >= 0 and --timeout > 0")
