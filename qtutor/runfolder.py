@@ -52,7 +52,8 @@ def os_error(err: OSError, what: str) -> QtutorError:
               errno.EPERM: "make it writable or use another --out",
               errno.EROFS: "the file system is read-only: use another --out",
               errno.ENOTDIR: "a part of the path is a file: use another --out",
-              errno.EEXIST: "a file is in the way: use another --out"}.get(err.errno, "use another --out")
+              errno.EEXIST: "a file is in the way: use another --out",
+              errno.ENOLCK: "use a folder on a local disk"}.get(err.errno, "use another --out")
     return QtutorError(f"cannot {what}: {err.strerror or err}; {advice}")
 
 
@@ -68,6 +69,8 @@ def locked(out: Path):
         _lock(fd)
     except OSError as err:
         os.close(fd)
+        if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            raise os_error(err, f"lock the output folder {out}") from err  # e.g. no locks on NFS
         holder = _lock_holder(out / LOCK)
         raise QtutorError(f"another qtutor bench{holder} is writing to {out}; wait for it to finish, "
                           f"or use another --out") from err
@@ -127,13 +130,22 @@ def write_json(path: Path, data) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            _fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
         raise os_error(err, f"write {path} (the version written before is intact)") from err
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(fd: int) -> None:
+    """Flush to disk; file systems that cannot (some network or FUSE ones) are let be."""
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
 
 
 def finite_or_none(data, where: str = "") -> tuple:

@@ -104,6 +104,7 @@ BAD_OPTIONS = [
     (["--calib-samples", "-1"], "--calib-samples -1 is too small"),
     (["--calib-samples", "0"], "--calib-samples 0 is too small"),
     (["--calib-seqlen", "-3"], "--calib-seqlen -3 is too small"),
+    (["--calib-seqlen", "0"], "--calib-seqlen 0 is too small"),
     (["--eval-batch-size", "0"], "--eval-batch-size 0 is too small"),
     (["--latency-runs", "0"], "--latency-runs 0 is too small"),
     (["--latency-tokens", "0"], "--latency-tokens 0 is too small"),
@@ -334,6 +335,21 @@ def test_resume_refuses_a_method_config_that_differs(done, capsys):
     (done / "results.json").write_text(json.dumps(data))
     assert bench(done, "--resume") == 2
     one_line_error(capsys, "rtn_int4", "another config (group_size differ)")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("device_type", "cuda", "--device = 'cuda', this run has 'cpu'"),
+    ("dataset", "wikitext2", "--dataset = 'wikitext2', this run has 'embedded'"),
+    ("eval_text", "sha256:0", "the evaluation text (--data-dir or the tokenizer)"),
+    ("calib_windows", "sha256:0", "the calibration text"),
+])
+def test_resume_refuses_what_options_alone_cannot_change_here(done, capsys, key, value, message):
+    """Settings this machine cannot reproduce from options (a GPU, another text) edited in."""
+    data = json.loads((done / "results.json").read_text())
+    data["settings"][key] = value
+    (done / "results.json").write_text(json.dumps(data))
+    assert bench(done, "--resume", methods="smoothquant_w8a8") == 2
+    one_line_error(capsys, "cannot resume", message)
 
 
 def test_resume_refuses_a_file_without_settings(done, capsys):
