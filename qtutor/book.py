@@ -5,7 +5,8 @@
   the reader should know about the figures that follow (random weights, CPU budgets).
 * :func:`budget`: evaluation and calibration sizes that finish on the reader's hardware. On a
   GPU, or with a small model, the chapter's own sizes stand; on a CPU with a model of
-  Qwen2-0.5B's class, fewer evaluation tokens and calibration windows, said out loud.
+  Qwen2-0.5B's class, shorter windows, fewer evaluation tokens and calibration windows, said
+  out loud by :func:`describe`.
 * :func:`random_weights`: whether a model was written with random weights (time and memory
   only: its perplexities say nothing about quantization).
 """
@@ -22,9 +23,11 @@ from .errors import QtutorError
 #: hidden size from which a model counts as "large" for a CPU (Qwen2-0.5B has 896)
 LARGE_HIDDEN = 512
 
-#: what a CPU chapter evaluates with a large model: 2 windows of 2048 tokens ...
-CPU_EVAL_TOKENS = 2 * 2048
-#: ... and calibrates with, at most
+#: on a CPU with a large model, a chapter evaluates windows of this many tokens ...
+CPU_SEQLEN = 512
+#: ... this many of them ...
+CPU_EVAL_WINDOWS = 2
+#: ... and calibrates with at most this many windows (of at most CPU_SEQLEN tokens)
 CPU_CALIB_WINDOWS = 8
 
 
@@ -103,31 +106,39 @@ def describe(model, device: str) -> str:
                  "trained, so its times and memory are real and its perplexities and errors are "
                  "meaningless.")
     if device == "cpu" and is_large(c):
-        text += (f" On a CPU this model is slow: the chapter evaluates {CPU_EVAL_TOKENS:,} tokens "
-                 f"and calibrates with at most {CPU_CALIB_WINDOWS} windows (a GPU runs the full "
-                 f"protocol).")
+        text += (f" On a CPU this model is slow: the chapter evaluates {CPU_EVAL_WINDOWS} windows of "
+                 f"{CPU_SEQLEN} tokens and calibrates with at most {CPU_CALIB_WINDOWS} windows of at most "
+                 f"{CPU_SEQLEN} (a GPU runs the papers' protocol: windows of 2048, the whole test split).")
     return text
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A chapter's sizes: evaluation tokens (None: the whole text) and calibration windows."""
+    """A chapter's sizes: evaluation window and tokens (None: the whole text), calibration
+    windows and their length."""
 
+    seqlen: int
     max_eval_tokens: Optional[int]
     calib_windows: int = 0
+    calib_seqlen: int = 0
 
 
-def budget(config, device: str, max_eval_tokens: Optional[int], calib_windows: int = 0) -> Budget:
-    """The chapter's sizes, lowered on a CPU for a model of Qwen2-0.5B's class.
+def budget(config, device: str, seqlen: int, max_eval_tokens: Optional[int],
+           calib_windows: int = 0, calib_seqlen: int = 0) -> Budget:
+    """The chapter's sizes, lowered on a CPU for a model of Qwen2-0.5B's class (see :func:`describe`).
 
-    >>> budget(type("C", (), {"hidden_size": 896})(), "cpu", None, 128)
-    Budget(max_eval_tokens=4096, calib_windows=8)
+    >>> budget(type("C", (), {"hidden_size": 896})(), "cpu", 2048, None, 128, 2048)
+    Budget(seqlen=512, max_eval_tokens=1024, calib_windows=8, calib_seqlen=512)
+    >>> budget(type("C", (), {"hidden_size": 896})(), "cuda", 2048, None, 128, 2048)
+    Budget(seqlen=2048, max_eval_tokens=None, calib_windows=128, calib_seqlen=2048)
     """
-    b = Budget(max_eval_tokens, calib_windows)
+    b = Budget(seqlen, max_eval_tokens, calib_windows, calib_seqlen)
     if device != "cpu" or not is_large(config):
         return b
-    tokens = CPU_EVAL_TOKENS if max_eval_tokens is None else min(max_eval_tokens, CPU_EVAL_TOKENS)
-    return replace(b, max_eval_tokens=tokens, calib_windows=min(calib_windows, CPU_CALIB_WINDOWS))
+    seqlen = min(seqlen, CPU_SEQLEN)
+    tokens = CPU_EVAL_WINDOWS * seqlen
+    return Budget(seqlen, tokens if max_eval_tokens is None else min(max_eval_tokens, tokens),
+                  min(calib_windows, CPU_CALIB_WINDOWS), min(calib_seqlen, CPU_SEQLEN))
 
 
 def pick_group_size(width: int, preferred: int = 128) -> int:
