@@ -17,7 +17,7 @@ a last one, run in the same kernel even after an error, reads the peak GPU memor
 (``torch.cuda.max_memory_reserved``, what the cap limits, and ``max_memory_allocated``) and the
 kernel's peak resident host memory. Writes ``OUT.csv`` (one row per chapter: status, wall
 seconds, peaks, first error, slowest cells) and ``OUT.md`` (a short table with the run's
-header), and keeps the executed notebooks in ``OUT_notebooks/`` unless ``--no-keep``.
+header, and keeps the executed notebooks in ``OUT_notebooks/`` unless ``--no-keep``.
 Exit code 0 when every chapter ran, 1 when one failed, 2 on bad input.
 """
 from __future__ import annotations
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--chapters", nargs="*", default=None, help="chapter numbers or stems (default: all)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     p.add_argument("--out", required=False, default="runs/rehearsal", help="OUT.csv, OUT.md, OUT_notebooks/")
-    p.add_argument("--no-keep", action="store_true", help="do not keep the executed notebooks")
+    p.add_argument("--notebooks", default=None, metavar="DIR", help="keep the executed notebooks in DIR")
     args = p.parse_args(argv)
 
     if args.make_model:
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     import transformers
     header["transformers"] = transformers.__version__
     rows = []
-    keep = None if args.no_keep else Path(str(out) + "_notebooks")
+    keep = Path(args.notebooks) if args.notebooks else None
     for path in chapters:
         row = run_chapter(path, env, args.gpu_mem_gib if args.device == "cuda" else 0, args.timeout, keep)
         rows.append(row)
