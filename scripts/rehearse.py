@@ -17,7 +17,7 @@ a last one, run in the same kernel even after an error, reads the peak GPU memor
 (``torch.cuda.max_memory_reserved``, what the cap limits, and ``max_memory_allocated``) and the
 kernel's peak resident host memory. Writes ``OUT.csv`` (one row per chapter: status, wall
 seconds, peaks, first error, slowest cells) and ``OUT.md`` (a short table with the run's
-header, and keeps the executed notebooks in ``OUT_notebooks/`` unless ``--no-keep``.
+header), and keeps the executed notebooks in ``--notebooks DIR`` if given.
 Exit code 0 when every chapter ran, 1 when one failed, 2 on bad input.
 """
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--fast", action="store_true", help="QTUTOR_FAST=1 (default: full mode)")
     p.add_argument("--chapters", nargs="*", default=None, help="chapter numbers or stems (default: all)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
-    p.add_argument("--out", required=False, default="runs/rehearsal", help="OUT.csv, OUT.md, OUT_notebooks/")
+    p.add_argument("--out", required=False, default="runs/rehearsal", help="writes OUT.csv and OUT.md")
     p.add_argument("--notebooks", default=None, metavar="DIR", help="keep the executed notebooks in DIR")
     args = p.parse_args(argv)
 
