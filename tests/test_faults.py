@@ -196,6 +196,19 @@ def test_disk_full_mid_run_keeps_finished_methods(tmp_path, capsys, monkeypatch)
     assert list(methods(out)) == ["fp16_baseline", "rtn_int4"]
 
 
+def test_disk_full_while_writing_the_table(tmp_path, capsys, monkeypatch):
+    """results.json is complete before results.csv is written; a failure there says so."""
+    def full(results, path):
+        Path(path).write_text("method,pp")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("qtutor.plots.write_csv", full)
+    out = tmp_path / "run"
+    assert bench(out) == 2
+    one_line_error(capsys, "results.json is complete", "No space left on device")
+    assert list(methods(out)) == ["fp16_baseline", "rtn_int4"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK, "results.json"]
+
+
 def test_stale_temporary_of_a_killed_run_is_removed(done):
     (done / "results.json.abc123.tmp").write_text("{half")
     assert bench(done, "--resume") == 0
