@@ -56,7 +56,7 @@ if torch.cuda.is_available():
 print("QTUTOR_REHEARSAL_STATS " + json.dumps(_s))
 """
 
-FIELDS = ["chapter", "status", "wall_s", "gpu_reserved_peak_gib", "gpu_allocated_peak_gib",
+FIELDS = ["chapter", "run", "status", "wall_s", "gpu_reserved_peak_gib", "gpu_allocated_peak_gib",
           "host_peak_gib", "slowest_cells", "error"]
 
 
@@ -170,15 +170,36 @@ def write_report(rows: list[dict], header: dict, out: Path) -> None:
         w.writerows(rows)
     lines = [f"# Rehearsal: {header['model']} on {header['device']}", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += ["", "| chapter | status | wall s | GPU peak GiB (reserved) | host peak GiB | error |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| chapter | run | status | wall s | GPU peak GiB (reserved) | host peak GiB | error |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['chapter']} | {r['status']} | {r.get('wall_s', '')} | "
+        lines.append(f"| {r['chapter']} | {r.get('run', '')} | {r['status']} | {r.get('wall_s', '')} | "
                      f"{r.get('gpu_reserved_peak_gib', '-')} | {r.get('host_peak_gib', '')} | "
                      f"{r['error'].replace('|', '/')[:160]} |")
     total = sum(r.get("wall_s") or 0 for r in rows)
     lines += ["", f"All chapters: {total:.0f} s; {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} ok."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+#: memory bandwidth of an H200 (4.8 TB/s) over a T4's (0.32 TB/s); their fp16 tensor-core peaks
+#: (989 and 65 TFLOP/s) stand in about the same ratio
+T4_SLOWDOWN = 4.8 / 0.32
+
+
+def t4_table(csv_path: Path) -> str:
+    """Markdown: each chapter's H200 wall time and the T4 estimate (wall time x ``T4_SLOWDOWN``)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = ["| chapter | H200, measured (s) | T4-class GPU, estimated (min) | peak GPU memory (GiB) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['chapter']} | {r['status']} | - | - |")
+            continue
+        wall = float(r["wall_s"])
+        lines.append(f"| {r['chapter']} | {wall:.0f} | {wall * T4_SLOWDOWN / 60:.0f} | "
+                     f"{float(r['gpu_reserved_peak_gib']):.1f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -191,8 +212,13 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-mem-gib", type=float, default=15.0, help="GPU memory cap (a Colab T4: 15); 0: none")
     p.add_argument("--fast", action="store_true", help="QTUTOR_FAST=1 (default: full mode)")
     p.add_argument("--chapters", nargs="*", default=None, help="chapter numbers or stems (default: all)")
+    p.add_argument("--chapters-dir", default=str(ROOT / "chapters"), help=argparse.SUPPRESS)
+    p.add_argument("--estimate-t4", metavar="CSV", help="print the T4 estimate table of a GPU rehearsal CSV and exit")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     p.add_argument("--out", required=False, default="runs/rehearsal", help="writes OUT.csv and OUT.md")
+    p.add_argument("--label", default="", help="a label for this run's rows (e.g. the commit)")
+    p.add_argument("--append", action="store_true",
+                   help="keep OUT.csv's rows of chapters this run does not execute")
     p.add_argument("--notebooks", default=None, metavar="DIR", help="keep the executed notebooks in DIR")
     args = p.parse_args(argv)
 
@@ -203,7 +229,10 @@ def main(argv=None) -> int:
         p.error("--gpu-mem-gib must be >= 0 and --timeout > 0")
     if args.data_dir and not Path(args.data_dir).is_dir():
         p.error(f"--data-dir {args.data_dir!r} is not a folder; pass WikiText-2 in the Hugging Face layout")
-    chapters = sorted((ROOT / "chapters").glob("*.ipynb"))
+    if args.estimate_t4:
+        print(t4_table(Path(args.estimate_t4)))
+        return 0
+    chapters = sorted(Path(args.chapters_dir).glob("*.ipynb"))
     if args.chapters:
         wanted = set(args.chapters)
         chapters = [c for c in chapters if c.stem in wanted or c.stem.split("_")[0] in wanted]
@@ -235,10 +264,18 @@ def main(argv=None) -> int:
     import transformers
     header["transformers"] = transformers.__version__
     rows = []
+    if args.append and out.with_suffix(".csv").exists():
+        names = {c.stem for c in chapters}
+        with open(out.with_suffix(".csv"), newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["chapter"] not in names]
+        for r in rows:
+            r["wall_s"] = float(r["wall_s"]) if r.get("wall_s") else None
     keep = Path(args.notebooks) if args.notebooks else None
     for path in chapters:
         row = run_chapter(path, env, args.gpu_mem_gib if args.device == "cuda" else 0, args.timeout, keep)
+        row["run"] = args.label
         rows.append(row)
+        rows.sort(key=lambda r: r["chapter"])
         print(f"{row['chapter']:28s} {row['status']:7s} {row.get('wall_s', 0):7.1f} s  GPU "
               f"{row.get('gpu_reserved_peak_gib', '-')} GiB  host {row.get('host_peak_gib', '')} GiB  "
               f"{row['slowest_cells']}  {row['error']}", flush=True)

@@ -1,0 +1,66 @@
+"""qtutor.book: the helpers every chapter uses (budgets, the fits-in-memory check, notes)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qtutor import book
+from qtutor.errors import QtutorError
+from qtutor.models import QWEN2_0_5B
+
+QWEN = SimpleNamespace(**QWEN2_0_5B)
+TINY = SimpleNamespace(hidden_size=64, intermediate_size=172, num_hidden_layers=5, num_attention_heads=8,
+                       num_key_value_heads=4, vocab_size=512, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_budget_keeps_small_models_and_gpus_whole(device):
+    for config, run_on in ((TINY, device), (QWEN, "cuda")):
+        b = book.budget(config, run_on, 2048, None, 128, 512)
+        assert (b.seqlen, b.max_eval_tokens, b.calib_windows, b.calib_seqlen) == (2048, None, 128, 512)
+
+
+def test_budget_lowers_a_large_model_on_a_cpu():
+    b = book.budget(QWEN, "cpu", 2048, None, 128, 2048)
+    assert b.seqlen == book.CPU_SEQLEN and b.max_eval_tokens == book.CPU_EVAL_WINDOWS * book.CPU_SEQLEN
+    assert b.calib_windows == book.CPU_CALIB_WINDOWS and b.calib_seqlen == book.CPU_SEQLEN
+    # never raises a size the chapter chose smaller
+    small = book.budget(QWEN, "cpu", 256, 512, 4, 128)
+    assert (small.seqlen, small.max_eval_tokens, small.calib_windows, small.calib_seqlen) == (256, 512, 4, 128)
+
+
+def test_bytes_needed_counts_qwen2_0_5b_parameters():
+    # 494,032,768 parameters without the norms and biases (which the estimate leaves out)
+    n = book._bytes_needed(QWEN, torch.float16, 1.0) / 2
+    assert 0.99 * 494_032_768 < n <= 494_032_768
+
+
+def test_check_fits_refuses_in_one_line(monkeypatch):
+    psutil = pytest.importorskip("psutil")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2**30))
+    with pytest.raises(QtutorError) as err:
+        book.check_fits(QWEN, "cpu", torch.float32)
+    msg = str(err.value)
+    assert "\n" not in msg and "GiB" in msg and "smaller MODEL" in msg
+    book.check_fits(TINY, "cpu", torch.float32)  # a small model fits
+
+
+def test_describe_says_random_weights_and_cpu_budget():
+    model = torch.nn.Linear(2, 2)
+    model.config = SimpleNamespace(**QWEN2_0_5B, qtutor_random_weights=True)
+    text = book.describe(model, "cpu")
+    assert "RANDOM WEIGHTS" in text and f"{book.CPU_SEQLEN} tokens" in text
+    model.config.qtutor_random_weights = False
+    assert "RANDOM" not in book.describe(model, "cuda") and "CPU" not in book.describe(model, "cuda")
+
+
+@pytest.mark.parametrize("width, expected", [(896, 128), (64, 32), (172, 8), (4864, 128), (256, 128)])
+def test_pick_group_size(width, expected):
+    g = book.pick_group_size(width)
+    assert g == expected and (width % g == 0 or g == 8)
+
+
+def test_load_model_embedded_notes(capsys):
+    model, tok = book.load_model("qtutor-tiny", "cpu")
+    assert next(model.parameters()).dtype == torch.float32 and tok is not None
+    assert "float32 on cpu" in capsys.readouterr().out
