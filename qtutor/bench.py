@@ -258,7 +258,7 @@ def _model_config(args):
 
 def model_revision(args, config) -> str:
     """What identifies the model's numbers: a fingerprint of a local folder's config and weight
-    files (their sizes and first and last MiB), the Hub commit, or the built-in architecture."""
+    files, the Hub commit, or the built-in architecture."""
     from .models import resolve_model
     if args.random_weights and args.model.lower() in ("qwen2-0.5b", "qwen/qwen2-0.5b"):
         return "built-in qwen2-0.5b architecture"
@@ -270,12 +270,27 @@ def model_revision(args, config) -> str:
     h = hashlib.sha256()
     for f in sorted({f for pattern in patterns for f in path.glob(pattern)}):
         h.update(f"{f.name}:{f.stat().st_size}:".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if f.stat().st_size > 2 << 20:
-                fh.seek(-(1 << 20), 2)
-                h.update(fh.read())
+        _hash_file(h, f)
     return "sha256:" + h.hexdigest()[:16]
+
+
+#: files up to this size are hashed whole; larger ones in evenly spaced samples
+WHOLE_FILE_BYTES = 256 << 20
+SAMPLES, SAMPLE_BYTES = 256, 64 << 10
+
+
+def _hash_file(h, path: Path) -> None:
+    """Whole files up to 256 MiB (a changed weight always shows); beyond that 256 evenly spaced
+    64 KiB samples (16 MiB: a retrained or re-exported model shows, one edited weight may not)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            return
+        for i in range(SAMPLES):
+            f.seek(i * (size - SAMPLE_BYTES) // (SAMPLES - 1))
+            h.update(f.read(SAMPLE_BYTES))
 
 
 def _digest(t: torch.Tensor) -> str:
