@@ -1,7 +1,10 @@
-"""Core ML export: our LUTs, scales and indices end up in the saved .mlpackage."""
+"""Core ML export: our LUTs, scales and indices end up in the saved .mlpackage (stateless and
+with a stateful KV cache); prediction is macOS-only and tested there."""
+import copy
 import logging
 import math
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -120,15 +123,107 @@ def test_wrapper_matches_the_model():
     model = tiny_model("llama")
     qtutor.quantize(model, "palettization_4bit")
     ids = torch.randint(0, 128, (1, SEQLEN))
-    wrapper = coreml.CausalLMForCoreML(coreml.prepare_for_export(model), SEQLEN)
     with torch.no_grad():
-        torch.testing.assert_close(wrapper(ids), model(ids).logits, rtol=1e-4, atol=1e-4)
+        ref = model(ids).logits
+        exact = coreml.CausalLMForCoreML(coreml.prepare_for_export(model, table_dtype=torch.float32), SEQLEN)
+        torch.testing.assert_close(exact(ids), ref, rtol=1e-4, atol=1e-4)
+        # the default copy keeps the embedding table / lm_head in float16, as the package stores it
+        half = coreml.CausalLMForCoreML(coreml.prepare_for_export(model), SEQLEN)
+        torch.testing.assert_close(half(ids), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+def test_prepare_for_export_copies_an_fp16_model_to_float32_on_the_cpu():
+    model = tiny_model("qwen2")
+    qtutor.quantize(model, "palettization_4bit")
+    model.half()  # as chapter 7 holds it on a GPU (no GPU here: the dtype is what changes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy = coreml.prepare_for_export(model)
+    emb, head = copy.get_input_embeddings(), copy.get_output_embeddings()
+    assert emb.weight.dtype == torch.float16 and head.weight is emb.weight  # still tied
+    q_proj = copy.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is torch.nn.Linear and q_proj.weight.dtype == torch.float32
+    assert torch.equal(q_proj.weight, model.model.layers[0].self_attn.q_proj.dequantize().float())
+    assert all(p.device.type == "cpu" for p in copy.parameters())
+    assert copy.model.norm.weight.dtype == torch.float32
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # unchanged
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)
+
+
+def test_check_package_compares_every_layer_and_finds_a_changed_one(exported):
+    model, path, _ = exported
+    assert coreml.states_of(path) == {}  # the stateless export
+    check = coreml.check_package(path, model)
+    assert check.ok and check.layers == check.stored == 14
+    assert all(bad == [] for bad in check.mismatches.values())
+    changed = copy.deepcopy(model)
+    layer = changed.model.layers[1].mlp.down_proj
+    layer.lut[0, 3] += 0.5
+    layer.scales[5] *= 2
+    check = coreml.check_package(path, changed)
+    assert not check.ok
+    assert check.mismatches == {"palettes": ["model.layers.1.mlp.down_proj"],
+                                "scales": ["model.layers.1.mlp.down_proj"], "indices": []}
+
+
+def test_peak_host_memory_sees_an_allocation():
+    with coreml.PeakHostMemory(interval=0.005) as m:
+        block = np.ones(256 * 2**20, dtype=np.uint8)  # 256 MiB, touched
+        time.sleep(0.05)
+        del block
+    assert m.extra >= 200 * 2**20, str(m)
+    assert m.peak >= m.start > 0 and m.seconds >= 0.05
+
+
+def test_causal_mask_lets_each_token_see_the_past_and_itself():
+    mask = coreml.causal_mask(3, 2)
+    assert mask.shape == (1, 1, 2, 5) and mask.dtype == np.float16
+    assert (mask[0, 0] == 0).tolist() == [[True] * 4 + [False], [True] * 5]
+    assert (coreml.causal_mask(0, 3)[0, 0] < 0).tolist() == [[False, True, True], [False, False, True],
+                                                              [False, False, False]]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_stateful_wrapper_decodes_token_by_token_like_the_model(family):
+    model = tiny_model(family)
+    qtutor.quantize(model, "palettization_4bit")
+    # a float32 cache and tables: the same arithmetic as the model, so the logits agree closely
+    wrapper = coreml.StatefulCausalLMForCoreML(coreml.prepare_for_export(model, table_dtype=torch.float32),
+                                               max_len=16, cache_dtype=torch.float32)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+        steps = [wrapper(ids[:, :6], torch.from_numpy(coreml.causal_mask(0, 6)))]  # the prompt
+        for t in range(6, 10):                                                     # then one token each
+            steps.append(wrapper(ids[:, t:t + 1], torch.from_numpy(coreml.causal_mask(t, 1))))
+    assert all(s.shape == (1, 1, 128) for s in steps)
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref[:, 5:], rtol=1e-4, atol=1e-4)
+    assert wrapper.k_cache[:, :, :, 10:].abs().sum() == 0  # nothing written past the last token
+    assert wrapper.k_cache[:, :, :, :10].abs().sum() > 0
+
+
+def test_stateful_export_has_states_and_our_palettes(tmp_path):
+    model = tiny_model("qwen2")
+    qtutor.quantize(model, "palettization_4bit")
+    path = tmp_path / "kv.mlpackage"
+    mlmodel = coreml.export_stateful_mlpackage(model, path, max_len=16)
+    cfg = model.config
+    cache = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 16, cfg.hidden_size // cfg.num_attention_heads)
+    assert coreml.states_of(path) == {"k_cache": cache, "v_cache": cache}
+    ops = coreml.op_types(path)
+    assert ops["constexpr_lut_to_dense"] == 14  # every linear stays palettized
+    assert ops["read_state"] >= 2 and ops["coreml_update_state"] >= 2 * cfg.num_hidden_layers
+    assert coreml.check_package(path, model).ok
+    inputs = {i.name: i for i in mlmodel.get_spec().description.input}
+    ranges = [(r.lowerBound, r.upperBound) for r in inputs["causal_mask"].type.multiArrayType.shapeRange.sizeRanges]
+    assert ranges == [(1, 1), (1, 1), (1, 16), (1, 16)]  # any prompt length, then one token at a time
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="checks the non-macOS message")
-def test_predict_needs_macos(exported):
+def test_predict_and_generate_need_macos(exported):
     with pytest.raises(QtutorError, match="macOS"):
         coreml.predict(exported[1], torch.zeros(1, SEQLEN, dtype=torch.long))
+    with pytest.raises(QtutorError, match="macOS"):
+        coreml.generate(exported[1], torch.zeros(1, 4, dtype=torch.long), 2)
 
 
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction runs only on macOS")
