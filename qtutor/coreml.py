@@ -118,7 +118,7 @@ class PeakHostMemory:
     def __enter__(self):
         self._stop = threading.Event()
         self._maxrss0 = _maxrss_bytes()
-        self.start = _rss_bytes() or self._maxrss0
+        self.start = _rss_bytes() or self._maxrss0  # no RSS reading: the peak so far stands in
         self._sampled = self.start
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -221,7 +221,8 @@ def prepare_for_export(model: nn.Module, palettized: bool = True,
     for m in replaced:
         memo[id(m)] = annotated_linear(m, palettized)
     skip = {id(t) for m in replaced for t in [*m.parameters(), *m.buffers()]}  # not copied
-    tables = {id(emb.weight)} | ({id(head.weight)} if head is not None else set())
+    convert_head = head is not None and not isinstance(head, QuantizedLinear)
+    tables = {id(emb.weight)} | ({id(head.weight)} if convert_head else set())
     for p in model.parameters():
         if id(p) not in skip and id(p) not in memo:
             dtype = table_dtype if id(p) in tables else torch.float32
@@ -229,7 +230,7 @@ def prepare_for_export(model: nn.Module, palettized: bool = True,
     for b in model.buffers():
         if id(b) not in skip and id(b) not in memo:
             memo[id(b)] = b.detach().to("cpu", copy=True)
-    if head is not None and not isinstance(head, QuantizedLinear):
+    if convert_head:
         bias = getattr(head, "bias", None)
         memo[id(head)] = HalfPrecisionHead(memo[id(head.weight)],
                                            None if bias is None else memo[id(bias)])

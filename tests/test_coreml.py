@@ -149,6 +149,21 @@ def test_prepare_for_export_copies_an_fp16_model_to_float32_on_the_cpu():
     assert isinstance(model.model.layers[0].self_attn.q_proj, PalettizedLinear)
 
 
+def test_an_untied_lm_head_is_exported_in_float16_and_matches():
+    model = tiny_model("llama", tie_word_embeddings=False)
+    qtutor.quantize(model, "palettization_4bit")
+    copy_ = coreml.prepare_for_export(model)
+    head = copy_.get_output_embeddings()
+    assert isinstance(head, coreml.HalfPrecisionHead) and head.weight.dtype == torch.float16
+    assert head.weight is not copy_.get_input_embeddings().weight
+    assert torch.equal(head.weight, model.lm_head.weight.half())
+    ids = torch.randint(0, 128, (1, SEQLEN))
+    with torch.no_grad():
+        ref = model(ids).logits
+        torch.testing.assert_close(coreml.CausalLMForCoreML(copy_, SEQLEN)(ids), ref, rtol=0,
+                                   atol=2e-2 * ref.abs().max().item())
+
+
 def test_check_package_compares_every_layer_and_finds_a_changed_one(exported):
     model, path, _ = exported
     assert coreml.states_of(path) == {}  # the stateless export
