@@ -298,10 +298,20 @@ def export_mlpackage(model: nn.Module, path: Union[str, Path], seqlen: int = 32,
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, example, check_trace=False)
     del wrapper
+    inputs = [ct.TensorType(name="input_ids", shape=(1, seqlen), dtype=np.int32)]
+    return _convert_and_save(traced, path, precision, inputs)
+
+
+def _convert_and_save(traced, path, precision, inputs, states=None):
+    """``ct.convert`` a traced module to an iOS 18 ML program with a float32 ``logits`` output,
+    save it at ``path`` and return it (loaded for prediction on macOS only)."""
+    import coremltools as ct
+
     mlmodel = ct.convert(
         traced,
-        inputs=[ct.TensorType(name="input_ids", shape=(1, seqlen), dtype=np.int32)],
+        inputs=inputs,
         outputs=[ct.TensorType(name="logits", dtype=np.float32)],
+        states=states,
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS18,
         compute_precision=precision,
@@ -431,21 +441,11 @@ def export_stateful_mlpackage(model: nn.Module, path: Union[str, Path], max_len:
     del wrapper
     new = ct.RangeDim(lower_bound=1, upper_bound=max_len, default=1)
     total = ct.RangeDim(lower_bound=1, upper_bound=max_len, default=1)
-    mlmodel = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name="input_ids", shape=(1, new), dtype=np.int32),
-                ct.TensorType(name="causal_mask", shape=(1, 1, new, total), dtype=np.float16)],
-        outputs=[ct.TensorType(name="logits", dtype=np.float32)],
-        states=[ct.StateType(wrapped_type=ct.TensorType(shape=cache_shape, dtype=np.float16),
-                             name=name) for name in ("k_cache", "v_cache")],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=precision,
-        skip_model_load=sys.platform != "darwin",
-    )
-    del traced
-    mlmodel.save(str(path))
-    return mlmodel
+    inputs = [ct.TensorType(name="input_ids", shape=(1, new), dtype=np.int32),
+              ct.TensorType(name="causal_mask", shape=(1, 1, new, total), dtype=np.float16)]
+    states = [ct.StateType(wrapped_type=ct.TensorType(shape=cache_shape, dtype=np.float16), name=name)
+              for name in ("k_cache", "v_cache")]
+    return _convert_and_save(traced, path, precision, inputs, states)
 
 
 # ---------------------------------------------------------------------------- reading a package
