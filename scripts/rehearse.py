@@ -202,6 +202,17 @@ def t4_table(csv_path: Path) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(csv_path: Path) -> str:
+    """Markdown: each chapter's status, wall minutes and peak host memory in a CPU rehearsal."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = ["| chapter | status | measured (min) | peak host memory (GiB) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['chapter']} | {r['status']} | {float(r['wall_s']) / 60:.1f} | "
+                     f"{float(r['host_peak_gib']):.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--make-model", metavar="DIR", help="write Qwen2-0.5B's architecture with random weights to DIR and exit")
@@ -214,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--chapters", nargs="*", default=None, help="chapter numbers or stems (default: all)")
     p.add_argument("--chapters-dir", default=str(ROOT / "chapters"), help=argparse.SUPPRESS)
     p.add_argument("--estimate-t4", metavar="CSV", help="print the T4 estimate table of a GPU rehearsal CSV and exit")
+    p.add_argument("--cpu-table", metavar="CSV", help="print the table of a CPU rehearsal CSV and exit")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     p.add_argument("--out", required=False, default="runs/rehearsal", help="writes OUT.csv and OUT.md")
     p.add_argument("--label", default="", help="a label for this run's rows (e.g. the commit)")
@@ -229,8 +241,8 @@ def main(argv=None) -> int:
         p.error("--gpu-mem-gib must be >= 0 and --timeout > 0")
     if args.data_dir and not Path(args.data_dir).is_dir():
         p.error(f"--data-dir {args.data_dir!r} is not a folder; pass WikiText-2 in the Hugging Face layout")
-    if args.estimate_t4:
-        print(t4_table(Path(args.estimate_t4)))
+    if args.estimate_t4 or args.cpu_table:
+        print(t4_table(Path(args.estimate_t4)) if args.estimate_t4 else cpu_table(Path(args.cpu_table)))
         return 0
     chapters = sorted(Path(args.chapters_dir).glob("*.ipynb"))
     if args.chapters:

@@ -59,3 +59,10 @@ def test_committed_h200_rehearsal_matches_the_book():
     csv_path = ROOT / "benchmarks" / "rehearsal_qwen2-0.5b_h200.csv"
     page = (ROOT / "book" / "how-to-read-and-run.md").read_text()
     assert rehearse.t4_table(csv_path) in page
+
+
+def test_committed_cpu_rehearsal_matches_the_book():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import rehearse
+    page = (ROOT / "book" / "how-to-read-and-run.md").read_text()
+    assert rehearse.cpu_table(ROOT / "benchmarks" / "rehearsal_qwen2-0.5b_cpu.csv") in page
