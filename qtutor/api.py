@@ -64,9 +64,19 @@ def quantize(model, method: str, config: Optional[QuantConfig] = None,
         for i, s in enumerate(per_layer):
             stats.update({f"layers.{i}.{k}": v for k, v in (s or {}).items()})
     else:
-        for i, layer in enumerate(layers):
-            for name, linear in layout.linears(layer).items():
-                q = m.from_float(linear, cfg)
+        todo = [(i, layer, name, linear) for i, layer in enumerate(layers)
+                for name, linear in layout.linears(layer).items()]
+        while todo:  # one linear at a time, or about 2^26 weights at a time with from_float_many
+            take = 1
+            if m.from_float_many is not None:
+                size = todo[0][3].weight.numel()
+                while take < len(todo) and size + todo[take][3].weight.numel() <= 1 << 26:
+                    size += todo[take][3].weight.numel()
+                    take += 1
+            batch, todo = todo[:take], todo[take:]
+            linears = [linear for _, _, _, linear in batch]
+            qs = [m.from_float(linears[0], cfg)] if take == 1 else m.from_float_many(linears, cfg)
+            for (i, layer, name, linear), q in zip(batch, qs):
                 W = linear.weight.detach().float()
                 err = (q.dequantize().float() - W).norm() / W.norm().clamp(min=1e-12)
                 stats[f"layers.{i}.{name}"] = {"weight_rel_error": float(err)}

@@ -79,6 +79,47 @@ def test_kmeans_1d_groups_match_single_runs():
         torch.testing.assert_close(C[b], P.kmeans_1d(X[b], 8).centroids)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kmeans_1d_groups_do_not_depend_on_chunking(threads):
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(12, 200, generator=g).half().float()
+    X[3] = X[3].round()          # few distinct values
+    X[7, :] = 0.25               # one distinct value
+    whole = P.kmeans_1d_groups(X, 8, max_elements=1 << 30)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for max_elements in (200, 600, 1000):  # 1, 3 and 5 rows per chunk, chunks run in threads
+            assert torch.equal(P.kmeans_1d_groups(X, 8, max_elements=max_elements), whole)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_kmeans_lut_many_equals_one_by_one():
+    g = torch.Generator().manual_seed(6)
+    Ws = [torch.randn(48, 32, generator=g), torch.randn(40, 32, generator=g),  # a shorter last group
+          torch.randn(16, 64, generator=g), torch.zeros(16, 32)]
+    for cfg in (PalettizeConfig(bits=3, group_size=16), PalettizeConfig(bits=4, granularity="per_tensor")):
+        for a, b in zip(P.kmeans_lut_many(Ws, cfg), (P.kmeans_lut(W, cfg) for W in Ws)):
+            assert torch.equal(a.indices, b.indices) and torch.equal(a.lut, b.lut)
+            assert a.rows_per_lut == b.rows_per_lut
+            assert (a.scales is None and b.scales is None) or torch.equal(a.scales, b.scales)
+
+
+def test_quantize_batches_palettization_like_one_by_one(model):
+    import copy
+    cfg = PalettizeConfig(bits=4, group_size=16)
+    batched = copy.deepcopy(model)
+    qtutor.quantize(batched, "palettization_4bit", cfg)
+    layout = qtutor.models.layout_for(model)
+    for layer, qlayer in zip(layout.layers(model), layout.layers(batched)):
+        for name, linear in layout.linears(layer).items():
+            one = PalettizedLinear.from_float(linear, cfg)
+            got = qlayer.get_submodule(name)
+            for buf in ("qweight", "lut", "scales"):
+                assert torch.equal(getattr(one, buf), getattr(got, buf)), (name, buf)
+
+
 def test_kmeans_1d_matches_coremltools_kmeans1d():
     kmeans1d = pytest.importorskip("coremltools._deps.kmeans1d")
     g = torch.Generator().manual_seed(4)

@@ -189,7 +189,10 @@ class Method:
     Exactly one of ``from_float`` and ``quantize_layer`` is set:
 
     * ``from_float(linear, cfg) -> nn.Module`` replaces each linear independently (RTN, NF4,
-      palettization); no calibration data.
+      palettization); no calibration data. Such a method may add ``from_float_many(linears,
+      cfg) -> list[nn.Module]``, the same result for several linears at once (palettization
+      batches its k-means over them); :func:`qtutor.quantize` then hands it the linears of
+      several layers at a time.
     * ``quantize_layer(layer, layout, X, layer_kwargs, cfg) -> dict`` quantizes one decoder
       layer in place from its calibration inputs ``X`` (n, seqlen, hidden) (GPTQ, AWQ,
       SmoothQuant), returning optional per-linear statistics; ``qtutor.calib`` runs the layers
@@ -201,6 +204,7 @@ class Method:
     summary: str
     from_float: Optional[Callable] = None
     quantize_layer: Optional[Callable] = None
+    from_float_many: Optional[Callable] = None
 
     @property
     def needs_calib(self) -> bool:

@@ -54,13 +54,15 @@ Which values are clustered is ``PalettizeConfig.kmeans``:
 
 In every mode each weight finally gets the index of its nearest fp16 LUT entry.
 
-Time, one CPU thread, a Qwen2-0.5B MLP matrix (4864 x 896, 304 LUTs of 16 x 896 values, 4 bits):
-about 12 s in "fp16" mode, 23 s "exact", 10 s "coreml"; coremltools' ``PostTrainingPalettizer``
-(C++ SMAWK) takes about 6.5 s. All four reach the same relative error (0.09685) on a Gaussian
-matrix.
+Time on a 2-core machine, one thread, a Qwen2-0.5B MLP matrix (4864 x 896, 304 LUTs of 16 x 896
+values, 4 bits, Gaussian): about 14 s in "fp16" mode, 31 s "exact", 12 s "coreml" (9 s "fp16"
+with both cores, the chunks of groups running side by side); coremltools' ``PostTrainingPalettizer``
+(C++ SMAWK) took about 6.5 s. All reach the same relative error (0.09685). On a GPU a whole
+model's LUT groups go through a handful of calls (:func:`kmeans_lut_many`).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -140,9 +142,7 @@ def _dc_layer(D, P0, P1, P2, m: int, k: int, prev=None):
     N = N1 - 1
     dev = D.device
     # cost(j, i) = P2[i] - P2[j] - (P1[i]-P1[j])^2 / (P0[i]-P0[j]); keep G[j] = D[j] - P2[j].
-    # P0 and P1 travel together as one complex number, so one gather fetches both.
-    C = torch.complex(P0, P1).reshape(-1)
-    P2f = P2.reshape(-1)
+    P0f, P1f, P2f = P0.reshape(-1), P1.reshape(-1), P2.reshape(-1)
     Gf = (D - P2).reshape(-1)
     Dm = torch.full((B * N1,), float("inf"), dtype=D.dtype, device=dev)
     opt = torch.zeros(B * N1, dtype=torch.int32, device=dev)
@@ -161,22 +161,20 @@ def _dc_layer(D, P0, P1, P2, m: int, k: int, prev=None):
         L = (top - first + 1).reshape(-1)                              # candidates per (group, row)
         T = int(L.sum())
         end = L.cumsum(0)
-        # rowid[t]: the (group, row) that candidate t belongs to
-        marks = torch.zeros(T, dtype=torch.int32, device=dev)
-        marks[end[:-1]] = 1
-        rowid = marks.cumsum(0, dtype=torch.int32)
+        # rowid[t]: the (group, row) that candidate t belongs to; jj[t]: its flat index j
+        rowid = torch.repeat_interleave(torch.arange(B * S, device=dev), L, output_size=T)
         ii = (base[:, None] + mid[None, :]).reshape(-1)                # flat index of row i
         j0 = first.reshape(-1) + (base[:, None] - (end - L).reshape(B, S)).reshape(-1)
         jj = j0.index_select(0, rowid).add_(count[:T])
-        diff = C.index_select(0, ii).index_select(0, rowid) - C.index_select(0, jj)
-        dW, dS = diff.real.clamp(min=_TINY), diff.imag
+        dW = (P0f.index_select(0, ii).index_select(0, rowid) - P0f.index_select(0, jj)).clamp_(min=_TINY)
+        dS = P1f.index_select(0, ii).index_select(0, rowid) - P1f.index_select(0, jj)
         val = torch.addcmul(Gf.index_select(0, jj), dS, dS / dW, value=-1.0)
         best = torch.segment_reduce(val, "min", lengths=L)
-        # a minimizer per segment: the last position where val == best (any minimizer will do,
-        # the minimizers of a Monge array's rows are monotone either way)
-        hit = val == best.index_select(0, rowid)
-        arg = hit.nonzero().squeeze(1).index_select(0, hit.cumsum(0).index_select(0, end - 1) - 1)
-        oj = (jj.index_select(0, arg) - base.repeat_interleave(S)).reshape(B, S)
+        # a minimizer per segment: the last j where val == best (any minimizer will do, the
+        # minimizers of a Monge array's rows are monotone either way)
+        hit = torch.where(val == best.index_select(0, rowid), jj, -1)
+        arg = torch.full((B * S,), -1, dtype=jj.dtype, device=dev).scatter_reduce_(0, rowid, hit, "amax")
+        oj = (arg - base.repeat_interleave(S)).reshape(B, S)
         Dm[ii] = best + P2f.index_select(0, ii)
         opt[ii] = oj.reshape(-1).to(torch.int32)
         left, right = mid - 1 >= lo, mid + 1 <= hi
@@ -237,17 +235,8 @@ def _unique_rows(X: torch.Tensor, weights: Optional[torch.Tensor] = None):
     return xu, wu, n
 
 
-def kmeans_1d_groups(X: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None,
-                     max_elements: Optional[int] = None) -> torch.Tensor:
-    """Exact k-means of each row of ``X`` (B, M) separately -> centroids (B, k) float64, ascending.
-
-    A row with fewer than ``k`` distinct values gets each of them once, then copies of its
-    largest value. Rows are processed in chunks of about ``max_elements`` distinct values
-    (default 2^19 on CPU; 2^23 on a GPU, where bigger chunks mean fewer, fuller kernel launches:
-    a 4864 x 896 matrix in 0.44 s instead of 2.3 s on an H100).
-    """
-    if k < 1:
-        raise QtutorError(f"k-means needs k >= 1 clusters, got {k}")
+def _kmeans_chunk(X: torch.Tensor, k: int, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`kmeans_1d_groups` on one chunk of rows: (B, M) -> centroids (B, k) float64."""
     X = X.detach().double()
     xu, wu, n = _unique_rows(X, None if weights is None else weights.detach().double())
     B = X.shape[0]
@@ -257,22 +246,43 @@ def kmeans_1d_groups(X: torch.Tensor, k: int, weights: Optional[torch.Tensor] = 
     N = xu.shape[1]
     # centre each row: smaller prefix sums, less cancellation in P2 - P1^2 / P0
     mean = (wu * xu).sum(1, keepdim=True) / wu.sum(1, keepdim=True).clamp(min=_TINY)
-    xc = xu - mean
+    x = xu - mean
+    bounds = _kmeans_sorted(x, wu, n, k)
+    z = x.new_zeros(B, 1)
+    P0 = torch.cat([z, wu.cumsum(1)], 1).gather(1, bounds)
+    P1 = torch.cat([z, (wu * x).cumsum(1)], 1).gather(1, bounds)
+    cw, cs = P0[:, 1:] - P0[:, :-1], P1[:, 1:] - P1[:, :-1]
+    first = x.gather(1, bounds[:, :-1].clamp(max=N - 1))        # for weightless clusters
+    return torch.where(cw > 0, cs / cw.clamp(min=_TINY), first) + mean
+
+
+def kmeans_1d_groups(X: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None,
+                     max_elements: Optional[int] = None) -> torch.Tensor:
+    """Exact k-means of each row of ``X`` (B, M) separately -> centroids (B, k) float64, ascending.
+
+    A row with fewer than ``k`` distinct values gets each of them once, then copies of its
+    largest value. Rows are processed in chunks of about ``max_elements`` values (default 2^20
+    on a CPU; 2^24 on a GPU, where bigger chunks mean fewer, fuller kernel launches), each chunk
+    on its own, so memory stays bounded however many rows come. On a CPU, chunks run in a few
+    threads at once (the divide-and-conquer's gathers and scans use one core each); the result
+    does not depend on the chunking.
+    """
+    if k < 1:
+        raise QtutorError(f"k-means needs k >= 1 clusters, got {k}")
+    B, M = X.shape
     if max_elements is None:
-        max_elements = 1 << (23 if X.is_cuda else 19)
-    per_chunk = max(1, max_elements // max(N, 1) // max(1, k // 16))
-    cents = []
-    for s in range(0, B, per_chunk):
-        sl = slice(s, s + per_chunk)
-        x, w = xc[sl], wu[sl]
-        bounds = _kmeans_sorted(x, w, n[sl], k)
-        z = x.new_zeros(x.shape[0], 1)
-        P0 = torch.cat([z, w.cumsum(1)], 1).gather(1, bounds)
-        P1 = torch.cat([z, (w * x).cumsum(1)], 1).gather(1, bounds)
-        cw, cs = P0[:, 1:] - P0[:, :-1], P1[:, 1:] - P1[:, :-1]
-        first = x.gather(1, bounds[:, :-1].clamp(max=N - 1))        # for weightless clusters
-        cents.append(torch.where(cw > 0, cs / cw.clamp(min=_TINY), first) + mean[sl])
-    return torch.cat(cents)
+        max_elements = 1 << (24 if X.is_cuda else 20)
+    per_chunk = max(1, max_elements // max(M, 1) // max(1, k // 16))
+    chunks = [slice(s, s + per_chunk) for s in range(0, B, per_chunk)]
+
+    def run(sl):
+        return _kmeans_chunk(X[sl], k, None if weights is None else weights[sl])
+
+    workers = min(len(chunks), torch.get_num_threads(), 4) if not X.is_cuda else 1
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            return torch.cat(list(pool.map(run, chunks)))
+    return torch.cat([run(sl) for sl in chunks])
 
 
 def kmeans_1d(x: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None) -> KMeans1D:
@@ -356,27 +366,45 @@ def kmeans_lut(W: torch.Tensor, cfg: PalettizeConfig = PalettizeConfig()) -> LUT
     The full groups of ``rows_per_lut`` rows are clustered in one batched
     :func:`kmeans_1d_groups` call; a shorter last group (``out % group_size`` rows) separately,
     on its own rows only."""
-    W = W.detach().float()
-    out_features, in_features = W.shape
-    rows = cfg.rows_per_lut(out_features)
-    scales = None
-    if cfg.per_channel_scale:
-        s = W.abs().amax(1)
-        scales = torch.where(s > 0, s, torch.ones_like(s)).half()  # all-zero rows: scale 1
-        W = W / scales.float()[:, None]
-    V = _values_to_cluster(W, cfg.kmeans)
-    n_full = out_features // rows
-    split = n_full * rows
-    luts = []
-    if n_full:
-        luts.append(kmeans_1d_groups(V[:split].reshape(n_full, rows * in_features), cfg.n_clusters))
-    if split < out_features:  # the shorter last group
-        luts.append(kmeans_1d_groups(V[split:].reshape(1, -1), cfg.n_clusters))
-    lut = torch.cat(luts).half()
-    row_lut = lut.repeat_interleave(rows, dim=0)[:out_features].float()
-    mids = (row_lut[:, :-1] + row_lut[:, 1:]) / 2
-    idx = torch.searchsorted(mids.contiguous(), W.contiguous())
-    return LUTWeight(idx.to(torch.uint8), lut, scales, cfg.bits, rows)
+    return kmeans_lut_many([W], cfg)[0]
+
+
+def kmeans_lut_many(Ws: list[torch.Tensor], cfg: PalettizeConfig = PalettizeConfig()) -> list[LUTWeight]:
+    """:func:`kmeans_lut` of several matrices at once, the same result for each: the LUT groups
+    of all of them that have the same number of values go through one :func:`kmeans_1d_groups`
+    call (a whole model's linears in a handful of calls instead of one or two per linear: on a
+    GPU, fewer kernel launches; on a CPU, more chunks to run side by side)."""
+    prepared, jobs = [], {}  # jobs: (values per group, device) -> [(matrix, part, groups)]
+    for n, W in enumerate(Ws):
+        W = W.detach().float()
+        out_features, in_features = W.shape
+        rows = cfg.rows_per_lut(out_features)
+        scales = None
+        if cfg.per_channel_scale:
+            s = W.abs().amax(1)
+            scales = torch.where(s > 0, s, torch.ones_like(s)).half()  # all-zero rows: scale 1
+            W = W / scales.float()[:, None]
+        V = _values_to_cluster(W, cfg.kmeans)
+        split = out_features // rows * rows
+        parts = [V[:split].reshape(split // rows, rows * in_features)] if split else []
+        if split < out_features:  # the shorter last group, on its own rows only
+            parts.append(V[split:].reshape(1, -1))
+        for part, groups in enumerate(parts):
+            jobs.setdefault((groups.shape[1], groups.device), []).append((n, part, groups))
+        prepared.append((W, scales, rows))
+    luts = [{} for _ in Ws]
+    for items in jobs.values():
+        C = kmeans_1d_groups(torch.cat([g for _, _, g in items]), cfg.n_clusters)
+        for (n, part, _), c in zip(items, C.split([g.shape[0] for _, _, g in items])):
+            luts[n][part] = c
+    result = []
+    for (W, scales, rows), parts in zip(prepared, luts):
+        lut = torch.cat([parts[p] for p in sorted(parts)]).half()
+        row_lut = lut.repeat_interleave(rows, dim=0)[: W.shape[0]].float()
+        mids = (row_lut[:, :-1] + row_lut[:, 1:]) / 2
+        idx = torch.searchsorted(mids.contiguous(), W.contiguous())
+        result.append(LUTWeight(idx.to(torch.uint8), lut, scales, cfg.bits, rows))
+    return result
 
 
 class PalettizedLinear(QuantizedLinear):
@@ -405,6 +433,13 @@ class PalettizedLinear(QuantizedLinear):
                    cfg: PalettizeConfig = PalettizeConfig()) -> "PalettizedLinear":
         return cls(kmeans_lut(linear.weight.data, cfg), linear.bias)
 
+    @classmethod
+    def from_float_many(cls, linears: list[nn.Linear],
+                        cfg: PalettizeConfig = PalettizeConfig()) -> list["PalettizedLinear"]:
+        """:meth:`from_float` of each linear, their k-means batched (:func:`kmeans_lut_many`)."""
+        qs = kmeans_lut_many([lin.weight.data for lin in linears], cfg)
+        return [cls(q, lin.bias) for q, lin in zip(qs, linears)]
+
     def unpacked(self) -> LUTWeight:
         return LUTWeight(unpack_codes(self.qweight, self.bits, self.in_features), self.lut,
                          self.scales, self.bits, self.rows_per_lut)
@@ -420,4 +455,5 @@ class PalettizedLinear(QuantizedLinear):
 register(Method("palettization_4bit", PalettizeConfig(bits=4, granularity="per_grouped_channel",
                                                       group_size=16, per_channel_scale=True),
                 "4-bit palettization: exact k-means LUT per 16 output channels, per-channel scales",
-                from_float=PalettizedLinear.from_float))
+                from_float=PalettizedLinear.from_float,
+                from_float_many=PalettizedLinear.from_float_many))
