@@ -142,6 +142,10 @@ def run_chapter(path: Path, env: dict, cap_gib: float, timeout: int, keep: Path 
                     break
                 finally:
                     times.append((time.perf_counter() - c0, i))
+                    print(f"  {path.stem} cell {i - 1}: {times[-1][0]:.1f} s", flush=True)
+                    if keep is not None:  # kept as it goes: a rehearsal killed mid-chapter keeps its timings
+                        keep.mkdir(parents=True, exist_ok=True)
+                        nbformat.write(nb, keep / path.name)
             row["wall_s"] = round(time.perf_counter() - t0, 1)
             nb.cells.append(stats_cell)
             client.execute_cell(stats_cell, len(nb.cells) - 1)
