@@ -449,7 +449,9 @@ def start_results(path: Path, args, header: dict, previous: Optional[dict]) -> d
 
 
 # --------------------------------------------------------------------------- the run
-def run(args) -> dict:
+def run(args, keep: Optional[dict] = None) -> dict:
+    """The benchmark; ``keep``: a dict whose keys name methods whose quantized model (and
+    report) to hand back in it, ``keep[name] = (model, report)``, instead of freeing them."""
     t_start = time.perf_counter()
     plan = plan_run(args)
     _quiet_libraries()
@@ -466,7 +468,7 @@ def run(args) -> dict:
         if previous is not None:
             check_resumable(plan.results_path, previous, header["settings"], plan.configs)
         results = start_results(plan.results_path, args, header, previous)
-        run_methods(args, plan, inputs, results)
+        run_methods(args, plan, inputs, results, keep)
         wall = time.perf_counter() - t_start
         # wall time of THIS invocation, from the start (model and text loading included)
         results["wall_seconds"] = wall if previous is None else None
@@ -478,7 +480,7 @@ def run(args) -> dict:
     return results
 
 
-def run_methods(args, plan: Plan, inputs: Inputs, results: dict) -> None:
+def run_methods(args, plan: Plan, inputs: Inputs, results: dict, keep: Optional[dict] = None) -> None:
     """Measure each method not yet in ``results``; the file is rewritten after each one."""
     from .eval import memory_report
     from .plots import format_number
@@ -491,7 +493,7 @@ def run_methods(args, plan: Plan, inputs: Inputs, results: dict) -> None:
         if name in results["methods"]:
             print(f"{name:20s} skipped (already in {plan.results_path})")
             continue
-        entry, warnings = finite_or_none(measure(args, plan, inputs, name, fp16_bytes))
+        entry, warnings = finite_or_none(measure(args, plan, inputs, name, fp16_bytes, keep))
         for w in warnings:
             print(f"warning: {name}: {w} is not a finite number; results.json records null")
         results["methods"][name] = entry
@@ -501,7 +503,7 @@ def run_methods(args, plan: Plan, inputs: Inputs, results: dict) -> None:
               f"({entry['seconds']:.1f} s)")
 
 
-def measure(args, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int) -> dict:
+def measure(args, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, keep: Optional[dict] = None) -> dict:
     """Quantize a fresh copy with ``name``; its perplexity, latency, memory and compression."""
     from .eval import memory_report, perplexity
     t0 = time.perf_counter()
@@ -512,6 +514,8 @@ def measure(args, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int) -> dic
                      progress=progress)
     lat = _latency(model, inputs.prompt, args, plan.device)
     mem = memory_report(model)
+    if keep is not None and name in keep:
+        keep[name] = (model, report)
     return {
         "ppl": ppl.ppl, "eval_tokens": ppl.eval_tokens, "seqlen": plan.seqlen,
         "bits_per_weight": report.bits_per_weight, "memory_mb": mem.total_mb,
@@ -580,12 +584,13 @@ def _write_outputs(results: dict, out: Path) -> None:
     print(f"results: {out / RESULTS}, {csv_path}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """``qtutor bench``: 0 when done, 2 with a one-line error for bad input, 130 if interrupted."""
+def main(argv: Optional[list[str]] = None, keep: Optional[dict] = None) -> int:
+    """``qtutor bench``: 0 when done, 2 with a one-line error for bad input, 130 if interrupted.
+    ``keep``: as in :func:`run` (from Python: the chapters reuse a quantized model)."""
     args = None
     try:
         args = build_parser().parse_args(argv)
-        run(args)
+        run(args, keep)
     except QtutorError as err:
         print(f"qtutor bench: error: {err}", file=sys.stderr)
         return 2

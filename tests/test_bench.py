@@ -76,6 +76,25 @@ def test_bench_end_to_end(model_dir, data_dir, tmp_path, capsys):
     assert "rtn_int4" in capsys.readouterr().out
 
 
+def test_bench_hands_back_a_kept_model(model_dir, data_dir, tmp_path):
+    """main(..., keep=) returns the quantized model the bench measured: its perplexity is the
+    recorded one, and methods not asked for are not kept."""
+    from qtutor.eval import perplexity
+    from qtutor.quant.palettize import PalettizedLinear
+    out = tmp_path / "run"
+    keep = {"palettization_4bit": None}
+    assert main(bench_args(model_dir, data_dir, out, "--methods", "rtn_int4,palettization_4bit"), keep=keep) == 0
+    assert set(keep) == {"palettization_4bit"}
+    model, report = keep["palettization_4bit"]
+    assert report.method == "palettization_4bit"
+    assert any(isinstance(m, PalettizedLinear) for m in model.modules())
+    res = json.loads((out / "results.json").read_text())["methods"]["palettization_4bit"]
+    from qtutor.data import dataset_text, tokenize
+    from transformers import PreTrainedTokenizerFast
+    ids = tokenize(PreTrainedTokenizerFast.from_pretrained(model_dir), dataset_text("wikitext2", "eval", str(data_dir)))
+    assert perplexity(model, ids, 32, 640, batch_size=4).ppl == pytest.approx(res["ppl"], rel=1e-4)
+
+
 def test_resume_after_killed_run(model_dir, data_dir, tmp_path):
     out = tmp_path / "run"
     args = bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline,rtn_int8,rtn_int4",
