@@ -1,4 +1,4 @@
-"""``qtutor.quantize``: apply a registered method to a model, in place (DESIGN.md section 3)."""
+"""``qtutor.quantize``: apply a registered method to a model, in place (ARCHITECTURE.md section 3)."""
 from __future__ import annotations
 
 import time

@@ -1,4 +1,4 @@
-"""Text for evaluation and calibration (DESIGN.md section 4).
+"""Text for evaluation and calibration (ARCHITECTURE.md section 4).
 
 * WikiText-2 (Merity et al. 2016) through ``datasets.load_dataset("wikitext", "wikitext-2-raw-v1")``,
   or a local copy in the Hub layout given by ``data_dir`` or ``$QTUTOR_WIKITEXT``; the test split

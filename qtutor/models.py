@@ -1,9 +1,9 @@
-"""Load a causal LM and describe where its quantizable parts are (DESIGN.md section 2).
+"""Load a causal LM and describe where its quantizable parts are (ARCHITECTURE.md section 2).
 
 ``load_model(name)`` accepts
 
 * ``"qtutor-tiny"``: the embedded default shipped in ``qtutor/assets/`` (works offline);
-* a local folder with ``config.json`` and weights (e.g. ``../shared/models/stories260K-qwen2-hf``);
+* a local folder with ``config.json`` and weights (e.g. a Hugging Face export of a small Qwen2 or Llama model);
 * a Hugging Face Hub id such as ``"Qwen/Qwen2-0.5B"`` (needs the network).
 
 ``layout_for(model)`` returns a :class:`Layout`: the decoder layers, the linears of one layer in

@@ -11,7 +11,7 @@ one asymmetric scale per output channel):
    tokens themselves ("oracle": no calibration mismatch is possible), and GPTQ with act-order.
 
     python benchmarks/gptq_vs_rtn/gptq_vs_rtn.py \\
-        --model ../shared/models/stories260K-qwen2-hf --data-dir ../shared/data/hf-wikitext
+        --model PATH/stories260K-qwen2-hf --data-dir PATH/hf-wikitext
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def hessians(model, layout, windows, names) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="../shared/models/stories260K-qwen2-hf")
-    p.add_argument("--data-dir", default="../shared/data/hf-wikitext")
+    p.add_argument("--model", required=True, help="the stories260K Qwen2 folder")
+    p.add_argument("--data-dir", required=True, help="WikiText-2 in the Hugging Face layout")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=200 * 512)

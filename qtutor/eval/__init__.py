@@ -1,4 +1,4 @@
-"""Metrics: perplexity, decode latency, memory and compression (DESIGN.md section 4)."""
+"""Metrics: perplexity, decode latency, memory and compression (ARCHITECTURE.md section 4)."""
 from .latency import decode_latency
 from .memory import memory_report
 from .perplexity import perplexity

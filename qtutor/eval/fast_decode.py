@@ -40,7 +40,7 @@ The result is the model's own greedy output (``tests/test_fast_decode.py`` check
 against ``latency.greedy_decode``). Without CUDA (or with ``cuda_graph=False``) the same step
 runs eagerly.
 
-Protocol as ``decode_latency`` (DESIGN.md section 4): batch 1, fixed prompt, ``new_tokens``
+Protocol as ``decode_latency`` (ARCHITECTURE.md section 4): batch 1, fixed prompt, ``new_tokens``
 tokens of which the first comes from the prefill; the decode phase is timed and divided by
 ``new_tokens - 1``; one warm-up, median over ``runs``; device, dtype and method recorded.
 """
