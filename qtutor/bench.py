@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="random weights with --model's architecture ('qwen2-0.5b' works offline): "
                         "for timing and memory only, its perplexity is meaningless")
-    p.add_argument("--methods", default="all",
-                   help="comma-separated method names, or 'all' (every implemented method)")
+    p.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
+                   help="method names separated by spaces or commas, or 'all' (every implemented method)")
     p.add_argument("--dataset", choices=("embedded", "wikitext2"), default=None,
                    help="evaluation text: the embedded model's held-out text (default for the embedded "
                         "model) or WikiText-2 test (default otherwise)")
@@ -142,13 +142,16 @@ def method_configs(names: list[str], args) -> dict:
     return configs
 
 
-def parse_methods(spec: str) -> list[str]:
+def parse_methods(spec) -> list[str]:
+    """``--methods``: names separated by spaces (``--methods rtn_int4 gptq_int4``, as the
+    original benchmark takes them) or commas, or ``all``."""
     from .quant import get_method, implemented_methods
-    if spec == "all":
+    names = ",".join([spec] if isinstance(spec, str) else spec).replace(" ", ",").split(",")
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
         return implemented_methods()
-    names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise QtutorError("--methods is empty; give method names separated by commas, or 'all'")
+        raise QtutorError("--methods is empty; give method names separated by spaces or commas, or 'all'")
     for n in names:
         get_method(n)  # raises a one-line error for unknown or unimplemented names
     twice = sorted({n for n in names if names.count(n) > 1})

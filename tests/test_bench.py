@@ -55,6 +55,25 @@ def bench_args(model_dir, data_dir, out, *extra):
             "--out", str(out), "--no-progress", *extra]
 
 
+@pytest.mark.parametrize("spec, expected", [
+    (["rtn_int4", "fp16_baseline"], ["rtn_int4", "fp16_baseline"]),        # the original benchmark's form
+    (["rtn_int4,fp16_baseline"], ["rtn_int4", "fp16_baseline"]),
+    (["rtn_int4,", "qlora_nf4", "rtn_int8"], ["rtn_int4", "qlora_nf4", "rtn_int8"]),
+    (["all"], None),
+])
+def test_methods_by_spaces_or_commas(spec, expected):
+    from qtutor.bench import build_parser, parse_methods
+    from qtutor.quant import implemented_methods
+    args = build_parser().parse_args(["--methods", *spec])
+    assert parse_methods(args.methods) == (expected or implemented_methods())
+
+
+def test_methods_space_separated_end_to_end(model_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline", "rtn_int4")) == 0
+    assert list(json.loads((out / "results.json").read_text())["methods"]) == ["fp16_baseline", "rtn_int4"]
+
+
 def test_bench_end_to_end(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline,rtn_int8,rtn_int4",

@@ -295,10 +295,10 @@ def test_unexpected_failure_keeps_finished_methods(tmp_path, monkeypatch):
     import qtutor.bench as b
     real = b.measure
 
-    def measure(args, plan, inputs, name, fp16_bytes):
+    def measure(args, plan, inputs, name, fp16_bytes, keep=None):
         if name == "rtn_int4":
             raise RuntimeError("boom")
-        return real(args, plan, inputs, name, fp16_bytes)
+        return real(args, plan, inputs, name, fp16_bytes, keep)
     monkeypatch.setattr(b, "measure", measure)
     with pytest.raises(RuntimeError, match="boom"):
         bench(tmp_path / "run")
