@@ -55,7 +55,7 @@ def chapter(stem: str) -> dict:
                "$$\n\\hat w = s\\,(q - z)\n$$ (eq-" + stem.replace("_", "-") + ")\n\n"
                "\\begin{align}\nE &= \\lVert W X - \\hat W X \\rVert_F^2 \\\\\n"
                "H &= 2 X X^\\top\n\\end{align}\n\n"
-               f"See {{cite}}`frantar2022gptq` and the {{term}}`perplexity` entry of the glossary."),
+               "See {cite}`frantar2022gptq` and the {term}`perplexity` entry of the glossary."),
             code("import numpy as np\nimport matplotlib\nimport matplotlib.pyplot as plt\n\n"
                  "x = np.linspace(-3, 3, 200)\nfig, ax = plt.subplots(figsize=(5, 3))\n"
                  "ax.plot(x, np.round(x * 2) / 2, label='quantized')\nax.plot(x, x, label='identity')\n"

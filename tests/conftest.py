@@ -1,5 +1,4 @@
 """Shared fixtures: tiny random Qwen2 and Llama models built in memory (no downloads)."""
-import os
 from pathlib import Path
 
 import pytest

@@ -5,10 +5,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import tiny_model
 from qtutor.bench import main

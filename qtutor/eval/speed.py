@@ -111,9 +111,9 @@ def compare_decode_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens:
 
     row(base, "fp16_baseline", lambda: model, "none", base)
     rtn = quantized(rtn_method, model)
-    row(f"{rtn_method}, reference", rtn_method, lambda: rtn, "none", base)
+    row(f"{rtn_method}, reference", rtn_method, lambda m=rtn: m, "none", base)
     if cuda:
-        row(f"{rtn_method}, GPU kernel", rtn_method, lambda: copy.deepcopy(rtn), "auto", base)
+        row(f"{rtn_method}, GPU kernel", rtn_method, lambda m=rtn: copy.deepcopy(m), "auto", base)
     del rtn
     _free(device)
     row(f"{lut_method}, reference", lut_method, palettized_copy, "none", base)

@@ -100,7 +100,8 @@ def render(res: dict, log: dict, manifest: dict) -> str:
         f"| {s.get('title', s['name'])} | {', '.join(s.get('debian_packages', {}))} | {s.get('license')} | "
         f"{s['train']['documents']} / {s['heldout']['documents']} | {s['train']['bytes']:,} / {s['heldout']['bytes']:,} |"
         for s in manifest["sources"])
-    rel = lambda k: 100 * (res[k] / res["fp16"] - 1)
+    def rel(k):
+        return 100 * (res[k] / res["fp16"] - 1)
     return f"""# qtutor-tiny
 
 A small causal language model with the Qwen2 architecture, trained for this book so that every
