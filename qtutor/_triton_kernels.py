@@ -4,7 +4,7 @@ Imported lazily by :mod:`qtutor.kernels` (this module needs ``triton``). Each ke
 compiled by Triton for CUDA tensors and run by Triton's interpreter for CPU tensors, so the
 tests check the very same kernel source on a machine without a GPU.
 
-Both kernels compute ``y = W x + b`` for ONE input row ``x`` (in_features,) and read the
+The GEMV kernels compute ``y = W x + b`` for ONE input row ``x`` (in_features,) and read the
 packed weight straight from the layer's own storage (no re-packed copy):
 
 * :func:`int4_gemv`: uniform asymmetric int4, ``w = s_g (q - z_g)`` with ``qweight`` (out, in/2)
@@ -417,7 +417,9 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     args = (x, qweight, scales, dummy if qzeros is None else qzeros, dummy if bias is None else bias, y,
             N, G, qweight.stride(0), scales.stride(0), 0 if qzeros is None else qzeros.stride(0))
     kwargs = dict(GS=group_size, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None)
-    assert G * group_size == K, "group_size must divide in_features"
+    if G * group_size != K:
+        raise QtutorError(f"int4_gemv: {G} groups of {group_size} do not cover in_features {K}; "
+                          f"scales must have in_features / group_size columns")
     _launch(_int4_gemv_kernel, _int4_jit, _int4_tuned, DEFAULT_INT4, config, N, args, kwargs)
     return y
 

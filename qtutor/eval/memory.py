@@ -43,7 +43,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
         else:
             part = "other"
         for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            if t is None or t.data_ptr() in seen and t.numel():
+            if t is None or (t.data_ptr() in seen and t.numel()):  # shared (tied) storage counts once
                 continue
             seen.add(t.data_ptr())
             parts[part] += t.numel() * t.element_size()

@@ -41,9 +41,14 @@ class QuantConfig:
             object.__setattr__(self, f.name, value)
 
     def replace(self, **overrides) -> "QuantConfig":
-        """A copy with ``overrides`` applied; keys the config does not have are ignored."""
-        names = {f.name for f in fields(self)}
-        kept = {k: v for k, v in overrides.items() if k in names and v is not None}
+        """A copy with ``overrides`` applied (``None`` keeps a field as it is). A key the config
+        does not have is a one-line :class:`QtutorError`: a typo must not do nothing."""
+        names = [f.name for f in fields(self)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise QtutorError(f"{type(self).__name__} has no field {', '.join(map(repr, unknown))}; "
+                              f"its fields are {', '.join(names)}")
+        kept = {k: v for k, v in overrides.items() if v is not None}
         return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **kept})
 
 

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-import functools
 
 import torch
 import torch.nn as nn
@@ -222,7 +221,7 @@ class NF4Weight:
         return (values * _expand(absmax, self.block_size, self.numel)).reshape(self.shape)
 
 
-@functools.lru_cache(maxsize=None)
+@lru_cache(maxsize=None)
 def _cached_table(name: str, device: str) -> torch.Tensor:
     return (nf4_levels() if name == "nf4" else dynamic_map()).to(device)
 
