@@ -515,8 +515,8 @@ def measure(args, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, keep: 
                                     progress=progress)
     ppl = perplexity(model, inputs.eval_ids, plan.seqlen, plan.max_eval, args.eval_batch_size,
                      progress=progress)
+    mem = memory_report(model)  # before the decode timing, whose fast kernels may add or re-pack buffers
     lat = _latency(model, inputs.prompt, args, plan.device)
-    mem = memory_report(model)
     if keep is not None and name in keep:
         keep[name] = (model, report)
     return {

@@ -112,6 +112,25 @@ def test_bench_hands_back_a_kept_model(model_dir, data_dir, tmp_path):
     assert perplexity(model, ids, 32, 640, batch_size=4).ppl == pytest.approx(res["ppl"], rel=1e-4)
 
 
+def test_memory_is_measured_before_the_decode_timing(model_dir, data_dir, tmp_path, monkeypatch):
+    """The fast decode path may give layers extra buffers (a re-packed copy, a pair table): the
+    memory and compression columns describe the quantized model as stored, not those."""
+    import qtutor.bench as b
+    real = b._latency
+
+    import torch
+
+    def latency_that_adds_a_buffer(model, prompt, args, device):
+        model.register_buffer("kernel_scratch", torch.zeros(1 << 20))  # 4 MB
+        return real(model, prompt, args, device)
+    out_plain, out_extra = tmp_path / "plain", tmp_path / "extra"
+    assert main(bench_args(model_dir, data_dir, out_plain, "--methods", "rtn_int4")) == 0
+    monkeypatch.setattr(b, "_latency", latency_that_adds_a_buffer)
+    assert main(bench_args(model_dir, data_dir, out_extra, "--methods", "rtn_int4")) == 0
+    plain, extra = (json.loads((o / "results.json").read_text())["methods"]["rtn_int4"] for o in (out_plain, out_extra))
+    assert extra["memory_mb"] == plain["memory_mb"] and extra["compression_ratio"] == plain["compression_ratio"]
+
+
 def test_resume_after_killed_run(model_dir, data_dir, tmp_path):
     out = tmp_path / "run"
     args = bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline,rtn_int8,rtn_int4",
