@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -23,9 +23,6 @@ class LatencyResult:
     new_tokens: int
     device: str
     dtype: str
-
-    def as_dict(self):
-        return asdict(self)
 
 
 def _sync(device: torch.device):

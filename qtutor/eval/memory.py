@@ -6,7 +6,7 @@ decoder layers, quantized or not) and ``other`` (norms, rotary tables, ...).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch.nn as nn
 
@@ -21,9 +21,6 @@ class MemoryReport:
     @property
     def total_mb(self) -> float:
         return self.total_bytes / 1e6
-
-    def as_dict(self):
-        return {**asdict(self), "total_mb": self.total_mb}
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -48,14 +45,3 @@ def memory_report(model: nn.Module) -> MemoryReport:
             seen.add(t.data_ptr())
             parts[part] += t.numel() * t.element_size()
     return MemoryReport(sum(parts.values()), parts["embeddings"], parts["linears"], parts["other"])
-
-
-def float_model_bytes(model: nn.Module, bytes_per_element: int = 2) -> int:
-    """What ``model`` would hold with every floating tensor in fp16 (the compression reference)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * (bytes_per_element if t.is_floating_point() else t.element_size())
-    return total
