@@ -516,9 +516,10 @@ def measure(args, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, keep: 
     ppl = perplexity(model, inputs.eval_ids, plan.seqlen, plan.max_eval, args.eval_batch_size,
                      progress=progress)
     mem = memory_report(model)  # before the decode timing, whose fast kernels may add or re-pack buffers
-    lat = _latency(model, inputs.prompt, args, plan.device)
-    if keep is not None and name in keep:
+    if keep is not None and name in keep:  # hand back the model as quantize() made it: time a copy
         keep[name] = (model, report)
+        model = copy.deepcopy(model)
+    lat = _latency(model, inputs.prompt, args, plan.device)
     return {
         "ppl": ppl.ppl, "eval_tokens": ppl.eval_tokens, "seqlen": plan.seqlen,
         "bits_per_weight": report.bits_per_weight, "memory_mb": mem.total_mb,

@@ -42,6 +42,7 @@ need macOS (Core ML runs only there). :class:`PeakHostMemory` measures what an e
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import resource
@@ -302,21 +303,72 @@ def export_mlpackage(model: nn.Module, path: Union[str, Path], seqlen: int = 32,
     return _convert_and_save(traced, path, precision, inputs)
 
 
+def nearest_lut_indices(data: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """For each weight of ``data`` (out, in) float32, the index of the nearest entry of its LUT
+    ``lut`` (n_luts, 1, 2^b, 1) float32, LUT ``g`` serving rows ``g * out // n_luts`` onwards:
+    the first of equally near entries, as ``np.argmin`` picks. (out, in) uint8.
+
+    The same answer as coremltools' ``find_indices_for_lut`` for these shapes, computed one LUT
+    entry at a time instead of through an (out, in, 2^b) array of distances: the same float32
+    ``|w - lut[k]|`` compared with a strict ``<``, so ties go to the lower index.
+    """
+    n_luts, K = lut.shape[0], lut.shape[-2]
+    x = torch.from_numpy(np.ascontiguousarray(data)).reshape(n_luts, -1)
+    L = torch.from_numpy(np.ascontiguousarray(lut).reshape(n_luts, K))
+    best = (x - L[:, :1]).abs_()
+    index = torch.zeros(x.shape, dtype=torch.uint8)
+    for k in range(1, K):
+        d = (x - L[:, k:k + 1]).abs_()
+        closer = d < best
+        best = torch.where(closer, d, best)
+        index.masked_fill_(closer, k)
+    return index.reshape(data.shape).numpy()
+
+
+@contextlib.contextmanager
+def _fast_lut_indices():
+    """While converting, coremltools' torch frontend finds each palettized weight's indices with
+    :func:`nearest_lut_indices` when the shapes are ours (a 2-D float32 weight, scalar LUTs
+    blocked along the output axis), and with its own ``find_indices_for_lut`` otherwise. Its own
+    builds an (out, in, 2^b) array of distances per weight: about half of a Qwen2-0.5B export's
+    time (25 s of 64 s on 2 cores), against 3 s here. The indices are the same (tested)."""
+    from coremltools.optimize import _utils
+
+    original = _utils.find_indices_for_lut
+
+    def find_indices_for_lut(data, lut, vector_axis=None):
+        ours = (data.ndim == 2 and lut.ndim == 4 and lut.shape[1] == 1 and lut.shape[-1] == 1
+                and data.shape[0] % lut.shape[0] == 0 and 2 <= lut.shape[-2] <= 256
+                and data.dtype == np.float32 and lut.dtype == np.float32)
+        if not ours:
+            return original(data, lut, vector_axis)
+        nbits = int(math.log2(lut.shape[-2]))
+        return nearest_lut_indices(data, lut).astype(
+            _utils.types.nptype_from_builtin(_utils.types.string_to_builtin(f"uint{nbits}")))
+
+    _utils.find_indices_for_lut = find_indices_for_lut
+    try:
+        yield
+    finally:
+        _utils.find_indices_for_lut = original
+
+
 def _convert_and_save(traced, path, precision, inputs, states=None):
     """``ct.convert`` a traced module to an iOS 18 ML program with a float32 ``logits`` output,
     save it at ``path`` and return it (loaded for prediction on macOS only)."""
     import coremltools as ct
 
-    mlmodel = ct.convert(
-        traced,
-        inputs=inputs,
-        outputs=[ct.TensorType(name="logits", dtype=np.float32)],
-        states=states,
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=precision,
-        skip_model_load=sys.platform != "darwin",
-    )
+    with _fast_lut_indices():
+        mlmodel = ct.convert(
+            traced,
+            inputs=inputs,
+            outputs=[ct.TensorType(name="logits", dtype=np.float32)],
+            states=states,
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS18,
+            compute_precision=precision,
+            skip_model_load=sys.platform != "darwin",
+        )
     del traced
     mlmodel.save(str(path))
     return mlmodel

@@ -60,12 +60,15 @@ FIELDS = ["chapter", "run", "status", "wall_s", "gpu_reserved_peak_gib", "gpu_al
           "host_peak_gib", "slowest_cells", "error"]
 
 
-def make_model(folder: Path, data_dir: str | None = None, seed: int = 0) -> None:
+def make_model(folder: Path, data_dir: str | None = None, seed: int = 0,
+               tokenizer_from: str | None = None) -> None:
     """Write Qwen2-0.5B's exact architecture (random weights) with a tokenizer.
 
     With ``data_dir`` (WikiText-2 in the Hugging Face layout), a byte-level BPE tokenizer of
     32,000 entries trained on the validation split, so that the test split's token count (and
     so every evaluation's cost) is close to Qwen2's own tokenizer's; else the embedded model's.
+    ``tokenizer_from``: a folder written earlier by this function, whose tokenizer is copied
+    instead of trained again (the training takes most of a minute).
     """
     import torch
 
@@ -74,7 +77,11 @@ def make_model(folder: Path, data_dir: str | None = None, seed: int = 0) -> None
     model.config.qtutor_random_weights = True  # read by qtutor.book: chapters say so
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    if data_dir:
+    if tokenizer_from:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(tokenizer_from) / name, folder / name)
+        how = f"the tokenizer of {tokenizer_from}"
+    elif data_dir:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         from transformers import PreTrainedTokenizerFast
 
@@ -220,6 +227,8 @@ def cpu_table(csv_path: Path) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--make-model", metavar="DIR", help="write Qwen2-0.5B's architecture with random weights to DIR and exit")
+    p.add_argument("--tokenizer-from", metavar="DIR", help="with --make-model: copy the tokenizer of an earlier "
+                   "--make-model folder instead of training one")
     p.add_argument("--model", default="qtutor-tiny", help="model name, folder or Hub id (QTUTOR_MODEL)")
     p.add_argument("--dataset", default=None, help="embedded or wikitext2 (default: the chapters' choice)")
     p.add_argument("--data-dir", default=None, help="WikiText-2 in the Hugging Face layout (QTUTOR_WIKITEXT)")
@@ -239,7 +248,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.make_model:
-        make_model(Path(args.make_model), args.data_dir)
+        make_model(Path(args.make_model), args.data_dir, tokenizer_from=args.tokenizer_from)
         return 0
     if args.gpu_mem_gib < 0 or args.timeout <= 0:
         p.error("--gpu-mem-gib must be >= 0 and --timeout > 0")

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import tiny_model
 from qtutor.bench import main
@@ -110,6 +111,26 @@ def test_bench_hands_back_a_kept_model(model_dir, data_dir, tmp_path):
     from transformers import PreTrainedTokenizerFast
     ids = tokenize(PreTrainedTokenizerFast.from_pretrained(model_dir), dataset_text("wikitext2", "eval", str(data_dir)))
     assert perplexity(model, ids, 32, 640, batch_size=4).ppl == pytest.approx(res["ppl"], rel=1e-4)
+
+
+def test_a_kept_model_is_the_one_quantize_made_not_the_timed_one(model_dir, data_dir, tmp_path, monkeypatch):
+    """The decode timing may give a model fast kernels and extra buffers: a kept model is handed
+    back as quantize() made it (the chapters export and re-measure it), the timing runs on a copy."""
+    import qtutor.bench as b
+    from qtutor.eval import memory_report
+    real, timed = b._latency, []
+
+    def latency_that_adds_a_buffer(model, prompt, args, device):
+        model.register_buffer("kernel_scratch", torch.zeros(1 << 16))
+        timed.append(model)
+        return real(model, prompt, args, device)
+    monkeypatch.setattr(b, "_latency", latency_that_adds_a_buffer)
+    keep = {"rtn_int4": None}
+    assert main(bench_args(model_dir, data_dir, tmp_path / "run", "--methods", "rtn_int4"), keep=keep) == 0
+    model, _ = keep["rtn_int4"]
+    assert timed and timed[0] is not model and not hasattr(model, "kernel_scratch")
+    res = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["rtn_int4"]
+    assert memory_report(model).total_mb == pytest.approx(res["memory_mb"])
 
 
 def test_memory_is_measured_before_the_decode_timing(model_dir, data_dir, tmp_path, monkeypatch):

@@ -249,3 +249,49 @@ def test_predict_matches_torch_on_macos(exported):  # pragma: no cover - macOS o
     with torch.no_grad():
         ref = model(ids).logits.numpy()
     assert np.abs(logits - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def _lut_case(out, in_, bits, n_luts, seed):
+    """A weight decoded from random sorted LUTs (some with repeated entries), divided by a
+    scale as coremltools' frontend does, plus values exactly half-way between two entries."""
+    rng = np.random.default_rng(seed)
+    K = 2**bits
+    lut = np.sort(rng.standard_normal((n_luts, 1, K, 1)), axis=2).astype(np.float32)
+    lut[0, 0, 1] = lut[0, 0, 0]                       # a LUT with a repeated entry
+    lut[-1, 0, :, 0] = lut[-1, 0, 0, 0]               # and one whose entries are all equal
+    index = rng.integers(0, K, (out, in_))
+    W = np.take_along_axis(np.repeat(lut[:, 0, :, 0], out // n_luts, axis=0), index, axis=1)
+    scale = (rng.random((out, 1)) + 0.5).astype(np.float32)
+    data = (W * scale) / scale
+    rows = np.repeat(lut[:, 0, :, 0], out // n_luts, axis=0)
+    data[:, 0] = (rows[:, 0] + rows[:, 1]) / 2          # ties: the lower index wins in argmin
+    data[:, 1] = rows[:, -1] + 1.0                      # beyond the last entry
+    return data.astype(np.float32), lut
+
+
+@pytest.mark.parametrize("out,in_,bits,n_luts", [(64, 48, 4, 4), (96, 40, 2, 96), (32, 24, 8, 1), (48, 16, 3, 3)])
+def test_nearest_lut_indices_equal_coremltools_own(out, in_, bits, n_luts):
+    from coremltools.optimize._utils import find_indices_for_lut
+    data, lut = _lut_case(out, in_, bits, n_luts, seed=out + bits)
+    theirs = find_indices_for_lut(data, lut)
+    ours = coreml.nearest_lut_indices(data, lut)
+    assert ours.shape == theirs.shape and ours.dtype == np.uint8
+    np.testing.assert_array_equal(ours, theirs.astype(np.uint8))
+
+
+def test_fast_lut_indices_is_scoped_and_hands_other_shapes_to_coremltools():
+    from coremltools.optimize import _utils
+    original = _utils.find_indices_for_lut
+    data, lut = _lut_case(32, 16, 4, 2, seed=1)
+    with coreml._fast_lut_indices():
+        patched = _utils.find_indices_for_lut
+        assert patched is not original
+        got = patched(data, lut)
+        assert got.dtype == original(data, lut).dtype
+        np.testing.assert_array_equal(got, original(data, lut))
+        vector = np.sort(np.random.default_rng(0).standard_normal((1, 1, 4, 2)), axis=2).astype(np.float32)
+        np.testing.assert_array_equal(patched(data, vector, 0), original(data, vector, 0))  # vector LUTs: theirs
+    assert _utils.find_indices_for_lut is original
+    with pytest.raises(RuntimeError), coreml._fast_lut_indices():
+        raise RuntimeError("a failed conversion")
+    assert _utils.find_indices_for_lut is original
