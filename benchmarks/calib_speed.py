@@ -17,15 +17,16 @@ import time
 
 import torch
 import transformers
+from _common import CONFIGS, build_model
 
 import qtutor
-from qtutor.models import random_model
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--config", default="qwen2-0.5b", help="qwen2-0.5b or tiny (a 4-layer, width-256 model)")
+    p.add_argument("--config", default="qwen2-0.5b", choices=list(CONFIGS),
+                   help="a model shape of benchmarks/_common.py (tiny: 4 layers of width 256)")
     p.add_argument("--methods", default="gptq_int4,awq_int4,smoothquant_w8a8")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -34,16 +35,13 @@ def main():
 
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    overrides = {} if args.config == "qwen2-0.5b" else dict(
-        hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=4096)
     g = torch.Generator().manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device {name}; torch {torch.__version__}; transformers {transformers.__version__}; "
           f"{args.config} random weights, {dtype}; calibration {args.samples} x {args.seqlen} tokens")
     rows = []
     for method in args.methods.split(","):
-        model = random_model("qwen2-0.5b", dtype=dtype, device=str(device), **overrides)
+        model = build_model(args.config, dtype, device)
         calib = torch.randint(0, model.config.vocab_size, (args.samples, args.seqlen), generator=g)
         if device.type == "cuda":
             torch.cuda.synchronize()

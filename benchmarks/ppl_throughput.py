@@ -7,7 +7,7 @@ reports evaluated tokens per second (windows x seqlen / wall time, after one war
 the peak GPU memory, and the perplexity itself (a sanity check: with random weights it is
 about the vocabulary size). ``full-logits`` rows time the loss computed from the whole
 (batch, seqlen, vocab) logits tensor in float32, as before the chunked loss
-(``perplexity.LOGIT_CHUNK_ELEMENTS``); ``chunked`` rows use the current code.
+(``qtutor.eval.ppl.LOGIT_CHUNK_ELEMENTS``); ``chunked`` rows use the current code.
 
     python benchmarks/ppl_throughput.py                        # CUDA if available, Qwen2-0.5B
     python benchmarks/ppl_throughput.py --device cpu --config tiny
@@ -44,9 +44,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import importlib
-    ppl_mod = importlib.import_module("qtutor.eval.perplexity")  # the module (qtutor.eval.perplexity is also a function)
-    from qtutor.eval.perplexity import perplexity
+    from qtutor.eval import perplexity
+    from qtutor.eval import ppl as ppl_mod
 
     device = pick_device(args.device)
     cuda = device.type == "cuda"

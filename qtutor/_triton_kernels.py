@@ -429,7 +429,7 @@ LUT_KERNEL_MODES = {"gather": GATHER.value, "load": LOAD.value, "pairs": PAIRS.v
 
 
 def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor, scales, bias, rows_per_lut: int,
-             mode: str = "gather", config: dict = None) -> torch.Tensor:
+             mode: str = "prmt", config: dict = None) -> torch.Tensor:
     """``W x + b`` for one row ``x`` (in,) with packed 4-bit LUT indices -> (out,) in x's dtype.
 
     ``lut``: (n_luts, 16) fp16/fp32 for ``mode`` "gather" and "load"; for "pairs", the int32

@@ -29,7 +29,6 @@ forward by ``tests/test_kernels.py``:
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional
 
 import torch
@@ -491,10 +490,3 @@ def restore(model: nn.Module) -> int:
                 module._buffers.pop(extra, None)
             n += 1
     return n
-
-
-def bits_per_weight(model: nn.Module) -> float:
-    """Bits per weight over the quantized linears of ``model``, from what they store now."""
-    mods = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    n = sum(m.in_features * m.out_features for m in mods)
-    return sum(8.0 * m.weight_nbytes for m in mods) / n if n else math.nan

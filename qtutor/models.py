@@ -74,7 +74,10 @@ LAYOUTS = {"qwen2": _QWEN2_LLAMA, "llama": _QWEN2_LLAMA, "mistral": _QWEN2_LLAMA
 
 
 def layout_for(model: nn.Module) -> Layout:
-    model_type = getattr(model.config, "model_type", None)
+    """The :class:`Layout` of ``model`` (or of a ``transformers`` config); a one-line error for
+    a model type qtutor has no layout for."""
+    config = getattr(model, "config", model)
+    model_type = getattr(config, "model_type", None)
     if model_type not in LAYOUTS:
         raise QtutorError(f"model type {model_type!r} has no layout in qtutor; "
                           f"supported: {', '.join(sorted(LAYOUTS))}")
@@ -128,10 +131,7 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32,
     """
     from transformers import AutoModelForCausalLM
 
-    config = load_config(name)
-    if config.model_type not in LAYOUTS:
-        raise QtutorError(f"model type {config.model_type!r} has no layout in qtutor; "
-                          f"supported: {', '.join(sorted(LAYOUTS))}")
+    layout_for(load_config(name))  # an unsupported model type fails before any weight is read
     path = resolve_model(name)
     from safetensors import SafetensorError
     try:

@@ -103,8 +103,7 @@ def test_bench_fast_decode_option():
 
 
 def test_chunked_loss_equals_full_logits(monkeypatch):
-    import importlib
-    ppl = importlib.import_module("qtutor.eval.perplexity")  # the module, not the function
+    from qtutor.eval import ppl
     model = tiny_model("qwen2")
     windows = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(2))
     monkeypatch.setattr(ppl, "LOGIT_CHUNK_ELEMENTS", 128 * 7)  # 7 rows per chunk, a ragged last one

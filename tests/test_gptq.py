@@ -33,10 +33,10 @@ def test_hessian_running_average_equals_one_shot():
         h.add_batch(part.reshape(1, -1, X.shape[1]) if len(part) == 7 else part)
     torch.testing.assert_close(h.H, 2 * X.T @ X / len(X), rtol=1e-4, atol=1e-4)
     assert h.n == 300
-    H, n = G.accumulate_hessian(None, X[:100], 0)
-    H, n = G.accumulate_hessian(H, X[100:], n)
-    torch.testing.assert_close(H, h.H, rtol=1e-5, atol=1e-5)
-    assert n == 300
+    two = G.Hessian(X.shape[1])
+    two.add_batch(X[:100]), two.add_batch(X[100:])
+    torch.testing.assert_close(two.H, h.H, rtol=1e-5, atol=1e-5)
+    assert two.n == 300
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import qtutor
 from qtutor import kernels
+from qtutor.eval.speed import linear_bits
 from qtutor.quant.rtn import RTNConfig, UniformLinear
 
 # Triton's interpreter trips numpy's deprecation of array-to-scalar conversion; not ours
@@ -71,7 +72,7 @@ def test_accelerate_tinygemm_model_bytes_and_outputs():
     assert all(isinstance(m, kernels.Int4TinyGemmLinear) for m in model.modules()
                if isinstance(m, qtutor.quant.QuantizedLinear))
     assert not any(isinstance(m, UniformLinear) for m in model.modules())  # no second copy kept
-    assert kernels.bits_per_weight(model) == pytest.approx(4 + 32 / 32)
+    assert linear_bits(model) == pytest.approx(4 + 32 / 32)
     assert rel(model(ids).logits, ref) < 2e-2
 
 
@@ -251,12 +252,12 @@ def test_accelerate_triton_swaps_forward_keeps_storage():
     qtutor.quantize(model, "rtn_int4", RTNConfig(4, 32))
     layer = model.model.layers[0].mlp.down_proj
     before = {n: b.data_ptr() for n, b in layer.named_buffers()}
-    nbytes, bpw = layer.nbytes, kernels.bits_per_weight(model)
+    nbytes, bpw = layer.nbytes, linear_bits(model)
     res = kernels.accelerate(model, "triton", kernel_on_cpu=True)
     assert len(res["converted"]) == 14
     assert isinstance(layer, UniformLinear) and type(layer).__name__ == "TritonUniformLinear"
     assert {n: b.data_ptr() for n, b in layer.named_buffers()} == before  # same bytes, nothing added
-    assert layer.nbytes == nbytes and kernels.bits_per_weight(model) == bpw
+    assert layer.nbytes == nbytes and linear_bits(model) == bpw
     x = torch.randn(1, 1, layer.in_features)
     torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-4, atol=1e-4)
     assert layer.last_kernel == "triton int4_gemv"

@@ -26,7 +26,7 @@ from _common import environment, print_env, write_csv  # noqa: E402
 
 from qtutor.calib import record_inputs  # noqa: E402
 from qtutor.data import calibration_windows, eval_windows, tokenize, wikitext2_text  # noqa: E402
-from qtutor.eval.perplexity import perplexity  # noqa: E402
+from qtutor.eval import perplexity  # noqa: E402
 from qtutor.models import layout_for, load_model  # noqa: E402
 from qtutor.quant.gptq import GPTQConfig, Hessian, gptq  # noqa: E402
 from qtutor.quant.rtn import RTNConfig, quantize_weight  # noqa: E402

@@ -1,6 +1,6 @@
 """Metrics: perplexity, decode latency, memory and compression (ARCHITECTURE.md section 4)."""
 from .latency import decode_latency
 from .memory import memory_report
-from .perplexity import perplexity
+from .ppl import PerplexityResult, perplexity
 
-__all__ = ["perplexity", "decode_latency", "memory_report"]
+__all__ = ["perplexity", "PerplexityResult", "decode_latency", "memory_report"]

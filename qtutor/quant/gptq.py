@@ -48,7 +48,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -110,15 +109,6 @@ class Hessian:
         self.n += m
         X = math.sqrt(2 / self.n) * X
         self.H += X.T @ X
-
-
-def accumulate_hessian(H: Optional[torch.Tensor], X: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    """Functional form of :meth:`Hessian.add_batch`: (H, n) after adding the tokens of ``X``."""
-    h = Hessian(X.shape[-1], X.device)
-    if H is not None:
-        h.H, h.n = H.float().clone(), n
-    h.add_batch(X)
-    return h.H, h.n
 
 
 # --------------------------------------------------------------------------- Cholesky

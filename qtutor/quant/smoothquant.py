@@ -184,11 +184,14 @@ class W8A8Linear(QuantizedLinear):
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def _matmul_simulated(self, q_x: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
+        """(M, N) float32: the W8A8 product with the quantized input and weight dequantized."""
+        return F.linear(q_x.float() * s_x, self.dequantize())
+
     def forward_simulated(self, x: torch.Tensor) -> torch.Tensor:
         """The W8A8 math in float32: dequantize the quantized input and weight, then matmul."""
         q_x, s_x = self._quantize_input(x)
-        y = F.linear(q_x.float() * s_x, self.dequantize())
-        return self._finish(y, x)
+        return self._finish(self._matmul_simulated(q_x, s_x), x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q_x, s_x = self._quantize_input(x)
@@ -207,8 +210,7 @@ class W8A8Linear(QuantizedLinear):
                 y = acc.float() * s_x * self.weight_scales.view(1, -1)
                 return self._finish(y, x)
         self.last_kernel = "simulated"
-        y = F.linear(q_x.float() * s_x, self.dequantize())
-        return self._finish(y, x)
+        return self._finish(self._matmul_simulated(q_x, s_x), x)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", weight_quant={self.weight_quant}, act_quant={self.act_quant}")
