@@ -2,9 +2,9 @@
 """Batch-1 decode speed of 4-bit weights against FP16 (issue 7, "Real speed").
 
 Builds Qwen2-0.5B with random weights (timing does not depend on weight values), then times
-greedy decoding with the fast harness (``qtutor.eval.fast_decode``: static KV cache, CUDA graph
+greedy decoding with the fast harness (``qtutor.runtime.decode``: static KV cache, CUDA graph
 of the one-token step) for the 16-bit baselines and each 4-bit variant with its fast kernel
-(``qtutor.kernels``). Each row prints both sides of its ratio: the method's ms/token, its
+(``qtutor.runtime.kernels``). Each row prints both sides of its ratio: the method's ms/token, its
 baseline's ms/token (same activation dtype: fp16 rows against fp16, bf16 rows against bf16)
 and method / baseline (< 1 is faster). ``kernel_check`` is the largest relative difference
 between a converted layer's fast forward and its reference forward on one random input row
@@ -39,7 +39,7 @@ Rows (``--methods``; default all that apply to the device):
 
 The harness stacks q/k/v and gate/up into one matmul each for every row alike (``--no-fuse``:
 seven matmuls per layer) and, on CUDA, runs the glue between the matmuls as fused Triton
-kernels (``--no-glue``: PyTorch ops), see ``qtutor.eval.fast_decode``. ``--profile`` (CUDA)
+kernels (``--no-glue``: PyTorch ops), see ``qtutor.runtime.decode``. ``--profile`` (CUDA)
 adds, per row, the kernels one decode step launches, the sum of their device times
 (``gpu_us``) and the part in matrix products (``matmul_us``): ms/token minus gpu_us is launch
 and gap time.
@@ -146,8 +146,8 @@ def kernel_check(model, reference_of) -> float:
 def main(argv=None):
     args = parse_args(argv)
     import qtutor
-    from qtutor import kernels
-    from qtutor.eval.fast_decode import fast_decode_latency
+    from qtutor.runtime import kernels
+    from qtutor.runtime.decode import fast_decode_latency
     from qtutor.eval.latency import decode_latency
 
     device = pick_device(args.device)

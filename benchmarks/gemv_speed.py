@@ -65,7 +65,7 @@ def main():
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemv_speed.py times CUDA kernels: it needs a GPU")
-    from qtutor import kernels
+    from qtutor.runtime import kernels
     from qtutor.quant.palettize import PalettizeConfig, PalettizedLinear
     from qtutor.quant.rtn import RTNConfig, UniformLinear
     from qtutor.quant.smoothquant import W8A8Linear
@@ -120,7 +120,7 @@ def main():
                        ("MB_read", "MB read", ".2f"), ("GB_per_s", "GB/s", ".0f"),
                        ("vs_fp16", "vs fp16", ".2f"), ("layer_kernel", "ran", "")]))
     write_csv(rows, Path(args.out))
-    from qtutor import _triton_kernels as tk
+    from qtutor.runtime import triton_gemv as tk
     for tuned in (tk._int4_tuned, tk._lut_tuned, tk._lut_gather_tuned, tk._lut_prmt_tuned,
                   tk._w8a8_tuned):  # the block sizes autotuning chose per shape
         for key, cfg in tuned.cache.items():

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .errors import QtutorError
 from .models import layout_for
-from .quant.base import QuantConfig, QuantizedLinear, get_method
+from .quant.base import QuantConfig, QuantizedLinear, get_method, replace_linear
 
 
 @dataclass
@@ -76,11 +76,8 @@ def quantize(model, method: str, config: Optional[QuantConfig] = None,
             batch, todo = todo[:take], todo[take:]
             linears = [linear for _, _, _, linear in batch]
             qs = [m.from_float(linears[0], cfg)] if take == 1 else m.from_float_many(linears, cfg)
-            for (i, layer, name, linear), q in zip(batch, qs):
-                W = linear.weight.detach().float()
-                err = (q.dequantize().float() - W).norm() / W.norm().clamp(min=1e-12)
-                stats[f"layers.{i}.{name}"] = {"weight_rel_error": float(err)}
-                layer.set_submodule(name, q.to(linear.weight.device))
+            for (i, layer, name, _), q in zip(batch, qs):
+                stats[f"layers.{i}.{name}"] = {"weight_rel_error": replace_linear(layer, name, q)}
     for i, layer in enumerate(layers):
         for name, module in layout.linears(layer).items():
             entry = stats.setdefault(f"layers.{i}.{name}", {})

@@ -71,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
                    help="compute dtype (auto: float16 on CUDA, float32 on CPU where fp16 matmul is slow)")
     p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="time decoding with a static KV cache and CUDA graphs (qtutor.eval.fast_decode; "
+                   help="time decoding with a static KV cache and CUDA graphs (qtutor.runtime.decode; "
                         "default: on CUDA) instead of the Hugging Face loop")
     p.add_argument("--kernels", choices=("auto", "triton", "tinygemm", "none"), default="auto",
-                   help="fast matmul for 4-bit layers while timing decoding (qtutor.kernels.accelerate; "
+                   help="fast matmul for 4-bit layers while timing decoding (qtutor.runtime.kernels.accelerate; "
                         "auto: Triton on CUDA, the reference forward on CPU); perplexity always uses "
                         "the reference forward")
     p.add_argument("--latency-tokens", type=int, default=50)
@@ -540,8 +540,8 @@ def _latency(model, prompt, args, device):
     fast = device.type == "cuda" if getattr(args, "fast_decode", None) is None else args.fast_decode
     if not fast:
         return decode_latency(model, prompt, args.latency_tokens, runs=args.latency_runs)
-    from .eval.fast_decode import fast_decode_latency
-    from .kernels import accelerate
+    from .runtime.decode import fast_decode_latency
+    from .runtime.kernels import accelerate
     accelerate(model, getattr(args, "kernels", "auto"))
     return fast_decode_latency(model, prompt, args.latency_tokens, runs=args.latency_runs)
 
@@ -567,7 +567,7 @@ def _quantized_copy(base, name, cfg, calib, device, progress=False):
 
 
 def _kernels(model) -> dict:
-    from .eval.fast_decode import _kernels as kernels_used
+    from .runtime.decode import _kernels as kernels_used
     return kernels_used(model)
 
 

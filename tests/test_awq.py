@@ -11,6 +11,7 @@ from qtutor import AWQConfig, RTNConfig
 from qtutor.calib import layer_inputs, run_layer, sequential
 from qtutor.models import layout_for
 from qtutor.quant import awq as A
+from qtutor.quant import rtn
 from qtutor.quant.rtn import UniformLinear
 
 
@@ -100,13 +101,13 @@ def test_v_to_o_used_without_gqa(family, calib_windows):
 
 @pytest.mark.parametrize("bits, group_size, sym",
                          [(4, 32, False), (4, 40, False), (3, 0, True), (8, 16, True)])
-def test_pseudo_quantize_is_what_uniform_linear_stores(bits, group_size, sym):
+def test_fake_quantize_is_what_uniform_linear_stores(bits, group_size, sym):
     W = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
     cfg = AWQConfig(bits=bits, group_size=group_size, sym=sym)
     lin = torch.nn.Linear(96, 24, bias=False)
     with torch.no_grad():
         lin.weight.copy_(W)
-    assert torch.equal(A.pseudo_quantize(W, cfg), UniformLinear.from_float(lin, cfg.rtn()).dequantize())
+    assert torch.equal(rtn.fake_quantize(W, cfg), UniformLinear.from_float(lin, cfg.rtn()).dequantize())
 
 
 def test_candidate_scales():
@@ -127,15 +128,18 @@ def test_single_matrix_awq_protects_salient_channels():
     X = torch.randn(512, 64, generator=g)
     X[:, list(OUTLIERS)] *= 30
     cfg = AWQConfig(group_size=32, clip=False)
-    q, s, info = A.quantize_weight(W, X, cfg)
+    r = A.quantize_weight(W, X, cfg)
+    q, s, info = r.q, r.s, r.info
+    torch.testing.assert_close(r.dequantize(), q.dequantize() / s)
     ref = X @ W.T
     err_awq = float(((X / s) @ q.dequantize().T - ref).pow(2).mean())
-    err_rtn = float((X @ A.pseudo_quantize(W, cfg).T - ref).pow(2).mean())
+    err_rtn = float((X @ rtn.fake_quantize(W, cfg).T - ref).pow(2).mean())
     assert err_awq == pytest.approx(info["loss"], rel=1e-4)
     assert err_rtn == pytest.approx(info["loss_rtn"], rel=1e-4)
     assert info["ratio"] > 0 and err_awq < 0.7 * err_rtn
     assert torch.all(s[list(OUTLIERS)] > s.max() / 10)  # the salient channels get the large scales
-    _, s_clip, info_clip = A.quantize_weight(W, X, AWQConfig(group_size=32))
+    clipped = A.quantize_weight(W, X, AWQConfig(group_size=32))
+    s_clip, info_clip = clipped.s, clipped.info
     torch.testing.assert_close(s_clip, s)
     assert float(info_clip["clip"]["err_after"].sum()) <= float(info_clip["clip"]["err_before"].sum())
 

@@ -4,7 +4,7 @@ import torch
 
 import qtutor
 from conftest import tiny_model
-from qtutor.eval.fast_decode import StaticDecoder, fast_decode_latency
+from qtutor.runtime.decode import StaticDecoder, fast_decode_latency
 from qtutor.eval.latency import greedy_decode
 
 
@@ -37,10 +37,10 @@ def test_static_decoder_with_quantized_layers():
     assert r.kernels == {}  # the reference forward records no kernel
 
 
-@pytest.mark.skipif(not __import__("qtutor.kernels").kernels.tinygemm_available("cpu"),
+@pytest.mark.skipif(not __import__("qtutor.runtime.kernels").runtime.kernels.tinygemm_available("cpu"),
                     reason="no _weight_int4pack_mm_for_cpu")
 def test_fast_decode_reports_the_decode_step_kernels():
-    from qtutor import kernels
+    from qtutor.runtime import kernels
     model = varied_model("llama")
     qtutor.quantize(model, "rtn_int4", qtutor.RTNConfig(4, 32))
     kernels.accelerate(model, "tinygemm")
@@ -53,7 +53,7 @@ def test_fast_decode_reports_the_decode_step_kernels():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rms_norm_equals_the_module(dtype):
-    from qtutor.eval.fast_decode import _rms_norm
+    from qtutor.runtime.decode import _rms_norm
     norm = tiny_model("qwen2").to(dtype).model.norm
     torch.nn.init.normal_(norm.weight)
     x = torch.randn(3, 64, dtype=dtype) * 3
@@ -117,7 +117,7 @@ def test_chunked_loss_equals_full_logits(monkeypatch):
 @pytest.mark.parametrize("backend", ["none", "triton", "tinygemm"])
 def test_cuda_graph_decode_equals_eager(backend):
     """The captured graph replays exactly the eager step (same kernels, same inputs)."""
-    from qtutor import kernels
+    from qtutor.runtime import kernels
     model = varied_model("qwen2").cuda()
     if backend != "none":
         if backend == "triton" and not kernels.triton_available():
@@ -138,7 +138,7 @@ def test_cuda_graph_decode_equals_eager(backend):
 # On CPU the glue kernels run in Triton's interpreter (same source as on the GPU); skipped where
 # triton is missing, and on CUDA machines, where the interpreter would break later compilation.
 needs_interpreter = pytest.mark.skipif(
-    not __import__("qtutor.kernels").kernels.triton_available() or torch.cuda.is_available(),
+    not __import__("qtutor.runtime.kernels").runtime.kernels.triton_available() or torch.cuda.is_available(),
     reason="Triton interpreter tests run on CPU-only machines")
 # Triton's interpreter trips numpy's deprecation of array-to-scalar conversion; not ours
 interp_warning = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -147,7 +147,7 @@ interp_warning = pytest.mark.filterwarnings("ignore:Conversion of an array with 
 @needs_interpreter
 @interp_warning
 def test_glue_kernels_equal_their_torch_definitions():
-    from qtutor import _triton_kernels as tk
+    from qtutor.runtime import triton_glue as tk
     g = torch.Generator().manual_seed(0)
     h, r, w = (torch.randn(3, 40, generator=g) for _ in range(3))
     want_h = h + r

@@ -1,4 +1,4 @@
-"""Fast matmul paths (qtutor.kernels): each equals the reference forward, and memory stays honest.
+"""Fast matmul paths (qtutor.runtime.kernels): each equals the reference forward, and memory stays honest.
 
 tinygemm runs through its CPU twin (``_weight_int4pack_mm_for_cpu``); the Triton kernels run in
 Triton's interpreter on CPU tensors (skipped where triton is not installed).
@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 import qtutor
-from qtutor import kernels
-from qtutor.eval.speed import linear_bits
+from qtutor.runtime import kernels
+from qtutor.runtime.speed import linear_bits
 from qtutor.quant.rtn import RTNConfig, UniformLinear
 
 # Triton's interpreter trips numpy's deprecation of array-to-scalar conversion; not ours
@@ -114,7 +114,7 @@ def lut_reference(idx, lut, scales, bias, rows):
 
 def _lut_table(lut, mode):
     """What lut_gemv reads in ``mode``: the fp16 LUT, or its pair table."""
-    from qtutor._triton_kernels import lut_pair_table
+    from qtutor.runtime.triton_gemv import lut_pair_table
     return lut_pair_table(lut) if mode == "pairs" else lut
 
 
@@ -151,7 +151,7 @@ def test_prmt_lut_gemv_over_several_tiles(prefetch):
 def test_lut_pair_table_known_entries():
     """Entry b holds LUT[b & 15] in its low 16 bits and LUT[b >> 4] in its high 16 bits (fp16 bits),
     negative values included (the int32 word is then negative)."""
-    from qtutor._triton_kernels import lut_pair_table
+    from qtutor.runtime.triton_gemv import lut_pair_table
     lut = torch.tensor([[-2.0 + 0.25 * i for i in range(16)]]).half()
     t = lut_pair_table(lut)
     assert t.shape == (1, 256) and t.dtype == torch.int32
@@ -196,7 +196,7 @@ _COMPILE_SM90 = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import qtutor._triton_kernels as tk
+import qtutor.runtime.triton_gemv as tk
 sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "lut_ptr": "*fp16", "s_ptr": "*fp16", "b_ptr": "*fp16",
        "y_ptr": "*fp16", "N": "i32", "K": "i32", "stride_w": "i32", "ROWS_PER_LUT": "i32",
        "HAS_SCALES": "constexpr", "HAS_BIAS": "constexpr", "MODE": "constexpr",
@@ -241,7 +241,7 @@ def test_lut_gather_configs_compile_for_sm90(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
-    import qtutor._triton_kernels as tk
+    import qtutor.runtime.triton_gemv as tk
     assert f"compiled {len(tk._LUT_GATHER_CONFIGS)} {len(tk._LUT_PRMT_CONFIGS)}" in out.stdout
 
 
@@ -357,7 +357,7 @@ def test_accelerate_skips_w8a8_with_per_tensor_activations():
 # --------------------------------------------------------------------------- stacked rows (fuse_rows)
 def _stack_case(kind, n_parts=(24, 8, 8), k=64):
     from qtutor.quant import nf4, palettize, smoothquant
-    from qtutor.quant.rtn import FloatLinear
+    from qtutor.quant.base import FloatLinear
     torch.manual_seed(0)
     lins = [nn.Linear(k, n) for n in n_parts]
     make = {"linear": lambda m: m,
@@ -399,8 +399,8 @@ def test_fuse_rows_refuses_what_cannot_stack():
 def test_fuse_rows_checks_the_layout(monkeypatch):
     from qtutor.quant.smoothquant import W8A8Linear
     parts = _stack_case("w8a8")
-    monkeypatch.setattr(W8A8Linear, "row_dims", {"qweight": 1, "weight_scales": 0, "bias": 0})
-    with pytest.raises(qtutor.QtutorError, match="row_dims do not describe"):
+    monkeypatch.setitem(kernels.ROW_DIMS, W8A8Linear, {"qweight": 1, "weight_scales": 0, "bias": 0})
+    with pytest.raises(qtutor.QtutorError, match="ROW_DIMS does not describe"):
         kernels.fuse_rows(parts)
 
 

@@ -1,12 +1,12 @@
-"""Chapter 7's live decode-speed rows (qtutor.eval.speed) on a CPU: every row runs with the
+"""Chapter 7's live decode-speed rows (qtutor.runtime.speed) on a CPU: every row runs with the
 harness, compares with the baseline of its dtype and says which kernel ran."""
 import copy
 
 import torch
 
 import qtutor
-from qtutor.eval.speed import compare_decode_speed, linear_bits
-from qtutor.kernels import tinygemm_available
+from qtutor.runtime.speed import compare_decode_speed, linear_bits
+from qtutor.runtime.kernels import tinygemm_available
 from qtutor.quant.palettize import PalettizedLinear
 
 from conftest import tiny_model

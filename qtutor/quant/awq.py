@@ -57,9 +57,9 @@ import torch.nn.functional as F
 
 from ..calib import run_layer
 from ..errors import QtutorError
-from .base import Method, QuantConfig, register
-from .rtn import (RTNConfig, UniformLinear, UniformWeight, check_uniform_grid, dequantize_codes,
-                  find_params, group_layout, quantize_codes)
+from .base import Method, register, replace_linear
+from .rtn import (RTNConfig, UniformGridConfig, UniformLinear, UniformWeight, fake_quantize,
+                  group_layout)
 from .rtn import quantize_weight as rtn_quantize_weight
 from .transforms import scale_linear_to_linears, scale_norm_to_linears
 
@@ -69,7 +69,7 @@ NO_CLIP = ("q_proj", "k_proj")
 
 
 @dataclass(frozen=True)
-class AWQConfig(QuantConfig):
+class AWQConfig(UniformGridConfig):
     """AWQ settings; defaults are the references' (llm-awq ``q_config`` with ``zero_point=True``,
     ``q_group_size=128``; AutoAWQ ``duo_scaling`` off as in llm-awq).
 
@@ -92,9 +92,6 @@ class AWQConfig(QuantConfig):
       default, float32); on 2 CPU cores 4096 is a reasonable cap for a 0.5B model.
     """
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
     n_grid: int = 20
     duo_scaling: bool = False
     clip: bool = True
@@ -104,8 +101,7 @@ class AWQConfig(QuantConfig):
     max_search_tokens: Optional[int] = 128 * 512
 
     def __post_init__(self):
-        super().__post_init__()
-        check_uniform_grid(self.bits, self.group_size)
+        super().__post_init__()  # the grid's checks
         if self.n_grid < 1 or self.n_clip_grid < 1 or self.n_clip_tokens < 1:
             raise QtutorError("n_grid, n_clip_grid and n_clip_tokens must be at least 1")
         if not 0.0 <= self.max_shrink < 1.0:
@@ -119,24 +115,6 @@ class AWQConfig(QuantConfig):
 
 
 # --------------------------------------------------------------------------- pure functions
-def pseudo_quantize(W: torch.Tensor, cfg) -> torch.Tensor:
-    """``Q(W)``: quantize ``W`` (out, in) with RTN and dequantize, in float32 (the references'
-    ``pseudo_quantize_tensor``). ``cfg``: an ``AWQConfig`` or ``RTNConfig``.
-
-    Uses :mod:`qtutor.quant.rtn`'s grid (``find_params``, ``quantize_codes``,
-    ``dequantize_codes``) without packing, so it equals
-    ``rtn.quantize_weight(W, cfg).dequantize()`` exactly: what ``UniformLinear`` will store.
-    """
-    W = W.float()
-    out_features, in_features = W.shape
-    gs, n_groups = group_layout(in_features, cfg.group_size)
-    Wg = F.pad(W, (0, n_groups * gs - in_features)).reshape(out_features * n_groups, gs)
-    scale, zero = find_params(Wg, cfg.bits, cfg.sym)
-    q = quantize_codes(Wg, scale[:, None], zero[:, None], cfg.bits)
-    Wq = dequantize_codes(q, scale[:, None], zero[:, None])
-    return Wq.reshape(out_features, n_groups * gs)[:, :in_features]
-
-
 def activation_mean(X: torch.Tensor) -> torch.Tensor:
     """``x_mean_j = mean_tokens |X_tj|``: (in,) float32 from ``X`` (..., in).
 
@@ -197,10 +175,10 @@ def search_scale(block: nn.Module, linears: list[nn.Module], x: torch.Tensor,
     def loss_with(s: Optional[torch.Tensor]) -> float:
         for fc, W in zip(linears, originals):
             if s is None:
-                Wq = pseudo_quantize(W, cfg)
+                Wq = fake_quantize(W, cfg)
             else:
                 sv = s.to(W.device).view(1, -1)
-                Wq = pseudo_quantize(W.float() * sv, cfg) / sv
+                Wq = fake_quantize(W.float() * sv, cfg) / sv
             fc.weight.copy_(Wq.to(fc.weight.dtype))
         out = run_layer(block, x, kwargs)
         for fc, W in zip(linears, originals):
@@ -257,7 +235,7 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, cfg: AWQConfig,
         for i_s in range(max(1, int(cfg.max_shrink * cfg.n_clip_grid))):  # i_s = 0: no clipping
             max_val = org_max * (1 - i_s / cfg.n_clip_grid)
             cur = torch.clamp(w, -max_val, max_val)
-            q = pseudo_quantize(cur.reshape(co, -1), rtn_cfg).reshape(co, n_groups, gs)
+            q = fake_quantize(cur.reshape(co, -1), rtn_cfg).reshape(co, n_groups, gs)
             cur_out = torch.bmm(Xg, q.permute(1, 2, 0))
             err = (cur_out - org_out).pow(2).mean(dim=1).transpose(0, 1).unsqueeze(-1)  # (co, groups, 1)
             if err0 is None:
@@ -284,17 +262,28 @@ def apply_clip(linear: nn.Module, max_val: torch.Tensor, group_size: int) -> Non
     W.copy_(torch.clamp(W.float(), -m, m).to(W.dtype))
 
 
+@dataclass
+class AWQWeight:
+    """AWQ's result on one matrix: ``q`` quantizes the scaled (and clipped) ``W diag(s)``, so the
+    layer computes ``(X / s) @ q.dequantize().T``; in a model ``1 / s`` (in,) is folded into the
+    previous norm or linear. ``info`` holds the scale search's result (``ratio``, ``loss``,
+    ``loss_rtn``, ``history``) and, with ``cfg.clip``, the clipping search's."""
+
+    q: UniformWeight
+    s: torch.Tensor
+    info: dict
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight the layer effectively applies to ``X``: ``Q(W diag(s)) diag(s)^-1`` (out, in)."""
+        return self.q.dequantize() / self.s.view(1, -1)
+
+
 @torch.no_grad()
-def quantize_weight(W: torch.Tensor, X: torch.Tensor,
-                    cfg: AWQConfig) -> tuple[UniformWeight, torch.Tensor, dict]:
+def quantize_weight(W: torch.Tensor, X: torch.Tensor, cfg: AWQConfig) -> AWQWeight:
     """AWQ on a single linear, the whole algorithm on one matrix (chapter 4).
 
     W: (out, in) weight; X: (tokens, in) its calibration inputs. The loss is the linear's own
     output error ``mean((X W^T - (X diag(s)^-1) Q(W diag(s))^T)^2)``.
-    Returns ``(q, s, info)``: ``q`` quantizes the scaled (and clipped) ``W diag(s)``, so the
-    layer computes ``(X / s) @ q.dequantize().T``; in a model ``1 / s`` is folded into the
-    previous norm or linear. ``info`` holds the scale search's result (``ratio``, ``loss``,
-    ``loss_rtn``, ``history``) and, with ``cfg.clip``, the clipping search's.
     """
     W = W.detach().float()
     X = X.detach().float().reshape(1, -1, W.shape[1])  # one "window": _forward batches over windows
@@ -306,7 +295,7 @@ def quantize_weight(W: torch.Tensor, X: torch.Tensor,
     if cfg.clip:
         info["clip"] = search_clip(linear.weight, X / s, cfg)
         apply_clip(linear, info["clip"]["max_val"], info["clip"]["group_size"])
-    return rtn_quantize_weight(linear.weight, cfg.rtn()), s, info
+    return AWQWeight(rtn_quantize_weight(linear.weight, cfg.rtn()), s, info)
 
 
 # --------------------------------------------------------------------------- one decoder layer
@@ -476,11 +465,7 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
     del inputs
     rtn_cfg = cfg.rtn()
     for name, linear in layout.linears(layer).items():
-        q = UniformLinear.from_float(linear, rtn_cfg)
-        W = linear.weight.detach().float()
-        stats[name]["weight_rel_error"] = float((q.dequantize().float() - W).norm()
-                                                / W.norm().clamp(min=1e-12))
-        layer.set_submodule(name, q.to(linear.weight.device))
+        stats[name]["weight_rel_error"] = replace_linear(layer, name, UniformLinear.from_float(linear, rtn_cfg))
     return stats
 
 

@@ -141,10 +141,6 @@ class QuantizedLinear(nn.Module):
 
     #: buffer names that are not part of the weight (excluded from bits per weight)
     non_weight_buffers = ("bias",)
-    #: buffer name -> the dimension along which it holds one slice per output row, for layers
-    #: whose rows can be stacked into one layer (``qtutor.kernels.fuse_rows``); empty: they cannot
-    row_dims: dict = {}
-
     @property
     def row_unit(self) -> int:
         """Rows stack only in whole multiples of this (e.g. the rows that share one LUT)."""
@@ -184,6 +180,33 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits_per_weight={self.bits_per_weight:.3f}")
+
+
+class FloatLinear(QuantizedLinear):
+    """The FP16 baseline: the weight stored as fp16 (16 bits per weight, nothing else)."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float16):
+        super().__init__(linear.in_features, linear.out_features,
+                         None if linear.bias is None else linear.bias.to(dtype))
+        self.register_buffer("weight", linear.weight.detach().to(dtype).clone())
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, cfg=None) -> "FloatLinear":
+        return cls(linear)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight
+
+
+def replace_linear(layer: nn.Module, name: str, q: QuantizedLinear) -> float:
+    """Put ``q`` in ``layer`` in place of its float linear ``name`` (on that linear's device) and
+    return the weight's relative error ``||W_hat - W|| / ||W||`` against the float weight it
+    replaces (for AWQ and SmoothQuant: the scaled weight, which the previous op compensates)."""
+    linear = layer.get_submodule(name)
+    W = linear.weight.detach().float()
+    err = (q.dequantize().float().to(W.device) - W).norm() / W.norm().clamp(min=1e-12)
+    layer.set_submodule(name, q.to(linear.weight.device))
+    return float(err)
 
 
 # --------------------------------------------------------------------------- registry

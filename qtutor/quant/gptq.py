@@ -54,13 +54,14 @@ import torch.nn as nn
 
 from ..calib import record_inputs, run_layer
 from ..errors import QtutorError
-from .base import Method, QuantConfig, register
-from .rtn import (UniformLinear, UniformWeight, check_uniform_grid, dequantize_codes, find_params,
+from .base import Method, register
+from .cuda_graphs import replay
+from .rtn import (UniformGridConfig, UniformLinear, UniformWeight, dequantize_codes, find_params,
                   group_layout, quantize_codes)
 
 
 @dataclass(frozen=True)
-class GPTQConfig(QuantConfig):
+class GPTQConfig(UniformGridConfig):
     """GPTQ settings; the defaults are the paper's 4-bit, group-128 setting.
 
     bits: 2, 3, 4 or 8; group_size: input columns per scale (0 = per output channel);
@@ -71,9 +72,6 @@ class GPTQConfig(QuantConfig):
     group calibrated on the outputs of the already-quantized ones (``--true-sequential``).
     """
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
@@ -81,8 +79,7 @@ class GPTQConfig(QuantConfig):
     true_sequential: bool = True
 
     def __post_init__(self):
-        super().__post_init__()
-        check_uniform_grid(self.bits, self.group_size)
+        super().__post_init__()  # the grid's checks
         if not self.damp >= 0:
             raise QtutorError(f"damp {self.damp} must be >= 0 (a fraction of mean(diag H), e.g. 0.01)")
         if self.block_size < 1:
@@ -172,43 +169,19 @@ def _block_loop(W1, Hinv1, S1, Z1, bits, codes1, Err1):
         codes1[:, i], Err1[:, i] = _column_step(W1, Hinv1, i, S1[:, i], Z1[:, i], bits)
 
 
-class _GraphedBlock:
-    """:func:`_block_loop` captured once as a CUDA graph for one (rows, block) shape, replayed
-    for every block. The loop is about ten tiny kernels per column, and on a GPU launching them
-    one by one costs more than running them; the replay does exactly the same arithmetic."""
-
-    def __init__(self, rows: int, block: int, bits: int, device):
-        z = dict(device=device)
-        self.inputs = [torch.zeros(rows, block, **z), torch.eye(block, **z),
-                       torch.ones(rows, block, **z), torch.zeros(rows, block, **z)]
-        self.codes1, self.Err1 = torch.zeros(rows, block, **z), torch.zeros(rows, block, **z)
-        args = (*self.inputs, bits, self.codes1, self.Err1)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
-            _block_loop(*args)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            _block_loop(*args)
-
-    def __call__(self, W1, Hinv1, S1, Z1):
-        for static, value in zip(self.inputs, (W1, Hinv1, S1, Z1)):
-            static.copy_(value)
-        self.graph.replay()
-        return self.codes1.clone(), self.Err1.clone()
+def _run_block(W1, Hinv1, S1, Z1, bits):
+    """:func:`_block_loop` on one block -> (codes1, Err1). On a GPU a full block is replayed from
+    a CUDA graph (:mod:`qtutor.quant.cuda_graphs`): about ten tiny kernels per column cost more
+    to launch one by one than to run, and the replay does exactly the same arithmetic."""
+    if USE_CUDA_GRAPHS and W1.is_cuda:
+        return replay(_block_loop, (W1, Hinv1, S1, Z1), (bits,), n_out=2)
+    codes1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+    _block_loop(W1, Hinv1, S1, Z1, bits, codes1, Err1)
+    return codes1, Err1
 
 
-_GRAPHS: dict = {}
 #: replay the block loop as a CUDA graph on GPUs (tests switch it off to compare)
 USE_CUDA_GRAPHS = True
-
-
-def _graphed_block(rows: int, block: int, bits: int, device) -> _GraphedBlock:
-    key = (rows, block, bits, str(device))
-    if key not in _GRAPHS:
-        _GRAPHS[key] = _GraphedBlock(rows, block, bits, device)
-    return _GRAPHS[key]
 
 
 @torch.no_grad()
@@ -262,11 +235,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
                 scales[:, i1 // gs], zeros[:, i1 // gs] = find_params(W[:, i1:i1 + gs], cfg.bits, cfg.sym)
             cg = col_group[i1:i2]
             S1, Z1 = scales[:, cg], zeros[:, cg]
-            if USE_CUDA_GRAPHS and W.is_cuda and i2 - i1 == cfg.block_size:
-                codes1, Err1 = _graphed_block(rows, i2 - i1, cfg.bits, W.device)(W1, Hinv1, S1, Z1)
-            else:
-                codes1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-                _block_loop(W1, Hinv1, S1, Z1, cfg.bits, codes1, Err1)
+            codes1, Err1 = _run_block(W1, Hinv1, S1, Z1, cfg.bits)
             codes[:, i1:i2] = codes1
         else:
             Err1 = torch.zeros_like(W1)

@@ -413,7 +413,6 @@ class PalettizedLinear(QuantizedLinear):
     ``constexpr_blockwise_shift_scale``) holds. ``rows_per_lut`` (a plain int) is the number of
     rows each LUT serves, the last LUT possibly fewer: row ``r`` uses ``lut[r // rows_per_lut]``."""
 
-    row_dims = {"qweight": 0, "lut": 0, "scales": 0, "bias": 0, "lut_f32": 0, "lut_pairs": 0}
 
     @property
     def row_unit(self) -> int:

@@ -24,14 +24,17 @@ import torch
 import torch.nn as nn
 
 from ..errors import QtutorError
-from .base import Method, QuantConfig, QuantizedLinear, pack_codes, register, unpack_codes
+from .base import FloatLinear, Method, QuantConfig, QuantizedLinear, pack_codes, register, unpack_codes
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
-class RTNConfig(QuantConfig):
-    """bits: 2, 3, 4 or 8; group_size: input columns per scale (0 = per output channel)."""
+class UniformGridConfig(QuantConfig):
+    """A uniform b-bit grid, as RTN, GPTQ and AWQ use it (one validation for the three).
+
+    bits: 2, 3, 4 or 8; group_size: input columns per scale (0 = per output channel);
+    sym: a symmetric grid (no zero points)."""
 
     bits: int = 4
     group_size: int = 128
@@ -40,6 +43,11 @@ class RTNConfig(QuantConfig):
     def __post_init__(self):
         super().__post_init__()
         check_uniform_grid(self.bits, self.group_size)
+
+
+@dataclass(frozen=True)
+class RTNConfig(UniformGridConfig):
+    """Round-to-nearest on a uniform grid (chapter 1): the fields of :class:`UniformGridConfig`."""
 
 
 def check_bits(bits: int) -> None:
@@ -137,16 +145,33 @@ class UniformWeight:
         return dequantize_codes(self.codes.float(), s, z)
 
 
-def quantize_weight(W: torch.Tensor, cfg: RTNConfig) -> UniformWeight:
-    """Round-to-nearest quantization of ``W`` (out, in), group by group (chapter 1)."""
+def _round_groups(W: torch.Tensor, cfg: UniformGridConfig):
+    """``W`` (out, in) in float32, cut into groups of ``gs`` input columns (the last padded with
+    zeros, which never widen ``[min(w, 0), max(w, 0)]``) and rounded to each group's grid ->
+    (codes (out * n_groups, gs), scale (out * n_groups,), zero (out * n_groups,), n_groups)."""
     W = W.float()
     out_features, in_features = W.shape
     gs, n_groups = group_layout(in_features, cfg.group_size)
-    Wg = torch.nn.functional.pad(W, (0, n_groups * gs - in_features))  # zeros never widen [min(w,0), max(w,0)]
-    Wg = Wg.reshape(out_features * n_groups, gs)
+    Wg = torch.nn.functional.pad(W, (0, n_groups * gs - in_features)).reshape(out_features * n_groups, gs)
     scale, zero = find_params(Wg, cfg.bits, cfg.sym)
-    codes = quantize_codes(Wg, scale[:, None], zero[:, None], cfg.bits)
-    codes = codes.reshape(out_features, n_groups * gs)[:, :in_features]
+    return quantize_codes(Wg, scale[:, None], zero[:, None], cfg.bits), scale, zero, n_groups
+
+
+def fake_quantize(W: torch.Tensor, cfg: UniformGridConfig) -> torch.Tensor:
+    """``Q(W)``: ``W`` (out, in) rounded to its grid and dequantized, float32 (out, in), without
+    packing: exactly ``quantize_weight(W, cfg).dequantize()``, what ``UniformLinear`` stores.
+    AWQ's searches use it (the references' ``pseudo_quantize_tensor``)."""
+    out_features, in_features = W.shape
+    codes, scale, zero, n_groups = _round_groups(W, cfg)
+    Wq = dequantize_codes(codes, scale[:, None], zero[:, None])
+    return Wq.reshape(out_features, -1)[:, :in_features]
+
+
+def quantize_weight(W: torch.Tensor, cfg: UniformGridConfig) -> UniformWeight:
+    """Round-to-nearest quantization of ``W`` (out, in), group by group (chapter 1)."""
+    out_features, in_features = W.shape
+    codes, scale, zero, n_groups = _round_groups(W, cfg)
+    codes = codes.reshape(out_features, -1)[:, :in_features]
     return UniformWeight(
         codes=codes.to(torch.uint8),
         scales=scale.reshape(out_features, n_groups).half(),
@@ -160,7 +185,6 @@ class UniformLinear(QuantizedLinear):
     ``g_idx`` when present (int16, or int32 past 32767 groups; counted in the bits per weight).
     Used by RTN, GPTQ and AWQ."""
 
-    row_dims = {"qweight": 0, "scales": 0, "qzeros": 0, "bias": 0}
 
     def __init__(self, q: UniformWeight, bias: Optional[torch.Tensor] = None):
         out_features, in_features = q.codes.shape
@@ -184,24 +208,6 @@ class UniformLinear(QuantizedLinear):
 
     def dequantize(self) -> torch.Tensor:
         return self.unpacked().dequantize()
-
-
-class FloatLinear(QuantizedLinear):
-    """The FP16 baseline: the weight stored as fp16 (16 bits per weight, nothing else)."""
-
-    row_dims = {"weight": 0, "bias": 0}
-
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float16):
-        super().__init__(linear.in_features, linear.out_features,
-                         None if linear.bias is None else linear.bias.to(dtype))
-        self.register_buffer("weight", linear.weight.detach().to(dtype).clone())
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, cfg=None) -> "FloatLinear":
-        return cls(linear)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight
 
 
 register(Method("fp16_baseline", None, "weights stored in fp16, no quantization",

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import QtutorError
-from .base import Method, QuantConfig, QuantizedLinear, register
+from .base import Method, QuantConfig, QuantizedLinear, register, replace_linear
 from .transforms import scale_norm_to_linears
 
 QMAX = 127  # 2^(8-1) - 1: symmetric INT8 uses [-127, 127]
@@ -154,7 +154,6 @@ class W8A8Linear(QuantizedLinear):
     """
 
     use_int_mm: bool = True
-    row_dims = {"qweight": 0, "weight_scales": 0, "bias": 0}
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  weight_quant: str = "per_channel", act_quant: str = "per_token"):
@@ -281,10 +280,7 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
     """
     stats = smooth_layer(layer, layout, X, kwargs, cfg)
     for name, linear in layout.linears(layer).items():
-        q = W8A8Linear.from_float(linear, cfg)
-        W = linear.weight.detach().float()
-        stats[name]["weight_rel_error"] = float((q.dequantize() - W).norm() / W.norm().clamp(min=1e-12))
-        layer.set_submodule(name, q.to(linear.weight.device))
+        stats[name]["weight_rel_error"] = replace_linear(layer, name, W8A8Linear.from_float(linear, cfg))
     return stats
 
 

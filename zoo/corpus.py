@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     apt-get install --no-install-recommends \\
         bible-kjv jargon-text dict-devil cfi-en r-cran-janeaustenr
-    python -m qtutor.zoo.corpus --out .carry/corpus --assets qtutor/assets/qtutor-tiny
+    python -m zoo.corpus --out .carry/corpus --assets qtutor/assets/qtutor-tiny
 
 The sources, each under the licence its Debian ``copyright`` file states
 (checked at run time and copied into the manifest):
@@ -25,7 +25,7 @@ every source, with a fixed seed.
 Output, in ``--out``: ``train.txt``, ``heldout.txt``, ``manifest.json`` (sources,
 package versions, licences, per-split byte/document/token counts, sha256 sums)
 and ``tokenizer/`` (a byte-level BPE trained on ``train.txt`` only, see
-``qtutor.zoo.tokenizer``). With ``--assets DIR`` the tokenizer files and
+``zoo.tokenizer``). With ``--assets DIR`` the tokenizer files and
 ``heldout.txt`` are also copied to ``DIR``.
 """
 
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import transformers
 
-from qtutor.zoo import tokenizer as tokenizer_lib
+from zoo import tokenizer as tokenizer_lib
 
 Document = tuple[str, str]  # (document id, cleaned text)
 

@@ -16,7 +16,7 @@ forward by ``tests/test_kernels.py``:
   holds ONLY the kernel's layout, so memory accounting stays honest: 4 bits per weight plus
   32 bits per group (4.25 bits per weight at group size 128, against 4.16 for ``UniformLinear``'s
   fp16 scale + 4-bit zero), and ``dequantize()`` reads the weight back through the kernel.
-* **Triton** GEMV kernels (:mod:`qtutor._triton_kernels`) that read the layers' own packed
+* **Triton** GEMV kernels (:mod:`qtutor.runtime.triton_gemv`) that read the layers' own packed
   storage, nothing re-packed: ``int4_gemv`` for ``UniformLinear`` (4-bit, groups of a power of
   two), ``lut_gemv`` for 4-bit palettized layers (16-entry LUT per group of output rows, per-row
   scale; by default the LUT sits in registers and is read with byte permutes) and
@@ -34,10 +34,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .errors import QtutorError
-from .quant.base import QuantizedLinear, unpack_codes
-from .quant.rtn import UniformLinear, group_layout
-from .quant.smoothquant import W8A8Linear
+from ..errors import QtutorError
+from ..quant.base import FloatLinear, QuantizedLinear, unpack_codes
+from ..quant.palettize import PalettizedLinear
+from ..quant.rtn import UniformLinear, group_layout
+from ..quant.smoothquant import W8A8Linear
 
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 BACKENDS = ("auto", "triton", "tinygemm", "none")
@@ -57,7 +58,7 @@ _LUT_EXTRA = {"load-f32": "lut_f32", "pairs": "lut_pairs"}
 def triton_available() -> bool:
     """Whether the Triton kernels can be used (``triton`` importable)."""
     try:
-        from . import _triton_kernels  # noqa: F401
+        from . import triton_gemv  # noqa: F401
         return True
     except Exception:  # ImportError, or a triton build that fails on import
         return False
@@ -75,20 +76,20 @@ def tinygemm_available(device) -> bool:
 
 
 def int4_gemv(x, qweight, scales, qzeros, bias, group_size, config=None):
-    """Triton GEMV for packed asymmetric int4 (see :mod:`qtutor._triton_kernels`)."""
-    from . import _triton_kernels as tk
+    """Triton GEMV for packed asymmetric int4 (see :mod:`qtutor.runtime.triton_gemv`)."""
+    from . import triton_gemv as tk
     return tk.int4_gemv(x, qweight, scales, qzeros, bias, group_size, config)
 
 
 def lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode="prmt", config=None):
-    """Triton GEMV for packed 4-bit LUT indices (see :mod:`qtutor._triton_kernels`)."""
-    from . import _triton_kernels as tk
+    """Triton GEMV for packed 4-bit LUT indices (see :mod:`qtutor.runtime.triton_gemv`)."""
+    from . import triton_gemv as tk
     return tk.lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode, config)
 
 
 def w8a8_gemv(x, qweight, weight_scales, bias, config=None):
     """Triton W8A8 GEMV: quantizes the row per token and sums int8 x int8 products in int32."""
-    from . import _triton_kernels as tk
+    from . import triton_gemv as tk
     return tk.w8a8_gemv(x, qweight, weight_scales, bias, config)
 
 
@@ -140,9 +141,6 @@ class Int4TinyGemmLinear(QuantizedLinear):
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.last_kernel: Optional[str] = None
 
-    # the CUDA layout tiles 8 output rows at a time, the CPU one 64: whole tiles stack
-    row_dims = {"weight_int4pack": 0, "scales_and_zeros": 1, "bias": 0}
-
     @property
     def row_unit(self) -> int:
         return 8 if self.packed_for == "cuda" else 64
@@ -181,7 +179,7 @@ class Int4TinyGemmLinear(QuantizedLinear):
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device.type != self.packed_for:
             raise QtutorError(f"this layer was packed for {self.packed_for}, not {x2.device.type}; "
-                              f"run qtutor.kernels.accelerate after moving the model")
+                              f"run qtutor.runtime.kernels.accelerate after moving the model")
         xb = x2.to(torch.bfloat16).contiguous()
         if self.packed_for == "cuda":
             return torch.ops.aten._weight_int4pack_mm(xb, self.weight_int4pack, self.group_size,
@@ -379,7 +377,7 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
                 if mode == "load-f32":  # a stored float32 copy: counted in the weight bytes
                     module.register_buffer("lut_f32", module.lut.float().contiguous())
                 elif mode == "pairs":   # the stored pair table: counted too
-                    from ._triton_kernels import lut_pair_table
+                    from .triton_gemv import lut_pair_table
                     module.register_buffer("lut_pairs", lut_pair_table(module.lut))
                 converted[name] = f"triton lut_gemv ({mode})"
             else:
@@ -398,6 +396,23 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
 # --------------------------------------------------------------------------- stacked rows
 _NOT_STATE = ("out_features", "last_kernel", "training")
 
+#: for each layer class whose rows can be stacked into one layer: buffer name -> the dimension
+#: along which it holds one slice per output row (the buffers the kernels add included). A class
+#: not listed (NF4, whose second-level statistics span the whole matrix) is not stacked.
+ROW_DIMS = {
+    FloatLinear: {"weight": 0, "bias": 0},
+    UniformLinear: {"qweight": 0, "scales": 0, "qzeros": 0, "bias": 0},
+    W8A8Linear: {"qweight": 0, "weight_scales": 0, "bias": 0},
+    PalettizedLinear: {"qweight": 0, "lut": 0, "scales": 0, "bias": 0, "lut_f32": 0, "lut_pairs": 0},
+    # the CUDA layout tiles 8 output rows at a time, the CPU one 64: whole tiles stack
+    Int4TinyGemmLinear: {"weight_int4pack": 0, "scales_and_zeros": 1, "bias": 0},
+}
+
+
+def row_dims(layer: nn.Module) -> dict:
+    """:data:`ROW_DIMS` of ``layer``'s class or of the nearest base listed ({} if none)."""
+    return next((ROW_DIMS[c] for c in type(layer).__mro__ if c in ROW_DIMS), {})
+
 
 def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -> Optional[nn.Module]:
     """One layer computing ``torch.cat([layer(x) for layer in layers], -1)`` with ONE matmul.
@@ -405,10 +420,10 @@ def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -
     Projections that read the same input (q, k and v; gate and up) are stacked along the output
     dimension, as inference engines do: a decode step then launches one kernel instead of three
     (or two) and reads one larger weight. Works for ``nn.Linear`` and for every layer that says
-    which buffers hold its rows (``QuantizedLinear.row_dims``): their row slices are concatenated,
+    which buffers hold its rows (:data:`ROW_DIMS`): their row slices are concatenated,
     everything else (group size, bit width, kernel settings, act-order ``g_idx``) must be equal.
     Returns None where the layers cannot be stacked: different classes or inputs, a layer with
-    no ``row_dims`` (NF4, whose second-level statistics span the whole matrix), or a part that
+    no entry in :data:`ROW_DIMS` (NF4, whose second-level statistics span the whole matrix), or a part that
     ends inside a block of rows (a LUT shared by rows of two layers). ``verify`` checks the
     stacked layer against the separate ones on a random input row of ``dtype`` (a layout error
     raises).
@@ -429,7 +444,7 @@ def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -
                                              for m in layers]))
         fused.requires_grad_(False)
     else:
-        spec = getattr(first, "row_dims", None)
+        spec = row_dims(first)
         if not spec or any(n % first.row_unit for n in sizes[:-1]):
             return None
         state = {k: v for k, v in vars(first).items() if not k.startswith("_") and k not in _NOT_STATE}
@@ -458,7 +473,7 @@ def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -
                 fused._buffers[name] = torch.cat(parts, dim)
             except RuntimeError as err:
                 raise QtutorError(f"cannot stack {cls.__name__} buffer {name!r} along dim {dim} ({err}): "
-                                  f"its row_dims do not describe its layout") from None
+                                  f"ROW_DIMS does not describe its layout") from None
         fused.out_features = sum(sizes)
     if verify:
         _check_fused(fused, layers, dtype)
@@ -477,7 +492,7 @@ def _check_fused(fused, layers, dtype) -> None:
     err = float((fused(x).float() - ref).norm() / ref.norm().clamp(min=1e-12))
     if not err < 1e-2:
         raise QtutorError(f"stacking {type(fused).__name__} rows changed the output (relative error "
-                          f"{err:.3g}): its row_dims do not describe its layout")
+                          f"{err:.3g}): ROW_DIMS does not describe its layout")
 
 
 def restore(model: nn.Module) -> int:

@@ -1,7 +1,7 @@
 """Byte-level BPE tokenizer of qtutor-tiny.
 
 Trained with the ``tokenizers`` library on the training split only (see
-``qtutor.zoo.corpus``, which calls :func:`train_tokenizer` and
+``zoo.corpus``, which calls :func:`train_tokenizer` and
 :func:`check_tokenizer`). The only special token is ``<|endoftext|>``, used as
 bos, eos and pad token. Encoding adds no special tokens, so that
 ``decode(encode(text)) == text`` for any text.

@@ -1,8 +1,8 @@
 """Measure the shipped ``qtutor-tiny`` and write its model card (``MODEL_CARD.md``).
 
-    python -m qtutor.zoo.card --corpus .carry/corpus
+    python -m zoo.card --corpus .carry/corpus
 
-With ``--corpus`` (the folder ``python -m qtutor.zoo.corpus`` wrote) it first draws the
+With ``--corpus`` (the folder ``python -m zoo.corpus`` wrote) it first draws the
 calibration text ``calib.txt`` from the *training* documents only (whole documents, seeded),
 so calibration never sees the held-out text. Every figure in the card is measured here, on the
 shipped files, by this script: held-out perplexity (fp32 and fp16 weights), the unigram
@@ -109,7 +109,7 @@ chapter runs offline in seconds. It is **not** a useful language model: it exist
 quantization methods meet the same code path as on `Qwen/Qwen2-0.5B` (grouped-query attention,
 q/k/v biases, tied embeddings, RMSNorm, SwiGLU, RoPE with theta 1e6) and show measurable effects.
 
-All figures below were measured by `python -m qtutor.zoo.card` on the shipped files
+All figures below were measured by `python -m zoo.card` on the shipped files
 (`measurements.json`), except the training figures, which come from the training run's
 `train_log.json`.
 
@@ -131,7 +131,7 @@ for the document lists, byte counts, package versions and licence texts).
 part; `calib.txt` (calibration text) is drawn from training documents only.
 
 ## Training
-`python -m qtutor.zoo.train --corpus .carry/corpus --out <dir> --device cuda --max-epochs 8`:
+`python -m zoo.train --corpus .carry/corpus --out <dir> --device cuda --max-epochs 8`:
 AdamW (lr {log['args'].get('lr')}, weight decay {log['args'].get('weight_decay')}, betas (0.9, 0.95)),
 warmup then cosine decay, random {log['args'].get('seq_len')}-token windows, batch
 {log['args'].get('batch_size')}, bf16 autocast, seed {log['args'].get('seed')}.

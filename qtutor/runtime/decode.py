@@ -19,7 +19,7 @@ re-implements only the attention glue of the Qwen2/Llama family, with as few ker
 as it can, because at batch 1 every kernel costs a few microseconds whatever it computes:
 
 * **Stacked projections** (``fuse=True``, the default): q, k and v read the same input, and so
-  do gate and up; :func:`qtutor.kernels.fuse_rows` stacks each set into ONE layer of the same
+  do gate and up; :func:`qtutor.runtime.kernels.fuse_rows` stacks each set into ONE layer of the same
   kind (fp16 ``nn.Linear``, packed int4, LUT, int8 ...), so a layer runs 4 matmuls instead of 7,
   for the FP16 baseline and the quantized models alike. Layers that cannot be stacked run apart.
   The stacked copies hold the projections' bytes a second time while the decoder lives.
@@ -31,7 +31,7 @@ as it can, because at batch 1 every kernel costs a few microseconds whatever it 
   grouped-query heads laid out as extra query rows of their key/value head and an additive mask
   hiding the slots after the current position.
 * **Fused glue** (``glue=True``, the default on CUDA with Triton): the one-token step runs the
-  activation-only work as four small Triton kernels (``qtutor._triton_kernels``): residual add +
+  activation-only work as four small Triton kernels (:mod:`qtutor.runtime.triton_glue`): residual add +
   RMSNorm, rotary + KV-cache write, attention over slots 0..pos, SiLU(gate) * up. A layer is then
   nine kernels: four matmuls and five of glue (about sixteen without). They round once where
   PyTorch rounds after every op, so fp16 logits can differ in the last bit.
@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import QtutorError
-from .latency import LatencyResult, _sync
+from ..eval.latency import LatencyResult, _sync
 
 
 @dataclass
@@ -158,7 +158,7 @@ class StaticDecoder(nn.Module):
         self.graph = None
         self.step_kernels: dict = {}  # layer class -> kernel of the one-token step (not the prefill)
         # stacked q/k/v and gate/up projections (None where a layer's cannot be stacked)
-        from ..kernels import fuse_rows
+        from .kernels import fuse_rows
         self.qkv, self.gate_up = [], []
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
@@ -174,7 +174,7 @@ class StaticDecoder(nn.Module):
 
     def _glue_reason(self) -> Optional[str]:
         """Why the fused Triton glue cannot run this model's step (None: it can)."""
-        from ..kernels import triton_available
+        from .kernels import triton_available
         if not triton_available():
             return "triton is not installed"
         norms = [l.input_layernorm for l in self.layers] + [l.post_attention_layernorm for l in self.layers]
@@ -227,7 +227,7 @@ class StaticDecoder(nn.Module):
 
     def _forward_one(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for one token with the fused glue kernels (same math)."""
-        from .. import _triton_kernels as tk
+        from . import triton_glue as tk
         nh, nkv = self.n_heads, self.n_kv
         h = self.embed(ids)[None]                                       # (1, 1, hidden)
         first = self.layers[0].input_layernorm

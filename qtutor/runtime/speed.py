@@ -1,12 +1,12 @@
 """Is 4-bit faster here? Decode speed measured on the reader's own machine (chapter 7).
 
 :func:`compare_decode_speed` times batch-1 greedy decoding of a model and of 4-bit copies of it
-with the fast harness (:func:`qtutor.eval.fast_decode.fast_decode_latency`: static KV cache,
+with the fast harness (:func:`qtutor.runtime.decode.fast_decode_latency`: static KV cache,
 stacked q/k/v and gate/up projections; on a GPU also a CUDA graph and fused glue kernels), the
 same harness and the same rows as ``benchmarks/decode_speed.py``, at a small cost (a few
 tokens, a few runs, the model at hand). Each quantized copy is timed with its reference forward
 (dequantize the weight, then an ordinary matmul) and, where one exists on this device, with the
-kernel that reads the packed weights directly (:func:`qtutor.kernels.accelerate`):
+kernel that reads the packed weights directly (:func:`qtutor.runtime.kernels.accelerate`):
 
 * on a GPU (float16): the baseline; RTN int4 (g128) with its reference forward and with the
   Triton int4 GEMV (tinygemm where Triton is missing); 4-bit palettization with its reference
@@ -67,8 +67,8 @@ def compare_decode_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens:
     the row failed: a failing kernel does not hide the other rows).
     """
     import qtutor
-    from ..kernels import accelerate
-    from .fast_decode import fast_decode_latency
+    from .kernels import accelerate
+    from .decode import fast_decode_latency
 
     device = next(model.parameters()).device
     cuda = device.type == "cuda"

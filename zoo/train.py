@@ -1,12 +1,12 @@
 """Train ``qtutor-tiny``: a 5.8M-parameter Qwen2 causal language model.
 
-Usage, on one GPU (the corpus folder comes from ``python -m qtutor.zoo.corpus``)::
+Usage, on one GPU (the corpus folder comes from ``python -m zoo.corpus``)::
 
-    python -m qtutor.zoo.train --corpus .carry/corpus --out runs/qtutor-tiny --device cuda
+    python -m zoo.train --corpus .carry/corpus --out runs/qtutor-tiny --device cuda
 
 CPU smoke test::
 
-    python -m qtutor.zoo.train --corpus /tmp/corpus --out /tmp/tiny --device cpu \\
+    python -m zoo.train --corpus /tmp/corpus --out /tmp/tiny --device cpu \\
         --max-steps 30 --batch-size 4 --eval-every 10 --eval-windows 4
 
 Training samples random 512-token windows of the tokenized ``train.txt`` and uses
@@ -165,7 +165,7 @@ def plot_loss_curve(log: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=Path, help="folder written by qtutor.zoo.corpus")
+    parser.add_argument("--corpus", type=Path, help="folder written by zoo.corpus")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-steps", type=int, help="default: from --max-epochs and the time budget")

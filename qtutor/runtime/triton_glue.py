@@ -1,0 +1,161 @@
+"""Triton kernels for the glue of a batch-1 decoding step (chapter 7): residual add + RMSNorm,
+rotary embedding + KV-cache write, attention over the cache, SiLU(gate) * up.
+
+Imported lazily by :mod:`qtutor.runtime.decode` (this module needs ``triton``); compiled on
+CUDA, run by Triton's interpreter on CPU tensors (the tests check the same source).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._interpret import _interpreted, _interpreting
+
+# --------------------------------------------------------------------------- decode-step glue
+# At batch 1 every kernel launch costs microseconds whatever it computes, so the one-token step
+# of ``qtutor.runtime.decode`` fuses its glue: residual add + RMSNorm, rotary + KV-cache write,
+# attention over the cache, SiLU(gate) * up. The same kernels serve every weight format (they
+# touch activations only), so FP16 and the quantized models are timed with the same glue.
+def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, D, eps, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row ``pid``: ``h += r`` (in place, rounded to h's dtype as PyTorch's add), then
+    ``x = w * h / sqrt(mean(h^2) + eps)`` in float32, rounded once to x's dtype."""
+    row = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    m = d < D
+    h = tl.load(h_ptr + row * D + d, mask=m, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * D + d, mask=m, other=0.0)
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * D + d, h, mask=m)
+    hf = h.to(tl.float32)
+    rstd = (1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)).to(tl.float32)
+    w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
+    tl.store(x_ptr + row * D + d, (hf * rstd * w).to(x_ptr.dtype.element_ty), mask=m)
+
+
+def _silu_mul_kernel(gu_ptr, y_ptr, I, BLOCK: tl.constexpr):
+    """``y = silu(g) * u`` for one row ``gu = [g | u]`` (2I,), in float32, rounded once."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < I
+    g = tl.load(gu_ptr + i, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + I + i, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + i, (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, NH, NKV, SLOTS,
+                       HD: tl.constexpr):
+    """Head ``pid`` of one token's stacked [q | k | v] (heads of HD): q and k heads are rotated,
+    ``x cos + rotate_half(x) sin`` at position ``pos``; q goes to ``q_ptr``, k and v into the
+    cache row ``pos`` of their kv head (cache (NKV, SLOTS, HD))."""
+    HALF: tl.constexpr = HD // 2
+    head = tl.program_id(0)
+    i = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr)
+    x1 = tl.load(qkv_ptr + head * HD + i).to(tl.float32)
+    x2 = tl.load(qkv_ptr + head * HD + HALF + i).to(tl.float32)
+    if head < NH + NKV:  # rotate_half(x) = [-x2, x1]
+        c1 = tl.load(cos_ptr + pos * HD + i)
+        c2 = tl.load(cos_ptr + pos * HD + HALF + i)
+        s1 = tl.load(sin_ptr + pos * HD + i)
+        s2 = tl.load(sin_ptr + pos * HD + HALF + i)
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    else:
+        y1 = x1
+        y2 = x2
+    if head < NH:
+        dst = q_ptr + head * HD
+    elif head < NH + NKV:
+        dst = kc_ptr + ((head - NH) * SLOTS + pos) * HD
+    else:
+        dst = vc_ptr + ((head - NH - NKV) * SLOTS + pos) * HD
+    tl.store(dst + i, y1.to(kc_ptr.dtype.element_ty))
+    tl.store(dst + HALF + i, y2.to(kc_ptr.dtype.element_ty))
+
+
+def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, SLOTS, scale, G,
+                             HD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
+    """kv head ``pid`` and its G query heads: softmax(scale q K^T) V over cache slots 0..pos,
+    with an online softmax over blocks of BLOCK_L slots (float32 scores, fp16/bf16 products).
+    One program per kv head walks the whole cache: right for the short caches of these
+    benchmarks; long ones would want the slots split over programs (flash-decoding)."""
+    kvh = tl.program_id(0)
+    pos = tl.load(pos_ptr)
+    r = tl.arange(0, BLOCK_G)
+    rm = r < G
+    d = tl.arange(0, HD)
+    q = tl.load(q_ptr + (kvh * G + r)[:, None] * HD + d[None, :], mask=rm[:, None], other=0.0)
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, HD), dtype=tl.float32)
+    for l0 in range(0, pos + 1, BLOCK_L):
+        sl = l0 + tl.arange(0, BLOCK_L)
+        lm = sl <= pos
+        k = tl.load(kc_ptr + (kvh * SLOTS + sl)[:, None] * HD + d[None, :], mask=lm[:, None], other=0.0)
+        s = (tl.dot(q, tl.trans(k), input_precision="ieee") * scale).to(tl.float32)  # (BG, BL)
+        s = tl.where(lm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + (kvh * SLOTS + sl)[:, None] * HD + d[None, :], mask=lm[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    o = acc / l_i[:, None]
+    tl.store(o_ptr + (kvh * G + r)[:, None] * HD + d[None, :], o.to(o_ptr.dtype.element_ty), mask=rm[:, None])
+
+
+_GLUE_JIT = {f: triton.jit(f) for f in (_add_rms_norm_kernel, _silu_mul_kernel, _rope_cache_kernel,
+                                        _decode_attention_kernel)}
+
+
+def _run(fn, grid, *args, **meta):
+    """Launch a glue kernel: compiled on CUDA, in Triton's interpreter on CPU tensors."""
+    if args[0].device.type == "cpu":
+        with _interpreting():
+            _interpreted(fn)[grid](*args, **meta)
+    else:
+        _GLUE_JIT[fn][grid](*args, **meta)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def add_rms_norm(h: torch.Tensor, r, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``h += r`` in place (skipped for ``r=None``), then RMSNorm(h) * weight -> new tensor."""
+    D = h.shape[-1]
+    x = torch.empty_like(h)
+    _run(_add_rms_norm_kernel, (h.numel() // D,), h, h if r is None else r.contiguous(), weight, x, D,
+         float(eps), HAS_RES=r is not None, BLOCK_D=_pow2(D))
+    return x
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """One row ``[g | u]`` (..., 2I) -> ``silu(g) * u`` (..., I)."""
+    I = gu.shape[-1] // 2
+    y = torch.empty(*gu.shape[:-1], I, dtype=gu.dtype, device=gu.device)
+    _run(_silu_mul_kernel, (triton.cdiv(I, 1024),), gu.contiguous(), y, I, BLOCK=1024)
+    return y
+
+
+def rope_cache(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int) -> torch.Tensor:
+    """One token's stacked q/k/v (n_heads + 2 n_kv heads) -> rotated q (n_heads, head_dim); the
+    rotated k and the v are written into row ``pos`` of ``k_cache``/``v_cache`` (n_kv, slots, hd)."""
+    hd = k_cache.shape[-1]
+    q = torch.empty(n_heads, hd, dtype=k_cache.dtype, device=k_cache.device)
+    _run(_rope_cache_kernel, (n_heads + 2 * n_kv,), qkv.contiguous(), cos, sin, pos, q, k_cache, v_cache,
+         n_heads, n_kv, k_cache.shape[1], HD=hd)
+    return q
+
+
+def decode_attention(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
+    """q (n_heads, hd) of the token at ``pos`` against cache slots 0..pos -> (n_heads * hd,);
+    query head ``j * G + r`` reads kv head ``j`` (G = n_heads / n_kv, Hugging Face's order)."""
+    n_kv, slots, hd = k_cache.shape
+    G = q.shape[0] // n_kv
+    o = torch.empty(q.shape[0] * hd, dtype=q.dtype, device=q.device)
+    _run(_decode_attention_kernel, (n_kv,), q, k_cache, v_cache, pos, o, slots, float(scale), G,
+         HD=hd, BLOCK_G=max(16, _pow2(G)), BLOCK_L=64)
+    return o
