@@ -10,16 +10,15 @@ file as ``results.previous-N.json``. At the end ``results.csv``, the figures and
 """
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
 import hashlib
 import os
 import platform
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -27,75 +26,50 @@ from .errors import QtutorError
 from .runfolder import (RESULTS, archive, check_out_path, finite_or_none, locked, os_error, read_results,
                         write_json)
 
-#: which command-line overrides apply to which method (where they make sense)
-OVERRIDES = {
-    "fp16_baseline": (),
-    "rtn_int8": ("group_size", "sym"),
-    "rtn_int4": ("bits", "group_size", "sym"),
-    "smoothquant_w8a8": (),
-    "gptq_int4": ("bits", "group_size", "sym", "act_order"),
-    "awq_int4": ("bits", "group_size", "sym"),
-    "palettization_4bit": ("bits",),
-    "qlora_nf4": (),
-}
+@dataclass
+class BenchConfig:
+    """Every setting of a benchmark run: ``qtutor bench``'s options, one field each (``qtutor bench
+    --help`` explains them). ``None`` is resolved by :func:`plan_run` from the model and the
+    device: windows of 2048 tokens for Qwen2-sized models (512 for smaller ones), 128
+    calibration windows on CUDA (16 on a CPU), every evaluation token on CUDA (32,768 on a CPU).
+    """
+
+    model: str = "qtutor-tiny"
+    random_weights: bool = False
+    methods: Union[str, Sequence[str]] = "all"
+    dataset: Optional[str] = None
+    data_dir: Optional[str] = None
+    seqlen: Optional[int] = None
+    max_eval_tokens: Optional[int] = None
+    eval_batch_size: int = 4
+    calib_samples: Optional[int] = None
+    calib_seqlen: Optional[int] = None
+    bits: Optional[int] = None
+    group_size: Optional[int] = None
+    sym: Optional[bool] = None
+    act_order: Optional[bool] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    fast_decode: Optional[bool] = None
+    kernels: str = "auto"
+    latency_tokens: int = 50
+    latency_runs: int = 3
+    seed: int = 0
+    out: str = "runs/bench"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = False
+
+    def replace(self, **changes) -> "BenchConfig":
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise QtutorError(f"BenchConfig has no field {', '.join(unknown)}; "
+                              f"fields: {', '.join(f.name for f in fields(self))}")
+        return dataclasses.replace(self, **changes)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qtutor bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="qtutor-tiny",
-                   help="embedded 'qtutor-tiny' (default), a local folder, or a Hub id such as Qwen/Qwen2-0.5B")
-    p.add_argument("--random-weights", action="store_true",
-                   help="random weights with --model's architecture ('qwen2-0.5b' works offline): "
-                        "for timing and memory only, its perplexity is meaningless")
-    p.add_argument("--methods", nargs="+", default=["all"], metavar="METHOD",
-                   help="method names separated by spaces or commas, or 'all' (every implemented method)")
-    p.add_argument("--dataset", choices=("embedded", "wikitext2"), default=None,
-                   help="evaluation text: the embedded model's held-out text (default for the embedded "
-                        "model) or WikiText-2 test (default otherwise)")
-    p.add_argument("--data-dir", default=None, help="local WikiText-2 in the Hugging Face layout "
-                                                    "(also $QTUTOR_WIKITEXT)")
-    p.add_argument("--seqlen", type=int, default=None, help="evaluation window (default 512; 2048 for Qwen2)")
-    p.add_argument("--max-eval-tokens", type=int, default=None,
-                   help="cap on evaluated tokens (default: all on CUDA, 32768 on CPU)")
-    p.add_argument("--eval-batch-size", type=int, default=4)
-    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128 on CUDA, 16 on CPU)")
-    p.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default seqlen)")
-    p.add_argument("--bits", type=int, default=None, help="override the bit width of the 4-bit methods")
-    p.add_argument("--group-size", type=int, default=None,
-                   help="input columns per scale for RTN/GPTQ/AWQ (0 = per output channel)")
-    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
-                   help="symmetric (--sym) or asymmetric (--no-sym) grid for RTN/GPTQ/AWQ")
-    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ: quantize columns by decreasing diag(H) (the reference's --act-order)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
-                   help="compute dtype (auto: float16 on CUDA, float32 on CPU where fp16 matmul is slow)")
-    p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="time decoding with a static KV cache and CUDA graphs (qtutor.runtime.decode; "
-                        "default: on CUDA) instead of the Hugging Face loop")
-    p.add_argument("--kernels", choices=("auto", "triton", "tinygemm", "none"), default="auto",
-                   help="fast matmul for 4-bit layers while timing decoding (qtutor.runtime.kernels.accelerate; "
-                        "auto: Triton on CUDA, the reference forward on CPU); perplexity always uses "
-                        "the reference forward")
-    p.add_argument("--latency-tokens", type=int, default=50)
-    p.add_argument("--latency-runs", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in OUT: keep its finished methods, compute the others "
-                        "(refused if a setting that changes a number differs)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an OUT that holds results; the old results.json is kept "
-                        "as results.previous-N.json")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one-line :class:`QtutorError` instead of usage + exit."""
-
-    def error(self, message):
-        raise QtutorError(f"{message}; see qtutor bench --help")
+#: the command line's names of the fields the methods may override (``Method.overrides``)
+OVERRIDE_FLAGS = {"bits": "--bits", "group_size": "--group-size", "sym": "--sym", "act_order": "--act-order"}
 
 
 #: lower bounds of the integer options: flag -> (attribute, minimum, why)
@@ -111,6 +85,7 @@ MINIMUMS = {
     "--seed": ("seed", 0, "seeds are non-negative"),
 }
 MAX_SEED = 2**63 - 1
+_DEFAULTS = {f.name: f.default for f in fields(BenchConfig)}
 
 
 def check_options(args) -> None:
@@ -118,7 +93,7 @@ def check_options(args) -> None:
     for flag, (attr, low, why) in MINIMUMS.items():
         value = getattr(args, attr)
         if value is not None and value < low:
-            default = " (or leave it out for the default)" if build_parser().get_default(attr) is None else ""
+            default = " (or leave it out for the default)" if _DEFAULTS[attr] is None else ""
             raise QtutorError(f"{flag} {value} is too small ({why}); use {low} or more{default}")
     if args.seed > MAX_SEED:
         raise QtutorError(f"--seed {args.seed} is too large; use at most {MAX_SEED}")
@@ -128,16 +103,14 @@ def check_options(args) -> None:
 
 
 def method_configs(names: list[str], args) -> dict:
-    """Each method's config with the command-line overrides applied where they make sense."""
+    """Each method's config with the overrides it declares (``Method.overrides``) applied."""
     from .quant import get_method
-    overrides = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym,
-                 "act_order": args.act_order}
     configs = {}
     for name in names:
         m = get_method(name)
         cfg = m.default_config
         if cfg is not None:
-            cfg = cfg.replace(**{k: overrides[k] for k in OVERRIDES[name]})
+            cfg = cfg.replace(**{k: getattr(args, k) for k in m.overrides})
         configs[name] = cfg
     return configs
 
@@ -434,11 +407,11 @@ def existing_results(path: Path, args) -> Optional[dict]:
     return None  # no finished method: nothing to lose
 
 
-def start_results(path: Path, args, header: dict, previous: Optional[dict]) -> dict:
+def start_results(path: Path, args, header: dict, previous: Optional[dict], log=print) -> dict:
     """The results this run adds to, written to ``path`` before the first method."""
     if previous is None:
         if args.overwrite and path.exists():
-            print(f"note: the earlier {path} was moved to {archive(path)}")
+            log(f"note: the earlier {path} was moved to {archive(path)}")
         results = {**header, "methods": {}}
     else:
         results = {**header, **previous}  # the header of the run being continued
@@ -452,9 +425,18 @@ def start_results(path: Path, args, header: dict, previous: Optional[dict]) -> d
 
 
 # --------------------------------------------------------------------------- the run
-def run(args, keep: Optional[dict] = None) -> dict:
-    """The benchmark; ``keep``: a dict whose keys name methods whose quantized model (and
-    report) to hand back in it, ``keep[name] = (model, report)``, instead of freeing them."""
+def run_bench(config: BenchConfig, on_result: Optional[Callable[[str, dict], None]] = None,
+              keep: Optional[dict] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+    """The benchmark of ``config.methods`` -> the results (as ``OUT/results.json`` holds them).
+
+    Writes ``OUT`` (results.json after every method, then results.csv and the figures) and
+    prints nothing: ``on_result(name, entry)`` is called after each method, ``log(line)`` with
+    the lines ``qtutor bench`` prints. ``keep``: a dict whose keys name methods whose quantized
+    model (and report) to hand back in it, ``keep[name] = (model, report)``, instead of freeing
+    them. Bad settings raise a one-line :class:`QtutorError` before any work starts.
+    """
+    args = config
+    log = log or (lambda line: None)
     t_start = time.perf_counter()
     plan = plan_run(args)
     _quiet_libraries()
@@ -470,38 +452,41 @@ def run(args, keep: Optional[dict] = None) -> dict:
                   "settings": run_settings(args, plan, inputs)}
         if previous is not None:
             check_resumable(plan.results_path, previous, header["settings"], plan.configs)
-        results = start_results(plan.results_path, args, header, previous)
-        run_methods(args, plan, inputs, results, keep)
+        results = start_results(plan.results_path, args, header, previous, log)
+        run_methods(args, plan, inputs, results, keep, on_result, log)
         wall = time.perf_counter() - t_start
         # wall time of THIS invocation, from the start (model and text loading included)
         results["wall_seconds"] = wall if previous is None else None
         write_json(plan.results_path, results)
-        _write_outputs(results, plan.out)
+        _write_outputs(results, plan.out, log)
     done = [n for n in plan.names if n in results["methods"]]
-    print(f"wall time {wall:.1f} s for this run ({len(done)} methods"
+    log(f"wall time {wall:.1f} s for this run ({len(done)} methods"
           + (", continuing an earlier run: not the time of the whole set)" if previous is not None else ")"))
     return results
 
 
-def run_methods(args, plan: Plan, inputs: Inputs, results: dict, keep: Optional[dict] = None) -> None:
+def run_methods(args, plan: Plan, inputs: Inputs, results: dict, keep: Optional[dict] = None,
+                on_result=None, log=print) -> None:
     """Measure each method not yet in ``results``; the file is rewritten after each one."""
     from .eval import memory_report
     from .plots import format_number
     fp16 = _quantized_copy(inputs.base, "fp16_baseline", None, None, plan.device)[0]
     fp16_bytes = memory_report(fp16).total_bytes
     del fp16
-    print(f"model {results['model']} on {results['device']} ({plan.dtype_name}); "
+    log(f"model {results['model']} on {results['device']} ({plan.dtype_name}); "
           f"{plan.dataset}, seqlen {plan.seqlen}")
     for name in plan.names:
         if name in results["methods"]:
-            print(f"{name:20s} skipped (already in {plan.results_path})")
+            log(f"{name:20s} skipped (already in {plan.results_path})")
             continue
         entry, warnings = finite_or_none(measure(args, plan, inputs, name, fp16_bytes, keep))
         for w in warnings:
-            print(f"warning: {name}: {w} is not a finite number; results.json records null")
+            log(f"warning: {name}: {w} is not a finite number; results.json records null")
         results["methods"][name] = entry
         write_json(plan.results_path, results)
-        print(f"{name:20s} ppl {format_number(entry['ppl'], 9, 3)}  {entry['bits_per_weight']:6.3f} bits/w  "
+        if on_result is not None:
+            on_result(name, entry)
+        log(f"{name:20s} ppl {format_number(entry['ppl'], 9, 3)}  {entry['bits_per_weight']:6.3f} bits/w  "
               f"{entry['memory_mb']:8.2f} MB  {format_number(entry['latency_ms_per_token'], 7, 2)} ms/tok  "
               f"({entry['seconds']:.1f} s)")
 
@@ -510,7 +495,7 @@ def measure(args, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, keep: 
     """Quantize a fresh copy with ``name``; its perplexity, latency, memory and compression."""
     from .eval import memory_report, perplexity
     t0 = time.perf_counter()
-    progress = not args.no_progress
+    progress = args.progress
     model, report = _quantized_copy(inputs.base, name, plan.configs[name], inputs.calib, plan.device,
                                     progress=progress)
     ppl = perplexity(model, inputs.eval_ids, plan.seqlen, plan.max_eval, args.eval_batch_size,
@@ -571,7 +556,7 @@ def _kernels(model) -> dict:
     return kernels_used(model)
 
 
-def _write_outputs(results: dict, out: Path) -> None:
+def _write_outputs(results: dict, out: Path, log=print) -> None:
     """results.csv (replaced whole), the figures and the table; results.json is complete by now."""
     from .plots import plot_results, results_table, write_csv
     csv_path, tmp = out / "results.csv", out / "results.csv.tmp"
@@ -579,32 +564,10 @@ def _write_outputs(results: dict, out: Path) -> None:
         write_csv(results, tmp)
         os.replace(tmp, csv_path)
         for path in plot_results(results, out):
-            print(f"wrote {path}")
+            log(f"wrote {path}")
     except OSError as err:
         raise os_error(err, f"write results.csv and the figures in {out} (results.json is complete)") from err
     finally:
         tmp.unlink(missing_ok=True)
-    print(results_table(results))
-    print(f"results: {out / RESULTS}, {csv_path}")
-
-
-def main(argv: Optional[list[str]] = None, keep: Optional[dict] = None) -> int:
-    """``qtutor bench``: 0 when done, 2 with a one-line error for bad input, 130 if interrupted.
-    ``keep``: as in :func:`run` (from Python: the chapters reuse a quantized model)."""
-    args = None
-    try:
-        args = build_parser().parse_args(argv)
-        run(args, keep)
-    except QtutorError as err:
-        print(f"qtutor bench: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        out = Path(args.out if args is not None else "--out")
-        print(f"\nqtutor bench: interrupted; finished methods are kept in {out / RESULTS} "
-              f"(continue with --resume)", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    log(results_table(results))
+    log(f"results: {out / RESULTS}, {csv_path}")

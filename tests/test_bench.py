@@ -7,10 +7,11 @@ import sys
 import time
 
 import pytest
+import qtutor
 import torch
 
 from conftest import tiny_model
-from qtutor.bench import main
+from qtutor.cli import bench_main as main
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "A small model reads a small text. ") * 60
 
@@ -61,7 +62,8 @@ def bench_args(model_dir, data_dir, out, *extra):
     (["all"], None),
 ])
 def test_methods_by_spaces_or_commas(spec, expected):
-    from qtutor.bench import build_parser, parse_methods
+    from qtutor.bench import parse_methods
+    from qtutor.cli import build_parser
     from qtutor.quant import implemented_methods
     args = build_parser().parse_args(["--methods", *spec])
     assert parse_methods(args.methods) == (expected or implemented_methods())
@@ -220,3 +222,47 @@ def test_offline_hub_id_error(tmp_path):
 def test_cli_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "qtutor", "bench", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--resume" in r.stdout
+
+
+def test_run_bench_prints_nothing_and_reports_each_method(model_dir, data_dir, tmp_path, capsys):
+    """The library call: a BenchConfig in, the results out, on_result after each method, the
+    command's lines only through log; the same numbers as `qtutor bench` with the same options."""
+    from qtutor.bench import BenchConfig, run_bench
+    from qtutor.cli import bench_config
+    argv = bench_args(model_dir, data_dir, tmp_path / "cli", "--methods", "fp16_baseline", "rtn_int4")
+    assert main(argv) == 0
+    capsys.readouterr()
+    config = bench_config(argv).replace(out=str(tmp_path / "lib"))
+    assert isinstance(config, BenchConfig) and config.progress is False
+    seen, lines = [], []
+    results = run_bench(config, on_result=lambda name, entry: seen.append((name, entry["ppl"])), log=lines.append)
+    assert capsys.readouterr().out == ""
+    assert [n for n, _ in seen] == ["fp16_baseline", "rtn_int4"]
+    assert any(line.startswith("rtn_int4") for line in lines)
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())["methods"]
+    assert [results["methods"][n]["ppl"] for n in ("fp16_baseline", "rtn_int4")] == [cli[n]["ppl"] for n in ("fp16_baseline", "rtn_int4")]
+    with pytest.raises(qtutor.QtutorError, match="no field seq_len"):
+        config.replace(seq_len=64)
+
+
+def test_the_command_line_defaults_are_the_library_defaults():
+    from dataclasses import fields
+
+    from qtutor.bench import BenchConfig
+    from qtutor.cli import bench_config
+    assert bench_config([]).replace(progress=False, methods="all") == BenchConfig()
+    assert {f.name for f in fields(BenchConfig)} >= {"seqlen", "calib_samples", "max_eval_tokens", "kernels"}
+
+
+def test_overrides_reach_only_the_methods_that_declare_them():
+    """--group-size 32 changes RTN/GPTQ/AWQ's groups, not palettization's 16-row palettes; --bits
+    does not touch the 8-bit RTN (it declares only group_size and sym)."""
+    from qtutor.bench import method_configs
+    from qtutor.cli import bench_config
+    configs = method_configs(["rtn_int8", "rtn_int4", "gptq_int4", "awq_int4", "palettization_4bit", "qlora_nf4"],
+                             bench_config(["--group-size", "32", "--bits", "3"]))
+    assert configs["rtn_int4"].group_size == configs["gptq_int4"].group_size == configs["awq_int4"].group_size == 32
+    assert configs["rtn_int4"].bits == configs["gptq_int4"].bits == configs["palettization_4bit"].bits == 3
+    assert configs["rtn_int8"].bits == 8 and configs["rtn_int8"].group_size == 32
+    assert configs["palettization_4bit"].group_size == 16
+    assert configs["qlora_nf4"] == qtutor.get_method("qlora_nf4").default_config

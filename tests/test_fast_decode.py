@@ -94,7 +94,8 @@ def test_fast_decode_errors():
 
 
 def test_bench_fast_decode_option():
-    from qtutor.bench import _latency, build_parser
+    from qtutor.bench import _latency
+    from qtutor.cli import build_parser
     args = build_parser().parse_args(["--fast-decode", "--latency-tokens", "3", "--latency-runs", "1"])
     assert args.fast_decode is True and args.kernels == "auto"
     assert build_parser().parse_args([]).fast_decode is None  # default: on CUDA only

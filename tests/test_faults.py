@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 import qtutor
 from conftest import tiny_model
 from qtutor import QtutorError
-from qtutor.bench import main
+from qtutor.cli import bench_main as main
 from qtutor.models import embedded_model_dir
 from qtutor.quant import AWQConfig, GPTQConfig, NF4Config, PalettizeConfig, RTNConfig, SmoothQuantConfig
 from qtutor.runfolder import LOCK, finite_or_none, locked, read_results

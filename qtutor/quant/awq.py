@@ -471,4 +471,5 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
 
 register(Method("awq_int4", AWQConfig(),
                 "AWQ INT4: activation-aware per-channel scaling + clipping search, then RTN "
-                "(asymmetric, groups of 128)", quantize_layer=quantize_layer))
+                "(asymmetric, groups of 128)", quantize_layer=quantize_layer,
+                overrides=("bits", "group_size", "sym")))

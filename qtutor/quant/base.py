@@ -225,6 +225,9 @@ class Method:
       layer in place from its calibration inputs ``X`` (n, seqlen, hidden) (GPTQ, AWQ,
       SmoothQuant), returning optional per-linear statistics; ``qtutor.calib`` runs the layers
       one after another, feeding each the previous quantized layer's outputs.
+
+    ``overrides``: the fields of its config that ``qtutor bench`` may set from the command line
+    (``--bits``, ``--group-size``, ``--sym``, ``--act-order``), where they make sense.
     """
 
     name: str
@@ -233,6 +236,7 @@ class Method:
     from_float: Optional[Callable] = None
     quantize_layer: Optional[Callable] = None
     from_float_many: Optional[Callable] = None
+    overrides: tuple = ()
 
     @property
     def needs_calib(self) -> bool:

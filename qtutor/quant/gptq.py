@@ -315,4 +315,4 @@ def _quantize_set(layer: nn.Module, names: tuple, H: torch.Tensor, cfg: GPTQConf
 
 register(Method("gptq_int4", GPTQConfig(),
                 "GPTQ INT4, asymmetric, groups of 128 input columns, damp 0.01, true sequential",
-                quantize_layer=quantize_layer))
+                quantize_layer=quantize_layer, overrides=("bits", "group_size", "sym", "act_order")))

@@ -455,4 +455,4 @@ register(Method("palettization_4bit", PalettizeConfig(bits=4, granularity="per_g
                                                       group_size=16, per_channel_scale=True),
                 "4-bit palettization: exact k-means LUT per 16 output channels, per-channel scales",
                 from_float=PalettizedLinear.from_float,
-                from_float_many=PalettizedLinear.from_float_many))
+                from_float_many=PalettizedLinear.from_float_many, overrides=("bits",)))

@@ -214,7 +214,7 @@ register(Method("fp16_baseline", None, "weights stored in fp16, no quantization"
                 from_float=FloatLinear.from_float))
 register(Method("rtn_int8", RTNConfig(bits=8, group_size=0, sym=True),
                 "round-to-nearest INT8, symmetric, one scale per output channel",
-                from_float=UniformLinear.from_float))
+                from_float=UniformLinear.from_float, overrides=("group_size", "sym")))
 register(Method("rtn_int4", RTNConfig(bits=4, group_size=128, sym=False),
                 "round-to-nearest INT4, asymmetric, groups of 128 input columns",
-                from_float=UniformLinear.from_float))
+                from_float=UniformLinear.from_float, overrides=("bits", "group_size", "sym")))
