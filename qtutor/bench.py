@@ -190,6 +190,7 @@ class Plan:
 
 def plan_run(args) -> Plan:
     """Check every option and resolve the sizes; nothing is read but the model's config."""
+    from .book import eval_seqlen
     from .models import EMBEDDED_MODEL
     from .quant import get_method
     check_options(args)
@@ -201,7 +202,7 @@ def plan_run(args) -> Plan:
     check_out_path(out)
     config = _model_config(args)
     max_positions = getattr(config, "max_position_embeddings", None) or 10**9
-    seqlen = args.seqlen or min(2048 if config.hidden_size >= 512 else 512, max_positions)
+    seqlen = args.seqlen or eval_seqlen(config)
     if max(seqlen, args.calib_seqlen or 0) > max_positions:
         raise QtutorError(f"--seqlen/--calib-seqlen {max(seqlen, args.calib_seqlen or 0)} exceeds the model's "
                           f"{max_positions} positions; use a value of at most {max_positions}")

@@ -36,6 +36,44 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def setup(seed: int = 0) -> str:
+    """A chapter's first step after its imports -> its device (:func:`pick_device`).
+
+    Quiets what would bury the chapter's own output (progress bars, which land on stderr;
+    warnings; transformers' and datasets' info logs), seeds torch, and gives matplotlib the
+    book's figure style.
+    """
+    import warnings
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore")
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:  # only WikiText-2 needs it
+        pass
+    torch.manual_seed(seed)
+    import matplotlib.pyplot as plt
+    plt.rcParams.update(FIGURE_STYLE)
+    return pick_device()
+
+
+#: the book's matplotlib settings
+FIGURE_STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3}
+
+
+def eval_seqlen(config) -> int:
+    """The evaluation window of the GPTQ protocol for ``config``, as ``qtutor bench`` picks it:
+    2048 tokens for Qwen2-sized models (hidden size 512 or more), 512 for small ones, never past
+    the model's positions."""
+    max_positions = getattr(config, "max_position_embeddings", None) or 10**9
+    return min(2048 if config.hidden_size >= LARGE_HIDDEN else 512, max_positions)
+
+
 def random_weights(model) -> bool:
     """Whether ``model`` (or its config) was written with random weights (``qtutor_random_weights``)."""
     config = getattr(model, "config", model)

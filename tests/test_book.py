@@ -1,4 +1,5 @@
 """qtutor.book: the helpers every chapter uses (budgets, the fits-in-memory check, notes)."""
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -64,3 +65,33 @@ def test_load_model_embedded_notes(capsys):
     model, tok = book.load_model("qtutor-tiny", "cpu")
     assert next(model.parameters()).dtype == torch.float32 and tok is not None
     assert "float32 on cpu" in capsys.readouterr().out
+
+
+def test_setup_quiets_the_libraries_seeds_and_styles(monkeypatch):
+    import matplotlib
+    import transformers
+
+    import qtutor.book
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setitem(matplotlib.rcParams, "figure.dpi", 72)
+    device = qtutor.book.setup(seed=3)
+    assert device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert os.environ["TQDM_DISABLE"] == "1"
+    assert transformers.utils.logging.get_verbosity() == transformers.utils.logging.ERROR
+    assert matplotlib.rcParams["figure.dpi"] == 110
+    a = torch.rand(3)
+    qtutor.book.setup(seed=3)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_eval_seqlen_is_the_benchmarks_window():
+    from transformers import Qwen2Config
+
+    import qtutor.book
+    from qtutor.bench import BenchConfig, plan_run
+    from qtutor.models import QWEN2_0_5B, load_config
+    assert qtutor.book.eval_seqlen(Qwen2Config(**QWEN2_0_5B)) == 2048
+    tiny = load_config("qtutor-tiny")
+    assert qtutor.book.eval_seqlen(tiny) == min(512, tiny.max_position_embeddings)
+    assert qtutor.book.eval_seqlen(Qwen2Config(**{**QWEN2_0_5B, "max_position_embeddings": 1024})) == 1024
+    assert plan_run(BenchConfig(device="cpu")).seqlen == qtutor.book.eval_seqlen(tiny)
