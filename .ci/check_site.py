@@ -23,6 +23,7 @@ for a fixed virtual time, then dumps the DOM and takes a screenshot. For every p
 
 Prints one line per failure and exits 1 if there was any, else one summary line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,17 @@ from bs4 import BeautifulSoup
 FRONT_PAGE = "book/intro.html"
 DEFAULT_ALLOW_EXTERNAL = [r"^https://colab\.research\.google\.com/assets/colab-badge\.svg$"]
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
     # The site is all the browser may reach: anything else fails at once instead of hanging.
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
@@ -53,6 +62,7 @@ CHROMIUM_FLAGS = [
 
 # ---------------------------------------------------------------------------------------------
 # the server
+
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     log: list[tuple[str, int]]  # set on the subclass made per server
@@ -71,8 +81,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 def serve(root: Path):
     log: list[tuple[str, int]] = []
     handler = type("Handler", (_Handler,), {"log": log})
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     return httpd, log
@@ -81,9 +90,9 @@ def serve(root: Path):
 # ---------------------------------------------------------------------------------------------
 # the browser
 
+
 def find_chromium(explicit: str | None) -> str:
-    for name in ([explicit] if explicit else []) + ["chromium", "chromium-browser",
-                                                     "google-chrome", "chrome"]:
+    for name in ([explicit] if explicit else []) + ["chromium", "chromium-browser", "google-chrome", "chrome"]:
         path = shutil.which(name)
         if path:
             return path
@@ -93,8 +102,7 @@ def find_chromium(explicit: str | None) -> str:
 def run_chromium(chromium: str, url: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="check_site_profile_") as profile:
         cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def external_requests(netlog: Path, origin: str) -> list[str]:
@@ -118,6 +126,7 @@ def external_requests(netlog: Path, origin: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # the checks
 
+
 def _classes(tag) -> set[str]:
     value = tag.get("class") or []
     return set(value if isinstance(value, list) else value.split())
@@ -127,8 +136,15 @@ def _snippet(tag, n=80) -> str:
     return re.sub(r"\s+", " ", tag.get_text(" ", strip=True))[:n]
 
 
-def check_page(page: str, html_dir: Path, dom: str, static_html: str, served: list[tuple[str, int]],
-               min_images: int, allow_stderr: bool) -> list[str]:
+def check_page(
+    page: str,
+    html_dir: Path,
+    dom: str,
+    static_html: str,
+    served: list[tuple[str, int]],
+    min_images: int,
+    allow_stderr: bool,
+) -> list[str]:
     fails = []
     soup = BeautifulSoup(dom, "html.parser")
     article = soup.find("article") or soup.find("main")
@@ -192,17 +208,28 @@ def check_page(page: str, html_dir: Path, dom: str, static_html: str, served: li
 
 # ---------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("html_dir", type=Path, help="the built site, e.g. _build/html")
-    ap.add_argument("pages", nargs="*", metavar="PAGE[:N]",
-                    help="more pages to check, relative to HTML_DIR; N overrides --min-images")
+    ap.add_argument(
+        "pages",
+        nargs="*",
+        metavar="PAGE[:N]",
+        help="more pages to check, relative to HTML_DIR; N overrides --min-images",
+    )
     ap.add_argument("--front-page", default=FRONT_PAGE, help=f"default {FRONT_PAGE}")
-    ap.add_argument("--min-images", type=int, default=1,
-                    help="images required on each PAGE given (not the front page); default 1")
+    ap.add_argument(
+        "--min-images", type=int, default=1, help="images required on each PAGE given (not the front page); default 1"
+    )
     ap.add_argument("--allow-stderr", action="store_true", help="accept stderr output cells")
-    ap.add_argument("--allow-external", action="append", default=None, metavar="REGEX",
-                    help="external URL a page may request (repeatable); default: the Colab badge")
+    ap.add_argument(
+        "--allow-external",
+        action="append",
+        default=None,
+        metavar="REGEX",
+        help="external URL a page may request (repeatable); default: the Colab badge",
+    )
     ap.add_argument("--screenshots", type=Path, help="keep PNG screenshots in this folder")
     ap.add_argument("--budget-ms", type=int, default=10000, help="virtual time per page")
     ap.add_argument("--timeout", type=float, default=120, help="wall-clock seconds per browser run")
@@ -213,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (html_dir / args.front_page).is_file():
         print(f"check_site: FAIL {args.front_page}: not found in {html_dir}")
         return 1
-    allow = [re.compile(p) for p in (args.allow_external if args.allow_external is not None
-                                     else DEFAULT_ALLOW_EXTERNAL)]
+    allow = [
+        re.compile(p) for p in (args.allow_external if args.allow_external is not None else DEFAULT_ALLOW_EXTERNAL)
+    ]
     chromium = find_chromium(args.chromium)
     pages = [(args.front_page, 0)]
     for spec in args.pages:
@@ -236,9 +264,12 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="check_site_net_") as tmp:
                 netlog = Path(tmp) / "netlog.json"
                 try:
-                    res = run_chromium(chromium, url, [f"--virtual-time-budget={args.budget_ms}",
-                                                       f"--log-net-log={netlog}", "--dump-dom"],
-                                       args.timeout)
+                    res = run_chromium(
+                        chromium,
+                        url,
+                        [f"--virtual-time-budget={args.budget_ms}", f"--log-net-log={netlog}", "--dump-dom"],
+                        args.timeout,
+                    )
                 except subprocess.TimeoutExpired:
                     failures.append(f"check_site: FAIL {page}: browser timed out after {args.timeout}s")
                     continue
@@ -250,25 +281,29 @@ def main(argv: list[str] | None = None) -> int:
                 fails.append(f"browser exited {res.returncode} with no DOM: {tail[0][:200]}")
             else:
                 static_html = (html_dir / page).read_text(encoding="utf-8", errors="replace")
-                fails += check_page(page, html_dir, res.stdout, static_html, served, min_images,
-                                    args.allow_stderr)
+                fails += check_page(page, html_dir, res.stdout, static_html, served, min_images, args.allow_stderr)
             for ext in external:
                 if not any(p.search(ext) for p in allow):
                     fails.append(f"external request: {ext}")
 
             png = shots / (page.replace("/", "__").removesuffix(".html") + ".png")
             try:
-                run_chromium(chromium, url, [f"--virtual-time-budget={args.budget_ms}",
-                                             "--window-size=1280,1600", f"--screenshot={png}"],
-                             args.timeout)
+                run_chromium(
+                    chromium,
+                    url,
+                    [f"--virtual-time-budget={args.budget_ms}", "--window-size=1280,1600", f"--screenshot={png}"],
+                    args.timeout,
+                )
             except subprocess.TimeoutExpired:
                 pass
             if not png.is_file() or png.stat().st_size == 0:
                 fails.append("no screenshot written")
             failures += [f"check_site: FAIL {page}: {f}" for f in fails]
             dom = BeautifulSoup(res.stdout or "", "html.parser")
-            summary.append(f"{page} ({len(dom.find_all('mjx-container'))} math, "
-                           f"{len((dom.find('article') or dom).find_all('img'))} img)")
+            summary.append(
+                f"{page} ({len(dom.find_all('mjx-container'))} math, "
+                f"{len((dom.find('article') or dom).find_all('img'))} img)"
+            )
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts: model configs, environment, CSV and tables."""
+
 from __future__ import annotations
 
 import csv
@@ -13,19 +14,36 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 #: a small Qwen2-shaped config for CPU runs: widths divisible by 128 (group size), GQA, tied head
-TINY = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            bos_token_id=1, eos_token_id=2)
+TINY = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 #: larger members of the family (their config.json shapes), where decoding is bandwidth-bound
-QWEN2_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2)
-QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+QWEN2_1_5B = dict(
+    hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2
+)
+QWEN2_7B = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+)
 CONFIGS = {"qwen2-0.5b": {}, "qwen2-1.5b": QWEN2_1_5B, "qwen2-7b": QWEN2_7B, "tiny": TINY}
 
 
 def build_model(config: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
     from qtutor.models import random_model
+
     if config not in CONFIGS:
         raise SystemExit(f"unknown --config {config!r}; choose from {', '.join(CONFIGS)}")
     return random_model("qwen2-0.5b", dtype=dtype, device=str(device), seed=seed, **CONFIGS[config])
@@ -41,10 +59,16 @@ def pick_device(name: str) -> torch.device:
 
 def environment(device: torch.device) -> dict:
     import transformers
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "cuda": torch.version.cuda or "-"}
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda or "-",
+    }
     try:
         import triton
+
         env["triton"] = triton.__version__
     except Exception:
         env["triton"] = "not installed"
@@ -72,14 +96,17 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     """cols: (key, header, format). Missing values print as '-'."""
+
     def cell(r, k, fmt):
         v = r.get(k)
         if v is None or v == "":
             return "-"
         return format(v, fmt) if isinstance(v, (int, float)) and fmt else str(v)
+
     data = [[h for _, h, _ in cols]] + [[cell(r, k, f) for k, _, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in data) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in data]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in data
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

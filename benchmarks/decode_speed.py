@@ -44,6 +44,7 @@ adds, per row, the kernels one decode step launches, the sum of their device tim
 (``gpu_us``) and the part in matrix products (``matmul_us``): ms/token minus gpu_us is launch
 and gap time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,42 +58,83 @@ import torch
 
 from _common import CONFIGS, ROOT, build_model, environment, pick_device, print_env, table, write_csv
 
-ALL = ["fp16", "bf16", "hf-loop", "rtn_int4-reference", "rtn_int4-triton", "rtn_int4-tinygemm",
-       "palettized4-reference", "palettized4-prmt", "palettized4-gather", "palettized4-load", "palettized4-load-f32", "palettized4-pairs", "smoothquant_w8a8",
-       "smoothquant_w8a8-triton"]
-CUDA_ONLY = {"rtn_int4-triton", "palettized4-prmt", "palettized4-gather", "palettized4-load", "palettized4-load-f32",
-             "palettized4-pairs", "smoothquant_w8a8-triton"}
+ALL = [
+    "fp16",
+    "bf16",
+    "hf-loop",
+    "rtn_int4-reference",
+    "rtn_int4-triton",
+    "rtn_int4-tinygemm",
+    "palettized4-reference",
+    "palettized4-prmt",
+    "palettized4-gather",
+    "palettized4-load",
+    "palettized4-load-f32",
+    "palettized4-pairs",
+    "smoothquant_w8a8",
+    "smoothquant_w8a8-triton",
+]
+CUDA_ONLY = {
+    "rtn_int4-triton",
+    "palettized4-prmt",
+    "palettized4-gather",
+    "palettized4-load",
+    "palettized4-load-f32",
+    "palettized4-pairs",
+    "smoothquant_w8a8-triton",
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--config", default=None, choices=sorted(CONFIGS),
-                   help="model shape (default: qwen2-0.5b on CUDA, tiny on CPU)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float16", "float32"),
-                   help="activation dtype of the main baseline (auto: float16 on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--config", default=None, choices=sorted(CONFIGS), help="model shape (default: qwen2-0.5b on CUDA, tiny on CPU)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float16", "float32"),
+        help="activation dtype of the main baseline (auto: float16 on CUDA, float32 on CPU)",
+    )
     p.add_argument("--methods", default="all", help=f"comma-separated from: {', '.join(ALL)}")
     p.add_argument("--tokens", type=int, default=None, help="new tokens per run (default 50; 16 on CPU)")
     p.add_argument("--runs", type=int, default=None, help="timed runs (default 5; 3 on CPU)")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--palettize-fit", choices=("quantile", "kmeans"), default="quantile",
-                   help="LUTs for the palettized rows: quantiles (fast; timing only) or the registered "
-                        "palettization_4bit method (exact k-means; slow on Qwen2-0.5B)")
+    p.add_argument(
+        "--palettize-fit",
+        choices=("quantile", "kmeans"),
+        default="quantile",
+        help="LUTs for the palettized rows: quantiles (fast; timing only) or the registered "
+        "palettization_4bit method (exact k-means; slow on Qwen2-0.5B)",
+    )
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
     p.add_argument("--no-fuse", action="store_true", help="do not stack q/k/v and gate/up projections")
-    p.add_argument("--no-glue", action="store_true",
-                   help="run the step's glue (norms, rotary, attention, SiLU) as PyTorch ops, not fused Triton kernels")
+    p.add_argument(
+        "--no-glue",
+        action="store_true",
+        help="run the step's glue (norms, rotary, attention, SiLU) as PyTorch ops, not fused Triton kernels",
+    )
     p.add_argument("--profile", action="store_true", help="profile one decode step per row (CUDA)")
-    p.add_argument("--model", default=None,
-                   help="time a real model instead of a random-weight config, e.g. qtutor-tiny "
-                        "(the embedded model) or a folder")
-    p.add_argument("--triton-on-cpu", action="store_true",
-                   help="on CPU, run the Triton rows in Triton's interpreter (a correctness check: about "
-                        "10 minutes for the tiny config with --tokens 3 --runs 1)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default 1 on CPU: batch-1 ops are tiny and extra threads only "
-                        "add synchronisation, badly so on a shared machine)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="time a real model instead of a random-weight config, e.g. qtutor-tiny (the embedded model) or a folder",
+    )
+    p.add_argument(
+        "--triton-on-cpu",
+        action="store_true",
+        help="on CPU, run the Triton rows in Triton's interpreter (a correctness check: about "
+        "10 minutes for the tiny config with --tokens 3 --runs 1)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default 1 on CPU: batch-1 ops are tiny and extra threads only "
+        "add synchronisation, badly so on a shared machine)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "decode_speed.csv"))
     return p.parse_args(argv)
 
@@ -103,6 +145,7 @@ def quick_palettize(model, rows_per_lut: int = 16):
     the LUTs by exact k-means."""
     from qtutor.models import layout_for
     from qtutor.quant.palettize import LUTWeight, PalettizedLinear
+
     layout = layout_for(model)
     for layer in layout.layers(model):
         for name, lin in layout.linears(layer).items():
@@ -132,8 +175,9 @@ def kernel_check(model, reference_of) -> float:
         ref = reference_of(m)
         if ref is None:
             continue
-        x = torch.randn(1, 1, m.in_features, device=next(iter(m.buffers())).device,
-                        dtype=model.get_input_embeddings().weight.dtype)
+        x = torch.randn(
+            1, 1, m.in_features, device=next(iter(m.buffers())).device, dtype=model.get_input_embeddings().weight.dtype
+        )
         with torch.no_grad():
             a, b = m(x).float(), ref(x).float()
         worst = max(worst, float((a - b).norm() / b.norm().clamp(min=1e-12)))
@@ -169,12 +213,15 @@ def main(argv=None):
     print_env(env)
     if args.model:
         config = args.model
-    print(f"model: {config}{'' if args.model else ' (random weights)'}, batch 1, prompt {args.prompt} tokens, "
-          f"{args.tokens} new tokens, median of {args.runs} runs after 1 warm-up")
+    print(
+        f"model: {config}{'' if args.model else ' (random weights)'}, batch 1, prompt {args.prompt} tokens, "
+        f"{args.tokens} new tokens, median of {args.runs} runs after 1 warm-up"
+    )
     t_start = time.perf_counter()
 
     if args.model:
         from qtutor.models import load_model
+
         base, _ = load_model(args.model, dtype=main_dtype, device=str(device))
     else:
         base = build_model(config, main_dtype, device)
@@ -189,8 +236,9 @@ def main(argv=None):
         if key not in wanted:
             return
         if not cuda and key in CUDA_ONLY and not args.triton_on_cpu:
-            rows.append({"method": name, "status": "skipped: Triton kernels need CUDA (--triton-on-cpu "
-                                                    "runs the interpreter)"})
+            rows.append(
+                {"method": name, "status": "skipped: Triton kernels need CUDA (--triton-on-cpu runs the interpreter)"}
+            )
             return
         row = {"method": name, "act_dtype": act, "baseline": baseline}
         t0 = time.perf_counter()
@@ -198,22 +246,33 @@ def main(argv=None):
         try:
             model, info = make()
             if harness == "fast":
-                lat = fast_decode_latency(model, prompt, args.tokens, runs=args.runs, compile=compile,
-                                          fuse=not args.no_fuse, glue=False if args.no_glue else None,
-                                          profile=args.profile and cuda)
+                lat = fast_decode_latency(
+                    model,
+                    prompt,
+                    args.tokens,
+                    runs=args.runs,
+                    compile=compile,
+                    fuse=not args.no_fuse,
+                    glue=False if args.no_glue else None,
+                    profile=args.profile and cuda,
+                )
                 row["harness"] = lat.method
                 if lat.profile:
-                    row.update(kernels_per_step=lat.profile["kernels"], gpu_us=lat.profile["gpu_us"],
-                               matmul_us=lat.profile["matmul_us"])
-                    print(f"  profile {name}: {lat.profile['kernels']} kernels, {lat.profile['gpu_us']:.0f} us on "
-                          f"the GPU ({lat.profile['matmul_us']:.0f} in matmuls); top: {lat.profile['top']}")
+                    row.update(
+                        kernels_per_step=lat.profile["kernels"],
+                        gpu_us=lat.profile["gpu_us"],
+                        matmul_us=lat.profile["matmul_us"],
+                    )
+                    print(
+                        f"  profile {name}: {lat.profile['kernels']} kernels, {lat.profile['gpu_us']:.0f} us on "
+                        f"the GPU ({lat.profile['matmul_us']:.0f} in matmuls); top: {lat.profile['top']}"
+                    )
             else:
                 lat = decode_latency(model, prompt, args.tokens, runs=args.runs)
                 row["harness"] = "hf-dynamic-cache"
             row["ms_per_token"] = lat.ms_per_token
             row["prefill_ms"] = lat.prefill_ms
-            row["kernels"] = ";".join(f"{k}={v}" for k, v in
-                                      sorted(getattr(lat, "kernels", {}).items())) or "torch"
+            row["kernels"] = ";".join(f"{k}={v}" for k, v in sorted(getattr(lat, "kernels", {}).items())) or "torch"
             row["bits_per_weight"] = info.get("bits")
             row["linear_MB"] = info.get("linear_mb")
             if check is not None:
@@ -226,8 +285,11 @@ def main(argv=None):
             traceback.print_exc()
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-        print(f"  {name:24s} {row.get('ms_per_token', float('nan')):8.3f} ms/token  "
-              f"({row['status']}, {row['seconds']:.0f} s)", flush=True)
+        print(
+            f"  {name:24s} {row.get('ms_per_token', float('nan')):8.3f} ms/token  "
+            f"({row['status']}, {row['seconds']:.0f} s)",
+            flush=True,
+        )
         del model
         gc.collect()
         if cuda:
@@ -235,9 +297,12 @@ def main(argv=None):
 
     def linear_stats(model):
         from qtutor.quant.base import QuantizedLinear
+
         mods = [m for m in model.model.layers.modules() if isinstance(m, (torch.nn.Linear, QuantizedLinear))]
-        nbytes = sum((m.weight_nbytes if isinstance(m, QuantizedLinear) else
-                      m.weight.numel() * m.weight.element_size()) for m in mods)
+        nbytes = sum(
+            (m.weight_nbytes if isinstance(m, QuantizedLinear) else m.weight.numel() * m.weight.element_size())
+            for m in mods
+        )
         numel = sum(m.in_features * m.out_features for m in mods)
         return {"bits": 8.0 * nbytes / numel, "linear_mb": nbytes / 1e6}
 
@@ -262,6 +327,7 @@ def main(argv=None):
             if backend is not None:
                 accelerated(model, backend)
             return model, linear_stats(model)
+
         return make
 
     def palettized(mode):
@@ -274,6 +340,7 @@ def main(argv=None):
             if mode is not None:
                 accelerated(model, "triton", lut_mode=mode)
             return model, linear_stats(model)
+
         return make
 
     def w8a8(backend=None):
@@ -285,6 +352,7 @@ def main(argv=None):
             if backend is not None:
                 accelerated(model, backend)
             return model, linear_stats(model)
+
         return make
 
     def ref_of_triton(m):
@@ -301,8 +369,13 @@ def main(argv=None):
     record("hf-loop", main_name, plain(base), main_name, harness="hf")
     record("rtn_int4-reference", main_name, rtn(base), main_name)
     record("rtn_int4-triton", main_name, rtn(base, "triton"), main_name, check=ref_of_triton)
-    record("rtn_int4-tinygemm", "bf16", rtn(bf16_model(), "tinygemm") if "rtn_int4-tinygemm" in wanted
-           else None, "bf16", check=ref_of_tinygemm)
+    record(
+        "rtn_int4-tinygemm",
+        "bf16",
+        rtn(bf16_model(), "tinygemm") if "rtn_int4-tinygemm" in wanted else None,
+        "bf16",
+        check=ref_of_tinygemm,
+    )
     record("palettized4-reference", main_name, palettized(None), main_name)
     record("palettized4-prmt", main_name, palettized("prmt"), main_name, check=ref_of_triton)
     record("palettized4-gather", main_name, palettized("gather"), main_name, check=ref_of_triton)
@@ -314,20 +387,23 @@ def main(argv=None):
     if args.compile:  # the same rows with the step through torch.compile, against compiled baselines
         mc = f"{main_name}-compile"
         record(mc, main_name, plain(base), mc, compile=True)
-        record("rtn_int4-triton-compile", main_name, rtn(base, "triton"), mc, compile=True,
-               check=ref_of_triton)
-        record("palettized4-prmt-compile", main_name, palettized("prmt"), mc, compile=True,
-               check=ref_of_triton)
-        record("palettized4-load-compile", main_name, palettized("load"), mc, compile=True,
-               check=ref_of_triton)
-        record("palettized4-load-f32-compile", main_name, palettized("load-f32"), mc, compile=True,
-               check=ref_of_triton)
+        record("rtn_int4-triton-compile", main_name, rtn(base, "triton"), mc, compile=True, check=ref_of_triton)
+        record("palettized4-prmt-compile", main_name, palettized("prmt"), mc, compile=True, check=ref_of_triton)
+        record("palettized4-load-compile", main_name, palettized("load"), mc, compile=True, check=ref_of_triton)
+        record("palettized4-load-f32-compile", main_name, palettized("load-f32"), mc, compile=True, check=ref_of_triton)
         record("smoothquant_w8a8-compile", main_name, w8a8(), mc, compile=True)
         if "rtn_int4-tinygemm" in wanted:
-            record("bf16-compile", "bf16", lambda: (bf16_model(), linear_stats(bf16_model())),
-                   "bf16-compile", compile=True)
-            record("rtn_int4-tinygemm-compile", "bf16", rtn(bf16_model(), "tinygemm"), "bf16-compile",
-                   compile=True, check=ref_of_tinygemm)
+            record(
+                "bf16-compile", "bf16", lambda: (bf16_model(), linear_stats(bf16_model())), "bf16-compile", compile=True
+            )
+            record(
+                "rtn_int4-tinygemm-compile",
+                "bf16",
+                rtn(bf16_model(), "tinygemm"),
+                "bf16-compile",
+                compile=True,
+                check=ref_of_tinygemm,
+            )
 
     for r in rows:
         b = baselines.get(r.get("baseline"))
@@ -337,17 +413,34 @@ def main(argv=None):
         r.update({f"env_{k}": v for k, v in env.items()})
         r["config"] = config
     print()
-    print(table(rows, [("method", "method", ""), ("act_dtype", "act", ""), ("ms_per_token", "ms/token", ".3f"),
-                       ("baseline", "baseline", ""), ("baseline_ms_per_token", "base ms/token", ".3f"),
-                       ("ratio", "ratio", ".3f"), ("bits_per_weight", "bits/w", ".2f"),
-                       ("linear_MB", "linears MB", ".1f"), ("kernel_check", "kernel chk", ".1e"),
-                       ("kernels_per_step", "kernels", ""), ("gpu_us", "GPU us", ".0f"),
-                       ("matmul_us", "matmul us", ".0f"),
-                       ("kernels", "kernels", ""), ("harness", "harness", ""), ("status", "status", "")]))
+    print(
+        table(
+            rows,
+            [
+                ("method", "method", ""),
+                ("act_dtype", "act", ""),
+                ("ms_per_token", "ms/token", ".3f"),
+                ("baseline", "baseline", ""),
+                ("baseline_ms_per_token", "base ms/token", ".3f"),
+                ("ratio", "ratio", ".3f"),
+                ("bits_per_weight", "bits/w", ".2f"),
+                ("linear_MB", "linears MB", ".1f"),
+                ("kernel_check", "kernel chk", ".1e"),
+                ("kernels_per_step", "kernels", ""),
+                ("gpu_us", "GPU us", ".0f"),
+                ("matmul_us", "matmul us", ".0f"),
+                ("kernels", "kernels", ""),
+                ("harness", "harness", ""),
+                ("status", "status", ""),
+            ],
+        )
+    )
     out = Path(args.out)
     write_csv(rows, out)
-    print(f"\nratio = method ms/token / baseline ms/token (< 1: faster). wrote {out} "
-          f"({time.perf_counter() - t_start:.0f} s in all)")
+    print(
+        f"\nratio = method ms/token / baseline ms/token (< 1: faster). wrote {out} "
+        f"({time.perf_counter() - t_start:.0f} s in all)"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ large ones gain from reading 4 bits instead of 16.
 
     python benchmarks/gemv_speed.py --config qwen2-0.5b --out benchmarks/gemv_speed.csv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,19 @@ from _common import CONFIGS, ROOT, environment, print_env, table, write_csv
 
 def shapes(config: str) -> dict:
     from qtutor.models import QWEN2_0_5B
+
     c = {**QWEN2_0_5B, **CONFIGS[config]}
     h, i = c["hidden_size"], c["intermediate_size"]
     kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
-    return {"q/o": (h, h), "k/v": (kv, h), "gate/up": (i, h), "down": (h, i),
-            "qkv": (h + 2 * kv, h), "gate_up": (2 * i, h),  # stacked, as the decode harness runs them
-            "lm_head": (c["vocab_size"], h)}
+    return {
+        "q/o": (h, h),
+        "k/v": (kv, h),
+        "gate/up": (i, h),
+        "down": (h, i),
+        "qkv": (h + 2 * kv, h),
+        "gate_up": (2 * i, h),  # stacked, as the decode harness runs them
+        "lm_head": (c["vocab_size"], h),
+    }
 
 
 def per_call_us(fn, x, calls: int) -> float:
@@ -74,6 +82,7 @@ def main():
         model = torch.nn.Sequential(layer)
         res = kernels.accelerate(model, backend, lut_mode=lut_mode)
         return (model, model[0].weight_nbytes) if res["converted"] else None
+
     dev = torch.device("cuda")
     env = environment(dev)
     print_env(env)
@@ -107,22 +116,50 @@ def main():
             with torch.no_grad():
                 us = per_call_us(mod, xx, args.calls)
             base = us if vname == "fp16" else base
-            rows.append({"matrix": name, "out": n, "in": k, "kernel": vname, "us_per_call": us,
-                         "MB_read": nbytes / 1e6, "GB_per_s": nbytes / us / 1e3,
-                         "vs_fp16": us / base, "layer_kernel": getattr(mod[0] if vname != "fp16" else mod, "last_kernel", None) or "cuBLAS"})
+            rows.append(
+                {
+                    "matrix": name,
+                    "out": n,
+                    "in": k,
+                    "kernel": vname,
+                    "us_per_call": us,
+                    "MB_read": nbytes / 1e6,
+                    "GB_per_s": nbytes / us / 1e3,
+                    "vs_fp16": us / base,
+                    "layer_kernel": getattr(mod[0] if vname != "fp16" else mod, "last_kernel", None) or "cuBLAS",
+                }
+            )
             print(f"  {name:8s} {vname:14s} {us:8.2f} us  {nbytes / us / 1e3:7.0f} GB/s", flush=True)
     for r in rows:
         r.update({f"env_{k}": v for k, v in env.items()})
         r["config"] = args.config
     print()
-    print(table(rows, [("matrix", "matrix", ""), ("out", "out", "d"), ("in", "in", "d"),
-                       ("kernel", "kernel", ""), ("us_per_call", "us/call", ".2f"),
-                       ("MB_read", "MB read", ".2f"), ("GB_per_s", "GB/s", ".0f"),
-                       ("vs_fp16", "vs fp16", ".2f"), ("layer_kernel", "ran", "")]))
+    print(
+        table(
+            rows,
+            [
+                ("matrix", "matrix", ""),
+                ("out", "out", "d"),
+                ("in", "in", "d"),
+                ("kernel", "kernel", ""),
+                ("us_per_call", "us/call", ".2f"),
+                ("MB_read", "MB read", ".2f"),
+                ("GB_per_s", "GB/s", ".0f"),
+                ("vs_fp16", "vs fp16", ".2f"),
+                ("layer_kernel", "ran", ""),
+            ],
+        )
+    )
     write_csv(rows, Path(args.out))
     from qtutor.runtime import triton_gemv as tk
-    for tuned in (tk._int4_tuned, tk._lut_tuned, tk._lut_gather_tuned, tk._lut_prmt_tuned,
-                  tk._w8a8_tuned):  # the block sizes autotuning chose per shape
+
+    for tuned in (
+        tk._int4_tuned,
+        tk._lut_tuned,
+        tk._lut_gather_tuned,
+        tk._lut_prmt_tuned,
+        tk._w8a8_tuned,
+    ):  # the block sizes autotuning chose per shape
         for key, cfg in tuned.cache.items():
             print(f"  {tuned.fn.__name__}: {key} -> {cfg}")
     print(f"wrote {args.out}")

@@ -12,6 +12,7 @@ about the vocabulary size). ``full-logits`` rows time the loss computed from the
     python benchmarks/ppl_throughput.py                        # CUDA if available, Qwen2-0.5B
     python benchmarks/ppl_throughput.py --device cpu --config tiny
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,28 @@ from _common import ROOT, build_model, environment, pick_device, print_env, tabl
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--config", default=None, choices=("qwen2-0.5b", "tiny"),
-                   help="model shape (default: qwen2-0.5b on CUDA, tiny on CPU)")
-    p.add_argument("--dtypes", default=None, help="comma-separated (default: bfloat16,float16 on CUDA; "
-                                                  "float32 on CPU)")
+    p.add_argument(
+        "--config",
+        default=None,
+        choices=("qwen2-0.5b", "tiny"),
+        help="model shape (default: qwen2-0.5b on CUDA, tiny on CPU)",
+    )
+    p.add_argument("--dtypes", default=None, help="comma-separated (default: bfloat16,float16 on CUDA; float32 on CPU)")
     p.add_argument("--seqlen", type=int, default=None, help="window length (default 2048; 256 on CPU)")
     p.add_argument("--batch-sizes", default=None, help="windows per forward pass (default 8,16; 4 on CPU)")
     p.add_argument("--windows", type=int, default=None, help="windows per measurement (default 64; 8 on CPU)")
-    p.add_argument("--full-logits", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the unchunked loss (float32 copy of all logits) for comparison")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default 1 on CPU: steadier on a shared machine; try 2+ on your own)")
+    p.add_argument(
+        "--full-logits",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the unchunked loss (float32 copy of all logits) for comparison",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default 1 on CPU: steadier on a shared machine; try 2+ on your own)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "ppl_throughput.csv"))
     return p.parse_args(argv)
 
@@ -58,8 +70,10 @@ def main(argv=None):
     n_windows = args.windows or (64 if cuda else 8)
     env = environment(device)
     print_env(env)
-    print(f"model: {config} (random weights), seqlen {seqlen}, {n_windows} windows "
-          f"({n_windows * seqlen} tokens) per measurement, after one warm-up batch")
+    print(
+        f"model: {config} (random weights), seqlen {seqlen}, {n_windows} windows "
+        f"({n_windows * seqlen} tokens) per measurement, after one warm-up batch"
+    )
     t_start = time.perf_counter()
     rows = []
     for dtype_name in dtypes:
@@ -67,10 +81,16 @@ def main(argv=None):
         model = build_model(config, dtype, device)
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (n_windows * seqlen,), generator=torch.Generator().manual_seed(0))
-        for loss in (["chunked", "full-logits"] if args.full_logits else ["chunked"]):
+        for loss in ["chunked", "full-logits"] if args.full_logits else ["chunked"]:
             for bs in batch_sizes:
-                row = {"dtype": dtype_name, "loss": loss, "batch_size": bs, "seqlen": seqlen,
-                       "tokens": n_windows * seqlen, "config": config}
+                row = {
+                    "dtype": dtype_name,
+                    "loss": loss,
+                    "batch_size": bs,
+                    "seqlen": seqlen,
+                    "tokens": n_windows * seqlen,
+                    "config": config,
+                }
                 saved = ppl_mod._plain_head
                 if loss == "full-logits":
                     ppl_mod._plain_head = lambda model: None  # the old path: model(ids).logits.float()
@@ -98,16 +118,32 @@ def main(argv=None):
                         torch.cuda.empty_cache()
                 row.update({f"env_{k}": v for k, v in env.items()})
                 rows.append(row)
-                print(f"  {dtype_name:9s} {loss:12s} batch {bs:3d}: "
-                      f"{row.get('tokens_per_s', float('nan')):12,.0f} tokens/s  ({row['status']})", flush=True)
+                print(
+                    f"  {dtype_name:9s} {loss:12s} batch {bs:3d}: "
+                    f"{row.get('tokens_per_s', float('nan')):12,.0f} tokens/s  ({row['status']})",
+                    flush=True,
+                )
         del model
         if cuda:
             torch.cuda.empty_cache()
     print()
-    print(table(rows, [("dtype", "dtype", ""), ("loss", "loss", ""), ("batch_size", "batch", "d"),
-                       ("seqlen", "seqlen", "d"), ("tokens", "tokens", "d"), ("seconds", "s", ".2f"),
-                       ("tokens_per_s", "tokens/s", ",.0f"), ("peak_mem_GB", "peak GB", ".1f"),
-                       ("ppl", "ppl", ".1f"), ("status", "status", "")]))
+    print(
+        table(
+            rows,
+            [
+                ("dtype", "dtype", ""),
+                ("loss", "loss", ""),
+                ("batch_size", "batch", "d"),
+                ("seqlen", "seqlen", "d"),
+                ("tokens", "tokens", "d"),
+                ("seconds", "s", ".2f"),
+                ("tokens_per_s", "tokens/s", ",.0f"),
+                ("peak_mem_GB", "peak GB", ".1f"),
+                ("ppl", "ppl", ".1f"),
+                ("status", "status", ""),
+            ],
+        )
+    )
     out = Path(args.out)
     write_csv(rows, out)
     print(f"\nwrote {out} ({time.perf_counter() - t_start:.0f} s in all)")

@@ -1,4 +1,5 @@
 """``qtutor.quantize``: apply a registered method to a model, in place (ARCHITECTURE.md section 3)."""
+
 from __future__ import annotations
 
 import time
@@ -29,12 +30,19 @@ class QuantReport:
         return sum(s["bits_per_weight"] * s["numel"] for s in self.layers.values()) / n
 
     def __str__(self):
-        return (f"{self.method}: {len(self.layers)} linears, {self.bits_per_weight:.3f} bits/weight, "
-                f"{self.seconds:.1f} s")
+        return (
+            f"{self.method}: {len(self.layers)} linears, {self.bits_per_weight:.3f} bits/weight, {self.seconds:.1f} s"
+        )
 
 
-def quantize(model, method: str, config: Optional[QuantConfig] = None,
-             calib: Optional[torch.Tensor] = None, device=None, progress: bool = False) -> QuantReport:
+def quantize(
+    model,
+    method: str,
+    config: Optional[QuantConfig] = None,
+    calib: Optional[torch.Tensor] = None,
+    device=None,
+    progress: bool = False,
+) -> QuantReport:
     """Quantize the linears of ``model``'s decoder layers with ``method``, in place.
 
     ``config`` defaults to the method's registered default; ``calib`` (n, seqlen) token windows
@@ -44,8 +52,7 @@ def quantize(model, method: str, config: Optional[QuantConfig] = None,
     m = get_method(method)
     cfg = m.default_config if config is None else config
     if m.default_config is not None and not isinstance(cfg, type(m.default_config)):
-        raise QtutorError(f"{method} takes a {type(m.default_config).__name__}, "
-                          f"not a {type(cfg).__name__}")
+        raise QtutorError(f"{method} takes a {type(m.default_config).__name__}, not a {type(cfg).__name__}")
     layout = check_model(model)
     device = None if device is None else parse_device(device)
     if calib is not None:
@@ -55,17 +62,26 @@ def quantize(model, method: str, config: Optional[QuantConfig] = None,
     stats: dict = {}
     if m.needs_calib:
         if calib is None:
-            raise QtutorError(f"{method} needs calibration windows: pass calib=(n, seqlen) token ids "
-                              f"(see qtutor.data.calibration_windows)")
+            raise QtutorError(
+                f"{method} needs calibration windows: pass calib=(n, seqlen) token ids "
+                f"(see qtutor.data.calibration_windows)"
+            )
         from .calib import sequential
-        per_layer = sequential(model, layout, calib,
-                               lambda layer, X, kw: m.quantize_layer(layer, layout, X, kw, cfg),
-                               device=device, progress=progress)
+
+        per_layer = sequential(
+            model,
+            layout,
+            calib,
+            lambda layer, X, kw: m.quantize_layer(layer, layout, X, kw, cfg),
+            device=device,
+            progress=progress,
+        )
         for i, s in enumerate(per_layer):
             stats.update({f"layers.{i}.{k}": v for k, v in (s or {}).items()})
     else:
-        todo = [(i, layer, name, linear) for i, layer in enumerate(layers)
-                for name, linear in layout.linears(layer).items()]
+        todo = [
+            (i, layer, name, linear) for i, layer in enumerate(layers) for name, linear in layout.linears(layer).items()
+        ]
         while todo:  # one linear at a time, or about 2^26 weights at a time with from_float_many
             take = 1
             if m.from_float_many is not None:
@@ -82,8 +98,9 @@ def quantize(model, method: str, config: Optional[QuantConfig] = None,
         for name, module in layout.linears(layer).items():
             entry = stats.setdefault(f"layers.{i}.{name}", {})
             entry["numel"] = module.in_features * module.out_features
-            entry["bits_per_weight"] = (module.bits_per_weight if isinstance(module, QuantizedLinear)
-                                        else 8.0 * module.weight.element_size())
+            entry["bits_per_weight"] = (
+                module.bits_per_weight if isinstance(module, QuantizedLinear) else 8.0 * module.weight.element_size()
+            )
     return QuantReport(method, cfg, time.perf_counter() - t0, stats)
 
 
@@ -101,8 +118,7 @@ def parse_device(spec) -> torch.device:
         if count == 0:
             raise QtutorError(f"device {spec!r} but no CUDA device is available; use 'cpu'")
         if device.index is not None and device.index >= count:
-            raise QtutorError(f"device {spec!r} but there are {count} CUDA devices; "
-                              f"use 'cuda:0' to 'cuda:{count - 1}'")
+            raise QtutorError(f"device {spec!r} but there are {count} CUDA devices; use 'cuda:0' to 'cuda:{count - 1}'")
     return device
 
 
@@ -110,23 +126,28 @@ def check_model(model):
     """The layout of ``model``, after checking that it is a float causal LM that ``quantize`` can
     work on: a supported family, its decoder linears not yet quantized, their weights finite."""
     if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
-        raise QtutorError(f"quantize needs a causal LM such as qtutor.load_model returns, "
-                          f"got {type(model).__name__}")
+        raise QtutorError(f"quantize needs a causal LM such as qtutor.load_model returns, got {type(model).__name__}")
     layout = layout_for(model)
     for i, layer in enumerate(layout.layers(model)):
         for name, linear in layout.linears(layer).items():
             where = f"layers.{i}.{name}"
             if isinstance(linear, QuantizedLinear):
-                raise QtutorError(f"the model is already quantized ({where} is a "
-                                  f"{type(linear).__name__}); quantize a fresh float copy "
-                                  f"(load the model again, or copy.deepcopy it before quantizing)")
+                raise QtutorError(
+                    f"the model is already quantized ({where} is a "
+                    f"{type(linear).__name__}); quantize a fresh float copy "
+                    f"(load the model again, or copy.deepcopy it before quantizing)"
+                )
             if not isinstance(linear, nn.Linear):
-                raise QtutorError(f"{where} is a {type(linear).__name__}, not an nn.Linear; "
-                                  f"quantize a float model as transformers builds it")
+                raise QtutorError(
+                    f"{where} is a {type(linear).__name__}, not an nn.Linear; "
+                    f"quantize a float model as transformers builds it"
+                )
             bad = int((~torch.isfinite(linear.weight.detach())).sum())
             if bad:
-                raise QtutorError(f"{where}.weight holds {bad} NaN/Inf values; quantization would "
-                                  f"hide them: repair or re-download the model weights")
+                raise QtutorError(
+                    f"{where}.weight holds {bad} NaN/Inf values; quantization would "
+                    f"hide them: repair or re-download the model weights"
+                )
     return layout
 
 
@@ -136,12 +157,13 @@ def check_calib(calib, model) -> None:
     if not isinstance(calib, torch.Tensor):
         raise QtutorError(f"calib is a {type(calib).__name__}, not a tensor; {how}")
     if calib.dtype == torch.bool or calib.is_floating_point() or calib.is_complex():
-        raise QtutorError(f"calib holds {str(calib.dtype).replace('torch.', '')} values, not integer "
-                          f"token ids; {how}")
+        raise QtutorError(f"calib holds {str(calib.dtype).replace('torch.', '')} values, not integer token ids; {how}")
     if calib.dim() != 2 or calib.numel() == 0:
         raise QtutorError(f"calib has shape {tuple(calib.shape)}, not (n, seqlen) with n, seqlen >= 1; {how}")
     vocab = model.get_input_embeddings().num_embeddings
     low, high = int(calib.min()), int(calib.max())
     if low < 0 or high >= vocab:
-        raise QtutorError(f"calib holds token ids from {low} to {high}, outside the model's vocabulary "
-                          f"of {vocab}; tokenize with the model's own tokenizer")
+        raise QtutorError(
+            f"calib holds token ids from {low} to {high}, outside the model's vocabulary "
+            f"of {vocab}; tokenize with the model's own tokenizer"
+        )

@@ -8,6 +8,7 @@ killed or runs at the same time. ``--resume`` continues a run with the same sett
 setting that changes a number is compared); ``--overwrite`` starts afresh and keeps the old
 file as ``results.previous-N.json``. At the end ``results.csv``, the figures and a table are written.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,8 +24,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .errors import QtutorError
-from .runfolder import (RESULTS, archive, check_out_path, finite_or_none, locked, os_error, read_results,
-                        write_json)
+from .runfolder import RESULTS, archive, check_out_path, finite_or_none, locked, os_error, read_results, write_json
+
 
 @dataclass
 class BenchConfig:
@@ -63,8 +64,9 @@ class BenchConfig:
     def replace(self, **changes) -> "BenchConfig":
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
-            raise QtutorError(f"BenchConfig has no field {', '.join(unknown)}; "
-                              f"fields: {', '.join(f.name for f in fields(self))}")
+            raise QtutorError(
+                f"BenchConfig has no field {', '.join(unknown)}; fields: {', '.join(f.name for f in fields(self))}"
+            )
         return dataclasses.replace(self, **changes)
 
 
@@ -79,8 +81,7 @@ MINIMUMS = {
     "--eval-batch-size": ("eval_batch_size", 1, "it counts windows per forward pass"),
     "--calib-samples": ("calib_samples", 1, "it counts calibration windows"),
     "--calib-seqlen": ("calib_seqlen", 1, "it counts tokens per calibration window"),
-    "--latency-tokens": ("latency_tokens", 2, "the first token comes from the prefill, so decoding "
-                                              "speed needs two"),
+    "--latency-tokens": ("latency_tokens", 2, "the first token comes from the prefill, so decoding speed needs two"),
     "--latency-runs": ("latency_runs", 1, "it counts timed decodes"),
     "--seed": ("seed", 0, "seeds are non-negative"),
 }
@@ -98,13 +99,16 @@ def check_options(args) -> None:
     if args.seed > MAX_SEED:
         raise QtutorError(f"--seed {args.seed} is too large; use at most {MAX_SEED}")
     if args.resume and args.overwrite:
-        raise QtutorError("--resume and --overwrite contradict each other; --resume continues the run "
-                          "in --out, --overwrite starts afresh (keeping the old results file)")
+        raise QtutorError(
+            "--resume and --overwrite contradict each other; --resume continues the run "
+            "in --out, --overwrite starts afresh (keeping the old results file)"
+        )
 
 
 def method_configs(names: list[str], args) -> dict:
     """Each method's config with the overrides it declares (``Method.overrides``) applied."""
     from .quant import get_method
+
     configs = {}
     for name in names:
         m = get_method(name)
@@ -119,6 +123,7 @@ def parse_methods(spec) -> list[str]:
     """``--methods``: names separated by spaces (``--methods rtn_int4 gptq_int4``, as the
     original benchmark takes them) or commas, or ``all``."""
     from .quant import get_method, implemented_methods
+
     names = ",".join([spec] if isinstance(spec, str) else spec).replace(" ", ",").split(",")
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:
@@ -136,6 +141,7 @@ def parse_methods(spec) -> list[str]:
 def resolve_device(spec: str) -> torch.device:
     """``--device``: auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
     from .api import parse_device
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -149,14 +155,20 @@ def load_results(path: Path) -> dict:
     try:
         return read_results(path)
     except ValueError as err:
-        raise QtutorError(f"cannot resume from {path}: {err}; fix or delete the file, "
-                          f"or run without --resume into another --out") from err
+        raise QtutorError(
+            f"cannot resume from {path}: {err}; fix or delete the file, or run without --resume into another --out"
+        ) from err
 
 
 def versions() -> dict:
     import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "qtutor": __import__("qtutor").__version__}
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "qtutor": __import__("qtutor").__version__,
+    }
 
 
 def device_name(device: torch.device) -> str:
@@ -193,6 +205,7 @@ def plan_run(args) -> Plan:
     from .book import eval_seqlen
     from .models import EMBEDDED_MODEL
     from .quant import get_method
+
     check_options(args)
     names = parse_methods(args.methods)
     configs = method_configs(names, args)
@@ -204,32 +217,52 @@ def plan_run(args) -> Plan:
     max_positions = getattr(config, "max_position_embeddings", None) or 10**9
     seqlen = args.seqlen or eval_seqlen(config)
     if max(seqlen, args.calib_seqlen or 0) > max_positions:
-        raise QtutorError(f"--seqlen/--calib-seqlen {max(seqlen, args.calib_seqlen or 0)} exceeds the model's "
-                          f"{max_positions} positions; use a value of at most {max_positions}")
+        raise QtutorError(
+            f"--seqlen/--calib-seqlen {max(seqlen, args.calib_seqlen or 0)} exceeds the model's "
+            f"{max_positions} positions; use a value of at most {max_positions}"
+        )
     # on a CPU the default run evaluates a slice of the text, so that it stays within minutes
     max_eval = args.max_eval_tokens or (None if device.type == "cuda" else 64 * 512)
     if max_eval is not None and max_eval < seqlen:
         given = "--max-eval-tokens" if args.max_eval_tokens else "the CPU default of --max-eval-tokens"
-        raise QtutorError(f"{given} {max_eval} is fewer than one window of {seqlen} tokens (--seqlen); "
-                          f"use --max-eval-tokens {seqlen} or more, or a smaller --seqlen")
-    dataset = "random-tokens" if args.random_weights else (
-        args.dataset or ("embedded" if args.model == EMBEDDED_MODEL else "wikitext2"))
-    return Plan(names, configs, device, dtype_name, out, config, dataset,
-                needs_calib=any(get_method(n).needs_calib for n in names), seqlen=seqlen,
-                calib_seqlen=args.calib_seqlen or seqlen,
-                n_calib=args.calib_samples or (128 if device.type == "cuda" else 16), max_eval=max_eval)
+        raise QtutorError(
+            f"{given} {max_eval} is fewer than one window of {seqlen} tokens (--seqlen); "
+            f"use --max-eval-tokens {seqlen} or more, or a smaller --seqlen"
+        )
+    dataset = (
+        "random-tokens"
+        if args.random_weights
+        else (args.dataset or ("embedded" if args.model == EMBEDDED_MODEL else "wikitext2"))
+    )
+    return Plan(
+        names,
+        configs,
+        device,
+        dtype_name,
+        out,
+        config,
+        dataset,
+        needs_calib=any(get_method(n).needs_calib for n in names),
+        seqlen=seqlen,
+        calib_seqlen=args.calib_seqlen or seqlen,
+        n_calib=args.calib_samples or (128 if device.type == "cuda" else 16),
+        max_eval=max_eval,
+    )
 
 
 def _model_config(args):
     """The model's transformers config (a one-line error if the model cannot be had)."""
     from .models import LAYOUTS, QWEN2_0_5B, load_config
+
     if args.random_weights and args.model.lower() in ("qwen2-0.5b", "qwen/qwen2-0.5b"):
         from transformers import Qwen2Config
+
         return Qwen2Config(**QWEN2_0_5B)
     config = load_config(args.model)
     if config.model_type not in LAYOUTS:
-        raise QtutorError(f"model type {config.model_type!r} has no layout in qtutor; "
-                          f"supported: {', '.join(sorted(LAYOUTS))}")
+        raise QtutorError(
+            f"model type {config.model_type!r} has no layout in qtutor; supported: {', '.join(sorted(LAYOUTS))}"
+        )
     return config
 
 
@@ -237,13 +270,17 @@ def model_revision(args, config) -> str:
     """What identifies the model's numbers: a fingerprint of a local folder's config and weight
     files, the Hub commit, or the built-in architecture."""
     from .models import resolve_model
+
     if args.random_weights and args.model.lower() in ("qwen2-0.5b", "qwen/qwen2-0.5b"):
         return "built-in qwen2-0.5b architecture"
     path = Path(resolve_model(args.model))
     if not path.is_dir():
         return getattr(config, "_commit_hash", None) or f"hub:{args.model} (revision unknown)"
-    patterns = ("config.json",) if args.random_weights else (
-        "config.json", "*.safetensors", "*.bin", "*.safetensors.index.json")
+    patterns = (
+        ("config.json",)
+        if args.random_weights
+        else ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json")
+    )
     h = hashlib.sha256()
     for f in sorted({f for pattern in patterns for f in path.glob(pattern)}):
         h.update(f"{f.name}:{f.stat().st_size}:".encode())
@@ -292,16 +329,20 @@ class Inputs:
 def read_texts(args, plan: Plan):
     """(evaluation text, calibration text or None); None for random weights."""
     from .data import dataset_text
+
     if args.random_weights:
         return None
-    return (dataset_text(plan.dataset, "eval", args.data_dir),
-            dataset_text(plan.dataset, "calib", args.data_dir) if plan.needs_calib else None)
+    return (
+        dataset_text(plan.dataset, "eval", args.data_dir),
+        dataset_text(plan.dataset, "calib", args.data_dir) if plan.needs_calib else None,
+    )
 
 
 def load_inputs(args, plan: Plan, texts) -> Inputs:
     """Load the model and tokenize; checks that the texts give the windows the run needs."""
     from .data import calibration_windows, eval_windows, tokenize
     from .models import load_model, random_model
+
     dtype = getattr(torch, plan.dtype_name)
     torch.manual_seed(args.seed)
     if args.random_weights:  # random token ids: the figures are timings, not quality
@@ -314,22 +355,33 @@ def load_inputs(args, plan: Plan, texts) -> Inputs:
         base, tokenizer = load_model(args.model, dtype=dtype, device="cpu")
         eval_ids = tokenize(tokenizer, texts[0])
         calib_ids = None if texts[1] is None else tokenize(tokenizer, texts[1])
-    calib = (calibration_windows(calib_ids, plan.n_calib, plan.calib_seqlen, args.seed)
-             if plan.needs_calib else None)
+    calib = calibration_windows(calib_ids, plan.n_calib, plan.calib_seqlen, args.seed) if plan.needs_calib else None
     return Inputs(base, eval_ids, eval_windows(eval_ids, plan.seqlen, plan.max_eval), calib)
 
 
 # --------------------------------------------------------------------------- settings
 #: every setting that changes a number, as --resume names it when it differs (in this order)
 SETTINGS = {
-    "model": "--model", "random_weights": "--random-weights",
-    "model_revision": "the model's files (config and weights)", "dataset": "--dataset",
-    "seqlen": "--seqlen", "eval_tokens": "the evaluated tokens (--max-eval-tokens)",
-    "eval_text": "the evaluation text (--data-dir or the tokenizer)", "seed": "--seed",
-    "dtype": "--dtype", "device_type": "--device", "bits": "--bits", "group_size": "--group-size",
-    "sym": "--sym/--no-sym", "act_order": "--act-order", "latency_tokens": "--latency-tokens",
-    "fast_decode": "--fast-decode", "kernels": "--kernels", "calib_samples": "--calib-samples",
-    "calib_seqlen": "--calib-seqlen", "calib_windows": "the calibration text (--data-dir or the tokenizer)",
+    "model": "--model",
+    "random_weights": "--random-weights",
+    "model_revision": "the model's files (config and weights)",
+    "dataset": "--dataset",
+    "seqlen": "--seqlen",
+    "eval_tokens": "the evaluated tokens (--max-eval-tokens)",
+    "eval_text": "the evaluation text (--data-dir or the tokenizer)",
+    "seed": "--seed",
+    "dtype": "--dtype",
+    "device_type": "--device",
+    "bits": "--bits",
+    "group_size": "--group-size",
+    "sym": "--sym/--no-sym",
+    "act_order": "--act-order",
+    "latency_tokens": "--latency-tokens",
+    "fast_decode": "--fast-decode",
+    "kernels": "--kernels",
+    "calib_samples": "--calib-samples",
+    "calib_seqlen": "--calib-seqlen",
+    "calib_windows": "the calibration text (--data-dir or the tokenizer)",
 }
 CALIB_SETTINGS = ("calib_samples", "calib_seqlen", "calib_windows")
 
@@ -339,13 +391,23 @@ def run_settings(args, plan: Plan, inputs: Inputs) -> dict:
     calibrated = inputs.calib is not None
     fast = plan.device.type == "cuda" if args.fast_decode is None else args.fast_decode
     return {
-        "model": args.model, "random_weights": args.random_weights,
-        "model_revision": model_revision(args, plan.model_config), "dataset": plan.dataset,
-        "seqlen": plan.seqlen, "eval_tokens": int(inputs.eval_tokens.numel()),
-        "eval_text": _digest(inputs.eval_tokens), "seed": args.seed, "dtype": plan.dtype_name,
-        "device_type": plan.device.type, "bits": args.bits, "group_size": args.group_size,
-        "sym": args.sym, "act_order": args.act_order, "latency_tokens": args.latency_tokens,
-        "fast_decode": fast, "kernels": args.kernels,
+        "model": args.model,
+        "random_weights": args.random_weights,
+        "model_revision": model_revision(args, plan.model_config),
+        "dataset": plan.dataset,
+        "seqlen": plan.seqlen,
+        "eval_tokens": int(inputs.eval_tokens.numel()),
+        "eval_text": _digest(inputs.eval_tokens),
+        "seed": args.seed,
+        "dtype": plan.dtype_name,
+        "device_type": plan.device.type,
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "sym": args.sym,
+        "act_order": args.act_order,
+        "latency_tokens": args.latency_tokens,
+        "fast_decode": fast,
+        "kernels": args.kernels,
         "calib_samples": plan.n_calib if calibrated else None,
         "calib_seqlen": plan.calib_seqlen if calibrated else None,
         "calib_windows": _digest(inputs.calib) if calibrated else None,
@@ -357,23 +419,31 @@ def check_resumable(path: Path, previous: dict, settings: dict, configs: dict) -
     how = "rerun with the same setting, or use another --out (or --overwrite, which keeps the old file)"
     before = previous.get("settings")
     if not isinstance(before, dict):
-        raise QtutorError(f"cannot resume: {path} does not record its settings (an older qtutor wrote "
-                          f"it), so they cannot be compared; use another --out, or --overwrite")
+        raise QtutorError(
+            f"cannot resume: {path} does not record its settings (an older qtutor wrote "
+            f"it), so they cannot be compared; use another --out, or --overwrite"
+        )
     both_calibrate = before.get("calib_windows") is not None and settings["calib_windows"] is not None
     for key, label in SETTINGS.items():
         if key in CALIB_SETTINGS and not both_calibrate:
             continue  # calibration changes only the numbers of the methods that calibrate
         if before.get(key) != settings[key]:
-            raise QtutorError(f"cannot resume: {path} was made with {label} = {_shown(before.get(key))}, "
-                              f"this run has {_shown(settings[key])}; {how}")
+            raise QtutorError(
+                f"cannot resume: {path} was made with {label} = {_shown(before.get(key))}, "
+                f"this run has {_shown(settings[key])}; {how}"
+            )
     for name, cfg in configs.items():
         entry = previous["methods"].get(name)
         now = None if cfg is None else _plain(cfg.__dict__)
         if entry is not None and entry["config"] != now:
-            diff = sorted(k for k in set(now or {}) | set(entry["config"] or {})
-                          if (now or {}).get(k) != (entry["config"] or {}).get(k))
-            raise QtutorError(f"cannot resume: {name} in {path} was quantized with another config "
-                              f"({', '.join(diff)} differ); {how}")
+            diff = sorted(
+                k
+                for k in set(now or {}) | set(entry["config"] or {})
+                if (now or {}).get(k) != (entry["config"] or {}).get(k)
+            )
+            raise QtutorError(
+                f"cannot resume: {name} in {path} was quantized with another config ({', '.join(diff)} differ); {how}"
+            )
 
 
 def _shown(value) -> str:
@@ -383,6 +453,7 @@ def _shown(value) -> str:
 def _plain(data):
     """``data`` as it reads back from JSON (tuples become lists, and so on)."""
     import json
+
     return json.loads(json.dumps(data))
 
 
@@ -399,12 +470,16 @@ def existing_results(path: Path, args) -> Optional[dict]:
     try:
         held = read_results(path)["methods"]
     except ValueError as err:
-        raise QtutorError(f"{path} is not a readable results file ({err}); move it away, use another "
-                          f"--out, or --overwrite to keep it as results.previous-N.json") from err
+        raise QtutorError(
+            f"{path} is not a readable results file ({err}); move it away, use another "
+            f"--out, or --overwrite to keep it as results.previous-N.json"
+        ) from err
     if held:
-        raise QtutorError(f"{path} holds {len(held)} finished methods ({', '.join(held)}); continue with "
-                          f"--resume, start afresh with --overwrite (the file is kept as "
-                          f"results.previous-N.json), or use another --out")
+        raise QtutorError(
+            f"{path} holds {len(held)} finished methods ({', '.join(held)}); continue with "
+            f"--resume, start afresh with --overwrite (the file is kept as "
+            f"results.previous-N.json), or use another --out"
+        )
     return None  # no finished method: nothing to lose
 
 
@@ -418,16 +493,19 @@ def start_results(path: Path, args, header: dict, previous: Optional[dict], log=
         results = {**header, **previous}  # the header of the run being continued
         if previous["settings"].get("calib_windows") is None and header["settings"]["calib_windows"]:
             # the first run of this folder that calibrates: record its calibration
-            results["settings"] = {**previous["settings"],
-                                   **{k: header["settings"][k] for k in CALIB_SETTINGS}}
+            results["settings"] = {**previous["settings"], **{k: header["settings"][k] for k in CALIB_SETTINGS}}
             results.update(calib_samples=header["calib_samples"], calib_seqlen=header["calib_seqlen"])
     write_json(path, results)
     return results
 
 
 # --------------------------------------------------------------------------- the run
-def run_bench(config: BenchConfig, on_result: Optional[Callable[[str, dict], None]] = None,
-              keep: Optional[dict] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+def run_bench(
+    config: BenchConfig,
+    on_result: Optional[Callable[[str, dict], None]] = None,
+    keep: Optional[dict] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict:
     """The benchmark of ``config.methods`` -> the results (as ``OUT/results.json`` holds them).
 
     Writes ``OUT`` (results.json after every method, then results.csv and the figures) and
@@ -445,12 +523,17 @@ def run_bench(config: BenchConfig, on_result: Optional[Callable[[str, dict], Non
     with locked(plan.out):
         previous = existing_results(plan.results_path, args)
         inputs = load_inputs(args, plan, texts)
-        header = {"model": args.model + (" (random weights: timing only)" if args.random_weights else ""),
-                  "dataset": plan.dataset, "device": device_name(plan.device), "dtype": plan.dtype_name,
-                  "seqlen": plan.seqlen,
-                  "calib_samples": 0 if inputs.calib is None else int(inputs.calib.shape[0]),
-                  "calib_seqlen": plan.calib_seqlen, "versions": versions(),
-                  "settings": run_settings(args, plan, inputs)}
+        header = {
+            "model": args.model + (" (random weights: timing only)" if args.random_weights else ""),
+            "dataset": plan.dataset,
+            "device": device_name(plan.device),
+            "dtype": plan.dtype_name,
+            "seqlen": plan.seqlen,
+            "calib_samples": 0 if inputs.calib is None else int(inputs.calib.shape[0]),
+            "calib_seqlen": plan.calib_seqlen,
+            "versions": versions(),
+            "settings": run_settings(args, plan, inputs),
+        }
         if previous is not None:
             check_resumable(plan.results_path, previous, header["settings"], plan.configs)
         results = start_results(plan.results_path, args, header, previous, log)
@@ -461,21 +544,24 @@ def run_bench(config: BenchConfig, on_result: Optional[Callable[[str, dict], Non
         write_json(plan.results_path, results)
         _write_outputs(results, plan.out, log)
     done = [n for n in plan.names if n in results["methods"]]
-    log(f"wall time {wall:.1f} s for this run ({len(done)} methods"
-          + (", continuing an earlier run: not the time of the whole set)" if previous is not None else ")"))
+    log(
+        f"wall time {wall:.1f} s for this run ({len(done)} methods"
+        + (", continuing an earlier run: not the time of the whole set)" if previous is not None else ")")
+    )
     return results
 
 
-def run_methods(args, plan: Plan, inputs: Inputs, results: dict, keep: Optional[dict] = None,
-                on_result=None, log=print) -> None:
+def run_methods(
+    args, plan: Plan, inputs: Inputs, results: dict, keep: Optional[dict] = None, on_result=None, log=print
+) -> None:
     """Measure each method not yet in ``results``; the file is rewritten after each one."""
     from .eval import memory_report
     from .plots import format_number
+
     fp16 = _quantized_copy(inputs.base, "fp16_baseline", None, None, plan.device)[0]
     fp16_bytes = memory_report(fp16).total_bytes
     del fp16
-    log(f"model {results['model']} on {results['device']} ({plan.dtype_name}); "
-          f"{plan.dataset}, seqlen {plan.seqlen}")
+    log(f"model {results['model']} on {results['device']} ({plan.dtype_name}); {plan.dataset}, seqlen {plan.seqlen}")
     for name in plan.names:
         if name in results["methods"]:
             log(f"{name:20s} skipped (already in {plan.results_path})")
@@ -487,33 +573,41 @@ def run_methods(args, plan: Plan, inputs: Inputs, results: dict, keep: Optional[
         write_json(plan.results_path, results)
         if on_result is not None:
             on_result(name, entry)
-        log(f"{name:20s} ppl {format_number(entry['ppl'], 9, 3)}  {entry['bits_per_weight']:6.3f} bits/w  "
-              f"{entry['memory_mb']:8.2f} MB  {format_number(entry['latency_ms_per_token'], 7, 2)} ms/tok  "
-              f"({entry['seconds']:.1f} s)")
+        log(
+            f"{name:20s} ppl {format_number(entry['ppl'], 9, 3)}  {entry['bits_per_weight']:6.3f} bits/w  "
+            f"{entry['memory_mb']:8.2f} MB  {format_number(entry['latency_ms_per_token'], 7, 2)} ms/tok  "
+            f"({entry['seconds']:.1f} s)"
+        )
 
 
 def measure(args, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, keep: Optional[dict] = None) -> dict:
     """Quantize a fresh copy with ``name``; its perplexity, latency, memory and compression."""
     from .eval import memory_report, perplexity
+
     t0 = time.perf_counter()
     progress = args.progress
-    model, report = _quantized_copy(inputs.base, name, plan.configs[name], inputs.calib, plan.device,
-                                    progress=progress)
-    ppl = perplexity(model, inputs.eval_ids, plan.seqlen, plan.max_eval, args.eval_batch_size,
-                     progress=progress)
+    model, report = _quantized_copy(inputs.base, name, plan.configs[name], inputs.calib, plan.device, progress=progress)
+    ppl = perplexity(model, inputs.eval_ids, plan.seqlen, plan.max_eval, args.eval_batch_size, progress=progress)
     mem = memory_report(model)  # before the decode timing, whose fast kernels may add or re-pack buffers
     if keep is not None and name in keep:  # hand back the model as quantize() made it: time a copy
         keep[name] = (model, report)
         model = copy.deepcopy(model)
     lat = _latency(model, inputs.prompt, args, plan.device)
     return {
-        "ppl": ppl.ppl, "eval_tokens": ppl.eval_tokens, "seqlen": plan.seqlen,
-        "bits_per_weight": report.bits_per_weight, "memory_mb": mem.total_mb,
+        "ppl": ppl.ppl,
+        "eval_tokens": ppl.eval_tokens,
+        "seqlen": plan.seqlen,
+        "bits_per_weight": report.bits_per_weight,
+        "memory_mb": mem.total_mb,
         "compression_ratio": fp16_bytes / mem.total_bytes,
-        "latency_ms_per_token": lat.ms_per_token, "quant_seconds": report.seconds,
+        "latency_ms_per_token": lat.ms_per_token,
+        "quant_seconds": report.seconds,
         "latency_method": getattr(lat, "method", "hf-dynamic-cache"),
-        "memory_split_bytes": {"embeddings": mem.embeddings_bytes, "linears": mem.linears_bytes,
-                               "other": mem.other_bytes},
+        "memory_split_bytes": {
+            "embeddings": mem.embeddings_bytes,
+            "linears": mem.linears_bytes,
+            "other": mem.other_bytes,
+        },
         "config": None if report.config is None else report.config.__dict__,
         "kernel": getattr(lat, "kernels", None) or _kernels(model),
         "seconds": time.perf_counter() - t0,  # quantize + evaluate + time decoding
@@ -523,11 +617,13 @@ def measure(args, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, keep: 
 def _latency(model, prompt, args, device):
     """Decode latency: the fast harness (static cache, CUDA graphs, fast kernels) or the HF loop."""
     from .eval import decode_latency
+
     fast = device.type == "cuda" if getattr(args, "fast_decode", None) is None else args.fast_decode
     if not fast:
         return decode_latency(model, prompt, args.latency_tokens, runs=args.latency_runs)
     from .runtime.decode import fast_decode_latency
     from .runtime.kernels import accelerate
+
     accelerate(model, getattr(args, "kernels", "auto"))
     return fast_decode_latency(model, prompt, args.latency_tokens, runs=args.latency_runs)
 
@@ -535,10 +631,12 @@ def _latency(model, prompt, args, device):
 def _quiet_libraries():
     """Our own progress bars only: silence transformers' and datasets' bars and info logs."""
     import transformers
+
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     try:
         import datasets
+
         datasets.disable_progress_bars()
         datasets.utils.logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
@@ -547,6 +645,7 @@ def _quiet_libraries():
 
 def _quantized_copy(base, name, cfg, calib, device, progress=False):
     from .api import quantize
+
     model = copy.deepcopy(base).to(device)
     report = quantize(model, name, cfg, calib=calib, progress=progress)
     return model, report
@@ -554,12 +653,14 @@ def _quantized_copy(base, name, cfg, calib, device, progress=False):
 
 def _kernels(model) -> dict:
     from .runtime.decode import _kernels as kernels_used
+
     return kernels_used(model)
 
 
 def _write_outputs(results: dict, out: Path, log=print) -> None:
     """results.csv (replaced whole), the figures and the table; results.json is complete by now."""
     from .plots import plot_results, results_table, write_csv
+
     csv_path, tmp = out / "results.csv", out / "results.csv.tmp"
     try:
         write_csv(results, tmp)

@@ -10,6 +10,7 @@
 * :func:`random_weights`: whether a model was written with random weights (time and memory
   only: its perplexities say nothing about quantization).
 """
+
 from __future__ import annotations
 
 import os
@@ -48,16 +49,19 @@ def setup(seed: int = 0) -> str:
     os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore")
     import transformers
+
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
         import datasets
+
         datasets.disable_progress_bars()
         datasets.utils.logging.set_verbosity_error()
     except ImportError:  # only WikiText-2 needs it
         pass
     torch.manual_seed(seed)
     import matplotlib.pyplot as plt
+
     plt.rcParams.update(FIGURE_STYLE)
     return pick_device()
 
@@ -103,6 +107,7 @@ def check_fits(config, device: str, dtype: torch.dtype, copies: float = 3.0) -> 
     else:
         try:
             import psutil
+
             have, where = psutil.virtual_memory().available, "available host memory"
         except ImportError:  # pragma: no cover - psutil is optional
             return
@@ -110,7 +115,8 @@ def check_fits(config, device: str, dtype: torch.dtype, copies: float = 3.0) -> 
         raise QtutorError(
             f"this chapter needs about {need / 2**30:.1f} GiB ({copies:g} copies of the model in "
             f"{str(dtype).replace('torch.', '')}) but there are {have / 2**30:.1f} GiB of {where}; "
-            f"use a smaller MODEL, run on the CPU, or lower the chapter's sizes")
+            f"use a smaller MODEL, run on the CPU, or lower the chapter's sizes"
+        )
 
 
 def load_model(name: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
@@ -140,13 +146,17 @@ def describe(model, device: str) -> str:
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     text = f"{n / 1e6:,.1f}M parameters, {c.num_hidden_layers} layers, in {dtype} on {device}."
     if random_weights(model):
-        text += (" RANDOM WEIGHTS: this model has the architecture of a real one but was never "
-                 "trained, so its times and memory are real and its perplexities and errors are "
-                 "meaningless.")
+        text += (
+            " RANDOM WEIGHTS: this model has the architecture of a real one but was never "
+            "trained, so its times and memory are real and its perplexities and errors are "
+            "meaningless."
+        )
     if device == "cpu" and is_large(c):
-        text += (f" On a CPU this model is slow: the chapter evaluates {CPU_EVAL_WINDOWS} windows of "
-                 f"{CPU_SEQLEN} tokens and calibrates with at most {CPU_CALIB_WINDOWS} windows of at most "
-                 f"{CPU_SEQLEN} (a GPU runs the papers' protocol: windows of 2048, the whole test split).")
+        text += (
+            f" On a CPU this model is slow: the chapter evaluates {CPU_EVAL_WINDOWS} windows of "
+            f"{CPU_SEQLEN} tokens and calibrates with at most {CPU_CALIB_WINDOWS} windows of at most "
+            f"{CPU_SEQLEN} (a GPU runs the papers' protocol: windows of 2048, the whole test split)."
+        )
     return text
 
 
@@ -161,8 +171,9 @@ class Budget:
     calib_seqlen: int = 0
 
 
-def budget(config, device: str, seqlen: int, max_eval_tokens: Optional[int],
-           calib_windows: int = 0, calib_seqlen: int = 0) -> Budget:
+def budget(
+    config, device: str, seqlen: int, max_eval_tokens: Optional[int], calib_windows: int = 0, calib_seqlen: int = 0
+) -> Budget:
     """The chapter's sizes, lowered on a CPU for a model of Qwen2-0.5B's class (see :func:`describe`).
 
     >>> budget(type("C", (), {"hidden_size": 896})(), "cpu", 2048, None, 128, 2048)
@@ -175,8 +186,12 @@ def budget(config, device: str, seqlen: int, max_eval_tokens: Optional[int],
         return b
     seqlen = min(seqlen, CPU_SEQLEN)
     tokens = CPU_EVAL_WINDOWS * seqlen
-    return Budget(seqlen, tokens if max_eval_tokens is None else min(max_eval_tokens, tokens),
-                  min(calib_windows, CPU_CALIB_WINDOWS), min(calib_seqlen, CPU_SEQLEN))
+    return Budget(
+        seqlen,
+        tokens if max_eval_tokens is None else min(max_eval_tokens, tokens),
+        min(calib_windows, CPU_CALIB_WINDOWS),
+        min(calib_seqlen, CPU_SEQLEN),
+    )
 
 
 def pick_group_size(width: int, preferred: int = 128) -> int:

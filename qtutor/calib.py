@@ -7,6 +7,7 @@ here uses this driver; the AWQ and SmoothQuant references instead calibrate each
 float model's activations (their modules say so). Only one layer at a time needs to sit on the
 compute device.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -60,7 +61,7 @@ def run_layer(layer: nn.Module, X: torch.Tensor, kwargs: dict, batch_size: int =
     """Outputs of one decoder layer for inputs ``X`` (n, seqlen, hidden), in batches."""
     outs = []
     for i in range(0, X.shape[0], batch_size):
-        out = layer(X[i:i + batch_size], **kwargs)
+        out = layer(X[i : i + batch_size], **kwargs)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return torch.cat(outs)
 
@@ -68,8 +69,9 @@ def run_layer(layer: nn.Module, X: torch.Tensor, kwargs: dict, batch_size: int =
 @contextmanager
 def record_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
     """Call ``fn(name, x)`` with the input ``x`` (..., in_features) of every forward of each module."""
-    handles = [m.register_forward_hook(lambda mod, args, out, name=name: fn(name, args[0]))
-               for name, m in modules.items()]
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: fn(name, args[0])) for name, m in modules.items()
+    ]
     try:
         yield
     finally:
@@ -78,8 +80,14 @@ def record_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor
 
 
 @torch.no_grad()
-def sequential(model, layout, windows: torch.Tensor, quantize_layer: Callable,
-               device: Optional[torch.device] = None, progress: bool = False) -> list:
+def sequential(
+    model,
+    layout,
+    windows: torch.Tensor,
+    quantize_layer: Callable,
+    device: Optional[torch.device] = None,
+    progress: bool = False,
+) -> list:
     """Quantize the decoder layers of ``model`` one after another.
 
     ``quantize_layer(layer, X, kwargs)`` quantizes ``layer`` in place from its inputs ``X``
@@ -98,6 +106,7 @@ def sequential(model, layout, windows: torch.Tensor, quantize_layer: Callable,
     iterator = range(len(layers))
     if progress:
         from tqdm.auto import tqdm
+
         iterator = tqdm(iterator, desc="layers", leave=False)
     for i in iterator:
         layer = layers[i].to(device)

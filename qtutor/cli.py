@@ -5,6 +5,7 @@ a :class:`qtutor.bench.BenchConfig` (one field per option, the same defaults) an
 The choices offered come from the registries: method names from :mod:`qtutor.quant`, datasets
 from :mod:`qtutor.data`, kernel backends from :mod:`qtutor.runtime.kernels`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,55 +30,111 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .quant import implemented_methods
     from .runtime.kernels import BACKENDS
+
     d = BenchConfig()  # the library's defaults are the command's
     p = _Parser(prog="qtutor bench", description=BENCH_DOC)
-    p.add_argument("--model", default=d.model,
-                   help="embedded 'qtutor-tiny' (default), a local folder, or a Hub id such as Qwen/Qwen2-0.5B")
-    p.add_argument("--random-weights", action="store_true",
-                   help="random weights with --model's architecture ('qwen2-0.5b' works offline): "
-                        "for timing and memory only, its perplexity is meaningless")
-    p.add_argument("--methods", nargs="+", default=[d.methods], metavar="METHOD",
-                   help="method names separated by spaces or commas, or 'all' (every implemented method: "
-                        f"{' '.join(implemented_methods())})")
-    p.add_argument("--dataset", choices=DATASETS, default=d.dataset,
-                   help="evaluation text: the embedded model's held-out text (default for the embedded "
-                        "model) or WikiText-2 test (default otherwise)")
-    p.add_argument("--data-dir", default=d.data_dir, help="local WikiText-2 in the Hugging Face layout "
-                                                          "(also $QTUTOR_WIKITEXT)")
+    p.add_argument(
+        "--model",
+        default=d.model,
+        help="embedded 'qtutor-tiny' (default), a local folder, or a Hub id such as Qwen/Qwen2-0.5B",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights with --model's architecture ('qwen2-0.5b' works offline): "
+        "for timing and memory only, its perplexity is meaningless",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=[d.methods],
+        metavar="METHOD",
+        help="method names separated by spaces or commas, or 'all' (every implemented method: "
+        f"{' '.join(implemented_methods())})",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=d.dataset,
+        help="evaluation text: the embedded model's held-out text (default for the embedded "
+        "model) or WikiText-2 test (default otherwise)",
+    )
+    p.add_argument(
+        "--data-dir", default=d.data_dir, help="local WikiText-2 in the Hugging Face layout (also $QTUTOR_WIKITEXT)"
+    )
     p.add_argument("--seqlen", type=int, default=d.seqlen, help="evaluation window (default 512; 2048 for Qwen2)")
-    p.add_argument("--max-eval-tokens", type=int, default=d.max_eval_tokens,
-                   help="cap on evaluated tokens (default: all on CUDA, 32768 on CPU)")
+    p.add_argument(
+        "--max-eval-tokens",
+        type=int,
+        default=d.max_eval_tokens,
+        help="cap on evaluated tokens (default: all on CUDA, 32768 on CPU)",
+    )
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--calib-samples", type=int, default=d.calib_samples,
-                   help="calibration windows (default 128 on CUDA, 16 on CPU)")
-    p.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen, help="calibration window length (default seqlen)")
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=d.calib_samples,
+        help="calibration windows (default 128 on CUDA, 16 on CPU)",
+    )
+    p.add_argument(
+        "--calib-seqlen", type=int, default=d.calib_seqlen, help="calibration window length (default seqlen)"
+    )
     p.add_argument("--bits", type=int, default=d.bits, help="override the bit width of the 4-bit methods")
-    p.add_argument("--group-size", type=int, default=d.group_size,
-                   help="input columns per scale for RTN/GPTQ/AWQ (0 = per output channel)")
-    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=d.sym,
-                   help="symmetric (--sym) or asymmetric (--no-sym) grid for RTN/GPTQ/AWQ")
-    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=d.act_order,
-                   help="GPTQ: quantize columns by decreasing diag(H) (the reference's --act-order)")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=d.group_size,
+        help="input columns per scale for RTN/GPTQ/AWQ (0 = per output channel)",
+    )
+    p.add_argument(
+        "--sym",
+        action=argparse.BooleanOptionalAction,
+        default=d.sym,
+        help="symmetric (--sym) or asymmetric (--no-sym) grid for RTN/GPTQ/AWQ",
+    )
+    p.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=d.act_order,
+        help="GPTQ: quantize columns by decreasing diag(H) (the reference's --act-order)",
+    )
     p.add_argument("--device", default=d.device, help="cpu, cuda or auto (cuda if available)")
-    p.add_argument("--dtype", default=d.dtype, choices=("auto", "float16", "bfloat16", "float32"),
-                   help="compute dtype (auto: float16 on CUDA, float32 on CPU where fp16 matmul is slow)")
-    p.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=d.fast_decode,
-                   help="time decoding with a static KV cache and CUDA graphs (qtutor.runtime.decode; "
-                        "default: on CUDA) instead of the Hugging Face loop")
-    p.add_argument("--kernels", choices=BACKENDS, default=d.kernels,
-                   help="fast matmul for 4-bit layers while timing decoding (qtutor.runtime.kernels.accelerate; "
-                        "auto: Triton on CUDA, the reference forward on CPU); perplexity always uses "
-                        "the reference forward")
+    p.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=("auto", "float16", "bfloat16", "float32"),
+        help="compute dtype (auto: float16 on CUDA, float32 on CPU where fp16 matmul is slow)",
+    )
+    p.add_argument(
+        "--fast-decode",
+        action=argparse.BooleanOptionalAction,
+        default=d.fast_decode,
+        help="time decoding with a static KV cache and CUDA graphs (qtutor.runtime.decode; "
+        "default: on CUDA) instead of the Hugging Face loop",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=BACKENDS,
+        default=d.kernels,
+        help="fast matmul for 4-bit layers while timing decoding (qtutor.runtime.kernels.accelerate; "
+        "auto: Triton on CUDA, the reference forward on CPU); perplexity always uses "
+        "the reference forward",
+    )
     p.add_argument("--latency-tokens", type=int, default=d.latency_tokens)
     p.add_argument("--latency-runs", type=int, default=d.latency_runs)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in OUT: keep its finished methods, compute the others "
-                        "(refused if a setting that changes a number differs)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an OUT that holds results; the old results.json is kept "
-                        "as results.previous-N.json")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT: keep its finished methods, compute the others "
+        "(refused if a setting that changes a number differs)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an OUT that holds results; the old results.json is kept as results.previous-N.json",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -85,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def bench_config(argv: Optional[list[str]] = None):
     """The :class:`~qtutor.bench.BenchConfig` that ``qtutor bench ARGV`` runs."""
     from .bench import BenchConfig
+
     options = vars(build_parser().parse_args(argv))
     options["progress"] = not options.pop("no_progress")
     return BenchConfig(**options)
@@ -94,6 +152,7 @@ def bench_main(argv: Optional[list[str]] = None, keep: Optional[dict] = None) ->
     """``qtutor bench``: 0 when done, 2 with a one-line error for bad input, 130 if interrupted.
     ``keep``: as in :func:`qtutor.bench.run_bench`."""
     from .bench import RESULTS, run_bench
+
     config = None
     try:
         config = bench_config(argv)
@@ -103,8 +162,10 @@ def bench_main(argv: Optional[list[str]] = None, keep: Optional[dict] = None) ->
         return 2
     except KeyboardInterrupt:
         out = Path(config.out if config is not None else "--out")
-        print(f"\nqtutor bench: interrupted; finished methods are kept in {out / RESULTS} "
-              f"(continue with --resume)", file=sys.stderr)
+        print(
+            f"\nqtutor bench: interrupted; finished methods are kept in {out / RESULTS} (continue with --resume)",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

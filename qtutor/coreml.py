@@ -39,6 +39,7 @@ every palettized layer of a model with it (any platform); :func:`states_of` and 
 read a package's states and operations. :func:`predict` and :func:`generate` run a package and
 need macOS (Core ML runs only there). :class:`PeakHostMemory` measures what an export costs.
 """
+
 from __future__ import annotations
 
 import collections
@@ -79,6 +80,7 @@ def _rss_bytes() -> Optional[int]:
     """This process's resident set size now (psutil, else /proc/self/statm), or None."""
     try:
         import psutil
+
         return psutil.Process().memory_info().rss
     except ImportError:
         pass
@@ -146,9 +148,11 @@ class PeakHostMemory:
         return False
 
     def __str__(self) -> str:
-        return (f"{self.seconds:.1f} s, peak host memory {self.peak / 2**30:.2f} GiB "
-                f"(+{self.extra / 2**30:.2f} GiB over the {self.start / 2**30:.2f} GiB before; "
-                f"{self.source})")
+        return (
+            f"{self.seconds:.1f} s, peak host memory {self.peak / 2**30:.2f} GiB "
+            f"(+{self.extra / 2**30:.2f} GiB over the {self.start / 2**30:.2f} GiB before; "
+            f"{self.source})"
+        )
 
 
 # ---------------------------------------------------------------------------- the copy to trace
@@ -194,14 +198,14 @@ def annotated_linear(q: QuantizedLinear, palettized: bool = True) -> nn.Linear:
         lut = coreml_lut(q).float().cpu()
         lin.register_buffer("_COREML_/weight/lut", lut[:, None, :, None].contiguous())
         if q.scales is not None:
-            lin.register_buffer("_COREML_/weight/palettization_scale",
-                                q.scales.float().cpu()[:, None].clone())
+            lin.register_buffer("_COREML_/weight/palettization_scale", q.scales.float().cpu()[:, None].clone())
         lin.register_buffer("_COREML_/weight/compression_type", torch.tensor([PALETTIZATION]))
     return lin
 
 
-def prepare_for_export(model: nn.Module, palettized: bool = True,
-                       table_dtype: torch.dtype = torch.float16) -> nn.Module:
+def prepare_for_export(
+    model: nn.Module, palettized: bool = True, table_dtype: torch.dtype = torch.float16
+) -> nn.Module:
     """A CPU copy of ``model`` for tracing, whatever its device and dtype (an fp16 model on a
     GPU too): eager attention, every quantized linear replaced by :func:`annotated_linear`,
     the other parameters in float32 except the input embedding table and the lm_head weight,
@@ -233,8 +237,7 @@ def prepare_for_export(model: nn.Module, palettized: bool = True,
             memo[id(b)] = b.detach().to("cpu", copy=True)
     if convert_head:
         bias = getattr(head, "bias", None)
-        memo[id(head)] = HalfPrecisionHead(memo[id(head.weight)],
-                                           None if bias is None else memo[id(bias)])
+        memo[id(head)] = HalfPrecisionHead(memo[id(head.weight)], None if bias is None else memo[id(bias)])
     copied = copy.deepcopy(model, memo).eval()
     if hasattr(copied, "set_attn_implementation"):
         copied.set_attn_implementation("eager")
@@ -259,28 +262,36 @@ class CausalLMForCoreML(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.model.get_input_embeddings()(input_ids).float()
-        out = self.model(inputs_embeds=embeds, attention_mask=self.causal_mask,
-                         position_ids=self.position_ids, use_cache=False, return_dict=True)
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=self.causal_mask,
+            position_ids=self.position_ids,
+            use_cache=False,
+            return_dict=True,
+        )
         return out.logits.float()
 
 
 def _precision(ct, compute_precision: str):
     if compute_precision not in ("float16", "float32"):
-        raise QtutorError(f"compute_precision must be 'float16' or 'float32', "
-                          f"not {compute_precision!r}")
+        raise QtutorError(f"compute_precision must be 'float16' or 'float32', not {compute_precision!r}")
     return ct.precision.FLOAT16 if compute_precision == "float16" else ct.precision.FLOAT32
 
 
 def _check_path(path) -> Path:
     path = Path(path)
     if path.suffix != ".mlpackage":
-        raise QtutorError(f"Core ML ML Programs are saved as a .mlpackage folder, "
-                          f"not {path.name!r}")
+        raise QtutorError(f"Core ML ML Programs are saved as a .mlpackage folder, not {path.name!r}")
     return path
 
 
-def export_mlpackage(model: nn.Module, path: Union[str, Path], seqlen: int = 32,
-                     palettized: bool = True, compute_precision: str = "float16"):
+def export_mlpackage(
+    model: nn.Module,
+    path: Union[str, Path],
+    seqlen: int = 32,
+    palettized: bool = True,
+    compute_precision: str = "float16",
+):
     """Convert a Qwen2/Llama causal LM (all its layers) to an ML Program at ``path``
     (``.mlpackage``) and return the ``coremltools.models.MLModel``.
 
@@ -318,7 +329,7 @@ def nearest_lut_indices(data: np.ndarray, lut: np.ndarray) -> np.ndarray:
     best = (x - L[:, :1]).abs_()
     index = torch.zeros(x.shape, dtype=torch.uint8)
     for k in range(1, K):
-        d = (x - L[:, k:k + 1]).abs_()
+        d = (x - L[:, k : k + 1]).abs_()
         closer = d < best
         best = torch.where(closer, d, best)
         index.masked_fill_(closer, k)
@@ -337,14 +348,22 @@ def _fast_lut_indices():
     original = _utils.find_indices_for_lut
 
     def find_indices_for_lut(data, lut, vector_axis=None):
-        ours = (data.ndim == 2 and lut.ndim == 4 and lut.shape[1] == 1 and lut.shape[-1] == 1
-                and data.shape[0] % lut.shape[0] == 0 and 2 <= lut.shape[-2] <= 256
-                and data.dtype == np.float32 and lut.dtype == np.float32)
+        ours = (
+            data.ndim == 2
+            and lut.ndim == 4
+            and lut.shape[1] == 1
+            and lut.shape[-1] == 1
+            and data.shape[0] % lut.shape[0] == 0
+            and 2 <= lut.shape[-2] <= 256
+            and data.dtype == np.float32
+            and lut.dtype == np.float32
+        )
         if not ours:
             return original(data, lut, vector_axis)
         nbits = int(math.log2(lut.shape[-2]))
         return nearest_lut_indices(data, lut).astype(
-            _utils.types.nptype_from_builtin(_utils.types.string_to_builtin(f"uint{nbits}")))
+            _utils.types.nptype_from_builtin(_utils.types.string_to_builtin(f"uint{nbits}"))
+        )
 
     _utils.find_indices_for_lut = find_indices_for_lut
     try:
@@ -413,8 +432,9 @@ class StatefulCausalLMForCoreML(nn.Module):
         super().__init__()
         cfg = model.config
         if not hasattr(model, "model") or not hasattr(model.model, "layers"):
-            raise QtutorError("the stateful export supports Qwen2/Llama-style models "
-                              "(model.model.layers with self_attn and mlp)")
+            raise QtutorError(
+                "the stateful export supports Qwen2/Llama-style models (model.model.layers with self_attn and mlp)"
+            )
         self.model = model
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -425,8 +445,7 @@ class StatefulCausalLMForCoreML(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=cache_dtype))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=cache_dtype))
         with torch.no_grad():  # cos/sin of every position, as the model's rotary embedding gives
-            cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32),
-                                              torch.arange(max_len)[None])
+            cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), torch.arange(max_len)[None])
         self.register_buffer("cos", cos[0].float())  # (max_len, head_dim)
         self.register_buffer("sin", sin[0].float())
 
@@ -435,23 +454,24 @@ class StatefulCausalLMForCoreML(nn.Module):
         self.k_cache.zero_()
         self.v_cache.zero_()
 
-    def _attention(self, i: int, attn: nn.Module, x: torch.Tensor, mask: torch.Tensor,
-                   past: int, end: int) -> torch.Tensor:
+    def _attention(
+        self, i: int, attn: nn.Module, x: torch.Tensor, mask: torch.Tensor, past: int, end: int
+    ) -> torch.Tensor:
         T, nh, nkv, hd = x.shape[1], self.n_heads, self.n_kv, self.head_dim
-        q = attn.q_proj(x).view(1, T, nh, hd).transpose(1, 2)     # (1, nh, T, hd)
-        k = attn.k_proj(x).view(1, T, nkv, hd).transpose(1, 2)    # (1, nkv, T, hd)
+        q = attn.q_proj(x).view(1, T, nh, hd).transpose(1, 2)  # (1, nh, T, hd)
+        k = attn.k_proj(x).view(1, T, nkv, hd).transpose(1, 2)  # (1, nkv, T, hd)
         v = attn.v_proj(x).view(1, T, nkv, hd).transpose(1, 2)
-        cos, sin = self.cos[past:end], self.sin[past:end]         # (T, hd)
+        cos, sin = self.cos[past:end], self.sin[past:end]  # (T, hd)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         self.k_cache[i, :, :, past:end] = k.to(self.k_cache.dtype)  # the state write
         self.v_cache[i, :, :, past:end] = v.to(self.v_cache.dtype)
-        K = self.k_cache[i, :, :, :end].to(q.dtype)                # (1, nkv, end, hd)
+        K = self.k_cache[i, :, :, :end].to(q.dtype)  # (1, nkv, end, hd)
         V = self.v_cache[i, :, :, :end].to(q.dtype)
-        g = nh // nkv                                              # repeat_kv: head j*g + r uses kv head j
+        g = nh // nkv  # repeat_kv: head j*g + r uses kv head j
         K = K[:, :, None].expand(1, nkv, g, end, hd).reshape(1, nh, end, hd)
         V = V[:, :, None].expand(1, nkv, g, end, hd).reshape(1, nh, end, hd)
-        scaling = getattr(attn, "scaling", hd ** -0.5)
+        scaling = getattr(attn, "scaling", hd**-0.5)
         scores = torch.matmul(q, K.transpose(2, 3)) * scaling + mask  # (1, nh, T, end)
         o = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), V)
         return attn.o_proj(o.transpose(1, 2).reshape(1, T, nh * hd))
@@ -461,16 +481,21 @@ class StatefulCausalLMForCoreML(nn.Module):
         past = end - T
         mask = causal_mask.float()
         base = self.model.model
-        h = base.embed_tokens(input_ids).float()                  # (1, T, hidden)
+        h = base.embed_tokens(input_ids).float()  # (1, T, hidden)
         for i, layer in enumerate(base.layers):
             h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), mask, past, end)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = base.norm(h[:, -1:])                                  # the last token only
-        return self.model.get_output_embeddings()(h).float()     # (1, 1, vocab)
+        h = base.norm(h[:, -1:])  # the last token only
+        return self.model.get_output_embeddings()(h).float()  # (1, 1, vocab)
 
 
-def export_stateful_mlpackage(model: nn.Module, path: Union[str, Path], max_len: int = 256,
-                              palettized: bool = True, compute_precision: str = "float16"):
+def export_stateful_mlpackage(
+    model: nn.Module,
+    path: Union[str, Path],
+    max_len: int = 256,
+    palettized: bool = True,
+    compute_precision: str = "float16",
+):
     """Convert a Qwen2/Llama causal LM to an ML Program with a KV cache in Core ML states
     (:class:`StatefulCausalLMForCoreML`), save it at ``path`` and return the ``MLModel``.
 
@@ -487,16 +512,19 @@ def export_stateful_mlpackage(model: nn.Module, path: Union[str, Path], max_len:
     wrapper = StatefulCausalLMForCoreML(prepare_for_export(model, palettized, table), max_len).eval()
     ids = torch.zeros(1, 2, dtype=torch.long)
     with torch.no_grad():
-        traced = torch.jit.trace(wrapper, (ids, torch.from_numpy(causal_mask(0, 2))),
-                                 check_trace=False)
+        traced = torch.jit.trace(wrapper, (ids, torch.from_numpy(causal_mask(0, 2))), check_trace=False)
     cache_shape = tuple(wrapper.k_cache.shape)
     del wrapper
     new = ct.RangeDim(lower_bound=1, upper_bound=max_len, default=1)
     total = ct.RangeDim(lower_bound=1, upper_bound=max_len, default=1)
-    inputs = [ct.TensorType(name="input_ids", shape=(1, new), dtype=np.int32),
-              ct.TensorType(name="causal_mask", shape=(1, 1, new, total), dtype=np.float16)]
-    states = [ct.StateType(wrapped_type=ct.TensorType(shape=cache_shape, dtype=np.float16), name=name)
-              for name in ("k_cache", "v_cache")]
+    inputs = [
+        ct.TensorType(name="input_ids", shape=(1, new), dtype=np.int32),
+        ct.TensorType(name="causal_mask", shape=(1, 1, new, total), dtype=np.float16),
+    ]
+    states = [
+        ct.StateType(wrapped_type=ct.TensorType(shape=cache_shape, dtype=np.float16), name=name)
+        for name in ("k_cache", "v_cache")
+    ]
     return _convert_and_save(traced, path, precision, inputs, states)
 
 
@@ -513,8 +541,7 @@ def _load_program(path_or_model):
     from coremltools.models.utils import _convert_model_spec_to_pymil_prog
 
     mlmodel = _mlmodel(path_or_model)
-    return _convert_model_spec_to_pymil_prog(mlmodel, mlmodel.get_spec().specificationVersion,
-                                             milproto_load)
+    return _convert_model_spec_to_pymil_prog(mlmodel, mlmodel.get_spec().specificationVersion, milproto_load)
 
 
 def _operations(block):
@@ -583,11 +610,12 @@ class PackageCheck:
         return self.layers == self.stored and not any(self.mismatches.values())
 
     def __str__(self) -> str:
-        lines = [f"{self.stored} palettized weights in the package, {self.layers} PalettizedLinear "
-                 f"layers in the model"]
+        lines = [f"{self.stored} palettized weights in the package, {self.layers} PalettizedLinear layers in the model"]
         for what, bad in self.mismatches.items():
-            lines.append(f"  {what:8s} identical in {self.layers - len(bad)} of {self.layers} layers"
-                         + (f" (differ: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})" if bad else ""))
+            lines.append(
+                f"  {what:8s} identical in {self.layers - len(bad)} of {self.layers} layers"
+                + (f" (differ: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})" if bad else "")
+            )
         return "\n".join(lines)
 
 
@@ -605,18 +633,18 @@ def check_package(path_or_model, model: nn.Module) -> PackageCheck:
         q = m.unpacked()
         stored = torch.from_numpy(np.asarray(entry["lut"], dtype=np.float16))
         if m.out_features % stored.shape[0] or not torch.equal(
-                stored.repeat_interleave(m.out_features // stored.shape[0], dim=0),
-                q.row_luts().cpu()):
+            stored.repeat_interleave(m.out_features // stored.shape[0], dim=0), q.row_luts().cpu()
+        ):
             bad["palettes"].append(name)
         if m.scales is None:
             same_scales = entry["scale"] is None
         else:
             same_scales = entry["scale"] is not None and torch.equal(
-                torch.from_numpy(np.asarray(entry["scale"], dtype=np.float16)), m.scales.cpu())
+                torch.from_numpy(np.asarray(entry["scale"], dtype=np.float16)), m.scales.cpu()
+            )
         if not same_scales:
             bad["scales"].append(name)
-        if not torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)),
-                           q.indices.cpu().long()):
+        if not torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)), q.indices.cpu().long()):
             bad["indices"].append(name)
     return PackageCheck(len(layers), len(luts), bad)
 
@@ -637,8 +665,10 @@ def op_types(path_or_model) -> collections.Counter:
 # ---------------------------------------------------------------------------- running (macOS)
 def _needs_macos():
     if sys.platform != "darwin":
-        raise QtutorError(f"Core ML prediction runs only on macOS (this is {sys.platform}); "
-                          f"the .mlpackage itself was built and can be copied to a Mac")
+        raise QtutorError(
+            f"Core ML prediction runs only on macOS (this is {sys.platform}); "
+            f"the .mlpackage itself was built and can be copied to a Mac"
+        )
 
 
 def _ids(input_ids) -> np.ndarray:
@@ -665,8 +695,9 @@ def generate(path_or_model, input_ids, new_tokens: int) -> list:
     ids = _ids(input_ids)
     past, out = 0, []
     for _ in range(new_tokens):
-        logits = mlmodel.predict({"input_ids": ids, "causal_mask": causal_mask(past, ids.shape[1])},
-                                 state=state)["logits"]
+        logits = mlmodel.predict({"input_ids": ids, "causal_mask": causal_mask(past, ids.shape[1])}, state=state)[
+            "logits"
+        ]
         past += ids.shape[1]
         nxt = int(np.argmax(logits.reshape(-1)))
         out.append(nxt)

@@ -7,6 +7,7 @@
   drawn from its training documents only).
 * Token windows: non-overlapping evaluation windows and seeded random calibration windows.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,16 +30,20 @@ def wikitext2_text(split: str = "test", data_dir: Optional[str] = None) -> str:
     except ImportError as err:  # pragma: no cover - datasets is a dependency
         raise QtutorError("WikiText-2 needs the `datasets` package: pip install datasets") from err
     if data_dir is not None and not Path(data_dir).is_dir():
-        raise QtutorError(f"WikiText-2 folder {data_dir!r} not found; pass --data-dir with a copy "
-                          f"in the Hugging Face layout (or unset QTUTOR_WIKITEXT)")
+        raise QtutorError(
+            f"WikiText-2 folder {data_dir!r} not found; pass --data-dir with a copy "
+            f"in the Hugging Face layout (or unset QTUTOR_WIKITEXT)"
+        )
     source = data_dir or "wikitext"
     try:
         rows = datasets.load_dataset(source, "wikitext-2-raw-v1", split=split)
     except Exception as err:  # datasets raises many types for "offline" and "missing"
         where = f"folder {data_dir!r}" if data_dir else "the Hugging Face Hub"
-        raise QtutorError(f"cannot load WikiText-2 {split!r} from {where} "
-                          f"({type(err).__name__}); pass --data-dir DIR with a local copy in the Hub "
-                          f"layout, or use --dataset embedded") from err
+        raise QtutorError(
+            f"cannot load WikiText-2 {split!r} from {where} "
+            f"({type(err).__name__}); pass --data-dir DIR with a local copy in the Hub "
+            f"layout, or use --dataset embedded"
+        ) from err
     return "\n\n".join(rows["text"])
 
 
@@ -71,16 +76,20 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: Optional[int] = Non
     if max_tokens is not None:
         n = min(n, max_tokens // seqlen)
     if n == 0:
-        raise QtutorError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen} "
-                          f"(or --max-eval-tokens is below --seqlen); use a smaller --seqlen")
+        raise QtutorError(
+            f"the text has {ids.numel()} tokens, fewer than one window of {seqlen} "
+            f"(or --max-eval-tokens is below --seqlen); use a smaller --seqlen"
+        )
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
 def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``n`` random windows (n, seqlen) with a fixed seed, as GPTQ's ``get_wikitext2`` samples them."""
     if ids.numel() <= seqlen:
-        raise QtutorError(f"calibration text has {ids.numel()} tokens, not more than one window of "
-                          f"{seqlen}; use a smaller --calib-seqlen")
+        raise QtutorError(
+            f"calibration text has {ids.numel()} tokens, not more than one window of "
+            f"{seqlen}; use a smaller --calib-seqlen"
+        )
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
-    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

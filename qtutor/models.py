@@ -10,6 +10,7 @@
 true-sequential order, and the norm -> linear and linear -> linear pairs that AWQ and
 SmoothQuant rescale. Qwen2 and Llama share the same module names.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,12 +62,16 @@ class Layout:
 
 _QWEN2_LLAMA = Layout(
     family="qwen2/llama",
-    sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                ("self_attn.o_proj",),
-                ("mlp.gate_proj", "mlp.up_proj"),
-                ("mlp.down_proj",)),
-    norm_groups=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                 ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    sequential=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    norm_groups=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
     linear_pairs=(("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj")),
 )
 
@@ -79,8 +84,7 @@ def layout_for(model: nn.Module) -> Layout:
     config = getattr(model, "config", model)
     model_type = getattr(config, "model_type", None)
     if model_type not in LAYOUTS:
-        raise QtutorError(f"model type {model_type!r} has no layout in qtutor; "
-                          f"supported: {', '.join(sorted(LAYOUTS))}")
+        raise QtutorError(f"model type {model_type!r} has no layout in qtutor; supported: {', '.join(sorted(LAYOUTS))}")
     return LAYOUTS[model_type]
 
 
@@ -98,6 +102,7 @@ def _load_tokenizer(path: str):
     """``AutoTokenizer``, except for local qwen2 folders whose tokenizer is not Qwen2's own:
     AutoTokenizer would pick Qwen2's class from ``model_type`` and mis-tokenize."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     p = Path(path)
     if p.is_dir() and (p / "tokenizer.json").exists() and not (p / "merges.txt").exists():
         return PreTrainedTokenizerFast.from_pretrained(path)
@@ -111,20 +116,25 @@ def load_config(name: str = EMBEDDED_MODEL):
     path = resolve_model(name)
     local = Path(path).is_dir()
     if not local and (Path(path).exists() or not _looks_like_hub_id(path)):
-        raise QtutorError(f"model folder {path!r} not found; pass an existing folder, a Hub id, "
-                          f"or leave --model out for the embedded {EMBEDDED_MODEL!r}")
+        raise QtutorError(
+            f"model folder {path!r} not found; pass an existing folder, a Hub id, "
+            f"or leave --model out for the embedded {EMBEDDED_MODEL!r}"
+        )
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         if local:
             raise QtutorError(f"cannot load a model from folder {path!r}: {str(err).splitlines()[0]}") from err
-        raise QtutorError(f"cannot fetch {path!r} from the Hugging Face Hub (offline or unknown id); "
-                          f"use the embedded model ({EMBEDDED_MODEL!r}, the default) or "
-                          f"--model DIR with a local copy") from err
+        raise QtutorError(
+            f"cannot fetch {path!r} from the Hugging Face Hub (offline or unknown id); "
+            f"use the embedded model ({EMBEDDED_MODEL!r}, the default) or "
+            f"--model DIR with a local copy"
+        ) from err
 
 
-def load_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32,
-               device: str = "cpu", with_tokenizer: bool = True):
+def load_model(
+    name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu", with_tokenizer: bool = True
+):
     """Load ``name`` (embedded name, local folder or Hub id) -> (model, tokenizer).
 
     The model is in eval mode on ``device`` with parameters in ``dtype``.
@@ -134,15 +144,16 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32,
     layout_for(load_config(name))  # an unsupported model type fails before any weight is read
     path = resolve_model(name)
     from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = _load_tokenizer(path) if with_tokenizer else None
     except SafetensorError as err:  # a truncated or damaged model.safetensors
-        raise QtutorError(f"the weights of {path!r} are damaged ({str(err).splitlines()[0]}); "
-                          f"copy or download the model again") from err
+        raise QtutorError(
+            f"the weights of {path!r} are damaged ({str(err).splitlines()[0]}); copy or download the model again"
+        ) from err
     except OSError as err:
-        raise QtutorError(f"cannot load model weights or tokenizer of {path!r}: "
-                          f"{str(err).splitlines()[0]}") from err
+        raise QtutorError(f"cannot load model weights or tokenizer of {path!r}: {str(err).splitlines()[0]}") from err
     _refuse_non_finite(model, path, dtype)
     return model.to(device).eval(), tokenizer
 
@@ -153,10 +164,11 @@ def _refuse_non_finite(model: nn.Module, path: str, dtype: torch.dtype) -> None:
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise QtutorError(f"weight {name} of {path!r} holds {bad} NaN/Inf values (as "
-                              f"{str(dtype).replace('torch.', '')}); repair or re-download the model"
-                              + ("" if dtype == torch.float32 else ", or use --dtype float32 if it only "
-                                                                    "overflows this dtype"))
+            raise QtutorError(
+                f"weight {name} of {path!r} holds {bad} NaN/Inf values (as "
+                f"{str(dtype).replace('torch.', '')}); repair or re-download the model"
+                + ("" if dtype == torch.float32 else ", or use --dtype float32 if it only overflows this dtype")
+            )
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -164,8 +176,13 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) <= 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
-def random_model(config_name: str = "Qwen/Qwen2-0.5B", dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", seed: int = 0, **overrides):
+def random_model(
+    config_name: str = "Qwen/Qwen2-0.5B",
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+    **overrides,
+):
     """A model with the architecture of ``config_name`` and random weights.
 
     For timing and memory only (they do not depend on weight values): its perplexity means
@@ -187,8 +204,17 @@ def random_model(config_name: str = "Qwen/Qwen2-0.5B", dtype: torch.dtype = torc
 
 #: the architecture of Qwen/Qwen2-0.5B (its config.json), for offline random-weight timing
 QWEN2_0_5B = dict(
-    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=131072,
-    rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu", rope_theta=1000000.0,
-    bos_token_id=151643, eos_token_id=151643,
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    rope_theta=1000000.0,
+    bos_token_id=151643,
+    eos_token_id=151643,
 )

@@ -14,6 +14,7 @@
 * **Strict JSON.** Non-finite numbers are written as ``null`` (and reported); reading rejects
   ``NaN``/``Infinity``, arrays, and method entries without the numbers the tables need.
 """
+
 from __future__ import annotations
 
 import errno
@@ -40,20 +41,21 @@ def check_out_path(out: Path) -> None:
     if not existing.is_dir():
         raise QtutorError(f"--out {out} lies under {existing}, which is a file; choose a folder path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise QtutorError(f"--out {out}: {existing} is not writable; choose another --out "
-                          f"or make it writable")
+        raise QtutorError(f"--out {out}: {existing} is not writable; choose another --out or make it writable")
 
 
 def os_error(err: OSError, what: str) -> QtutorError:
     """A one-line error for a failed file operation, with what to do about it."""
-    advice = {errno.ENOSPC: "free some disk space or use another --out",
-              errno.EDQUOT: "free some disk space or use another --out",
-              errno.EACCES: "make it writable or use another --out",
-              errno.EPERM: "make it writable or use another --out",
-              errno.EROFS: "the file system is read-only: use another --out",
-              errno.ENOTDIR: "a part of the path is a file: use another --out",
-              errno.EEXIST: "a file is in the way: use another --out",
-              errno.ENOLCK: "use a folder on a local disk"}.get(err.errno, "use another --out")
+    advice = {
+        errno.ENOSPC: "free some disk space or use another --out",
+        errno.EDQUOT: "free some disk space or use another --out",
+        errno.EACCES: "make it writable or use another --out",
+        errno.EPERM: "make it writable or use another --out",
+        errno.EROFS: "the file system is read-only: use another --out",
+        errno.ENOTDIR: "a part of the path is a file: use another --out",
+        errno.EEXIST: "a file is in the way: use another --out",
+        errno.ENOLCK: "use a folder on a local disk",
+    }.get(err.errno, "use another --out")
     return QtutorError(f"cannot {what}: {err.strerror or err}; {advice}")
 
 
@@ -72,8 +74,9 @@ def locked(out: Path):
         if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
             raise os_error(err, f"lock the output folder {out}") from err  # e.g. no locks on NFS
         holder = _lock_holder(out / LOCK)
-        raise QtutorError(f"another qtutor bench{holder} is writing to {out}; wait for it to finish, "
-                          f"or use another --out") from err
+        raise QtutorError(
+            f"another qtutor bench{holder} is writing to {out}; wait for it to finish, or use another --out"
+        ) from err
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -90,6 +93,7 @@ def _lock(fd: int) -> None:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         import msvcrt
+
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         return
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -100,6 +104,7 @@ def _unlock(fd: int) -> None:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         import msvcrt
+
         os.lseek(fd, 0, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
         return
@@ -198,6 +203,7 @@ def _refuse_constant(name: str):
 
 def _check_entry(name: str, entry) -> None:
     from .quant.base import METHOD_NAMES
+
     if name not in METHOD_NAMES:
         raise ValueError(f"unknown method {name!r}")
     if not isinstance(entry, dict):

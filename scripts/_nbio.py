@@ -4,6 +4,7 @@ Shared by the scripts in this folder. Notebooks are written the way Jupyter and 
 them (sorted keys, indent 1, multi-line strings split into lists of lines, trailing newline), so
 a script that changes nothing leaves the file's bytes unchanged.
 """
+
 from __future__ import annotations
 
 import copy

@@ -12,6 +12,7 @@ environment, a matplotlib figure captioned through cell metadata and one through
 collapsed check cell, a citation, a glossary term, and an exercise with a dropdown solution.
 Then runs scripts/colab_badges.py on them. The real chapters are not touched.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,7 @@ def md(src: str, **meta) -> dict:
 
 
 def code(src: str, **meta) -> dict:
-    return {"cell_type": "code", "execution_count": None, "metadata": meta, "outputs": [],
-            "source": src}
+    return {"cell_type": "code", "execution_count": None, "metadata": meta, "outputs": [], "source": src}
 
 
 def chapter(stem: str) -> dict:
@@ -45,37 +45,49 @@ def chapter(stem: str) -> dict:
             "language_info": {"name": "python"},
         },
         "cells": [
-            md(f"# Placeholder chapter {n}\n\nWhat you will learn: nothing yet; this page tests the "
-               "book's machinery."),
-            code('import os\n\nFAST = os.environ.get("QTUTOR_FAST") == "1"\nMODEL = "qtutor-tiny"\n'
-                 'import sys\nif "google.colab" in sys.modules:\n'
-                 '    %pip install -q "git+https://example.invalid/old/url"',
-                 tags=["parameters"]),
-            md("A uniform grid maps a weight $w$ to $q = \\mathrm{round}(w/s) + z$ and back:\n\n"
-               "$$\n\\hat w = s\\,(q - z)\n$$ (eq-" + stem.replace("_", "-") + ")\n\n"
-               "\\begin{align}\nE &= \\lVert W X - \\hat W X \\rVert_F^2 \\\\\n"
-               "H &= 2 X X^\\top\n\\end{align}\n\n"
-               "See {cite}`frantar2022gptq` and the {term}`perplexity` entry of the glossary."),
-            code("import numpy as np\nimport matplotlib\nimport matplotlib.pyplot as plt\n\n"
-                 "x = np.linspace(-3, 3, 200)\nfig, ax = plt.subplots(figsize=(5, 3))\n"
-                 "ax.plot(x, np.round(x * 2) / 2, label='quantized')\nax.plot(x, x, label='identity')\n"
-                 "ax.legend()\nplt.show()",
-                 mystnb={"figure": {"caption": "A uniform quantizer (caption from cell metadata).",
-                                    "name": fig}}),
+            md(f"# Placeholder chapter {n}\n\nWhat you will learn: nothing yet; this page tests the book's machinery."),
+            code(
+                'import os\n\nFAST = os.environ.get("QTUTOR_FAST") == "1"\nMODEL = "qtutor-tiny"\n'
+                'import sys\nif "google.colab" in sys.modules:\n'
+                '    %pip install -q "git+https://example.invalid/old/url"',
+                tags=["parameters"],
+            ),
+            md(
+                "A uniform grid maps a weight $w$ to $q = \\mathrm{round}(w/s) + z$ and back:\n\n"
+                "$$\n\\hat w = s\\,(q - z)\n$$ (eq-" + stem.replace("_", "-") + ")\n\n"
+                "\\begin{align}\nE &= \\lVert W X - \\hat W X \\rVert_F^2 \\\\\n"
+                "H &= 2 X X^\\top\n\\end{align}\n\n"
+                "See {cite}`frantar2022gptq` and the {term}`perplexity` entry of the glossary."
+            ),
+            code(
+                "import numpy as np\nimport matplotlib\nimport matplotlib.pyplot as plt\n\n"
+                "x = np.linspace(-3, 3, 200)\nfig, ax = plt.subplots(figsize=(5, 3))\n"
+                "ax.plot(x, np.round(x * 2) / 2, label='quantized')\nax.plot(x, x, label='identity')\n"
+                "ax.legend()\nplt.show()",
+                mystnb={"figure": {"caption": "A uniform quantizer (caption from cell metadata).", "name": fig}},
+            ),
             md(f"{{numref}}`{fig}` shows the staircase."),
-            code("from myst_nb import glue\n\nfig2, ax2 = plt.subplots(figsize=(4, 3))\n"
-                 "ax2.hist(np.random.default_rng(0).normal(size=1000), bins=30)\n"
-                 f"glue('{stem}-hist', fig2, display=False)\nplt.close(fig2)\n"
-                 f"glue('{stem}-n', 1000)",
-                 tags=["remove-cell"]),
-            md(f"```{{glue:figure}} {stem}-hist\n:name: fig-{stem.replace('_', '-')}-hist\n\n"
-               f"A histogram of {{glue:text}}`{stem}-n` normal draws (glued figure).\n```"),
-            code("import numpy.testing as npt\n\nnpt.assert_allclose(np.round(0.49), 0.0)\n"
-                 "print('check passed')", tags=["hide-input"]),
-            md(f"```{{exercise}}\n:label: ex-{stem.replace('_', '-')}-1\n\nWhat is "
-               "$\\mathrm{round}(2.5)$ in NumPy?\n```\n\n"
-               f"````{{solution}} ex-{stem.replace('_', '-')}-1\n:class: dropdown\n\n"
-               "NumPy rounds half to even:\n\n```python\nnp.round(2.5)  # 2.0\n```\n````"),
+            code(
+                "from myst_nb import glue\n\nfig2, ax2 = plt.subplots(figsize=(4, 3))\n"
+                "ax2.hist(np.random.default_rng(0).normal(size=1000), bins=30)\n"
+                f"glue('{stem}-hist', fig2, display=False)\nplt.close(fig2)\n"
+                f"glue('{stem}-n', 1000)",
+                tags=["remove-cell"],
+            ),
+            md(
+                f"```{{glue:figure}} {stem}-hist\n:name: fig-{stem.replace('_', '-')}-hist\n\n"
+                f"A histogram of {{glue:text}}`{stem}-n` normal draws (glued figure).\n```"
+            ),
+            code(
+                "import numpy.testing as npt\n\nnpt.assert_allclose(np.round(0.49), 0.0)\nprint('check passed')",
+                tags=["hide-input"],
+            ),
+            md(
+                f"```{{exercise}}\n:label: ex-{stem.replace('_', '-')}-1\n\nWhat is "
+                "$\\mathrm{round}(2.5)$ in NumPy?\n```\n\n"
+                f"````{{solution}} ex-{stem.replace('_', '-')}-1\n:class: dropdown\n\n"
+                "NumPy rounds half to even:\n\n```python\nnp.round(2.5)  # 2.0\n```\n````"
+            ),
             code("print(np.round(2.5))"),
         ],
     }
@@ -105,8 +117,7 @@ def main() -> int:
             stems.append(line.split("chapters/", 1)[1].strip())
     for stem in stems:
         _nbio.write(out / "chapters" / f"{stem}.ipynb", chapter(stem))
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "colab_badges.py"), "--root", str(out)],
-                   check=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "colab_badges.py"), "--root", str(out)], check=True)
     print(f"book_smoke: {len(stems)} placeholder chapters in {out}")
     return 0
 

@@ -19,6 +19,7 @@ Usage:
 
 Idempotent: a second run changes nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,10 +82,10 @@ def fix_badge(cell: dict, badge: str) -> None:
         if title is None:
             lines[0:0] = [badge, ""]
         else:
-            rest = lines[title + 1:]
+            rest = lines[title + 1 :]
             while rest and not rest[0].strip():
                 rest.pop(0)
-            lines[title + 1:] = ["", badge, ""] + rest if rest else ["", badge]
+            lines[title + 1 :] = ["", badge, ""] + rest if rest else ["", badge]
     cell["source"] = "\n".join(lines)
 
 
@@ -105,8 +106,10 @@ def fix_install(cell: dict, target: str) -> None:
     if not found:
         while lines and not lines[-1].strip():
             lines.pop()
-        block = ['if "google.colab" in sys.modules:  # in Colab, install qtutor from the repository',
-                 f'    %pip install -q "{target}"']
+        block = [
+            'if "google.colab" in sys.modules:  # in Colab, install qtutor from the repository',
+            f'    %pip install -q "{target}"',
+        ]
         if not any(re.match(r"^\s*import\s+.*\bsys\b", line) for line in lines):
             block.insert(0, "import sys")
         lines += ([""] if lines else []) + block
@@ -131,8 +134,12 @@ def update(nb: dict, badge: str, target: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("notebooks", nargs="*", type=Path, help="default: ROOT/chapters/*.ipynb")
-    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
-                    help="book root holding _config.yml (default: the repository)")
+    ap.add_argument(
+        "--root",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent,
+        help="book root holding _config.yml (default: the repository)",
+    )
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if out of date")
     args = ap.parse_args(argv)
 

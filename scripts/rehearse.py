@@ -20,6 +20,7 @@ seconds, peaks, first error, slowest cells) and ``OUT.md`` (a short table with t
 header), and keeps the executed notebooks in ``--notebooks DIR`` if given.
 Exit code 0 when every chapter ran, 1 when one failed, 2 on bad input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,12 +57,20 @@ if torch.cuda.is_available():
 print("QTUTOR_REHEARSAL_STATS " + json.dumps(_s))
 """
 
-FIELDS = ["chapter", "run", "status", "wall_s", "gpu_reserved_peak_gib", "gpu_allocated_peak_gib",
-          "host_peak_gib", "slowest_cells", "error"]
+FIELDS = [
+    "chapter",
+    "run",
+    "status",
+    "wall_s",
+    "gpu_reserved_peak_gib",
+    "gpu_allocated_peak_gib",
+    "host_peak_gib",
+    "slowest_cells",
+    "error",
+]
 
 
-def make_model(folder: Path, data_dir: str | None = None, seed: int = 0,
-               tokenizer_from: str | None = None) -> None:
+def make_model(folder: Path, data_dir: str | None = None, seed: int = 0, tokenizer_from: str | None = None) -> None:
     """Write Qwen2-0.5B's exact architecture (random weights) with a tokenizer.
 
     With ``data_dir`` (WikiText-2 in the Hugging Face layout), a byte-level BPE tokenizer of
@@ -73,6 +82,7 @@ def make_model(folder: Path, data_dir: str | None = None, seed: int = 0,
     import torch
 
     from qtutor.models import embedded_model_dir, random_model
+
     model = random_model("qwen2-0.5b", dtype=torch.float16, seed=seed)
     model.config.qtutor_random_weights = True  # read by qtutor.book: chapters say so
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,13 +96,19 @@ def make_model(folder: Path, data_dir: str | None = None, seed: int = 0,
         from transformers import PreTrainedTokenizerFast
 
         from qtutor.data import tokenize, wikitext2_text
+
         text = wikitext2_text("validation", data_dir)
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator((text[i:i + 10_000] for i in range(0, len(text), 10_000)),
-                                trainers.BpeTrainer(vocab_size=32_000, special_tokens=["<|endoftext|>"],
-                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.train_from_iterator(
+            (text[i : i + 10_000] for i in range(0, len(text), 10_000)),
+            trainers.BpeTrainer(
+                vocab_size=32_000,
+                special_tokens=["<|endoftext|>"],
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            ),
+        )
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
         fast.save_pretrained(folder)
         n_test = tokenize(fast, wikitext2_text("test", data_dir)).numel()
@@ -106,8 +122,7 @@ def make_model(folder: Path, data_dir: str | None = None, seed: int = 0,
 
 
 def _code(src: str, cell_id: str) -> dict:
-    return {"cell_type": "code", "execution_count": None, "id": cell_id, "metadata": {}, "outputs": [],
-            "source": src}
+    return {"cell_type": "code", "execution_count": None, "id": cell_id, "metadata": {}, "outputs": [], "source": src}
 
 
 def _first_error(cell: dict) -> str:
@@ -130,8 +145,9 @@ def run_chapter(path: Path, env: dict, cap_gib: float, timeout: int, keep: Path 
     os.environ.update(env)
     if "QTUTOR_FAST" not in env:
         os.environ.pop("QTUTOR_FAST", None)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     row = {"chapter": path.stem, "status": "ok", "error": ""}
     times = []
     t0 = time.perf_counter()
@@ -165,8 +181,9 @@ def run_chapter(path: Path, env: dict, cap_gib: float, timeout: int, keep: Path 
     for out in stats_cell.get("outputs", []):
         for line in out.get("text", "").splitlines():
             if line.startswith(MARK):
-                row.update({k: (round(v, 2) if isinstance(v, float) else v)
-                            for k, v in json.loads(line[len(MARK):]).items()})
+                row.update(
+                    {k: (round(v, 2) if isinstance(v, float) else v) for k, v in json.loads(line[len(MARK) :]).items()}
+                )
     row["slowest_cells"] = "; ".join(f"{i - 1}:{s:.0f}s" for s, i in sorted(times, reverse=True)[:3])
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
@@ -181,12 +198,17 @@ def write_report(rows: list[dict], header: dict, out: Path) -> None:
         w.writerows(rows)
     lines = [f"# Rehearsal: {header['model']} on {header['device']}", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += ["", "| chapter | run | status | wall s | GPU peak GiB (reserved) | host peak GiB | error |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| chapter | run | status | wall s | GPU peak GiB (reserved) | host peak GiB | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['chapter']} | {r.get('run', '')} | {r['status']} | {r.get('wall_s', '')} | "
-                     f"{r.get('gpu_reserved_peak_gib', '-')} | {r.get('host_peak_gib', '')} | "
-                     f"{r['error'].replace('|', '/')[:160]} |")
+        lines.append(
+            f"| {r['chapter']} | {r.get('run', '')} | {r['status']} | {r.get('wall_s', '')} | "
+            f"{r.get('gpu_reserved_peak_gib', '-')} | {r.get('host_peak_gib', '')} | "
+            f"{r['error'].replace('|', '/')[:160]} |"
+        )
     total = sum(r.get("wall_s") or 0 for r in rows)
     lines += ["", f"All chapters: {total:.0f} s; {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} ok."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -201,15 +223,18 @@ def t4_table(csv_path: Path) -> str:
     """Markdown: each chapter's H200 wall time and the T4 estimate (wall time x ``T4_SLOWDOWN``)."""
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    lines = ["| chapter | H200, measured (s) | T4-class GPU, estimated (min) | peak GPU memory (GiB) |",
-             "|---|---|---|---|"]
+    lines = [
+        "| chapter | H200, measured (s) | T4-class GPU, estimated (min) | peak GPU memory (GiB) |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['chapter']} | {r['status']} | - | - |")
             continue
         wall = float(r["wall_s"])
-        lines.append(f"| {r['chapter']} | {wall:.0f} | {wall * T4_SLOWDOWN / 60:.0f} | "
-                     f"{float(r['gpu_reserved_peak_gib']):.1f} |")
+        lines.append(
+            f"| {r['chapter']} | {wall:.0f} | {wall * T4_SLOWDOWN / 60:.0f} | {float(r['gpu_reserved_peak_gib']):.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -219,16 +244,22 @@ def cpu_table(csv_path: Path) -> str:
         rows = list(csv.DictReader(f))
     lines = ["| chapter | status | measured (min) | peak host memory (GiB) |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['chapter']} | {r['status']} | {float(r['wall_s']) / 60:.1f} | "
-                     f"{float(r['host_peak_gib']):.1f} |")
+        lines.append(
+            f"| {r['chapter']} | {r['status']} | {float(r['wall_s']) / 60:.1f} | {float(r['host_peak_gib']):.1f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--make-model", metavar="DIR", help="write Qwen2-0.5B's architecture with random weights to DIR and exit")
-    p.add_argument("--tokenizer-from", metavar="DIR", help="with --make-model: copy the tokenizer of an earlier "
-                   "--make-model folder instead of training one")
+    p.add_argument(
+        "--make-model", metavar="DIR", help="write Qwen2-0.5B's architecture with random weights to DIR and exit"
+    )
+    p.add_argument(
+        "--tokenizer-from",
+        metavar="DIR",
+        help="with --make-model: copy the tokenizer of an earlier --make-model folder instead of training one",
+    )
     p.add_argument("--model", default="qtutor-tiny", help="model name, folder or Hub id (QTUTOR_MODEL)")
     p.add_argument("--dataset", default=None, help="embedded or wikitext2 (default: the chapters' choice)")
     p.add_argument("--data-dir", default=None, help="WikiText-2 in the Hugging Face layout (QTUTOR_WIKITEXT)")
@@ -242,8 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     p.add_argument("--out", required=False, default="runs/rehearsal", help="writes OUT.csv and OUT.md")
     p.add_argument("--label", default="", help="a label for this run's rows (e.g. the commit)")
-    p.add_argument("--append", action="store_true",
-                   help="keep OUT.csv's rows of chapters this run does not execute")
+    p.add_argument("--append", action="store_true", help="keep OUT.csv's rows of chapters this run does not execute")
     p.add_argument("--notebooks", default=None, metavar="DIR", help="keep the executed notebooks in DIR")
     args = p.parse_args(argv)
 
@@ -264,12 +294,19 @@ def main(argv=None) -> int:
         if not chapters:
             p.error(f"no chapter matches {args.chapters}; use numbers such as 00 03 or file stems")
     import torch
+
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device; use --device cpu")
 
     model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model  # chapters run in chapters/
-    env = {"QTUTOR_MODEL": model, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "MPLBACKEND": "Agg"}
+    env = {
+        "QTUTOR_MODEL": model,
+        "TQDM_DISABLE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "MPLBACKEND": "Agg",
+    }
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     if args.dataset:
@@ -281,12 +318,17 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
-    header = {"model": args.model, "dataset": args.dataset or "(chapter default)",
-              "device": f"{args.device} ({gpu}, {os.cpu_count()} cores)",
-              "gpu cap GiB": args.gpu_mem_gib if args.device == "cuda" else "-",
-              "mode": "fast (QTUTOR_FAST=1)" if args.fast else "full",
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    header = {
+        "model": args.model,
+        "dataset": args.dataset or "(chapter default)",
+        "device": f"{args.device} ({gpu}, {os.cpu_count()} cores)",
+        "gpu cap GiB": args.gpu_mem_gib if args.device == "cuda" else "-",
+        "mode": "fast (QTUTOR_FAST=1)" if args.fast else "full",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     import transformers
+
     header["transformers"] = transformers.__version__
     rows = []
     if args.append and out.with_suffix(".csv").exists():
@@ -301,9 +343,12 @@ def main(argv=None) -> int:
         row["run"] = args.label
         rows.append(row)
         rows.sort(key=lambda r: r["chapter"])
-        print(f"{row['chapter']:28s} {row['status']:7s} {row.get('wall_s', 0):7.1f} s  GPU "
-              f"{row.get('gpu_reserved_peak_gib', '-')} GiB  host {row.get('host_peak_gib', '')} GiB  "
-              f"{row['slowest_cells']}  {row['error']}", flush=True)
+        print(
+            f"{row['chapter']:28s} {row['status']:7s} {row.get('wall_s', 0):7.1f} s  GPU "
+            f"{row.get('gpu_reserved_peak_gib', '-')} GiB  host {row.get('host_peak_gib', '')} GiB  "
+            f"{row['slowest_cells']}  {row['error']}",
+            flush=True,
+        )
         write_report(rows, header, out)  # after each chapter: a killed rehearsal keeps what ran
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

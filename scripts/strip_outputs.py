@@ -9,6 +9,7 @@ Clears every code cell's outputs and execution count, drops per-cell execution t
 metadata (`metadata.execution`, written by nbclient/JupyterLab) and the notebook-level
 `widgets` state. Cell tags, the kernelspec and language_info are kept. Idempotent.
 """
+
 from __future__ import annotations
 
 import argparse

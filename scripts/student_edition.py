@@ -14,6 +14,7 @@ Exercises, hints and the calls to `qtutor.checks` stay. Exits 1 if a notebook st
 a solution directive afterwards (an unclosed fence, say), so a broken edition is never written
 silently.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,18 +115,23 @@ def main(argv: list[str] | None = None) -> int:
     for path in notebooks:
         stripper = Stripper()
         nb = stripper.notebook(_nbio.read(path))
-        leftover = [i for i, c in enumerate(nb["cells"]) if c.get("cell_type") == "markdown"
-                    and any(OPEN_RE.match(line) for line in _nbio.text(c.get("source")).split("\n"))]
+        leftover = [
+            i
+            for i, c in enumerate(nb["cells"])
+            if c.get("cell_type") == "markdown"
+            and any(OPEN_RE.match(line) for line in _nbio.text(c.get("source")).split("\n"))
+        ]
         if stripper.in_gated or leftover:
-            failures.append(f"student_edition: {path}: solution not removed cleanly "
-                            f"(unclosed solution-start or fence; cells {leftover})")
+            failures.append(
+                f"student_edition: {path}: solution not removed cleanly "
+                f"(unclosed solution-start or fence; cells {leftover})"
+            )
             continue
         _nbio.write(args.out / path.name, nb)
         total += stripper.removed
     for line in failures:
         print(line)
-    print(f"student_edition: {len(notebooks) - len(failures)} notebooks -> {args.out}, "
-          f"{total} solutions removed")
+    print(f"student_edition: {len(notebooks) - len(failures)} notebooks -> {args.out}, {total} solutions removed")
     return 1 if failures else 0
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random Qwen2 and Llama models built in memory (no downloads)."""
+
 from pathlib import Path
 
 import pytest
@@ -12,15 +13,24 @@ WIKITEXT = SHARED / "data" / "hf-wikitext"
 def tiny_config(family: str = "qwen2", **overrides):
     """A 2-layer model with GQA, widths that allow group size 32, vocab 128."""
     from transformers import LlamaConfig, Qwen2Config
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=True)
+
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     common.update(overrides)
     return Qwen2Config(**common) if family == "qwen2" else LlamaConfig(**common)
 
 
 def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
     if family == "qwen2":  # random q/k/v biases so that bias handling is exercised

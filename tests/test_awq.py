@@ -1,5 +1,6 @@
 """AWQ (qtutor.quant.awq): scaling is an equivalence, the search never loses to RTN on its own
 loss, the v -> o pair follows the shapes, and the end result beats RTN where outliers exist."""
+
 import copy
 
 import pytest
@@ -15,8 +16,6 @@ from qtutor.quant import rtn
 from qtutor.quant.rtn import UniformLinear
 
 
-
-
 def first_layer(model, calib_windows):
     layout = layout_for(model)
     X, kwargs = layer_inputs(model, layout, calib_windows, "cpu")
@@ -27,8 +26,7 @@ def test_scaling_alone_leaves_logits_unchanged(family, calib_windows, eval_windo
     model = planted_model(family)
     reference = logits(model, eval_windows)
     layout, cfg = layout_for(model), AWQConfig(group_size=32)
-    groups = sequential(model, layout, calib_windows,
-                        lambda layer, X, kw: A.scale_layer(layer, layout, X, kw, cfg)[0])
+    groups = sequential(model, layout, calib_windows, lambda layer, X, kw: A.scale_layer(layer, layout, X, kw, cfg)[0])
     ratios = [g.result["ratio"] for per_layer in groups for g in per_layer if not g.skipped]
     assert max(ratios) > 0  # the search did move something
     torch.testing.assert_close(logits(model, eval_windows), reference, rtol=1e-4, atol=1e-4)
@@ -65,8 +63,7 @@ def test_search_never_worse_than_rtn(model, calib_windows):
     layer, layout, X, kwargs = first_layer(model, calib_windows)
     cfg = AWQConfig(group_size=32)
     groups = A.scale_groups(layer, layout)
-    expected = {g.linears[0]: rtn_block_loss(layer, g, X, kwargs, layout, cfg)
-                for g in groups if not g.skipped}
+    expected = {g.linears[0]: rtn_block_loss(layer, g, X, kwargs, layout, cfg) for g in groups if not g.skipped}
     stats = A.quantize_layer(layer, layout, X, kwargs, cfg)
     searched = [g for g in groups if not g.skipped]
     assert len(searched) == 3  # q/k/v, gate/up, down (v -> o is skipped: GQA)
@@ -99,8 +96,7 @@ def test_v_to_o_used_without_gqa(family, calib_windows):
     assert o["loss_awq"] <= o["loss_rtn"]
 
 
-@pytest.mark.parametrize("bits, group_size, sym",
-                         [(4, 32, False), (4, 40, False), (3, 0, True), (8, 16, True)])
+@pytest.mark.parametrize("bits, group_size, sym", [(4, 32, False), (4, 40, False), (3, 0, True), (8, 16, True)])
 def test_fake_quantize_is_what_uniform_linear_stores(bits, group_size, sym):
     W = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
     cfg = AWQConfig(bits=bits, group_size=group_size, sym=sym)
@@ -174,8 +170,7 @@ def test_search_subset_and_configs(model, calib_windows):
     stats = A.quantize_layer(layer, layout, X, kwargs, cfg)
     for name, s in stats.items():
         assert s["weight_rel_error"] < 0.2, name
-    assert all(torch.isfinite(torch.tensor(s["loss_history"])).all()
-               for s in stats.values() if "loss_history" in s)
+    assert all(torch.isfinite(torch.tensor(s["loss_history"])).all() for s in stats.values() if "loss_history" in s)
     with pytest.raises(qtutor.QtutorError):
         AWQConfig(max_shrink=1.0)
 
@@ -183,13 +178,16 @@ def test_search_subset_and_configs(model, calib_windows):
 def test_end_to_end_beats_rtn_with_outliers(family, calib_windows, eval_windows):
     reference = logits(planted_model(family), eval_windows)
     errors, bits = {}, {}
-    for method, cfg in [("awq_int4", AWQConfig(group_size=32)),
-                        ("rtn_int4", RTNConfig(bits=4, group_size=32, sym=False))]:
+    for method, cfg in [
+        ("awq_int4", AWQConfig(group_size=32)),
+        ("rtn_int4", RTNConfig(bits=4, group_size=32, sym=False)),
+    ]:
         model = planted_model(family)
         report = qtutor.quantize(model, method, cfg, calib=calib_windows)
         layout = layout_for(model)
-        assert all(isinstance(m, UniformLinear) for layer in layout.layers(model)
-                   for m in layout.linears(layer).values())
+        assert all(
+            isinstance(m, UniformLinear) for layer in layout.layers(model) for m in layout.linears(layer).values()
+        )
         out = logits(model, eval_windows)
         assert torch.isfinite(out).all()
         errors[method] = float((out - reference).pow(2).mean())

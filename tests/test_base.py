@@ -1,4 +1,5 @@
 """Packing and the shared layer/registry machinery."""
+
 import pytest
 import torch
 
@@ -38,14 +39,16 @@ def test_registry_names_and_errors():
     assert set(qtutor.implemented_methods()) <= set(METHOD_NAMES)
 
 
-@pytest.mark.parametrize("method", ["rtn_int4", "gptq_int4", "awq_int4", "palettization_4bit", "qlora_nf4",
-                                    "smoothquant_w8a8"])
+@pytest.mark.parametrize(
+    "method", ["rtn_int4", "gptq_int4", "awq_int4", "palettization_4bit", "qlora_nf4", "smoothquant_w8a8"]
+)
 def test_config_replace_refuses_unknown_fields(method):
     import dataclasses
     from qtutor import QtutorError
     from qtutor.quant import get_method
+
     cfg = get_method(method).default_config
     first = dataclasses.fields(cfg)[0].name
-    assert cfg.replace(**{first: None}) == cfg          # None keeps the field
+    assert cfg.replace(**{first: None}) == cfg  # None keeps the field
     with pytest.raises(QtutorError, match="has no field 'group_sise'"):
         cfg.replace(group_sise=64)

@@ -1,4 +1,5 @@
 """``qtutor bench`` end to end on a tiny random model, resume, and every documented bad input."""
+
 import json
 import os
 import signal
@@ -21,12 +22,17 @@ def model_dir(tmp_path_factory):
     """A tiny random Qwen2 saved with a byte-level BPE tokenizer trained on TEXT."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     d = tmp_path_factory.mktemp("tiny")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=128, special_tokens=["<|endoftext|>"],
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [TEXT],
+        trainers.BpeTrainer(
+            vocab_size=128, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(d)
     tiny_model("qwen2", vocab_size=tok.get_vocab_size()).save_pretrained(d)
     return d
@@ -36,35 +42,61 @@ def model_dir(tmp_path_factory):
 def data_dir(tmp_path_factory):
     """A WikiText-2 look-alike in the Hugging Face layout (what ../shared/data/hf-wikitext holds)."""
     import datasets
+
     d = tmp_path_factory.mktemp("wikitext")
     (d / "wikitext-2-raw-v1").mkdir()
     (d / "README.md").write_text(
         "---\nconfigs:\n- config_name: wikitext-2-raw-v1\n  data_files:\n"
         "  - split: test\n    path: wikitext-2-raw-v1/test-*\n"
-        "  - split: validation\n    path: wikitext-2-raw-v1/validation-*\n---\n")
+        "  - split: validation\n    path: wikitext-2-raw-v1/validation-*\n---\n"
+    )
     lines = [line + "\n" for line in TEXT.split(". ")]
     for split in ("test", "validation"):
         datasets.Dataset.from_dict({"text": lines}).to_parquet(
-            str(d / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet"))
+            str(d / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet")
+        )
     return d
 
 
 def bench_args(model_dir, data_dir, out, *extra):
-    return ["--model", str(model_dir), "--dataset", "wikitext2", "--data-dir", str(data_dir),
-            "--seqlen", "32", "--max-eval-tokens", "640", "--calib-samples", "4", "--latency-tokens", "4", "--latency-runs", "1",
-            "--out", str(out), "--no-progress", *extra]
+    return [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "wikitext2",
+        "--data-dir",
+        str(data_dir),
+        "--seqlen",
+        "32",
+        "--max-eval-tokens",
+        "640",
+        "--calib-samples",
+        "4",
+        "--latency-tokens",
+        "4",
+        "--latency-runs",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("spec, expected", [
-    (["rtn_int4", "fp16_baseline"], ["rtn_int4", "fp16_baseline"]),        # the original benchmark's form
-    (["rtn_int4,fp16_baseline"], ["rtn_int4", "fp16_baseline"]),
-    (["rtn_int4,", "qlora_nf4", "rtn_int8"], ["rtn_int4", "qlora_nf4", "rtn_int8"]),
-    (["all"], None),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (["rtn_int4", "fp16_baseline"], ["rtn_int4", "fp16_baseline"]),  # the original benchmark's form
+        (["rtn_int4,fp16_baseline"], ["rtn_int4", "fp16_baseline"]),
+        (["rtn_int4,", "qlora_nf4", "rtn_int8"], ["rtn_int4", "qlora_nf4", "rtn_int8"]),
+        (["all"], None),
+    ],
+)
 def test_methods_by_spaces_or_commas(spec, expected):
     from qtutor.bench import parse_methods
     from qtutor.cli import build_parser
     from qtutor.quant import implemented_methods
+
     args = build_parser().parse_args(["--methods", *spec])
     assert parse_methods(args.methods) == (expected or implemented_methods())
 
@@ -77,17 +109,29 @@ def test_methods_space_separated_end_to_end(model_dir, data_dir, tmp_path):
 
 def test_bench_end_to_end(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline,rtn_int8,rtn_int4",
-                           "--group-size", "32")) == 0
+    assert (
+        main(bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline,rtn_int8,rtn_int4", "--group-size", "32"))
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert list(res["methods"]) == ["fp16_baseline", "rtn_int8", "rtn_int4"]
     for r in res["methods"].values():
-        assert set(r) >= {"ppl", "eval_tokens", "seqlen", "bits_per_weight", "memory_mb",
-                          "compression_ratio", "latency_ms_per_token", "quant_seconds"}
+        assert set(r) >= {
+            "ppl",
+            "eval_tokens",
+            "seqlen",
+            "bits_per_weight",
+            "memory_mb",
+            "compression_ratio",
+            "latency_ms_per_token",
+            "quant_seconds",
+        }
         assert r["ppl"] > 1 and r["seqlen"] == 32 and r["eval_tokens"] == 640
     m = res["methods"]
     assert m["fp16_baseline"]["bits_per_weight"] == 16
-    assert m["rtn_int4"]["bits_per_weight"] == pytest.approx(4 + 20 / 32, rel=0.01)  # group 32 applies to INT4 (zeros padded to bytes)
+    assert m["rtn_int4"]["bits_per_weight"] == pytest.approx(
+        4 + 20 / 32, rel=0.01
+    )  # group 32 applies to INT4 (zeros padded to bytes)
     assert m["rtn_int8"]["bits_per_weight"] == pytest.approx(8 + 16 / 32, rel=0.01)  # and to INT8
     assert m["fp16_baseline"]["compression_ratio"] == pytest.approx(1.0)
     assert m["rtn_int4"]["memory_mb"] < m["rtn_int8"]["memory_mb"] < m["fp16_baseline"]["memory_mb"]
@@ -101,6 +145,7 @@ def test_bench_hands_back_a_kept_model(model_dir, data_dir, tmp_path):
     recorded one, and methods not asked for are not kept."""
     from qtutor.eval import perplexity
     from qtutor.quant.palettize import PalettizedLinear
+
     out = tmp_path / "run"
     keep = {"palettization_4bit": None}
     assert main(bench_args(model_dir, data_dir, out, "--methods", "rtn_int4,palettization_4bit"), keep=keep) == 0
@@ -111,6 +156,7 @@ def test_bench_hands_back_a_kept_model(model_dir, data_dir, tmp_path):
     res = json.loads((out / "results.json").read_text())["methods"]["palettization_4bit"]
     from qtutor.data import dataset_text, tokenize
     from transformers import PreTrainedTokenizerFast
+
     ids = tokenize(PreTrainedTokenizerFast.from_pretrained(model_dir), dataset_text("wikitext2", "eval", str(data_dir)))
     assert perplexity(model, ids, 32, 640, batch_size=4).ppl == pytest.approx(res["ppl"], rel=1e-4)
 
@@ -120,12 +166,14 @@ def test_a_kept_model_is_the_one_quantize_made_not_the_timed_one(model_dir, data
     back as quantize() made it (the chapters export and re-measure it), the timing runs on a copy."""
     import qtutor.bench as b
     from qtutor.eval import memory_report
+
     real, timed = b._latency, []
 
     def latency_that_adds_a_buffer(model, prompt, args, device):
         model.register_buffer("kernel_scratch", torch.zeros(1 << 16))
         timed.append(model)
         return real(model, prompt, args, device)
+
     monkeypatch.setattr(b, "_latency", latency_that_adds_a_buffer)
     keep = {"rtn_int4": None}
     assert main(bench_args(model_dir, data_dir, tmp_path / "run", "--methods", "rtn_int4"), keep=keep) == 0
@@ -139,6 +187,7 @@ def test_memory_is_measured_before_the_decode_timing(model_dir, data_dir, tmp_pa
     """The fast decode path may give layers extra buffers (a re-packed copy, a pair table): the
     memory and compression columns describe the quantized model as stored, not those."""
     import qtutor.bench as b
+
     real = b._latency
 
     import torch
@@ -146,6 +195,7 @@ def test_memory_is_measured_before_the_decode_timing(model_dir, data_dir, tmp_pa
     def latency_that_adds_a_buffer(model, prompt, args, device):
         model.register_buffer("kernel_scratch", torch.zeros(1 << 20))  # 4 MB
         return real(model, prompt, args, device)
+
     out_plain, out_extra = tmp_path / "plain", tmp_path / "extra"
     assert main(bench_args(model_dir, data_dir, out_plain, "--methods", "rtn_int4")) == 0
     monkeypatch.setattr(b, "_latency", latency_that_adds_a_buffer)
@@ -156,10 +206,10 @@ def test_memory_is_measured_before_the_decode_timing(model_dir, data_dir, tmp_pa
 
 def test_resume_after_killed_run(model_dir, data_dir, tmp_path):
     out = tmp_path / "run"
-    args = bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline,rtn_int8,rtn_int4",
-                      "--latency-runs", "20")
-    proc = subprocess.Popen([sys.executable, "-m", "qtutor", "bench", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline,rtn_int8,rtn_int4", "--latency-runs", "20")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qtutor", "bench", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     results = out / "results.json"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -171,8 +221,12 @@ def test_resume_after_killed_run(model_dir, data_dir, tmp_path):
     done = json.loads(results.read_text())["methods"]
     assert 1 <= len(done) < 3, "the run should have been killed after its first method"
     first = next(iter(done))
-    r = subprocess.run([sys.executable, "-m", "qtutor", "bench", *args[:-2], "--latency-runs", "1",
-                        "--resume"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "qtutor", "bench", *args[:-2], "--latency-runs", "1", "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert f"{first:20s} skipped" in r.stdout
     final = json.loads(results.read_text())["methods"]
@@ -180,21 +234,24 @@ def test_resume_after_killed_run(model_dir, data_dir, tmp_path):
     assert final[first] == done[first]  # kept, not recomputed
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--methods", "rtn_int5"], "unknown method 'rtn_int5'"),
-    (["--methods", "rtn_int4", "--bits", "5"], "5-bit uniform quantization is not supported"),
-    (["--methods", "rtn_int4", "--group-size", "-3"], "group size -3 is negative"),
-    (["--model", "/nonexistent/model"], "model folder '/nonexistent/model' not found"),
-    (["--data-dir", "/nonexistent/data"], "WikiText-2 folder '/nonexistent/data' not found"),
-    (["--seqlen", "100000", "--methods", "fp16_baseline"], "exceeds the model's 256 positions"),
-    (["--max-eval-tokens", "16", "--methods", "fp16_baseline"], "fewer than one window"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--methods", "rtn_int5"], "unknown method 'rtn_int5'"),
+        (["--methods", "rtn_int4", "--bits", "5"], "5-bit uniform quantization is not supported"),
+        (["--methods", "rtn_int4", "--group-size", "-3"], "group size -3 is negative"),
+        (["--model", "/nonexistent/model"], "model folder '/nonexistent/model' not found"),
+        (["--data-dir", "/nonexistent/data"], "WikiText-2 folder '/nonexistent/data' not found"),
+        (["--seqlen", "100000", "--methods", "fp16_baseline"], "exceeds the model's 256 positions"),
+        (["--max-eval-tokens", "16", "--methods", "fp16_baseline"], "fewer than one window"),
+    ],
+)
 def test_bad_input_one_line_exit_2(model_dir, data_dir, tmp_path, capsys, extra, message):
     args = bench_args(model_dir, data_dir, tmp_path / "run")
     for i in range(0, len(extra), 2):  # later flags win in argparse, but replace to keep args clean
         if extra[i] in args:
             j = args.index(extra[i])
-            del args[j:j + 2]
+            del args[j : j + 2]
     assert main(args + extra) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -212,8 +269,13 @@ def test_unreadable_results_on_resume_loses_nothing(model_dir, data_dir, tmp_pat
 
 def test_offline_hub_id_error(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "qtutor", "bench", "--model", "qtutor-nonexistent/model-xyz",
-                        "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "qtutor", "bench", "--model", "qtutor-nonexistent/model-xyz", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "cannot fetch 'qtutor-nonexistent/model-xyz'" in r.stderr and "qtutor-tiny" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -229,6 +291,7 @@ def test_run_bench_prints_nothing_and_reports_each_method(model_dir, data_dir, t
     command's lines only through log; the same numbers as `qtutor bench` with the same options."""
     from qtutor.bench import BenchConfig, run_bench
     from qtutor.cli import bench_config
+
     argv = bench_args(model_dir, data_dir, tmp_path / "cli", "--methods", "fp16_baseline", "rtn_int4")
     assert main(argv) == 0
     capsys.readouterr()
@@ -240,7 +303,9 @@ def test_run_bench_prints_nothing_and_reports_each_method(model_dir, data_dir, t
     assert [n for n, _ in seen] == ["fp16_baseline", "rtn_int4"]
     assert any(line.startswith("rtn_int4") for line in lines)
     cli = json.loads((tmp_path / "cli" / "results.json").read_text())["methods"]
-    assert [results["methods"][n]["ppl"] for n in ("fp16_baseline", "rtn_int4")] == [cli[n]["ppl"] for n in ("fp16_baseline", "rtn_int4")]
+    assert [results["methods"][n]["ppl"] for n in ("fp16_baseline", "rtn_int4")] == [
+        cli[n]["ppl"] for n in ("fp16_baseline", "rtn_int4")
+    ]
     with pytest.raises(qtutor.QtutorError, match="no field seq_len"):
         config.replace(seq_len=64)
 
@@ -250,6 +315,7 @@ def test_the_command_line_defaults_are_the_library_defaults():
 
     from qtutor.bench import BenchConfig
     from qtutor.cli import bench_config
+
     assert bench_config([]).replace(progress=False, methods="all") == BenchConfig()
     assert {f.name for f in fields(BenchConfig)} >= {"seqlen", "calib_samples", "max_eval_tokens", "kernels"}
 
@@ -259,8 +325,11 @@ def test_overrides_reach_only_the_methods_that_declare_them():
     does not touch the 8-bit RTN (it declares only group_size and sym)."""
     from qtutor.bench import method_configs
     from qtutor.cli import bench_config
-    configs = method_configs(["rtn_int8", "rtn_int4", "gptq_int4", "awq_int4", "palettization_4bit", "qlora_nf4"],
-                             bench_config(["--group-size", "32", "--bits", "3"]))
+
+    configs = method_configs(
+        ["rtn_int8", "rtn_int4", "gptq_int4", "awq_int4", "palettization_4bit", "qlora_nf4"],
+        bench_config(["--group-size", "32", "--bits", "3"]),
+    )
     assert configs["rtn_int4"].group_size == configs["gptq_int4"].group_size == configs["awq_int4"].group_size == 32
     assert configs["rtn_int4"].bits == configs["gptq_int4"].bits == configs["palettization_4bit"].bits == 3
     assert configs["rtn_int8"].bits == 8 and configs["rtn_int8"].group_size == 32

@@ -1,4 +1,5 @@
 """qtutor.book: the helpers every chapter uses (budgets, the fits-in-memory check, notes)."""
+
 import os
 from types import SimpleNamespace
 
@@ -10,8 +11,15 @@ from qtutor.errors import QtutorError
 from qtutor.models import QWEN2_0_5B
 
 QWEN = SimpleNamespace(**QWEN2_0_5B)
-TINY = SimpleNamespace(hidden_size=64, intermediate_size=172, num_hidden_layers=5, num_attention_heads=8,
-                       num_key_value_heads=4, vocab_size=512, tie_word_embeddings=True)
+TINY = SimpleNamespace(
+    hidden_size=64,
+    intermediate_size=172,
+    num_hidden_layers=5,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=512,
+    tie_word_embeddings=True,
+)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -72,6 +80,7 @@ def test_setup_quiets_the_libraries_seeds_and_styles(monkeypatch):
     import transformers
 
     import qtutor.book
+
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     monkeypatch.setitem(matplotlib.rcParams, "figure.dpi", 72)
     device = qtutor.book.setup(seed=3)
@@ -90,6 +99,7 @@ def test_eval_seqlen_is_the_benchmarks_window():
     import qtutor.book
     from qtutor.bench import BenchConfig, plan_run
     from qtutor.models import QWEN2_0_5B, load_config
+
     assert qtutor.book.eval_seqlen(Qwen2Config(**QWEN2_0_5B)) == 2048
     tiny = load_config("qtutor-tiny")
     assert qtutor.book.eval_seqlen(tiny) == min(512, tiny.max_position_embeddings)

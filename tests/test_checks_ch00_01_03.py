@@ -1,5 +1,6 @@
 """The exercise checkers of chapters 0, 1 and 3 accept the reference answers (the code of the
 chapters' solutions) and reject typical wrong ones, with a hint."""
+
 import math
 
 import pytest
@@ -34,13 +35,22 @@ def model_bytes(n_linear, n_other, bits, group_size):
 
 
 CH00 = [
-    (ch00.check_fp16_spacing, fp16_spacing,
-     lambda x: 2.0 ** (math.floor(math.log2(abs(x))) - 23)),             # fp32's 23 fraction bits
-    (ch00.check_fp16_spacing, fp16_spacing,
-     lambda x: 2.0 ** (math.floor(math.log2(abs(x))) - 10)),             # forgets subnormals
+    (
+        ch00.check_fp16_spacing,
+        fp16_spacing,
+        lambda x: 2.0 ** (math.floor(math.log2(abs(x))) - 23),
+    ),  # fp32's 23 fraction bits
+    (
+        ch00.check_fp16_spacing,
+        fp16_spacing,
+        lambda x: 2.0 ** (math.floor(math.log2(abs(x))) - 10),
+    ),  # forgets subnormals
     (ch00.check_perplexity_from_logits, perplexity_from_logits, perplexity_no_shift),
-    (ch00.check_perplexity_from_logits, perplexity_from_logits,
-     lambda lg, ids: math.log(perplexity_from_logits(lg, ids))),         # the NLL, not its exp
+    (
+        ch00.check_perplexity_from_logits,
+        perplexity_from_logits,
+        lambda lg, ids: math.log(perplexity_from_logits(lg, ids)),
+    ),  # the NLL, not its exp
     (ch00.check_scored_tokens, lambda n, L: (n // L, n // L * (L - 1)), lambda n, L: (n // L, n // L * L)),
     (ch00.check_model_bytes, model_bytes, lambda n_lin, n_oth, b, g: n_lin * b / 8 + 2 * n_oth),
 ]
@@ -75,12 +85,21 @@ def pack4(codes):
 CH01 = [
     (ch01.check_scale_zero, scale_zero, scale_zero_no_zero_in_range),
     (ch01.check_scale_zero, scale_zero, lambda w, b: (scale_zero(w, b)[0] * (2**b - 1) / 2**b, scale_zero(w, b)[1])),
-    (ch01.check_rtn_symmetric, rtn_symmetric,
-     lambda W, b: (s := W.abs().amax(1, keepdim=True) / 2 ** (b - 1)) * torch.round(W / s)),
-    (ch01.check_rtn_symmetric, rtn_symmetric,
-     lambda W, b: (s := W.abs().amax(1, keepdim=True) / (2 ** (b - 1) - 1)) * torch.trunc(W / s)),
-    (ch01.check_bits_per_weight, bits_per_weight,
-     lambda b, g, n, sym: b + 16 / (n if g == 0 else g)),                # forgets the zero points
+    (
+        ch01.check_rtn_symmetric,
+        rtn_symmetric,
+        lambda W, b: (s := W.abs().amax(1, keepdim=True) / 2 ** (b - 1)) * torch.round(W / s),
+    ),
+    (
+        ch01.check_rtn_symmetric,
+        rtn_symmetric,
+        lambda W, b: (s := W.abs().amax(1, keepdim=True) / (2 ** (b - 1) - 1)) * torch.trunc(W / s),
+    ),
+    (
+        ch01.check_bits_per_weight,
+        bits_per_weight,
+        lambda b, g, n, sym: b + 16 / (n if g == 0 else g),
+    ),  # forgets the zero points
     (ch01.check_pack4, pack4, lambda c: (c[:, 1::2] | (c[:, 0::2] << 4)).to(torch.uint8)),
 ]
 
@@ -145,12 +164,15 @@ def test_checker_accepts_right_and_rejects_wrong(check, right, wrong, capsys):
     assert out.startswith("not yet: ") and " -- " in out  # a verdict and a hint
 
 
-@pytest.mark.parametrize("check", sorted({c for c, _, _ in CH00 + CH01 + CH03}, key=lambda c: c.__name__),
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "check", sorted({c for c, _, _ in CH00 + CH01 + CH03}, key=lambda c: c.__name__), ids=lambda c: c.__name__
+)
 def test_checker_survives_unfinished_answers(check, capsys):
     """The student's stub returns None or raises: the checker says so instead of crashing."""
+
     def unfinished(*args):
         raise NotImplementedError("your code here")
+
     assert check(unfinished) is False
     assert check(lambda *args: None) is False
     assert "not yet" in capsys.readouterr().out

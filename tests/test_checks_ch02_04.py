@@ -1,5 +1,6 @@
 """The exercise checkers of chapters 2 (SmoothQuant) and 4 (AWQ) accept the chapters'
 solutions and reject typical wrong answers (tiny in-memory inputs, no model)."""
+
 import pytest
 import torch
 
@@ -74,11 +75,14 @@ def alpha_search_last(x, weights, alphas):
     return alphas[-1] if alphas[errors.index(min(errors))] != alphas[-1] else alphas[0], errors
 
 
-@pytest.mark.parametrize("checker, right, wrongs", [
-    (ch02.check_per_token_quant, quantize_per_token, [quantize_per_tensor, quantize_per_token_128]),
-    (ch02.check_smooth_up_down, smooth_up_down, [smooth_up_down_with_gate, smooth_up_down_columns]),
-    (ch02.check_alpha_search, alpha_search, [alpha_search_undivided, alpha_search_last]),
-])
+@pytest.mark.parametrize(
+    "checker, right, wrongs",
+    [
+        (ch02.check_per_token_quant, quantize_per_token, [quantize_per_tensor, quantize_per_token_128]),
+        (ch02.check_smooth_up_down, smooth_up_down, [smooth_up_down_with_gate, smooth_up_down_columns]),
+        (ch02.check_alpha_search, alpha_search, [alpha_search_undivided, alpha_search_last]),
+    ],
+)
 def test_ch02_checkers(checker, right, wrongs, capsys):
     assert checker(right)
     assert capsys.readouterr().out.startswith("correct")
@@ -115,8 +119,11 @@ def clip_thresholds(W, X, group_size, n_grid=20, max_shrink=0.5):
     best, best_err = org_max.clone(), torch.full_like(org_max, float("inf"))
     for i in range(max(1, int(max_shrink * n_grid))):
         m = org_max * (1 - i / n_grid)
-        q = rtn_quantize_weight(torch.clamp(Wg, -m, m).reshape(out_features, -1),
-                                RTNConfig(bits=4, group_size=gs)).dequantize().reshape(Wg.shape)
+        q = (
+            rtn_quantize_weight(torch.clamp(Wg, -m, m).reshape(out_features, -1), RTNConfig(bits=4, group_size=gs))
+            .dequantize()
+            .reshape(Wg.shape)
+        )
         err = (torch.einsum("tgc,ogc->ogt", Xg, q) - ref).pow(2).mean(dim=-1, keepdim=True)
         better = err < best_err
         best_err[better], best[better] = err[better], m[better]
@@ -146,11 +153,14 @@ def expand_kv_scales_unchanged(s_v, num_heads, num_kv_heads):
     return s_v
 
 
-@pytest.mark.parametrize("checker, right, wrongs", [
-    (ch04.check_duo_scales, duo_scales, [duo_scales_per_row, plain_awq_scales]),
-    (ch04.check_clip_thresholds, clip_thresholds, [clip_thresholds_none, clip_thresholds_weight_mse]),
-    (ch04.check_gqa_scales, expand_kv_scales, [expand_kv_scales_tiled, expand_kv_scales_unchanged]),
-])
+@pytest.mark.parametrize(
+    "checker, right, wrongs",
+    [
+        (ch04.check_duo_scales, duo_scales, [duo_scales_per_row, plain_awq_scales]),
+        (ch04.check_clip_thresholds, clip_thresholds, [clip_thresholds_none, clip_thresholds_weight_mse]),
+        (ch04.check_gqa_scales, expand_kv_scales, [expand_kv_scales_tiled, expand_kv_scales_unchanged]),
+    ],
+)
 def test_ch04_checkers(checker, right, wrongs, capsys):
     assert checker(right)
     assert capsys.readouterr().out.startswith("correct")
@@ -177,17 +187,32 @@ def test_hints_name_the_mistake(capsys):
 def test_checker_survives_a_raising_answer(capsys):
     def broken(*args):
         raise ValueError("oops")
-    for checker in (ch02.check_per_token_quant, ch02.check_smooth_up_down, ch02.check_alpha_search,
-                    ch04.check_duo_scales, ch04.check_clip_thresholds, ch04.check_gqa_scales):
+
+    for checker in (
+        ch02.check_per_token_quant,
+        ch02.check_smooth_up_down,
+        ch02.check_alpha_search,
+        ch04.check_duo_scales,
+        ch04.check_clip_thresholds,
+        ch04.check_gqa_scales,
+    ):
         assert not checker(broken)
         assert "raised ValueError" in capsys.readouterr().out
 
 
 def test_checkers_reject_the_student_stubs(capsys):
     """The student edition's stubs (``...`` bodies, returning None) get a verdict, not a crash."""
+
     def stub(*args):
         return None
-    for checker in (ch02.check_per_token_quant, ch02.check_smooth_up_down, ch02.check_alpha_search,
-                    ch04.check_duo_scales, ch04.check_clip_thresholds, ch04.check_gqa_scales):
+
+    for checker in (
+        ch02.check_per_token_quant,
+        ch02.check_smooth_up_down,
+        ch02.check_alpha_search,
+        ch04.check_duo_scales,
+        ch04.check_clip_thresholds,
+        ch04.check_gqa_scales,
+    ):
         assert not checker(stub)
         assert capsys.readouterr().out.startswith("not yet")

@@ -1,5 +1,6 @@
 """The exercise checkers of chapters 5 (palettization), 6 (NF4) and 7 (benchmark, Core ML)
 accept the chapters' solutions and reject typical wrong answers (tiny inputs, no model)."""
+
 import math
 
 import numpy as np
@@ -46,9 +47,9 @@ def unweighted_kmeans(x, w, k):
 def palettize_grouped(W, bits, group_size):
     out = torch.empty_like(W)
     for r in range(0, W.shape[0], group_size):
-        block = W[r:r + group_size]
+        block = W[r : r + group_size]
         km = kmeans_1d(block.reshape(-1), 2**bits)
-        out[r:r + group_size] = km.centroids[km.labels].reshape(block.shape)
+        out[r : r + group_size] = km.centroids[km.labels].reshape(block.shape)
     return out
 
 
@@ -99,10 +100,10 @@ def double_quantize(absmax, dq_block):
     offset = absmax.mean()
     out = torch.empty_like(absmax)
     for s in range(0, absmax.numel(), dq_block):
-        x = absmax[s:s + dq_block] - offset
+        x = absmax[s : s + dq_block] - offset
         a2 = x.abs().max()
         idx = (x / a2 - code[:, None]).abs().argmin(0)
-        out[s:s + dq_block] = code[idx] * a2 + offset
+        out[s : s + dq_block] = code[idx] * a2 + offset
     return out
 
 
@@ -110,9 +111,9 @@ def double_quantize_no_offset(absmax, dq_block):
     code = dynamic_map()
     out = torch.empty_like(absmax)
     for s in range(0, absmax.numel(), dq_block):
-        x = absmax[s:s + dq_block]
+        x = absmax[s : s + dq_block]
         a2 = x.abs().max()
-        out[s:s + dq_block] = code[(x / a2 - code[:, None]).abs().argmin(0)] * a2
+        out[s : s + dq_block] = code[(x / a2 - code[:, None]).abs().argmin(0)] * a2
     return out
 
 
@@ -134,7 +135,8 @@ def test_ch06_equal_mass_levels():
     assert ch06.check_equal_mass_levels(equal_mass_levels)
     assert not ch06.check_equal_mass_levels(lambda b: torch.linspace(-1, 1, 2**b))
     assert not ch06.check_equal_mass_levels(
-        lambda b: torch.special.ndtri((torch.arange(2**b, dtype=torch.float64) + 0.5) / 2**b))
+        lambda b: torch.special.ndtri((torch.arange(2**b, dtype=torch.float64) + 0.5) / 2**b)
+    )
 
 
 def test_ch06_double_quant():
@@ -151,8 +153,11 @@ def test_ch06_nf4_bits():
 
 # --------------------------------------------------------------------------- chapter 7
 def pareto(points):
-    return [n for n, (b, p) in points.items()
-            if not any(b2 <= b and p2 <= p and (b2, p2) != (b, p) for m, (b2, p2) in points.items() if m != n)]
+    return [
+        n
+        for n, (b, p) in points.items()
+        if not any(b2 <= b and p2 <= p and (b2, p2) != (b, p) for m, (b2, p2) in points.items() if m != n)
+    ]
 
 
 def decode_speedup(linear_bytes_fp16, other_bytes, bits_per_weight):
@@ -191,10 +196,10 @@ def test_ch07_dequantize_entry():
     assert not ch07.check_dequantize_entry(lambda e: np.asarray(e["lut"], dtype=np.float64)[:, :1] * 0)
 
 
-@pytest.mark.parametrize("checker", [ch05.check_weighted_kmeans, ch06.check_double_quant,
-                                     ch07.check_dequantize_entry])
+@pytest.mark.parametrize("checker", [ch05.check_weighted_kmeans, ch06.check_double_quant, ch07.check_dequantize_entry])
 def test_checkers_survive_a_crashing_answer(checker, capsys):
     def boom(*args):
         raise ValueError("boom")
+
     assert not checker(boom)
     assert "ValueError" in capsys.readouterr().out

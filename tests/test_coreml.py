@@ -1,5 +1,6 @@
 """Core ML export: our LUTs, scales and indices end up in the saved .mlpackage (stateless and
 with a stateful KV cache); prediction is macOS-only and tested there."""
+
 import copy
 import logging
 import math
@@ -36,8 +37,7 @@ def test_package_holds_our_luts_scales_and_indices(exported):
     assert path.is_dir()
     luts = coreml.read_luts(path)  # read back from disk, no prediction needed
     assert len(luts) == 14  # every linear of both decoder layers is a constexpr_lut_to_dense
-    for name in ("layers.0.self_attn.q_proj", "layers.1.mlp.down_proj",
-                 "layers.1.self_attn.v_proj"):
+    for name in ("layers.0.self_attn.q_proj", "layers.1.mlp.down_proj", "layers.1.self_attn.v_proj"):
         ours = model.model.get_submodule(name)
         assert isinstance(ours, PalettizedLinear)
         entry = coreml.find_lut(luts, "model." + name)
@@ -47,22 +47,19 @@ def test_package_holds_our_luts_scales_and_indices(exported):
         assert lut.shape == (ours.out_features, 16)
         assert torch.equal(lut, ours.unpacked().row_luts())
         assert torch.equal(torch.from_numpy(entry["scale"].astype(np.float16)), ours.scales)
-        assert torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)),
-                           ours.unpacked().indices.long())
+        assert torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)), ours.unpacked().indices.long())
 
 
 def test_luts_without_scales_are_stored_as_is(tmp_path):
     model = tiny_model("qwen2", num_hidden_layers=1)
-    qtutor.quantize(model, "palettization_4bit",
-                    qtutor.PalettizeConfig(per_channel_scale=False, group_size=32))
+    qtutor.quantize(model, "palettization_4bit", qtutor.PalettizeConfig(per_channel_scale=False, group_size=32))
     luts = coreml.read_luts(coreml.export_mlpackage(model, tmp_path / "m.mlpackage", seqlen=4))
     assert len(luts) == 7
     ours = model.model.layers[0].mlp.up_proj
     entry = coreml.find_lut(luts, "model.layers.0.mlp.up_proj")
     assert entry["scale"] is None
     assert torch.equal(torch.from_numpy(np.asarray(entry["lut"], dtype=np.float16)), ours.lut)
-    assert torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)),
-                       ours.unpacked().indices.long())
+    assert torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)), ours.unpacked().indices.long())
 
 
 def row_luts(entry, out_features):
@@ -76,8 +73,13 @@ def row_luts(entry, out_features):
 def test_coreml_lut_has_equal_groups_and_decodes_the_same(out, rows):
     g = torch.Generator().manual_seed(out)
     n_luts = -(-out // rows)
-    q = qtutor.quant.palettize.LUTWeight(torch.randint(0, 16, (out, 8), generator=g, dtype=torch.uint8),
-                                         torch.randn(n_luts, 16, generator=g).half(), None, 4, rows)
+    q = qtutor.quant.palettize.LUTWeight(
+        torch.randint(0, 16, (out, 8), generator=g, dtype=torch.uint8),
+        torch.randn(n_luts, 16, generator=g).half(),
+        None,
+        4,
+        rows,
+    )
     table = coreml.coreml_lut(PalettizedLinear(q))
     assert out % table.shape[0] == 0  # equal groups, as coremltools' LUT buffer needs
     if out % rows == 0:
@@ -101,14 +103,12 @@ def test_export_with_a_shorter_last_group(tmp_path, scale):
         assert ours.lut.shape[0] == -(-ours.out_features // 16)
         entry = coreml.find_lut(luts, "model.layers.0." + name)
         assert torch.equal(row_luts(entry, ours.out_features), ours.unpacked().row_luts())
-        assert torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)),
-                           ours.unpacked().indices.long())
+        assert torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)), ours.unpacked().indices.long())
         if scale:
             assert torch.equal(torch.from_numpy(entry["scale"].astype(np.float16)), ours.scales)
         else:
             assert entry["scale"] is None
-            assert torch.equal(torch.from_numpy(np.asarray(entry["lut"], dtype=np.float16)),
-                               coreml.coreml_lut(ours))
+            assert torch.equal(torch.from_numpy(np.asarray(entry["lut"], dtype=np.float16)), coreml.coreml_lut(ours))
         # every LUT of ours, the short last one included, is in the package
         stored = {tuple(r.tolist()) for r in torch.from_numpy(np.asarray(entry["lut"], dtype=np.float16))}
         assert all(tuple(r.tolist()) in stored for r in ours.lut)
@@ -160,8 +160,9 @@ def test_an_untied_lm_head_is_exported_in_float16_and_matches():
     ids = torch.randint(0, 128, (1, SEQLEN))
     with torch.no_grad():
         ref = model(ids).logits
-        torch.testing.assert_close(coreml.CausalLMForCoreML(copy_, SEQLEN)(ids), ref, rtol=0,
-                                   atol=2e-2 * ref.abs().max().item())
+        torch.testing.assert_close(
+            coreml.CausalLMForCoreML(copy_, SEQLEN)(ids), ref, rtol=0, atol=2e-2 * ref.abs().max().item()
+        )
 
 
 def test_check_package_compares_every_layer_and_finds_a_changed_one(exported):
@@ -176,8 +177,11 @@ def test_check_package_compares_every_layer_and_finds_a_changed_one(exported):
     layer.scales[5] *= 2
     check = coreml.check_package(path, changed)
     assert not check.ok
-    assert check.mismatches == {"palettes": ["model.layers.1.mlp.down_proj"],
-                                "scales": ["model.layers.1.mlp.down_proj"], "indices": []}
+    assert check.mismatches == {
+        "palettes": ["model.layers.1.mlp.down_proj"],
+        "scales": ["model.layers.1.mlp.down_proj"],
+        "indices": [],
+    }
 
 
 def test_peak_host_memory_sees_an_allocation():
@@ -193,8 +197,11 @@ def test_causal_mask_lets_each_token_see_the_past_and_itself():
     mask = coreml.causal_mask(3, 2)
     assert mask.shape == (1, 1, 2, 5) and mask.dtype == np.float16
     assert (mask[0, 0] == 0).tolist() == [[True] * 4 + [False], [True] * 5]
-    assert (coreml.causal_mask(0, 3)[0, 0] < 0).tolist() == [[False, True, True], [False, False, True],
-                                                              [False, False, False]]
+    assert (coreml.causal_mask(0, 3)[0, 0] < 0).tolist() == [
+        [False, True, True],
+        [False, False, True],
+        [False, False, False],
+    ]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
@@ -202,14 +209,15 @@ def test_stateful_wrapper_decodes_token_by_token_like_the_model(family):
     model = tiny_model(family)
     qtutor.quantize(model, "palettization_4bit")
     # a float32 cache and tables: the same arithmetic as the model, so the logits agree closely
-    wrapper = coreml.StatefulCausalLMForCoreML(coreml.prepare_for_export(model, table_dtype=torch.float32),
-                                               max_len=16, cache_dtype=torch.float32)
+    wrapper = coreml.StatefulCausalLMForCoreML(
+        coreml.prepare_for_export(model, table_dtype=torch.float32), max_len=16, cache_dtype=torch.float32
+    )
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(ids).logits
         steps = [wrapper(ids[:, :6], torch.from_numpy(coreml.causal_mask(0, 6)))]  # the prompt
-        for t in range(6, 10):                                                     # then one token each
-            steps.append(wrapper(ids[:, t:t + 1], torch.from_numpy(coreml.causal_mask(t, 1))))
+        for t in range(6, 10):  # then one token each
+            steps.append(wrapper(ids[:, t : t + 1], torch.from_numpy(coreml.causal_mask(t, 1))))
     assert all(s.shape == (1, 1, 128) for s in steps)
     torch.testing.assert_close(torch.cat(steps, dim=1), ref[:, 5:], rtol=1e-4, atol=1e-4)
     assert wrapper.k_cache[:, :, :, 10:].abs().sum() == 0  # nothing written past the last token
@@ -257,21 +265,22 @@ def _lut_case(out, in_, bits, n_luts, seed):
     rng = np.random.default_rng(seed)
     K = 2**bits
     lut = np.sort(rng.standard_normal((n_luts, 1, K, 1)), axis=2).astype(np.float32)
-    lut[0, 0, 1] = lut[0, 0, 0]                       # a LUT with a repeated entry
-    lut[-1, 0, :, 0] = lut[-1, 0, 0, 0]               # and one whose entries are all equal
+    lut[0, 0, 1] = lut[0, 0, 0]  # a LUT with a repeated entry
+    lut[-1, 0, :, 0] = lut[-1, 0, 0, 0]  # and one whose entries are all equal
     index = rng.integers(0, K, (out, in_))
     W = np.take_along_axis(np.repeat(lut[:, 0, :, 0], out // n_luts, axis=0), index, axis=1)
     scale = (rng.random((out, 1)) + 0.5).astype(np.float32)
     data = (W * scale) / scale
     rows = np.repeat(lut[:, 0, :, 0], out // n_luts, axis=0)
-    data[:, 0] = (rows[:, 0] + rows[:, 1]) / 2          # ties: the lower index wins in argmin
-    data[:, 1] = rows[:, -1] + 1.0                      # beyond the last entry
+    data[:, 0] = (rows[:, 0] + rows[:, 1]) / 2  # ties: the lower index wins in argmin
+    data[:, 1] = rows[:, -1] + 1.0  # beyond the last entry
     return data.astype(np.float32), lut
 
 
 @pytest.mark.parametrize("out,in_,bits,n_luts", [(64, 48, 4, 4), (96, 40, 2, 96), (32, 24, 8, 1), (48, 16, 3, 3)])
 def test_nearest_lut_indices_equal_coremltools_own(out, in_, bits, n_luts):
     from coremltools.optimize._utils import find_indices_for_lut
+
     data, lut = _lut_case(out, in_, bits, n_luts, seed=out + bits)
     theirs = find_indices_for_lut(data, lut)
     ours = coreml.nearest_lut_indices(data, lut)
@@ -281,6 +290,7 @@ def test_nearest_lut_indices_equal_coremltools_own(out, in_, bits, n_luts):
 
 def test_fast_lut_indices_is_scoped_and_hands_other_shapes_to_coremltools():
     from coremltools.optimize import _utils
+
     original = _utils.find_indices_for_lut
     data, lut = _lut_case(32, 16, 4, 2, seed=1)
     with coreml._fast_lut_indices():

@@ -1,5 +1,6 @@
 """The embedded qtutor-tiny: loads offline, and shows the effects the book teaches (its card's
 quality bar, re-measured here on a slice of the held-out text)."""
+
 import copy
 import json
 import math
@@ -40,11 +41,14 @@ def test_architecture_matches_the_issue(tiny):
 
 def test_auto_classes_load_offline(monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     d = str(embedded_model_dir())
     AutoModelForCausalLM.from_pretrained(d)
     text = dataset_text("embedded", "eval")[:3000]
-    assert AutoTokenizer.from_pretrained(d)(text).input_ids == PreTrainedTokenizerFast.from_pretrained(d)(text).input_ids
+    assert (
+        AutoTokenizer.from_pretrained(d)(text).input_ids == PreTrainedTokenizerFast.from_pretrained(d)(text).input_ids
+    )
 
 
 def test_quality_bar(tiny):
@@ -56,8 +60,11 @@ def test_quality_bar(tiny):
     assert base < unigram / 5
     assert ppl(copy.deepcopy(model).half().float(), ids) == pytest.approx(base, rel=0.005)
     results = {}
-    for name, cfg in (("int8", qtutor.RTNConfig(8, 0, sym=True)), ("int4_pc", qtutor.RTNConfig(4, 0)),
-                      ("int4_g128", qtutor.RTNConfig(4, 128))):
+    for name, cfg in (
+        ("int8", qtutor.RTNConfig(8, 0, sym=True)),
+        ("int4_pc", qtutor.RTNConfig(4, 0)),
+        ("int4_g128", qtutor.RTNConfig(4, 128)),
+    ):
         m = copy.deepcopy(model)
         qtutor.quantize(m, "rtn_int8" if name == "int8" else "rtn_int4", cfg)
         results[name] = ppl(m, ids)

@@ -1,4 +1,5 @@
 """Metrics: perplexity protocol, memory accounting, latency."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """The fast decode harness (static KV cache; CUDA graphs on CUDA) and the chunked perplexity loss."""
+
 import pytest
 import torch
 
@@ -37,10 +38,13 @@ def test_static_decoder_with_quantized_layers():
     assert r.kernels == {}  # the reference forward records no kernel
 
 
-@pytest.mark.skipif(not __import__("qtutor.runtime.kernels").runtime.kernels.tinygemm_available("cpu"),
-                    reason="no _weight_int4pack_mm_for_cpu")
+@pytest.mark.skipif(
+    not __import__("qtutor.runtime.kernels").runtime.kernels.tinygemm_available("cpu"),
+    reason="no _weight_int4pack_mm_for_cpu",
+)
 def test_fast_decode_reports_the_decode_step_kernels():
     from qtutor.runtime import kernels
+
     model = varied_model("llama")
     qtutor.quantize(model, "rtn_int4", qtutor.RTNConfig(4, 32))
     kernels.accelerate(model, "tinygemm")
@@ -54,6 +58,7 @@ def test_fast_decode_reports_the_decode_step_kernels():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rms_norm_equals_the_module(dtype):
     from qtutor.runtime.decode import _rms_norm
+
     norm = tiny_model("qwen2").to(dtype).model.norm
     torch.nn.init.normal_(norm.weight)
     x = torch.randn(3, 64, dtype=dtype) * 3
@@ -96,6 +101,7 @@ def test_fast_decode_errors():
 def test_bench_fast_decode_option():
     from qtutor.bench import _latency
     from qtutor.cli import build_parser
+
     args = build_parser().parse_args(["--fast-decode", "--latency-tokens", "3", "--latency-runs", "1"])
     assert args.fast_decode is True and args.kernels == "auto"
     assert build_parser().parse_args([]).fast_decode is None  # default: on CUDA only
@@ -105,6 +111,7 @@ def test_bench_fast_decode_option():
 
 def test_chunked_loss_equals_full_logits(monkeypatch):
     from qtutor.eval import ppl
+
     model = tiny_model("qwen2")
     windows = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(2))
     monkeypatch.setattr(ppl, "LOGIT_CHUNK_ELEMENTS", 128 * 7)  # 7 rows per chunk, a ragged last one
@@ -119,6 +126,7 @@ def test_chunked_loss_equals_full_logits(monkeypatch):
 def test_cuda_graph_decode_equals_eager(backend):
     """The captured graph replays exactly the eager step (same kernels, same inputs)."""
     from qtutor.runtime import kernels
+
     model = varied_model("qwen2").cuda()
     if backend != "none":
         if backend == "triton" and not kernels.triton_available():
@@ -140,7 +148,8 @@ def test_cuda_graph_decode_equals_eager(backend):
 # triton is missing, and on CUDA machines, where the interpreter would break later compilation.
 needs_interpreter = pytest.mark.skipif(
     not __import__("qtutor.runtime.kernels").runtime.kernels.triton_available() or torch.cuda.is_available(),
-    reason="Triton interpreter tests run on CPU-only machines")
+    reason="Triton interpreter tests run on CPU-only machines",
+)
 # Triton's interpreter trips numpy's deprecation of array-to-scalar conversion; not ours
 interp_warning = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -149,11 +158,12 @@ interp_warning = pytest.mark.filterwarnings("ignore:Conversion of an array with 
 @interp_warning
 def test_glue_kernels_equal_their_torch_definitions():
     from qtutor.runtime import triton_glue as tk
+
     g = torch.Generator().manual_seed(0)
     h, r, w = (torch.randn(3, 40, generator=g) for _ in range(3))
     want_h = h + r
     want_x = torch.nn.functional.rms_norm(want_h, (40,), w[0], eps=1e-6)
-    x = tk.add_rms_norm(h, r, w[0], 1e-6)                               # h is updated in place
+    x = tk.add_rms_norm(h, r, w[0], 1e-6)  # h is updated in place
     torch.testing.assert_close(h, want_h)
     torch.testing.assert_close(x, want_x)
     gu = torch.randn(1, 2 * 50, generator=g)
@@ -168,16 +178,19 @@ def test_glue_kernels_equal_their_torch_definitions():
     p = torch.tensor([pos])
     q = tk.rope_cache(qkv, cos, sin, p, kc, vc, nh, nkv)
     heads = qkv.view(nh + 2 * nkv, hd)
-    rot = heads[:nh + nkv] * cos[pos] + torch.cat([-heads[:nh + nkv, hd // 2:], heads[:nh + nkv, :hd // 2]], -1) * sin[pos]
+    rot = (
+        heads[: nh + nkv] * cos[pos]
+        + torch.cat([-heads[: nh + nkv, hd // 2 :], heads[: nh + nkv, : hd // 2]], -1) * sin[pos]
+    )
     torch.testing.assert_close(q, rot[:nh])
     torch.testing.assert_close(kc[:, pos], rot[nh:])
-    torch.testing.assert_close(vc[:, pos], heads[nh + nkv:])
+    torch.testing.assert_close(vc[:, pos], heads[nh + nkv :])
     others = torch.arange(slots) != pos
     assert torch.equal(kc[:, others], kc0[:, others]) and torch.equal(vc[:, others], vc0[:, others])
 
-    o = tk.decode_attention(q, kc, vc, p, 0.25)                         # slots 0..pos only
+    o = tk.decode_attention(q, kc, vc, p, 0.25)  # slots 0..pos only
     qg = q.view(nkv, nh // nkv, hd)
-    att = torch.softmax(0.25 * qg @ kc[:, :pos + 1].transpose(1, 2), -1) @ vc[:, :pos + 1]
+    att = torch.softmax(0.25 * qg @ kc[:, : pos + 1].transpose(1, 2), -1) @ vc[:, : pos + 1]
     torch.testing.assert_close(o, att.reshape(-1), rtol=1e-5, atol=1e-5)
 
 

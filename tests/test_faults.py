@@ -9,6 +9,7 @@ resumes, full disks and concurrent attempts on one folder.
 The runs use the embedded model on a 20,000-character slice of its texts, without figures
 (neither matters to what is tested here), so that each takes about a second.
 """
+
 import errno
 import json
 import os
@@ -30,17 +31,39 @@ from qtutor.models import embedded_model_dir
 from qtutor.quant import AWQConfig, GPTQConfig, NF4Config, PalettizeConfig, RTNConfig, SmoothQuantConfig
 from qtutor.runfolder import LOCK, finite_or_none, locked, read_results
 
-ARGS = ["--dataset", "embedded", "--seqlen", "32", "--max-eval-tokens", "64", "--calib-samples", "2",
-        "--latency-tokens", "2", "--latency-runs", "1", "--no-progress"]
+ARGS = [
+    "--dataset",
+    "embedded",
+    "--seqlen",
+    "32",
+    "--max-eval-tokens",
+    "64",
+    "--calib-samples",
+    "2",
+    "--latency-tokens",
+    "2",
+    "--latency-runs",
+    "1",
+    "--no-progress",
+]
 CHEAP = "fp16_baseline,rtn_int4"
 #: the numbers of a method entry that do not depend on timing
-EXACT = ("ppl", "eval_tokens", "seqlen", "bits_per_weight", "memory_mb", "compression_ratio",
-         "memory_split_bytes", "config")
+EXACT = (
+    "ppl",
+    "eval_tokens",
+    "seqlen",
+    "bits_per_weight",
+    "memory_mb",
+    "compression_ratio",
+    "memory_split_bytes",
+    "config",
+)
 
 
 def _quick(mp):
     """Short texts and no figures (the figures are tested in test_bench.py)."""
     import qtutor.data as data
+
     full = data.embedded_text
     mp.setattr(data, "embedded_text", lambda part="heldout": full(part)[:20_000])
     mp.setattr("qtutor.plots.plot_results", lambda results, out: [])
@@ -165,6 +188,7 @@ def test_out_not_writable(tmp_path, capsys, monkeypatch):
 def test_out_permission_denied_while_creating(tmp_path, capsys, monkeypatch):
     def refuse(self, *a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
     monkeypatch.setattr(Path, "mkdir", refuse)
     assert bench(tmp_path / "run") == 2
     one_line_error(capsys, "Permission denied", "make it writable or use another --out")
@@ -179,6 +203,7 @@ def fail_fsync_on(call: int, monkeypatch):
         if len(calls) == call:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd)
+
     monkeypatch.setattr(os, "fsync", fsync)
 
 
@@ -198,9 +223,11 @@ def test_disk_full_mid_run_keeps_finished_methods(tmp_path, capsys, monkeypatch)
 
 def test_disk_full_while_writing_the_table(tmp_path, capsys, monkeypatch):
     """results.json is complete before results.csv is written; a failure there says so."""
+
     def full(results, path):
         Path(path).write_text("method,pp")
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr("qtutor.plots.write_csv", full)
     out = tmp_path / "run"
     assert bench(out) == 2
@@ -241,6 +268,7 @@ class Killed(KeyboardInterrupt):
 def kill_after(k: int, monkeypatch):
     """The run is interrupted when it starts its (k+1)-th method, as Ctrl-C or a kill would."""
     import qtutor.bench as b
+
     real, calls = b.measure, []
 
     def measure(*a, **kw):
@@ -248,6 +276,7 @@ def kill_after(k: int, monkeypatch):
         if len(calls) > k:
             raise Killed
         return real(*a, **kw)
+
     monkeypatch.setattr(b, "measure", measure)
 
 
@@ -283,8 +312,12 @@ def test_a_second_process_is_refused(done):
     """The real command in another process, while this one holds the folder."""
     before = snapshot(done)
     with locked(done):
-        r = subprocess.run([sys.executable, "-m", "qtutor", "bench", *ARGS, "--methods", "rtn_int8",
-                            "--resume", "--out", str(done)], capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", "qtutor", "bench", *ARGS, "--methods", "rtn_int8", "--resume", "--out", str(done)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "another qtutor bench" in r.stderr
     assert snapshot(done) == before
@@ -293,12 +326,14 @@ def test_a_second_process_is_refused(done):
 def test_unexpected_failure_keeps_finished_methods(tmp_path, monkeypatch):
     """A crash inside a method (a bug, say) still leaves the methods before it."""
     import qtutor.bench as b
+
     real = b.measure
 
     def measure(args, plan, inputs, name, fp16_bytes, keep=None):
         if name == "rtn_int4":
             raise RuntimeError("boom")
         return real(args, plan, inputs, name, fp16_bytes, keep)
+
     monkeypatch.setattr(b, "measure", measure)
     with pytest.raises(RuntimeError, match="boom"):
         bench(tmp_path / "run")
@@ -350,12 +385,15 @@ def test_resume_refuses_a_method_config_that_differs(done, capsys):
     one_line_error(capsys, "rtn_int4", "another config (group_size differ)")
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("device_type", "cuda", "--device = 'cuda', this run has 'cpu'"),
-    ("dataset", "wikitext2", "--dataset = 'wikitext2', this run has 'embedded'"),
-    ("eval_text", "sha256:0", "the evaluation text (--data-dir or the tokenizer)"),
-    ("calib_windows", "sha256:0", "the calibration text"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("device_type", "cuda", "--device = 'cuda', this run has 'cpu'"),
+        ("dataset", "wikitext2", "--dataset = 'wikitext2', this run has 'embedded'"),
+        ("eval_text", "sha256:0", "the evaluation text (--data-dir or the tokenizer)"),
+        ("calib_windows", "sha256:0", "the calibration text"),
+    ],
+)
 def test_resume_refuses_what_options_alone_cannot_change_here(done, capsys, key, value, message):
     """Settings this machine cannot reproduce from options (a GPU, another text) edited in."""
     data = json.loads((done / "results.json").read_text())
@@ -398,9 +436,12 @@ CORRUPT = [
     ('{"methods": {"rtn_int4": [1]}}', "method 'rtn_int4' is a JSON list"),
     ('{"methods": {"rtn_int9": {}}}', "unknown method 'rtn_int9'"),
     ('{"methods": {}, "x": NaN}', "NaN is not strict JSON"),
-    ('{"methods": {"rtn_int4": {"ppl": "5", "eval_tokens": 1, "seqlen": 1, "bits_per_weight": 4, '
-     '"memory_mb": 1, "compression_ratio": 1, "latency_ms_per_token": 1, "quant_seconds": 1, '
-     '"config": null}}}', "has ppl='5', not a number"),
+    (
+        '{"methods": {"rtn_int4": {"ppl": "5", "eval_tokens": 1, "seqlen": 1, "bits_per_weight": 4, '
+        '"memory_mb": 1, "compression_ratio": 1, "latency_ms_per_token": 1, "quant_seconds": 1, '
+        '"config": null}}}',
+        "has ppl='5', not a number",
+    ),
 ]
 
 
@@ -451,12 +492,14 @@ def test_truncated_safetensors(model_copy, tmp_path, capsys):
 def test_non_finite_result_is_null_in_strict_json(tmp_path, capsys, monkeypatch):
     """An overflowing evaluation (forced here) is reported and recorded as null, never as NaN."""
     import qtutor.eval as ev
+
     real = ev.perplexity
 
     def inf_ppl(*a, **k):
         r = real(*a, **k)
         r.ppl = float("inf")
         return r
+
     monkeypatch.setattr(ev, "perplexity", inf_ppl)
     out = tmp_path / "run"
     assert bench(out, methods="rtn_int4") == 0
@@ -489,22 +532,38 @@ def api_error(fn, *fragments):
 CALIB = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("call,fragments", [
-    (lambda m: qtutor.quantize(None, "rtn_int4"), ("needs a causal LM", "got NoneType")),
-    (lambda m: qtutor.quantize(torch.nn.Linear(4, 4), "rtn_int4"), ("needs a causal LM",)),
-    (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB.float()), ("holds float32 values",)),
-    (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB[0]), ("has shape (16,)",)),
-    (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB[:0]), ("has shape (0, 16)",)),
-    (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB.tolist()), ("is a list, not a tensor",)),
-    (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB + 1000), ("outside the model's vocabulary of 128",)),
-    (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB - 1000), ("outside the model's vocabulary",)),
-    (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB, device="gpu"), ("unknown device 'gpu'",)),
-    (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB, device="mps"), ("'mps' is not supported",)),
-    (lambda m: qtutor.quantize(m, "rtn_int4", RTNConfig(bits=8)), ()),  # fine: control case
-], ids=["None", "not-a-LM", "float-calib", "1d-calib", "empty-calib", "list-calib", "ids-too-large",
-        "negative-ids", "gpu", "mps", "control"])
+@pytest.mark.parametrize(
+    "call,fragments",
+    [
+        (lambda m: qtutor.quantize(None, "rtn_int4"), ("needs a causal LM", "got NoneType")),
+        (lambda m: qtutor.quantize(torch.nn.Linear(4, 4), "rtn_int4"), ("needs a causal LM",)),
+        (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB.float()), ("holds float32 values",)),
+        (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB[0]), ("has shape (16,)",)),
+        (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB[:0]), ("has shape (0, 16)",)),
+        (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB.tolist()), ("is a list, not a tensor",)),
+        (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB + 1000), ("outside the model's vocabulary of 128",)),
+        (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB - 1000), ("outside the model's vocabulary",)),
+        (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB, device="gpu"), ("unknown device 'gpu'",)),
+        (lambda m: qtutor.quantize(m, "gptq_int4", calib=CALIB, device="mps"), ("'mps' is not supported",)),
+        (lambda m: qtutor.quantize(m, "rtn_int4", RTNConfig(bits=8)), ()),  # fine: control case
+    ],
+    ids=[
+        "None",
+        "not-a-LM",
+        "float-calib",
+        "1d-calib",
+        "empty-calib",
+        "list-calib",
+        "ids-too-large",
+        "negative-ids",
+        "gpu",
+        "mps",
+        "control",
+    ],
+)
 def test_quantize_checks_its_inputs(float_model, call, fragments):
     import copy
+
     model = copy.deepcopy(float_model)
     if not fragments:
         call(model)
@@ -516,37 +575,44 @@ def test_quantize_checks_its_inputs(float_model, call, fragments):
 
 def test_quantize_refuses_a_quantized_model(float_model):
     import copy
+
     model = copy.deepcopy(float_model)
     qtutor.quantize(model, "rtn_int4")
-    api_error(lambda: qtutor.quantize(model, "rtn_int8"), "already quantized", "layers.0.self_attn.q_proj",
-              "fresh float copy")
+    api_error(
+        lambda: qtutor.quantize(model, "rtn_int8"), "already quantized", "layers.0.self_attn.q_proj", "fresh float copy"
+    )
 
 
 def test_quantize_refuses_non_finite_weights(float_model):
     import copy
+
     model = copy.deepcopy(float_model)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     api_error(lambda: qtutor.quantize(model, "rtn_int4"), "layers.1.mlp.up_proj.weight holds 1 NaN/Inf")
 
 
-@pytest.mark.parametrize("make,fragment", [
-    (lambda: GPTQConfig(group_size=2.5), "group_size must be an integer, e.g. group_size=128"),
-    (lambda: RTNConfig(bits=4.0), "bits must be an integer"),
-    (lambda: RTNConfig(sym="no"), "sym must be True or False"),
-    (lambda: AWQConfig(max_shrink="0.5"), "max_shrink must be a finite number"),
-    (lambda: NF4Config(block_size=64.0), "block_size must be an integer"),
-    (lambda: SmoothQuantConfig(alpha=float("nan")), "alpha must be a finite number"),
-    (lambda: PalettizeConfig(bits=True), "bits must be an integer"),
-    (lambda: GPTQConfig(act_order=1), "act_order must be True or False"),
-    (lambda: RTNConfig().replace(group_size="64"), "group_size must be an integer"),
-])
+@pytest.mark.parametrize(
+    "make,fragment",
+    [
+        (lambda: GPTQConfig(group_size=2.5), "group_size must be an integer, e.g. group_size=128"),
+        (lambda: RTNConfig(bits=4.0), "bits must be an integer"),
+        (lambda: RTNConfig(sym="no"), "sym must be True or False"),
+        (lambda: AWQConfig(max_shrink="0.5"), "max_shrink must be a finite number"),
+        (lambda: NF4Config(block_size=64.0), "block_size must be an integer"),
+        (lambda: SmoothQuantConfig(alpha=float("nan")), "alpha must be a finite number"),
+        (lambda: PalettizeConfig(bits=True), "bits must be an integer"),
+        (lambda: GPTQConfig(act_order=1), "act_order must be True or False"),
+        (lambda: RTNConfig().replace(group_size="64"), "group_size must be an integer"),
+    ],
+)
 def test_config_fields_are_type_checked(make, fragment):
     api_error(make, fragment)
 
 
 def test_config_accepts_numpy_integers_as_ints():
     import numpy as np
+
     cfg = RTNConfig(bits=np.int64(8), group_size=np.int32(0))
     assert type(cfg.bits) is int and type(cfg.group_size) is int
     assert json.dumps(cfg.__dict__) == '{"bits": 8, "group_size": 0, "sym": false}'

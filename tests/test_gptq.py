@@ -1,4 +1,5 @@
 """GPTQ (qtutor.quant.gptq): known answers, error bounds against RTN, and the model driver."""
+
 import copy
 
 import pytest
@@ -46,8 +47,7 @@ def test_hessian_running_average_equals_one_shot():
 def test_identity_hessian_equals_rtn(bits, group_size, sym, static_groups):
     """With H = I and no damping there is no error to feed back: GPTQ is round-to-nearest."""
     W = weight()
-    cfg = G.GPTQConfig(bits=bits, group_size=group_size, sym=sym, damp=0.0, block_size=32,
-                       static_groups=static_groups)
+    cfg = G.GPTQConfig(bits=bits, group_size=group_size, sym=sym, damp=0.0, block_size=32, static_groups=static_groups)
     q = G.quantize_weight(W, torch.eye(W.shape[1]), cfg)
     r = rtn_quantize_weight(W, RTNConfig(bits=bits, group_size=group_size, sym=sym))
     assert torch.equal(q.codes, r.codes)
@@ -58,10 +58,16 @@ def test_identity_hessian_equals_rtn(bits, group_size, sym, static_groups):
     assert q.g_idx is None
 
 
-CONFIGS = [dict(group_size=0), dict(group_size=0, act_order=True),
-           dict(group_size=16), dict(group_size=16, act_order=True),
-           dict(group_size=16, static_groups=True), dict(group_size=16, act_order=True, static_groups=True),
-           dict(group_size=40, act_order=True), dict(group_size=16, sym=True, act_order=True, bits=3)]
+CONFIGS = [
+    dict(group_size=0),
+    dict(group_size=0, act_order=True),
+    dict(group_size=16),
+    dict(group_size=16, act_order=True),
+    dict(group_size=16, static_groups=True),
+    dict(group_size=16, act_order=True, static_groups=True),
+    dict(group_size=40, act_order=True),
+    dict(group_size=16, sym=True, act_order=True, bits=3),
+]
 
 
 @pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
@@ -157,8 +163,15 @@ def test_quantize_model_beats_rtn(model, calib_windows):
     qtutor.quantize(rtn, "rtn_int4", RTNConfig(group_size=32))
     report = qtutor.quantize(model, "gptq_int4", qtutor.GPTQConfig(group_size=32), calib=calib_windows)
     for layer in model.model.layers:
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for name in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
             assert isinstance(layer.get_submodule(name), UniformLinear)
     assert len(report.layers) == 14
     assert all(s["gptq_loss"] >= 0 and s["damp"] == 0.01 for s in report.layers.values())
@@ -168,12 +181,18 @@ def test_quantize_model_beats_rtn(model, calib_windows):
     assert (out - ref).pow(2).mean() < (out_rtn - ref).pow(2).mean()
 
 
-@pytest.mark.parametrize("cfg", [qtutor.GPTQConfig(group_size=48),  # 64 = 48 + 16, 96 = 48 + 48
-                                 qtutor.GPTQConfig(group_size=16, act_order=True, true_sequential=False),
-                                 qtutor.GPTQConfig(group_size=0, bits=3, sym=True, static_groups=True)],
-                         ids=["group48", "act_order-one_pass", "per_channel-3bit-sym"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        qtutor.GPTQConfig(group_size=48),  # 64 = 48 + 16, 96 = 48 + 48
+        qtutor.GPTQConfig(group_size=16, act_order=True, true_sequential=False),
+        qtutor.GPTQConfig(group_size=0, bits=3, sym=True, static_groups=True),
+    ],
+    ids=["group48", "act_order-one_pass", "per_channel-3bit-sym"],
+)
 def test_quantize_model_variants(cfg, calib_windows):
     from conftest import tiny_model
+
     model = tiny_model("qwen2")
     report = qtutor.quantize(model, "gptq_int4", cfg, calib=calib_windows)
     with torch.no_grad():
@@ -187,8 +206,14 @@ def test_quantize_model_variants(cfg, calib_windows):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph block loop needs a GPU")
-@pytest.mark.parametrize("cfg", [G.GPTQConfig(group_size=128), G.GPTQConfig(group_size=0, sym=True),
-                                 G.GPTQConfig(group_size=128, act_order=True, static_groups=True)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        G.GPTQConfig(group_size=128),
+        G.GPTQConfig(group_size=0, sym=True),
+        G.GPTQConfig(group_size=128, act_order=True, static_groups=True),
+    ],
+)
 def test_cuda_graph_path_equals_eager_path(cfg, monkeypatch):
     """The replayed CUDA graph does exactly the arithmetic of the eager loop (run on a GPU)."""
     g = torch.Generator().manual_seed(0)
@@ -234,7 +259,7 @@ def reference_fasterquant(W, H, bits, groupsize, actorder, blocksize=128, percda
         for i in range(i2 - i1):
             w, d = W1[:, i], Hinv1[i, i]
             if groupsize > 0 and (i1 + i) % groupsize == 0:
-                scale, zero = params(W[:, i1 + i:i1 + i + groupsize])
+                scale, zero = params(W[:, i1 + i : i1 + i + groupsize])
             q = dequantize_codes(quantize_codes(w[:, None], scale, zero, bits), scale, zero).flatten()
             Q1[:, i] = q
             err1 = (w - q) / d

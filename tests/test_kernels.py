@@ -3,6 +3,7 @@
 tinygemm runs through its CPU twin (``_weight_int4pack_mm_for_cpu``); the Triton kernels run in
 Triton's interpreter on CPU tensors (skipped where triton is not installed).
 """
+
 import os
 
 import pytest
@@ -18,8 +19,9 @@ from qtutor.quant.rtn import RTNConfig, UniformLinear
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
-needs_tinygemm = pytest.mark.skipif(not kernels.tinygemm_available("cpu"),
-                                    reason="this torch has no _weight_int4pack_mm_for_cpu")
+needs_tinygemm = pytest.mark.skipif(
+    not kernels.tinygemm_available("cpu"), reason="this torch has no _weight_int4pack_mm_for_cpu"
+)
 
 
 def uniform(n, k, gs, sym=False, bias=True, seed=0):
@@ -63,14 +65,18 @@ def test_tinygemm_holds_only_its_layout():
 @needs_tinygemm
 def test_accelerate_tinygemm_model_bytes_and_outputs():
     from conftest import tiny_model
+
     model = tiny_model("qwen2")
     qtutor.quantize(model, "rtn_int4", RTNConfig(4, 32))
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
     ref = model(ids).logits
     res = kernels.accelerate(model, "tinygemm")
     assert len(res["converted"]) == 14 and not res["skipped"]
-    assert all(isinstance(m, kernels.Int4TinyGemmLinear) for m in model.modules()
-               if isinstance(m, qtutor.quant.QuantizedLinear))
+    assert all(
+        isinstance(m, kernels.Int4TinyGemmLinear)
+        for m in model.modules()
+        if isinstance(m, qtutor.quant.QuantizedLinear)
+    )
     assert not any(isinstance(m, UniformLinear) for m in model.modules())  # no second copy kept
     assert linear_bits(model) == pytest.approx(4 + 32 / 32)
     assert rel(model(ids).logits, ref) < 2e-2
@@ -78,6 +84,7 @@ def test_accelerate_tinygemm_model_bytes_and_outputs():
 
 def test_accelerate_skips_with_reasons_and_rejects_bad_backend():
     from conftest import tiny_model
+
     model = tiny_model("qwen2")
     qtutor.quantize(model, "rtn_int8")
     res = kernels.accelerate(model, "tinygemm")
@@ -90,8 +97,12 @@ def test_accelerate_skips_with_reasons_and_rejects_bad_backend():
 # --------------------------------------------------------------------------- Triton (interpreter)
 # Triton's interpreter patches triton.language for the rest of the process, after which real
 # GPU compilation fails: on a machine with CUDA the compiled kernels are tested below instead.
-needs_interpreter = pytest.mark.skipif(not kernels.triton_available() or torch.cuda.is_available(),
-                                       reason="Triton interpreter tests run on CPU-only machines")
+needs_interpreter = pytest.mark.skipif(
+    not kernels.triton_available() or torch.cuda.is_available(),
+    reason="Triton interpreter tests run on CPU-only machines",
+)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("sym,bias,gs,k", [(False, True, 32, 224), (True, False, 64, 256), (False, False, 16, 80)])
 def test_triton_int4_gemv_equals_reference(sym, bias, gs, k):
@@ -100,8 +111,9 @@ def test_triton_int4_gemv_equals_reference(sym, bias, gs, k):
     y = kernels.int4_gemv(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, gs)
     torch.testing.assert_close(y, layer(x[None])[0], rtol=1e-4, atol=1e-4)
     # a block/step configuration whose groups-per-step do not divide the group count (tail mask)
-    y = kernels.int4_gemv(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, gs,
-                          config={"BLOCK_N": 16, "GPI": 4})
+    y = kernels.int4_gemv(
+        x, layer.qweight, layer.scales, layer.qzeros, layer.bias, gs, config={"BLOCK_N": 16, "GPI": 4}
+    )
     torch.testing.assert_close(y, layer(x[None])[0], rtol=1e-4, atol=1e-4)
 
 
@@ -115,6 +127,7 @@ def lut_reference(idx, lut, scales, bias, rows):
 def _lut_table(lut, mode):
     """What lut_gemv reads in ``mode``: the fp16 LUT, or its pair table."""
     from qtutor.runtime.triton_gemv import lut_pair_table
+
     return lut_pair_table(lut) if mode == "pairs" else lut
 
 
@@ -142,8 +155,16 @@ def test_prmt_lut_gemv_over_several_tiles(prefetch):
     idx = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     lut = torch.randn(2, 16, generator=g).half()
     x = torch.randn(k, generator=g)
-    y = kernels.lut_gemv(x, qtutor.quant.pack_codes(idx, 4), lut, None, None, rows, "prmt",
-                         config={"BLOCK_N": 4, "BLOCK_W": 16, "PREFETCH": prefetch})
+    y = kernels.lut_gemv(
+        x,
+        qtutor.quant.pack_codes(idx, 4),
+        lut,
+        None,
+        None,
+        rows,
+        "prmt",
+        config={"BLOCK_N": 4, "BLOCK_W": 16, "PREFETCH": prefetch},
+    )
     torch.testing.assert_close(y, lut_reference(idx, lut, None, None, rows)(x), rtol=1e-4, atol=1e-4)
 
 
@@ -152,6 +173,7 @@ def test_lut_pair_table_known_entries():
     """Entry b holds LUT[b & 15] in its low 16 bits and LUT[b >> 4] in its high 16 bits (fp16 bits),
     negative values included (the int32 word is then negative)."""
     from qtutor.runtime.triton_gemv import lut_pair_table
+
     lut = torch.tensor([[-2.0 + 0.25 * i for i in range(16)]]).half()
     t = lut_pair_table(lut)
     assert t.shape == (1, 256) and t.dtype == torch.int32
@@ -163,10 +185,11 @@ def test_lut_pair_table_known_entries():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("mode,table", [("pairs", "lut"), ("load", "pairs"), ("nearest", "lut"),
-                                        ("prmt", "f32"), ("prmt", "odd")])
+@pytest.mark.parametrize(
+    "mode,table", [("pairs", "lut"), ("load", "pairs"), ("nearest", "lut"), ("prmt", "f32"), ("prmt", "odd")]
+)
 def test_lut_gemv_refuses_a_table_of_the_wrong_kind(mode, table):
-    k = 12 if table == "odd" else 16   # prmt reads eight indices per 32-bit word
+    k = 12 if table == "odd" else 16  # prmt reads eight indices per 32-bit word
     idx = torch.zeros(16, k, dtype=torch.uint8)
     lut = torch.zeros(1, 16).half()
     lut = {"pairs": _lut_table(lut, "pairs"), "f32": lut.float()}.get(table, lut)
@@ -175,15 +198,17 @@ def test_lut_gemv_refuses_a_table_of_the_wrong_kind(mode, table):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("k,lut_dtype,mode", [(12, torch.float16, "load"), (16, torch.float32, "load"),
-                                              (16, torch.float16, "prmt")])
+@pytest.mark.parametrize(
+    "k,lut_dtype,mode", [(12, torch.float16, "load"), (16, torch.float32, "load"), (16, torch.float16, "prmt")]
+)
 def test_accelerate_prmt_falls_back_to_load(k, lut_dtype, mode):
     """prmt reads eight indices per 32-bit word from an fp16 LUT: a row of 12 indices, or a LUT
     turned float32 (``model.float()`` converts buffers), gets the 'load' kernel."""
     palettize = pytest.importorskip("qtutor.quant.palettize")
     g = torch.Generator().manual_seed(0)
-    q = palettize.LUTWeight(torch.randint(0, 16, (16, k), generator=g, dtype=torch.uint8),
-                            torch.randn(1, 16, generator=g).half(), None, 4)
+    q = palettize.LUTWeight(
+        torch.randint(0, 16, (16, k), generator=g, dtype=torch.uint8), torch.randn(1, 16, generator=g).half(), None, 4
+    )
     layer = palettize.PalettizedLinear(q)
     layer.lut = layer.lut.to(lut_dtype)
     res = kernels.accelerate(nn.Sequential(layer), "triton", lut_mode="prmt", kernel_on_cpu=True)
@@ -236,18 +261,21 @@ def test_lut_gather_configs_compile_for_sm90(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": root}
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     import qtutor.runtime.triton_gemv as tk
+
     assert f"compiled {len(tk._LUT_GATHER_CONFIGS)} {len(tk._LUT_PRMT_CONFIGS)}" in out.stdout
 
 
 @needs_interpreter
 def test_accelerate_triton_swaps_forward_keeps_storage():
     from conftest import tiny_model
+
     model = tiny_model("llama")
     qtutor.quantize(model, "rtn_int4", RTNConfig(4, 32))
     layer = model.model.layers[0].mlp.down_proj
@@ -271,8 +299,12 @@ def test_accelerate_triton_swaps_forward_keeps_storage():
 def test_accelerate_triton_palettized_layer(mode):
     palettize = pytest.importorskip("qtutor.quant.palettize")
     g = torch.Generator().manual_seed(0)
-    q = palettize.LUTWeight(torch.randint(0, 16, (32, 64), generator=g, dtype=torch.uint8),
-                            torch.randn(2, 16, generator=g).half(), torch.rand(32, generator=g).half(), 4)
+    q = palettize.LUTWeight(
+        torch.randint(0, 16, (32, 64), generator=g, dtype=torch.uint8),
+        torch.randn(2, 16, generator=g).half(),
+        torch.rand(32, generator=g).half(),
+        4,
+    )
     layer = palettize.PalettizedLinear(q, torch.randn(32, generator=g))
     model = nn.Sequential(layer)
     nbytes = layer.weight_nbytes
@@ -290,6 +322,7 @@ def test_accelerate_triton_palettized_layer(mode):
 # --------------------------------------------------------------------------- W8A8 GEMV
 def w8a8_layer(n, k, bias=True, seed=0):
     from qtutor.quant.smoothquant import W8A8Linear
+
     torch.manual_seed(seed)
     return W8A8Linear.from_float(nn.Linear(k, n, bias=bias))
 
@@ -313,10 +346,11 @@ def test_triton_w8a8_rounds_ties_to_even():
     """max|x| = 127 gives s_x = 1, so x itself holds the codes' ties: round(0.5) = 0,
     round(1.5) = round(2.5) = 2, round(-2.5) = -2 (torch.round); a weight of ones sums them."""
     from qtutor.quant.smoothquant import W8A8Linear
+
     x = torch.tensor([127.0, 0.5, 1.5, 2.5, -2.5, -0.5, 3.5, 0.0])
     ones = torch.zeros(2, 8, dtype=torch.int8)
-    ones[0, 1:] = 1                 # row 0: the ties only
-    ones[1, 0] = 1                  # row 1: the 127
+    ones[0, 1:] = 1  # row 0: the ties only
+    ones[1, 0] = 1  # row 1: the 127
     layer = W8A8Linear(ones, torch.ones(2))
     y = kernels.w8a8_gemv(x, layer.qweight, layer.weight_scales, None)
     assert y.tolist() == [0 + 2 + 2 - 2 - 0 + 4 + 0, 127.0]
@@ -325,6 +359,7 @@ def test_triton_w8a8_rounds_ties_to_even():
 @needs_interpreter
 def test_accelerate_converts_w8a8_layers():
     from conftest import tiny_model
+
     model = tiny_model("qwen2")
     g = torch.Generator().manual_seed(0)
     qtutor.quantize(model, "smoothquant_w8a8", calib=torch.randint(0, model.config.vocab_size, (2, 16), generator=g))
@@ -358,16 +393,18 @@ def test_accelerate_skips_w8a8_with_per_tensor_activations():
 def _stack_case(kind, n_parts=(24, 8, 8), k=64):
     from qtutor.quant import nf4, palettize, smoothquant
     from qtutor.quant.base import FloatLinear
+
     torch.manual_seed(0)
     lins = [nn.Linear(k, n) for n in n_parts]
-    make = {"linear": lambda m: m,
-            "float": FloatLinear,
-            "rtn_asym": lambda m: UniformLinear.from_float(m, RTNConfig(4, 32, False)),
-            "rtn_sym": lambda m: UniformLinear.from_float(m, RTNConfig(4, 32, True)),
-            "palettized": lambda m: palettize.PalettizedLinear.from_float(
-                m, palettize.PalettizeConfig(group_size=8)),
-            "w8a8": smoothquant.W8A8Linear.from_float,
-            "nf4": nf4.NF4Linear.from_float}[kind]
+    make = {
+        "linear": lambda m: m,
+        "float": FloatLinear,
+        "rtn_asym": lambda m: UniformLinear.from_float(m, RTNConfig(4, 32, False)),
+        "rtn_sym": lambda m: UniformLinear.from_float(m, RTNConfig(4, 32, True)),
+        "palettized": lambda m: palettize.PalettizedLinear.from_float(m, palettize.PalettizeConfig(group_size=8)),
+        "w8a8": smoothquant.W8A8Linear.from_float,
+        "nf4": nf4.NF4Linear.from_float,
+    }[kind]
     return [make(m) for m in lins]
 
 
@@ -385,19 +422,20 @@ def test_fuse_rows_equals_the_concatenated_outputs(kind):
 
 
 def test_fuse_rows_refuses_what_cannot_stack():
-    assert kernels.fuse_rows(_stack_case("nf4")) is None           # global second-level statistics
-    lut = _stack_case("palettized", (20, 8, 8))                     # a LUT would span two layers
+    assert kernels.fuse_rows(_stack_case("nf4")) is None  # global second-level statistics
+    lut = _stack_case("palettized", (20, 8, 8))  # a LUT would span two layers
     assert lut[0].rows_per_lut == 8 and kernels.fuse_rows(lut) is None
     mixed = _stack_case("rtn_asym")[:2] + _stack_case("rtn_sym")[2:]  # zero points vs none
     assert kernels.fuse_rows(mixed) is None
-    assert kernels.fuse_rows(_stack_case("rtn_asym")[:1]) is None   # nothing to stack
+    assert kernels.fuse_rows(_stack_case("rtn_asym")[:1]) is None  # nothing to stack
     a = _stack_case("rtn_asym")
     b = [UniformLinear.from_float(nn.Linear(64, 8), RTNConfig(4, 64, False))]
-    assert kernels.fuse_rows(a[:2] + b) is None                     # another group size
+    assert kernels.fuse_rows(a[:2] + b) is None  # another group size
 
 
 def test_fuse_rows_checks_the_layout(monkeypatch):
     from qtutor.quant.smoothquant import W8A8Linear
+
     parts = _stack_case("w8a8")
     monkeypatch.setitem(kernels.ROW_DIMS, W8A8Linear, {"qweight": 1, "weight_scales": 0, "bias": 0})
     with pytest.raises(qtutor.QtutorError, match="ROW_DIMS does not describe"):
@@ -408,8 +446,10 @@ def test_fuse_rows_checks_the_layout(monkeypatch):
 def test_fuse_rows_tinygemm_cpu_tiles():
     """The CPU layout tiles 64 rows: parts of 64 stack, smaller ones are refused (not mis-stacked)."""
     torch.manual_seed(0)
+
     def tg(n):
         return kernels.Int4TinyGemmLinear.from_uniform(uniform(n, 128, 32))
+
     parts = [tg(64), tg(128), tg(32)]
     fused = kernels.fuse_rows(parts, dtype=torch.bfloat16)
     x = torch.randn(1, 128, dtype=torch.bfloat16)
@@ -420,6 +460,7 @@ def test_fuse_rows_tinygemm_cpu_tiles():
 @needs_interpreter
 def test_fuse_rows_keeps_the_triton_kernel():
     from conftest import tiny_model
+
     model = tiny_model("qwen2")
     qtutor.quantize(model, "rtn_int4", RTNConfig(4, 32))
     kernels.accelerate(model, "triton", kernel_on_cpu=True)
@@ -427,8 +468,7 @@ def test_fuse_rows_keeps_the_triton_kernel():
     fused = kernels.fuse_rows([a.q_proj, a.k_proj, a.v_proj])
     assert type(fused).__name__ == "TritonUniformLinear" and fused.kernel_on_cpu
     x = torch.randn(1, 1, a.q_proj.in_features)
-    torch.testing.assert_close(fused(x), torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused(x), torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1), rtol=1e-4, atol=1e-4)
     assert fused.last_kernel == "triton int4_gemv"
 
 
@@ -457,8 +497,15 @@ def test_triton_lut_gemv_on_cuda(mode):
     scales = (torch.rand(n, generator=g) + 0.5).half()
     x = torch.randn(k, generator=g)
     ref = lut_reference(idx, lut, scales, None, rows)(x)
-    y = kernels.lut_gemv(x.half().cuda(), qtutor.quant.pack_codes(idx, 4).cuda(), _lut_table(lut, mode).cuda(),
-                         scales.cuda(), None, rows, mode)
+    y = kernels.lut_gemv(
+        x.half().cuda(),
+        qtutor.quant.pack_codes(idx, 4).cuda(),
+        _lut_table(lut, mode).cuda(),
+        scales.cuda(),
+        None,
+        rows,
+        mode,
+    )
     assert rel(y.cpu(), ref) < 2e-3
 
 
@@ -474,8 +521,9 @@ def test_triton_w8a8_gemv_on_cuda():
 
 
 @needs_cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or not kernels.tinygemm_available("cuda"),
-                    reason="needs tinygemm on CUDA (sm80+)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not kernels.tinygemm_available("cuda"), reason="needs tinygemm on CUDA (sm80+)"
+)
 @pytest.mark.parametrize("sym", [False, True])
 def test_tinygemm_on_cuda(sym):
     layer = uniform(896, 4864, 128, sym).cuda()

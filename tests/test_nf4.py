@@ -1,4 +1,5 @@
 """NF4 (QLoRA): the codebook, the storage layout, double quantization, parity with bitsandbytes."""
+
 import math
 
 import pytest
@@ -12,10 +13,22 @@ from qtutor.quant.nf4 import NF4Config, NF4Linear
 
 # QLoRA appendix E / bitsandbytes.functional.get_4bit_type("nf4"): the published 16 NF4 levels
 PUBLISHED_NF4 = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 ]
 
 
@@ -147,6 +160,7 @@ def test_quantize_model_with_qlora_nf4(model):
 def bnb_functional():
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as bnbf
+
     return bnbf
 
 
@@ -166,8 +180,7 @@ def test_levels_match_bitsandbytes_create_normal_map(bnb_functional):
 def test_parity_without_double_quant(bnb_functional, shape):
     torch.manual_seed(1)
     W = torch.randn(shape) * 0.02
-    packed, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type="nf4",
-                                                 compress_statistics=False)
+    packed, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=False)
     ours = nf4.quantize_weight(W, NF4Config(double_quant=False))
     assert torch.equal(packed.reshape(-1), ours.qweight)
     assert torch.equal(state.absmax, ours.absmax)
@@ -179,8 +192,7 @@ def test_parity_with_double_quant(bnb_functional, shape):
     torch.manual_seed(2)
     W = torch.randn(shape) * 0.02
     W[0, :5] = 0.3  # a few outliers spread the absmaxes
-    packed, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type="nf4",
-                                                 compress_statistics=True)
+    packed, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
     ours = nf4.quantize_weight(W)
     # 4-bit codes: identical (they are chosen with the full-precision absmax)
     assert torch.equal(packed.reshape(-1), ours.qweight)
@@ -202,5 +214,5 @@ def test_parity_with_double_quant(bnb_functional, shape):
     ref = bnb_functional.dequantize_4bit(packed, state)
     mine = ours.dequantize()
     agree = nf4._expand(same, 64, flat.numel()).reshape(W.shape)
-    torch.testing.assert_close(mine[agree], ref[agree], rtol=2 ** -11, atol=0)
+    torch.testing.assert_close(mine[agree], ref[agree], rtol=2**-11, atol=0)
     assert (mine - ref).norm() / ref.norm() < 2e-3

@@ -21,6 +21,7 @@ first online run leaves them:
 The data come from the WikiText-2 parquet fixture (``$QTUTOR_WIKITEXT`` or ``../shared`` beside
 the clone) when it is there, else from a small synthetic parquet in the same layout.
 """
+
 import hashlib
 import json
 import os
@@ -41,7 +42,9 @@ SPLITS = ("test", "validation")
 
 def wikitext_fixture():
     env = os.environ.get("QTUTOR_WIKITEXT")
-    candidates = ([Path(env)] if env else []) + [Path(__file__).resolve().parents[2] / "shared" / "data" / "hf-wikitext"]
+    candidates = ([Path(env)] if env else []) + [
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "hf-wikitext"
+    ]
     for d in candidates:
         if all((d / "wikitext-2-raw-v1" / f"{s}-00000-of-00001.parquet").is_file() for s in SPLITS):
             return d
@@ -49,9 +52,16 @@ def wikitext_fixture():
 
 
 SYNTHETIC = {  # the Hub's row layout: one row per line, newline kept, blank lines as ""
-    "test": ["", " = Valkyria Chronicles III = \n", "", " Senjō no Valkyria 3 : <unk> Chronicles ( Japanese : "
-             "戦場のヴァルキュリア3 ) , commonly referred to as ... \n", "", " = = Gameplay = = \n", "",
-             " It costs £ 1 @,@ 000 – about 5 @.@ 5 % . \n"],
+    "test": [
+        "",
+        " = Valkyria Chronicles III = \n",
+        "",
+        " Senjō no Valkyria 3 : <unk> Chronicles ( Japanese : 戦場のヴァルキュリア3 ) , commonly referred to as ... \n",
+        "",
+        " = = Gameplay = = \n",
+        "",
+        " It costs £ 1 @,@ 000 – about 5 @.@ 5 % . \n",
+    ],
     "validation": ["", " = Homarus gammarus = \n", "", " Homarus gammarus , known as the European lobster \n"],
 }
 README = """---
@@ -69,6 +79,7 @@ configs:
 def write_synthetic(folder: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     (folder / "wikitext-2-raw-v1").mkdir(parents=True)
     (folder / "README.md").write_text(README, encoding="utf-8")
     for split, rows in SYNTHETIC.items():
@@ -106,12 +117,13 @@ def prime_datasets_cache(datasets_cache: Path, repo_copy: Path, sha: str) -> Pat
     folder an online ``load_dataset("wikitext", "wikitext-2-raw-v1")`` writes; its last part,
     the hash, is the Hub commit id online, so it is renamed to one."""
     import datasets
+
     assert repo_copy.name == "wikitext"
     datasets.load_dataset(str(repo_copy), "wikitext-2-raw-v1", cache_dir=str(datasets_cache))
     written = [d for d in (datasets_cache / "wikitext" / "wikitext-2-raw-v1").glob("*/*") if d.is_dir()]
     assert len(written) == 1 and (written[0] / "wikitext-test.arrow").is_file(), written
     for f in written[0].parent.glob(written[0].name + "*"):  # the folder and its lock files
-        f.rename(f.with_name(sha + f.name[len(written[0].name):]))
+        f.rename(f.with_name(sha + f.name[len(written[0].name) :]))
     return written[0].with_name(sha)
 
 
@@ -150,9 +162,19 @@ def offline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("online")
     # the "Qwen/Qwen2-0.5B" snapshot: tiny random Qwen2 + the embedded model's tokenizer
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, rope_theta=1e6, bos_token_id=0, eos_token_id=0)
+    config = Qwen2Config(
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     files = tmp / "model"
     model.save_pretrained(files)
@@ -175,19 +197,27 @@ def offline_run(tmp_path_factory):
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     env.pop("QTUTOR_WIKITEXT", None)  # no data_dir: the Hub path
-    env.update(HF_HOME=str(tmp / "home"), HF_HUB_CACHE=str(tmp / "hub"), HF_DATASETS_CACHE=str(tmp / "datasets"),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               HF_ENDPOINT="http://127.0.0.1:9",  # should anything still try the network, it fails at once
-               HF_HUB_DISABLE_TELEMETRY="1", TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    env.update(
+        HF_HOME=str(tmp / "home"),
+        HF_HUB_CACHE=str(tmp / "hub"),
+        HF_DATASETS_CACHE=str(tmp / "datasets"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_ENDPOINT="http://127.0.0.1:9",  # should anything still try the network, it fails at once
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TQDM_DISABLE="1",
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+    )
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(out=out, model=model, source=source, synthetic=fixture is None,
-                info=json.loads((out / "info.json").read_text()))
+    return dict(
+        out=out, model=model, source=source, synthetic=fixture is None, info=json.loads((out / "info.json").read_text())
+    )
 
 
 def test_hub_id_loads_from_the_hub_cache_offline(offline_run):
     from transformers import PreTrainedTokenizerFast
+
     info, saved = offline_run["info"], torch.load(offline_run["out"] / "model.pt")
     assert info["class"] == "Qwen2ForCausalLM" and info["hidden_size"] == 64
     assert info["dtype"] == "torch.float32" and info["training"] is False
@@ -205,11 +235,13 @@ def test_hub_id_loads_from_the_hub_cache_offline(offline_run):
 @pytest.mark.parametrize("split", SPLITS)
 def test_wikitext_loads_from_the_datasets_cache_offline(offline_run, split):
     from qtutor.data import wikitext2_text
+
     got = (offline_run["out"] / f"{split}.txt").read_bytes()
     # byte for byte what the local-folder path (data_dir) gives for the same files
     assert got == wikitext2_text(split, data_dir=str(offline_run["source"])).encode("utf-8")
     # and the rows of the parquet file itself, joined as the GPTQ papers join them
     import pyarrow.parquet as pq
+
     rows = pq.read_table(offline_run["source"] / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet")
     assert got == "\n\n".join(rows.column("text").to_pylist()).encode("utf-8")
     if offline_run["synthetic"]:

@@ -1,4 +1,5 @@
 """Palettization: exact 1-D k-means, LUT layout, the layer, parity with coremltools."""
+
 import itertools
 import logging
 
@@ -83,8 +84,8 @@ def test_kmeans_1d_groups_match_single_runs():
 def test_kmeans_1d_groups_do_not_depend_on_chunking(threads):
     g = torch.Generator().manual_seed(5)
     X = torch.randn(12, 200, generator=g).half().float()
-    X[3] = X[3].round()          # few distinct values
-    X[7, :] = 0.25               # one distinct value
+    X[3] = X[3].round()  # few distinct values
+    X[7, :] = 0.25  # one distinct value
     whole = P.kmeans_1d_groups(X, 8, max_elements=1 << 30)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -97,8 +98,12 @@ def test_kmeans_1d_groups_do_not_depend_on_chunking(threads):
 
 def test_kmeans_lut_many_equals_one_by_one():
     g = torch.Generator().manual_seed(6)
-    Ws = [torch.randn(48, 32, generator=g), torch.randn(40, 32, generator=g),  # a shorter last group
-          torch.randn(16, 64, generator=g), torch.zeros(16, 32)]
+    Ws = [
+        torch.randn(48, 32, generator=g),
+        torch.randn(40, 32, generator=g),  # a shorter last group
+        torch.randn(16, 64, generator=g),
+        torch.zeros(16, 32),
+    ]
     for cfg in (PalettizeConfig(bits=3, group_size=16), PalettizeConfig(bits=4, granularity="per_tensor")):
         for a, b in zip(P.kmeans_lut_many(Ws, cfg), (P.kmeans_lut(W, cfg) for W in Ws)):
             assert torch.equal(a.indices, b.indices) and torch.equal(a.lut, b.lut)
@@ -108,6 +113,7 @@ def test_kmeans_lut_many_equals_one_by_one():
 
 def test_quantize_batches_palettization_like_one_by_one(model):
     import copy
+
     cfg = PalettizeConfig(bits=4, group_size=16)
     batched = copy.deepcopy(model)
     qtutor.quantize(batched, "palettization_4bit", cfg)
@@ -142,8 +148,8 @@ def test_kmeans_lut_layout(bits, granularity, scale):
     q = P.kmeans_lut(W, cfg)
     n_luts = 1 if granularity == "per_tensor" else 4
     assert q.indices.shape == (32, 48) and q.indices.dtype == torch.uint8
-    assert int(q.indices.max()) < 2 ** bits
-    assert q.lut.shape == (n_luts, 2 ** bits) and q.lut.dtype == torch.float16
+    assert int(q.indices.max()) < 2**bits
+    assert q.lut.shape == (n_luts, 2**bits) and q.lut.dtype == torch.float16
     assert (q.scales is not None) == scale
     if scale:
         assert q.scales.dtype == torch.float16 and q.scales.shape == (32,)
@@ -165,16 +171,14 @@ def test_kmeans_lut_layout(bits, granularity, scale):
 def test_error_falls_with_bits():
     torch.manual_seed(0)
     W = torch.randn(32, 64)
-    errs = [(P.kmeans_lut(W, PalettizeConfig(bits=b)).dequantize() - W).norm().item()
-            for b in (2, 3, 4, 6)]
+    errs = [(P.kmeans_lut(W, PalettizeConfig(bits=b)).dequantize() - W).norm().item() for b in (2, 3, 4, 6)]
     assert errs == sorted(errs, reverse=True)
 
 
 def test_kmeans_modes_agree_closely():
     torch.manual_seed(0)
     W = torch.randn(32, 64) * 0.02
-    errs = {m: (P.kmeans_lut(W, PalettizeConfig(kmeans=m)).dequantize() - W).norm().item()
-            for m in P.KMEANS_MODES}
+    errs = {m: (P.kmeans_lut(W, PalettizeConfig(kmeans=m)).dequantize() - W).norm().item() for m in P.KMEANS_MODES}
     assert errs["exact"] <= errs["fp16"] * 1.001
     assert max(errs.values()) / min(errs.values()) < 1.01
 
@@ -229,7 +233,7 @@ def test_group_size_not_dividing_out_features(out, inp, scale):
     Ws = W / q.scales.float()[:, None] if scale else W
     # the full groups in one batch, the last group fitted on its own out % 16 rows only
     luts = [P.kmeans_1d_groups(Ws[: 16 * n_full].reshape(n_full, -1), 16)] if n_full else []
-    luts.append(P.kmeans_1d_groups(Ws[16 * n_full:].reshape(1, -1), 16))
+    luts.append(P.kmeans_1d_groups(Ws[16 * n_full :].reshape(1, -1), 16))
     assert torch.equal(q.lut, torch.cat(luts).half())
     # row r uses LUT r // 16, its nearest entry
     expect = torch.stack([q.lut[r // 16].float()[q.indices[r].long()] for r in range(out)])
@@ -259,8 +263,9 @@ def test_lut_weight_checks_rows_per_lut():
     assert P.LUTWeight(idx, lut, None, 4).rows_per_lut == 10  # left out: equal groups
     # the same shapes, another layout: rows 0..15 and 16..19
     uneven = P.LUTWeight(idx, lut, None, 4, rows_per_lut=16)
-    assert torch.equal(uneven.dequantize()[15:17],
-                       torch.stack([lut[0].float()[idx[15].long()], lut[1].float()[idx[16].long()]]))
+    assert torch.equal(
+        uneven.dequantize()[15:17], torch.stack([lut[0].float()[idx[15].long()], lut[1].float()[idx[16].long()]])
+    )
     with pytest.raises(QtutorError, match="rows_per_lut"):
         P.LUTWeight(idx, torch.randn(3, 16).half(), None, 4)  # 20 rows in 3 LUTs: say how
     with pytest.raises(QtutorError, match="do not cover"):
@@ -269,6 +274,7 @@ def test_lut_weight_checks_rows_per_lut():
 
 def test_quantize_model_with_a_shorter_last_group():
     from conftest import tiny_model
+
     model = tiny_model("qwen2", num_hidden_layers=1, intermediate_size=44)  # 44 = 2 x 16 + 12
     report = qtutor.quantize(model, "palettization_4bit")
     up = model.model.layers[0].mlp.up_proj

@@ -1,4 +1,5 @@
 """scripts/rehearse.py: runs notebooks in a fresh kernel and records status, time, peaks, first error."""
+
 import csv
 import json
 import subprocess
@@ -13,21 +14,51 @@ pytest.importorskip("ipykernel")
 
 
 def notebook(path: Path, *sources: str) -> None:
-    cells = [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [],
-              "source": s} for i, s in enumerate(sources)]
-    path.write_text(json.dumps({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                    "language": "python"}}, "nbformat": 4, "nbformat_minor": 5}))
+    cells = [
+        {"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [], "source": s}
+        for i, s in enumerate(sources)
+    ]
+    path.write_text(
+        json.dumps(
+            {
+                "cells": cells,
+                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+                "nbformat": 4,
+                "nbformat_minor": 5,
+            }
+        )
+    )
 
 
 def test_rehearsal_records_ok_and_first_error(tmp_path):
     chapters = tmp_path / "chapters"
     chapters.mkdir()
-    notebook(chapters / "00_ok.ipynb", "import os\nassert os.environ['QTUTOR_MODEL'] == 'some-model'", "x = [0] * 10**6")
+    notebook(
+        chapters / "00_ok.ipynb", "import os\nassert os.environ['QTUTOR_MODEL'] == 'some-model'", "x = [0] * 10**6"
+    )
     notebook(chapters / "01_bad.ipynb", "y = 1", "raise ValueError('broken on purpose')", "z = 2")
     out = tmp_path / "rehearsal"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "rehearse.py"), "--device", "cpu", "--model", "some-model",
-                        "--chapters-dir", str(chapters), "--out", str(out), "--label", "test", "--timeout", "60"],
-                       capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "rehearse.py"),
+            "--device",
+            "cpu",
+            "--model",
+            "some-model",
+            "--chapters-dir",
+            str(chapters),
+            "--out",
+            str(out),
+            "--label",
+            "test",
+            "--timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 1, r.stdout + r.stderr  # one chapter failed
     rows = {row["chapter"]: row for row in csv.DictReader(open(out.with_suffix(".csv")))}
     assert rows["00_ok"]["status"] == "ok" and rows["00_ok"]["error"] == ""
@@ -41,6 +72,7 @@ def test_rehearsal_records_ok_and_first_error(tmp_path):
 def test_t4_table_scales_measured_times(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import rehearse
+
     p = tmp_path / "r.csv"
     with open(p, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=rehearse.FIELDS)
@@ -56,6 +88,7 @@ def test_committed_h200_rehearsal_matches_the_book():
     """book/how-to-read-and-run.md shows exactly the table derived from the committed CSV."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import rehearse
+
     csv_path = ROOT / "benchmarks" / "rehearsal_qwen2-0.5b_h200.csv"
     page = (ROOT / "book" / "how-to-read-and-run.md").read_text()
     assert rehearse.t4_table(csv_path) in page
@@ -64,5 +97,6 @@ def test_committed_h200_rehearsal_matches_the_book():
 def test_committed_cpu_rehearsal_matches_the_book():
     sys.path.insert(0, str(ROOT / "scripts"))
     import rehearse
+
     page = (ROOT / "book" / "how-to-read-and-run.md").read_text()
     assert rehearse.cpu_table(ROOT / "benchmarks" / "rehearsal_qwen2-0.5b_cpu.csv") in page

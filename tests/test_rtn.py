@@ -1,12 +1,12 @@
 """Round-to-nearest: error bound, exact grid points, storage accounting, model swap."""
+
 import pytest
 import torch
 
 import qtutor
 from qtutor.quant.rtn import RTNConfig, UniformLinear, group_layout, quantize_weight
 
-CONFIGS = [RTNConfig(bits=b, group_size=g, sym=s) for b in (2, 3, 4, 8) for g in (0, 16, 24)
-           for s in (False, True)]
+CONFIGS = [RTNConfig(bits=b, group_size=g, sym=s) for b in (2, 3, 4, 8) for g in (0, 16, 24) for s in (False, True)]
 
 
 def _W(out=12, inp=48, seed=0):
@@ -18,7 +18,7 @@ def test_error_at_most_half_a_step(cfg):
     W = _W()
     q = quantize_weight(W, cfg)
     gs, _ = group_layout(W.shape[1], cfg.group_size)
-    step = q.scales.float().repeat_interleave(gs, dim=1)[:, :W.shape[1]]
+    step = q.scales.float().repeat_interleave(gs, dim=1)[:, : W.shape[1]]
     err = (q.dequantize() - W).abs()
     assert (err <= step / 2 + 1e-6).all()
 
@@ -35,8 +35,11 @@ def test_weights_on_the_grid_come_back_exactly(cfg):
     for j in range(n_groups):
         codes[:, j * gs], codes[:, min(j * gs + 1, inp - 1)] = lo, hi
     scale = (torch.rand(out, n_groups, generator=g) + 0.5).half().float()
-    zero = (torch.full_like(scale, 2 ** (cfg.bits - 1)) if cfg.sym
-            else torch.randint(1, maxq, (out, n_groups), generator=g).float())
+    zero = (
+        torch.full_like(scale, 2 ** (cfg.bits - 1))
+        if cfg.sym
+        else torch.randint(1, maxq, (out, n_groups), generator=g).float()
+    )
     s = scale.repeat_interleave(gs, 1)[:, :inp]
     z = zero.repeat_interleave(gs, 1)[:, :inp]
     W = s * (codes - z)
@@ -79,12 +82,15 @@ def test_group_wise_beats_per_channel_on_outliers():
     assert grouped < 0.7 * per_channel
 
 
-@pytest.mark.parametrize("bits,group_size,sym,expected", [
-    (4, 128, False, 4 + 16 / 128 + 4 / 128),   # codes + fp16 scale + 4-bit zero per group
-    (4, 128, True, 4 + 16 / 128),
-    (8, 0, True, 8 + 16 / 256),                 # one fp16 scale per row of 256
-    (2, 64, False, 2 + 16 / 64 + 2 / 64),
-])
+@pytest.mark.parametrize(
+    "bits,group_size,sym,expected",
+    [
+        (4, 128, False, 4 + 16 / 128 + 4 / 128),  # codes + fp16 scale + 4-bit zero per group
+        (4, 128, True, 4 + 16 / 128),
+        (8, 0, True, 8 + 16 / 256),  # one fp16 scale per row of 256
+        (2, 64, False, 2 + 16 / 64 + 2 / 64),
+    ],
+)
 def test_bits_per_weight_from_storage(bits, group_size, sym, expected):
     lin = torch.nn.Linear(256, 32)
     q = UniformLinear.from_float(lin, RTNConfig(bits, group_size, sym))
@@ -110,8 +116,11 @@ def test_quantize_model_swaps_decoder_linears(model):
     report = qtutor.quantize(model, "rtn_int8")
     after = model(torch.arange(16)[None]).logits
     assert len(report.layers) == 2 * 7
-    assert all(isinstance(m, UniformLinear) for layer in model.model.layers
-               for m in [layer.self_attn.q_proj, layer.mlp.down_proj])
+    assert all(
+        isinstance(m, UniformLinear)
+        for layer in model.model.layers
+        for m in [layer.self_attn.q_proj, layer.mlp.down_proj]
+    )
     assert isinstance(model.lm_head, torch.nn.Linear)  # the tied head stays in float
     assert report.bits_per_weight == pytest.approx(8 + 16 / 64, rel=0.02)
     assert (after - before).abs().max() < 0.05 * before.abs().max()
@@ -119,6 +128,7 @@ def test_quantize_model_swaps_decoder_linears(model):
 
 def test_int4_per_channel_worse_than_int8(model):
     import copy
+
     ids = torch.arange(32)[None]
     ref = model(ids).logits
     errs = {}

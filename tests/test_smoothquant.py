@@ -1,6 +1,7 @@
 """SmoothQuant (qtutor.quant.smoothquant): the migration formula on hand-checkable numbers,
 smoothing as an equivalence, the W8A8 layer's integer path against its float simulation, and the
 end result against RTN and unsmoothed W8A8 on a model with activation outliers."""
+
 import pytest
 import torch
 
@@ -13,8 +14,6 @@ from qtutor.quant import smoothquant as S
 from qtutor.quant.smoothquant import W8A8Linear
 
 
-
-
 # --------------------------------------------------------------------------- the formula
 ACT = torch.tensor([4.0, 1.0, 0.25])
 W1 = torch.tensor([[1.0, -2.0, 0.5], [0.25, 1.0, -4.0]])
@@ -22,11 +21,14 @@ W2 = torch.tensor([[-4.0, 0.5, 1.0]])
 # max|W_j| over both linears: [4, 2, 4]
 
 
-@pytest.mark.parametrize("alpha, expected", [
-    (0.5, [1.0, 2 ** -0.5, 0.25]),   # sqrt([4, 1, 0.25]) / sqrt([4, 2, 4])
-    (1.0, [4.0, 1.0, 0.25]),         # all the difficulty to the weights: s = max|X|
-    (0.0, [0.25, 0.5, 0.25]),        # all to the activations: s = 1 / max|W|
-])
+@pytest.mark.parametrize(
+    "alpha, expected",
+    [
+        (0.5, [1.0, 2**-0.5, 0.25]),  # sqrt([4, 1, 0.25]) / sqrt([4, 2, 4])
+        (1.0, [4.0, 1.0, 0.25]),  # all the difficulty to the weights: s = max|X|
+        (0.0, [0.25, 0.5, 0.25]),  # all to the activations: s = 1 / max|W|
+    ],
+)
 def test_smooth_scales_known_answer(alpha, expected):
     s = S.smooth_scales(ACT, [W1, W2], alpha)
     torch.testing.assert_close(s, torch.tensor(expected))
@@ -145,8 +147,7 @@ def test_smoothing_leaves_float_outputs_unchanged(family, calib_windows, eval_wi
     model = planted_model(family)
     reference = logits(model, eval_windows)
     layout, cfg = layout_for(model), SmoothQuantConfig()
-    stats = sequential(model, layout, calib_windows,
-                       lambda layer, X, kw: S.smooth_layer(layer, layout, X, kw, cfg))
+    stats = sequential(model, layout, calib_windows, lambda layer, X, kw: S.smooth_layer(layer, layout, X, kw, cfg))
     q = stats[0]["self_attn.q_proj"]
     assert q["smooth_prev"] == "input_layernorm"
     assert q["act_spread_smoothed"] < q["act_spread"] / 2  # the outliers were flattened
@@ -157,9 +158,11 @@ def test_smoothing_leaves_float_outputs_unchanged(family, calib_windows, eval_wi
 def test_end_to_end_beats_rtn_and_unsmoothed(family, calib_windows, eval_windows):
     reference = logits(planted_model(family), eval_windows)
     errors = {}
-    for label, method, cfg in [("smoothquant", "smoothquant_w8a8", None),
-                               ("w8a8", "smoothquant_w8a8", SmoothQuantConfig(smooth=False)),
-                               ("rtn_int4", "rtn_int4", RTNConfig(bits=4, group_size=32))]:
+    for label, method, cfg in [
+        ("smoothquant", "smoothquant_w8a8", None),
+        ("w8a8", "smoothquant_w8a8", SmoothQuantConfig(smooth=False)),
+        ("rtn_int4", "rtn_int4", RTNConfig(bits=4, group_size=32)),
+    ]:
         model = planted_model(family)
         report = qtutor.quantize(model, method, cfg, calib=calib_windows)
         out = logits(model, eval_windows)

@@ -1,5 +1,6 @@
 """Chapter 7's live decode-speed rows (qtutor.runtime.speed) on a CPU: every row runs with the
 harness, compares with the baseline of its dtype and says which kernel ran."""
+
 import copy
 
 import torch
@@ -19,8 +20,13 @@ def test_cpu_rows_time_every_path_against_its_baseline():
     qtutor.quantize(pal, "palettization_4bit")
     prompt = torch.randint(0, 128, (8,), generator=torch.Generator().manual_seed(0))
     rows = {r["row"]: r for r in compare_decode_speed(model, prompt, new_tokens=3, runs=1, palettized=pal)}
-    assert list(rows) == ["fp32", "rtn_int4, reference", "palettization_4bit, reference", "bf16",
-                          "rtn_int4 (bf16), tinygemm"]
+    assert list(rows) == [
+        "fp32",
+        "rtn_int4, reference",
+        "palettization_4bit, reference",
+        "bf16",
+        "rtn_int4 (bf16), tinygemm",
+    ]
     assert all(r["status"] == "ok" and r["ms_per_token"] > 0 for r in rows.values()), rows
     assert rows["fp32"]["vs_baseline"] == 1.0 and rows["bf16"]["vs_baseline"] == 1.0
     assert rows["fp32"]["kernel"] == "torch matmul" and rows["fp32"]["bits_per_weight"] == 32

@@ -1,5 +1,6 @@
 """Equivalence transforms (qtutor.quant.transforms): a float layer computes the same function
 after any positive per-channel scaling, for norm -> linears and linear -> linear."""
+
 import pytest
 import torch
 import torch.nn as nn

@@ -10,6 +10,7 @@
   Qwen2 forward written here from the safetensors file, so they are the same under every
   transformers release that passes this test.
 """
+
 import json
 import math
 import re
@@ -52,8 +53,9 @@ def test_installed_versions_meet_the_declared_minimums():
 def test_numpy_cap_only_on_the_coreml_extras_and_environment_yml_agrees():
     project = _pyproject()
     base = {Requirement(d).name: Requirement(d) for d in project["dependencies"]}
-    assert not any(s.operator in ("<", "<=", "==", "~=") for s in base["numpy"].specifier), \
+    assert not any(s.operator in ("<", "<=", "==", "~=") for s in base["numpy"].specifier), (
         "the base install must never cap numpy (it would downgrade Colab's)"
+    )
     for extra in ("coreml", "dev"):
         reqs = {Requirement(d).name: Requirement(d) for d in project["optional-dependencies"][extra]}
         assert "coremltools" in reqs and any(s.operator == "<" for s in reqs["numpy"].specifier), extra
@@ -80,6 +82,7 @@ def _config():
 
 def test_config_gives_the_rope_base_in_both_spellings():
     from transformers import AutoConfig
+
     raw = _config()
     assert raw["rope_theta"] == raw["rope_parameters"]["rope_theta"] == 1e6
     assert raw["rope_parameters"]["rope_type"] == "default"
@@ -92,6 +95,7 @@ def reference_logits(ids: torch.Tensor, theta: float) -> torch.Tensor:
     """Qwen2's forward (RMSNorm, GQA attention with q/k/v biases and RoPE, SwiGLU MLP, tied
     head) in plain torch, fp32, from ``model.safetensors``: no transformers code involved."""
     from safetensors.torch import load_file
+
     c = _config()
     W = {k: v.float() for k, v in load_file(embedded_model_dir() / "model.safetensors").items()}
     nh, nkv, eps = c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
@@ -105,7 +109,7 @@ def reference_logits(ids: torch.Tensor, theta: float) -> torch.Tensor:
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
     def rope(x):  # (heads, T, hd), rotate-half layout
-        return x * cos + torch.cat([-x[..., hd // 2:], x[..., : hd // 2]], -1) * sin
+        return x * cos + torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], -1) * sin
 
     def proj(x, name, bias=False):
         y = x @ W[name + ".weight"].T

@@ -9,6 +9,7 @@ shipped files, by this script: held-out perplexity (fp32 and fp16 weights), the 
 baseline of the same tokenizer, RTN INT8/INT4 effects, and a greedy sample. Training figures
 (device, wall time, steps) are read from ``train_log.json``, which the training script wrote.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,9 +62,11 @@ def measure(seqlen: int = 512) -> dict:
 
     res["fp32"] = ppl(model)
     res["fp16"] = ppl(copy.deepcopy(model).half())
-    for name, cfg in (("rtn_int8_per_channel", qtutor.RTNConfig(8, 0, sym=True)),
-                      ("rtn_int4_per_channel", qtutor.RTNConfig(4, 0)),
-                      ("rtn_int4_g128", qtutor.RTNConfig(4, 128))):
+    for name, cfg in (
+        ("rtn_int8_per_channel", qtutor.RTNConfig(8, 0, sym=True)),
+        ("rtn_int4_per_channel", qtutor.RTNConfig(4, 0)),
+        ("rtn_int4_g128", qtutor.RTNConfig(4, 128)),
+    ):
         m = copy.deepcopy(model)
         qtutor.quantize(m, "rtn_int8" if "int8" in name else "rtn_int4", cfg)
         res[name] = ppl(m)
@@ -80,6 +83,7 @@ def measure(seqlen: int = 512) -> dict:
 
 def main(argv=None):
     from qtutor.models import embedded_model_dir
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", type=Path, default=None, help="corpus folder: (re)draw calib.txt from train.txt")
     args = p.parse_args(argv)
@@ -99,9 +103,12 @@ def render(res: dict, log: dict, manifest: dict) -> str:
     src_rows = "\n".join(
         f"| {s.get('title', s['name'])} | {', '.join(s.get('debian_packages', {}))} | {s.get('license')} | "
         f"{s['train']['documents']} / {s['heldout']['documents']} | {s['train']['bytes']:,} / {s['heldout']['bytes']:,} |"
-        for s in manifest["sources"])
+        for s in manifest["sources"]
+    )
+
     def rel(k):
         return 100 * (res[k] / res["fp16"] - 1)
+
     return f"""# qtutor-tiny
 
 A small causal language model with the Qwen2 architecture, trained for this book so that every
@@ -114,7 +121,7 @@ All figures below were measured by `python -m zoo.card` on the shipped files
 `train_log.json`.
 
 ## Architecture
-{res['parameters']:,} parameters: hidden 256, intermediate 768, 6 layers, 4 attention heads and
+{res["parameters"]:,} parameters: hidden 256, intermediate 768, 6 layers, 4 attention heads and
 2 key/value heads (head dim 64), vocabulary 4096 (byte-level BPE trained on the training split),
 tied input/output embeddings, weights stored as float16 safetensors.
 
@@ -127,38 +134,38 @@ for the document lists, byte counts, package versions and licence texts).
 |---|---|---|---|---|
 {src_rows}
 
-`heldout.txt` (the embedded evaluation text, {res['eval_tokens_total']:,} tokens) is the held-out
+`heldout.txt` (the embedded evaluation text, {res["eval_tokens_total"]:,} tokens) is the held-out
 part; `calib.txt` (calibration text) is drawn from training documents only.
 
 ## Training
 `python -m zoo.train --corpus .carry/corpus --out <dir> --device cuda --max-epochs 8`:
-AdamW (lr {log['args'].get('lr')}, weight decay {log['args'].get('weight_decay')}, betas (0.9, 0.95)),
-warmup then cosine decay, random {log['args'].get('seq_len')}-token windows, batch
-{log['args'].get('batch_size')}, bf16 autocast, seed {log['args'].get('seed')}.
-{log['steps']} steps, {log['tokens_seen']:,} tokens ({log['epochs']} epochs), {log['train_seconds']} s of
-training ({log['wall_seconds']} s wall) on {env.get('device', '?')} with torch {env.get('torch', '?')}.
+AdamW (lr {log["args"].get("lr")}, weight decay {log["args"].get("weight_decay")}, betas (0.9, 0.95)),
+warmup then cosine decay, random {log["args"].get("seq_len")}-token windows, batch
+{log["args"].get("batch_size")}, bf16 autocast, seed {log["args"].get("seed")}.
+{log["steps"]} steps, {log["tokens_seen"]:,} tokens ({log["epochs"]} epochs), {log["train_seconds"]} s of
+training ({log["wall_seconds"]} s wall) on {env.get("device", "?")} with torch {env.get("torch", "?")}.
 Eight epochs were chosen from runs of 2, 4, 8 and 16 epochs by held-out perplexity (the corpus
 is small: longer training overfits). GPU training is not bit-for-bit repeatable.
 
 ![loss curve](loss_curve.png)
 
-## Measured quality (held-out text, non-overlapping windows of {res['seqlen']}, {res['eval_tokens']:,} tokens)
+## Measured quality (held-out text, non-overlapping windows of {res["seqlen"]}, {res["eval_tokens"]:,} tokens)
 
 | model | perplexity | vs fp16 |
 |---|---|---|
-| unigram (same tokenizer, add-one, counted on {res['unigram_counted_on']}) | {res['unigram']:.2f} | |
-| qtutor-tiny, fp32 compute, fp32 copy of the fp16 weights | {res['fp32']:.3f} | |
-| qtutor-tiny, fp16 | {res['fp16']:.3f} | |
-| RTN INT8 per channel (symmetric) | {res['rtn_int8_per_channel']:.3f} | {rel('rtn_int8_per_channel'):+.2f}% |
-| RTN INT4 per channel (asymmetric) | {res['rtn_int4_per_channel']:.3f} | {rel('rtn_int4_per_channel'):+.2f}% |
-| RTN INT4 group 128 (asymmetric) | {res['rtn_int4_g128']:.3f} | {rel('rtn_int4_g128'):+.2f}% |
+| unigram (same tokenizer, add-one, counted on {res["unigram_counted_on"]}) | {res["unigram"]:.2f} | |
+| qtutor-tiny, fp32 compute, fp32 copy of the fp16 weights | {res["fp32"]:.3f} | |
+| qtutor-tiny, fp16 | {res["fp16"]:.3f} | |
+| RTN INT8 per channel (symmetric) | {res["rtn_int8_per_channel"]:.3f} | {rel("rtn_int8_per_channel"):+.2f}% |
+| RTN INT4 per channel (asymmetric) | {res["rtn_int4_per_channel"]:.3f} | {rel("rtn_int4_per_channel"):+.2f}% |
+| RTN INT4 group 128 (asymmetric) | {res["rtn_int4_g128"]:.3f} | {rel("rtn_int4_g128"):+.2f}% |
 
-fp32 vs fp16: {100 * (res['fp16'] / res['fp32'] - 1):+.3f}%.
+fp32 vs fp16: {100 * (res["fp16"] / res["fp32"] - 1):+.3f}%.
 
 ## Greedy sample
-Prompt "{res['sample_prompt']}":
+Prompt "{res["sample_prompt"]}":
 
-> {res['sample'].replace(chr(10), ' ')}
+> {res["sample"].replace(chr(10), " ")}
 
 ## Licence
 The weights and tokenizer are released under the MIT licence with the rest of qtutor; the texts

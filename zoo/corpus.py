@@ -217,9 +217,7 @@ def load_kjv() -> list[Document]:
 
     Each book keeps its chapter headings ("Genesis 1"); verses lose their numbers.
     """
-    dump = subprocess.run(
-        ["bible", "-l100000", "gen1:1-rev22:21"], capture_output=True, text=True, check=True
-    ).stdout
+    dump = subprocess.run(["bible", "-l100000", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
     books: dict[str, list[str]] = {}
     verses = 0
     for line in dump.splitlines():
@@ -443,8 +441,7 @@ SOURCES = (
         "Linus Walleij, Copyright Does Not Exist (English translation by Daniel Arnrup)",
         ("cfi-en",),
         ("/usr/share/doc/cfi-en/html/ch1web.htm",),
-        "public domain (per the Debian copyright file, which overrides the "
-        "restriction stated in the English preface)",
+        "public domain (per the Debian copyright file, which overrides the restriction stated in the English preface)",
         ("it's in", "the public domain", "the translator agrees to"),
         load_cfi,
     ),
@@ -601,16 +598,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout-fraction", type=float, default=0.09)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument(
-        "--assets", type=Path, help="also copy tokenizer files and heldout.txt to this folder"
-    )
+    parser.add_argument("--assets", type=Path, help="also copy tokenizer files and heldout.txt to this folder")
     args = parser.parse_args(argv)
 
     missing = missing_packages()
     if missing:
         sys.exit(
-            "error: corpus sources are not installed; run: "
-            f"apt-get install --no-install-recommends {' '.join(missing)}"
+            f"error: corpus sources are not installed; run: apt-get install --no-install-recommends {' '.join(missing)}"
         )
     manifest = build(args.out, args.heldout_fraction, args.seed, args.vocab_size)
     for split in ("train", "heldout"):

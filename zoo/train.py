@@ -106,9 +106,7 @@ def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float = 0.
 
 
 @torch.no_grad()
-def heldout_nll(
-    model, batches: list[torch.Tensor], device: torch.device, autocast: bool
-) -> tuple[float, int]:
+def heldout_nll(model, batches: list[torch.Tensor], device: torch.device, autocast: bool) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (nats) and number of predicted tokens."""
     model.eval()
     total, count = 0.0, 0
@@ -320,9 +318,7 @@ def train(args: argparse.Namespace) -> dict:
         "architecture": config.to_diff_dict(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": {
-            "device": (
-                torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-            ),
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "transformers": transformers.__version__,

@@ -13,6 +13,7 @@ one asymmetric scale per output channel):
     python benchmarks/gptq_vs_rtn/gptq_vs_rtn.py \\
         --model PATH/stories260K-qwen2-hf --data-dir PATH/hf-wikitext
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,20 +32,23 @@ from qtutor.models import layout_for, load_model  # noqa: E402
 from qtutor.quant.gptq import GPTQConfig, Hessian, gptq  # noqa: E402
 from qtutor.quant.rtn import RTNConfig, quantize_weight  # noqa: E402
 
-KINDS = {"q/k": ("self_attn.q_proj", "self_attn.k_proj"), "v": ("self_attn.v_proj",),
-         "o": ("self_attn.o_proj",), "gate/up": ("mlp.gate_proj", "mlp.up_proj"),
-         "down": ("mlp.down_proj",)}
+KINDS = {
+    "q/k": ("self_attn.q_proj", "self_attn.k_proj"),
+    "v": ("self_attn.v_proj",),
+    "o": ("self_attn.o_proj",),
+    "gate/up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
 
 
 @torch.no_grad()
 def hessians(model, layout, windows, names) -> dict:
     """H = 2 X^T X / N of every linear named in ``names`` (all layers), from the float model."""
-    mods = {f"{i}.{n}": layer.get_submodule(n) for i, layer in enumerate(layout.layers(model))
-            for n in names}
+    mods = {f"{i}.{n}": layer.get_submodule(n) for i, layer in enumerate(layout.layers(model)) for n in names}
     H = {k: Hessian(m.in_features) for k, m in mods.items()}
     with record_inputs(mods, lambda k, x: H[k].add_batch(x)):
         for i in range(0, len(windows), 8):
-            model(windows[i:i + 8])
+            model(windows[i : i + 8])
     return {k: h.H for k, h in H.items()}
 
 
@@ -61,14 +65,17 @@ def main():
     print_env(environment(torch.device("cpu")))
     model, tok = load_model(args.model)
     layout = layout_for(model)
-    calib = calibration_windows(tokenize(tok, wikitext2_text("validation", args.data_dir)),
-                                args.calib_samples, args.seqlen)
+    calib = calibration_windows(
+        tokenize(tok, wikitext2_text("validation", args.data_dir)), args.calib_samples, args.seqlen
+    )
     test = tokenize(tok, wikitext2_text("test", args.data_dir))[: args.eval_tokens]
     rtn_cfg, gptq_cfg = RTNConfig(bits=4, group_size=0, sym=False), GPTQConfig(group_size=0)
     ppl = lambda: perplexity(model, test, args.seqlen).ppl  # noqa: E731
     fp = ppl()
-    print(f"float perplexity {fp:.3f} on {len(test)} test tokens; calibration "
-          f"{args.calib_samples} x {args.seqlen} validation tokens")
+    print(
+        f"float perplexity {fp:.3f} on {len(test)} test tokens; calibration "
+        f"{args.calib_samples} x {args.seqlen} validation tokens"
+    )
     rows = []
     print("\n1. layer output error, GPTQ / RTN (same inputs, float model)")
     names = [n for kind in KINDS.values() for n in kind]
@@ -81,9 +88,12 @@ def main():
         print(f"  {k:24s} {ratio:.3f}")
     print("\n2. perplexity with one kind of linear quantized (the rest float)")
     Ho = hessians(model, layout, eval_windows(test, args.seqlen), names)
-    variants = {"rtn": None, "gptq (H: calibration)": (Hc, gptq_cfg),
-                "gptq (H: the test tokens)": (Ho, gptq_cfg),
-                "gptq act-order (H: calibration)": (Hc, gptq_cfg.replace(act_order=True))}
+    variants = {
+        "rtn": None,
+        "gptq (H: calibration)": (Hc, gptq_cfg),
+        "gptq (H: the test tokens)": (Ho, gptq_cfg),
+        "gptq act-order (H: calibration)": (Hc, gptq_cfg.replace(act_order=True)),
+    }
     print(f"  {'linears':8s}" + "".join(f"{v:>34s}" for v in variants))
     for kind, kind_names in KINDS.items():
         row = {"part": "ablation", "linear": kind, "float": round(fp, 3)}
@@ -94,8 +104,11 @@ def main():
                     lin = layer.get_submodule(n)
                     saved[lin] = lin.weight.data.clone()
                     W = lin.weight.data.float()
-                    Q = (quantize_weight(W, rtn_cfg).dequantize() if spec is None
-                         else gptq(W, spec[0][f"{i}.{n}"], spec[1]).Q)
+                    Q = (
+                        quantize_weight(W, rtn_cfg).dequantize()
+                        if spec is None
+                        else gptq(W, spec[0][f"{i}.{n}"], spec[1]).Q
+                    )
                     lin.weight.data.copy_(Q)
             row[tag] = round(ppl(), 3)
             for lin, W in saved.items():

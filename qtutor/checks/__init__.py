@@ -5,6 +5,7 @@ Each checker runs the student's answer on fresh inputs, compares it with the pac
 implementation, prints one line saying what passed or what was wrong, and returns a bool
 (so a grader can ``assert`` it). One module per chapter: ``ch00`` ... ``ch07``.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 ``from qtutor.checks import ch00`` then e.g. ``ch00.check_perplexity_from_logits(my_fn)``.
 Each checker prints one line and returns True when the answer is right.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,8 @@ def _fp16_spacing(x: float) -> float:
     have 10 fraction bits, so the spacing is ``2^(e - 10)`` in the binade ``[2^e, 2^(e+1))``;
     below ``2^-14`` the subnormals are evenly spaced by ``2^-24``)."""
     a = abs(float(x))
-    if a < 2.0 ** -14:
-        return 2.0 ** -24
+    if a < 2.0**-14:
+        return 2.0**-24
     return 2.0 ** (math.floor(math.log2(a)) - 10)
 
 
@@ -61,8 +62,9 @@ def check_fp16_spacing(fn) -> bool:
 def _perplexity_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """Reference: windows (B, T) with logits (B, T, V); position t predicts token t+1; the first
     token of each window is never predicted."""
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
-                          ids[:, 1:].reshape(-1), reduction="mean")
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).double(), ids[:, 1:].reshape(-1), reduction="mean"
+    )
     return math.exp(float(nll))
 
 
@@ -109,8 +111,9 @@ def check_scored_tokens(fn) -> bool:
         try:
             got = tuple(int(v) for v in got)
         except Exception:
-            return report(False, f"scored_tokens({n_tokens}, {seqlen}) returned {got!r}",
-                          "return a pair (windows, scored tokens)")
+            return report(
+                False, f"scored_tokens({n_tokens}, {seqlen}) returned {got!r}", "return a pair (windows, scored tokens)"
+            )
         if got != truth:
             hint = "the remainder after the last full window is dropped"
             if got[0] == truth[0] and got[1] == truth[0] * seqlen:
@@ -128,8 +131,13 @@ def _model_bytes(n_linear: int, n_other: int, bits: int, group_size: int) -> flo
 
 def check_model_bytes(fn) -> bool:
     """``fn(n_linear, n_other, bits, group_size) -> bytes``."""
-    cases = [(1_000_000, 0, 4, 128), (1_000_000, 0, 4, 32), (357_826_560, 136_134_656, 4, 128),
-             (4_718_592, 1_049_856, 8, 64), (2_000_000, 500_000, 3, 128)]
+    cases = [
+        (1_000_000, 0, 4, 128),
+        (1_000_000, 0, 4, 32),
+        (357_826_560, 136_134_656, 4, 128),
+        (4_718_592, 1_049_856, 8, 64),
+        (2_000_000, 500_000, 3, 128),
+    ]
     for args in cases:
         got, err = _call(fn, *args)
         if err:

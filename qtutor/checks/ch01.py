@@ -3,6 +3,7 @@
 ``from qtutor.checks import ch01`` then e.g. ``ch01.check_scale_zero(my_fn)``.
 Each checker prints one line and returns True when the answer is right.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,11 +30,13 @@ def _scale_zero(w: torch.Tensor, bits: int, fp16_scale: bool = False) -> tuple[f
 def check_scale_zero(fn) -> bool:
     """``fn(w (n,), bits) -> (scale, zero)`` of the asymmetric b-bit grid of one group ``w``."""
     g = torch.Generator().manual_seed(1)
-    rows = [("a mixed-sign row", torch.randn(64, generator=g) * 0.05 + 0.01, 4),
-            ("a mixed-sign row", torch.randn(128, generator=g) * 0.02, 8),
-            ("a mixed-sign row", torch.randn(32, generator=g), 3),
-            ("an all-positive row", torch.rand(64, generator=g) + 0.5, 4),
-            ("an all-negative row", -torch.rand(64, generator=g) - 0.5, 4)]
+    rows = [
+        ("a mixed-sign row", torch.randn(64, generator=g) * 0.05 + 0.01, 4),
+        ("a mixed-sign row", torch.randn(128, generator=g) * 0.02, 8),
+        ("a mixed-sign row", torch.randn(32, generator=g), 3),
+        ("an all-positive row", torch.rand(64, generator=g) + 0.5, 4),
+        ("an all-negative row", -torch.rand(64, generator=g) - 0.5, 4),
+    ]
     for what, w, bits in rows:
         got, err = _call(fn, w.clone(), bits)
         if err:
@@ -50,8 +53,11 @@ def check_scale_zero(fn) -> bool:
         if not ok:
             ts, tz = _scale_zero(w, bits)
             hint = "s = (max - min) / (2^b - 1) and z = round(-min / s)"
-            if s is not None and math.isclose(s, (float(w.max()) - float(w.min())) / (2**bits - 1), rel_tol=1e-3) \
-                    and not math.isclose(s, ts, rel_tol=1e-3):
+            if (
+                s is not None
+                and math.isclose(s, (float(w.max()) - float(w.min())) / (2**bits - 1), rel_tol=1e-3)
+                and not math.isclose(s, ts, rel_tol=1e-3)
+            ):
                 hint = "the range must contain 0 (take min(w, 0) and max(w, 0)), so that 0 is exact"
             elif s is not None and math.isclose(s, ts * (2**bits - 1) / 2**bits, rel_tol=1e-3):
                 hint = "b bits give 2^b codes, hence 2^b - 1 steps between the first and the last"
@@ -90,8 +96,11 @@ def check_rtn_symmetric(fn) -> bool:
                 hint = "divide max|w| by 2^(b-1) - 1, so that max|w| itself is a grid point"
             elif float(((got - W).abs() / s).max()) > 0.51:
                 hint = "every weight should end within s/2 of its value"
-            return report(False, f"symmetric INT{bits}: {float(off.float().mean()):.1%} of the "
-                                 f"weights differ from the reference", hint)
+            return report(
+                False,
+                f"symmetric INT{bits}: {float(off.float().mean()):.1%} of the weights differ from the reference",
+                hint,
+            )
     return report(True, "symmetric per-channel RTN at 8 and 4 bits")
 
 
@@ -104,8 +113,15 @@ def _stored_bits_per_weight(bits: int, group_size: int, in_features: int, sym: b
 def check_bits_per_weight(fn) -> bool:
     """``fn(bits, group_size, in_features, sym) -> float``: bits per weight that qtutor's
     ``UniformLinear`` stores (codes, fp16 scales, b-bit zero points unless symmetric)."""
-    cases = [(4, 128, 256, False), (4, 32, 256, False), (8, 0, 256, True), (4, 0, 512, False),
-             (3, 64, 256, False), (4, 128, 256, True), (2, 16, 128, False)]
+    cases = [
+        (4, 128, 256, False),
+        (4, 32, 256, False),
+        (8, 0, 256, True),
+        (4, 0, 512, False),
+        (3, 64, 256, False),
+        (4, 128, 256, True),
+        (2, 16, 128, False),
+    ]
     for args in cases:
         got, err = _call(fn, *args)
         if err:
@@ -140,8 +156,11 @@ def check_pack4(fn) -> bool:
     except Exception:
         return report(False, f"pack4 returned {type(got).__name__}", "return a uint8 tensor")
     if got.shape != ref.shape:
-        return report(False, f"pack4: shape {tuple(got.shape)}, expected {tuple(ref.shape)}",
-                      "two codes per byte along the last dimension")
+        return report(
+            False,
+            f"pack4: shape {tuple(got.shape)}, expected {tuple(ref.shape)}",
+            "two codes per byte along the last dimension",
+        )
     if got.dtype != torch.uint8:
         return report(False, f"pack4: dtype {got.dtype}", "bytes: use torch.uint8")
     if not torch.equal(got, ref):

@@ -9,6 +9,7 @@ Each runs your function on small random inputs, compares it with
 :mod:`qtutor.quant.smoothquant` / :mod:`qtutor.quant.transforms`, prints one line and returns
 whether it was right.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,11 @@ def check_per_token_quant(fn) -> bool:
     if q.shape != x.shape:
         return report(False, what, f"codes have shape {tuple(q.shape)}, expected {tuple(x.shape)}")
     if s.numel() == 1:
-        return report(False, what, "one scale for the whole tensor: use one per token (row), "
-                                   "x.abs().amax(dim=-1, keepdim=True) / 127")
+        return report(
+            False,
+            what,
+            "one scale for the whole tensor: use one per token (row), x.abs().amax(dim=-1, keepdim=True) / 127",
+        )
     if s.numel() != x.shape[0]:
         return report(False, what, f"{s.numel()} scales for {x.shape[0]} tokens: one scale per row")
     s = s.reshape(-1, 1)
@@ -55,8 +59,11 @@ def check_per_token_quant(fn) -> bool:
         return report(False, what, "codes must lie in [-127, 127]")
     if not close(s, s_ref, atol=1e-7, rtol=1e-5):
         ratio = float((s / s_ref).median())
-        hint = ("the scale is max|x_t| / 127 (symmetric INT8 uses [-127, 127])" if abs(ratio - 1) > 1e-3
-                else "scales differ")
+        hint = (
+            "the scale is max|x_t| / 127 (symmetric INT8 uses [-127, 127])"
+            if abs(ratio - 1) > 1e-3
+            else "scales differ"
+        )
         return report(False, what, hint)
     if not torch.equal(q.to(torch.int64), q_ref.to(torch.int64)):
         n = int((q.to(torch.int64) != q_ref.to(torch.int64)).sum())
@@ -64,7 +71,6 @@ def check_per_token_quant(fn) -> bool:
     if q.dtype != torch.int8:
         return report(True, what + f" (tip: store the codes as torch.int8, not {q.dtype})")
     return report(True, what)
-
 
 
 class _MLP(nn.Module):
@@ -78,7 +84,7 @@ class _MLP(nn.Module):
         self.act_fn = nn.SiLU()
         with torch.no_grad():
             for fc in (self.gate_proj, self.up_proj, self.down_proj):
-                fc.weight.copy_(torch.randn(fc.weight.shape, generator=gen) / fc.in_features ** 0.5)
+                fc.weight.copy_(torch.randn(fc.weight.shape, generator=gen) / fc.in_features**0.5)
             self.up_proj.weight[[2, 9]] *= 30.0  # outliers in down_proj's input
 
     def forward(self, x):
@@ -107,22 +113,32 @@ def check_smooth_up_down(fn) -> bool:
         return report(False, what, f"your function raised {type(err).__name__}: {err}")
     with torch.no_grad():
         after = mlp(x)
-    same_weights = all(close(getattr(mlp, n).weight, getattr(ref, n).weight)
-                       for n in ("gate_proj", "up_proj", "down_proj"))
+    same_weights = all(
+        close(getattr(mlp, n).weight, getattr(ref, n).weight) for n in ("gate_proj", "up_proj", "down_proj")
+    )
     unchanged = close(after, before, atol=1e-4, rtol=1e-4)
     if unchanged and same_weights:
         return report(True, what)
     if all(close(getattr(mlp, n).weight, original[n]) for n in original):
         return report(False, what, "nothing changed: rescale up_proj's rows and down_proj's columns in place")
     if not close(mlp.gate_proj.weight, ref.gate_proj.weight):
-        return report(False, what, "leave gate_proj alone: SiLU(gate) is not linear, so a scale on "
-                                   "gate_proj's output does not pass through it; up_proj's output is "
-                                   "multiplied elementwise, so the scale passes through the product")
+        return report(
+            False,
+            what,
+            "leave gate_proj alone: SiLU(gate) is not linear, so a scale on "
+            "gate_proj's output does not pass through it; up_proj's output is "
+            "multiplied elementwise, so the scale passes through the product",
+        )
     if not unchanged:
-        return report(False, what, "the MLP's output changed: divide row j of up_proj.weight "
-                                   "(output channel j) by s_j and multiply column j of down_proj.weight by s_j")
-    return report(False, what, "the output is unchanged but the scales are not "
-                               "smooth_scales(x_max, [down_proj.weight], alpha)")
+        return report(
+            False,
+            what,
+            "the MLP's output changed: divide row j of up_proj.weight "
+            "(output channel j) by s_j and multiply column j of down_proj.weight by s_j",
+        )
+    return report(
+        False, what, "the output is unchanged but the scales are not smooth_scales(x_max, [down_proj.weight], alpha)"
+    )
 
 
 def _w8a8(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -173,9 +189,9 @@ def check_alpha_search(fn) -> bool:
     if proportional and abs(float(got_best) - best) < 1e-9:
         return report(True, what)
     if _proportional(got, _alpha_errors(x, weights, alphas, divide_x=False)):
-        return report(False, what, "divide the activations by s as well: the linear computes "
-                                   "(x / s) (W diag(s))^T")
+        return report(False, what, "divide the activations by s as well: the linear computes (x / s) (W diag(s))^T")
     if proportional:
-        return report(False, what, f"the errors are right but best_alpha should be {best}, the "
-                                   "alpha with the smallest error")
+        return report(
+            False, what, f"the errors are right but best_alpha should be {best}, the alpha with the smallest error"
+        )
     return report(False, what, "the errors differ from the W8A8 output error defined in the exercise")

@@ -3,6 +3,7 @@
 ``from qtutor.checks import ch03`` then e.g. ``ch03.check_hessian(my_fn)``.
 Each checker prints one line and returns True when the answer is right.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,13 +43,18 @@ def check_hessian(fn) -> bool:
         return report(False, "hessian", err)
     got, truth = _tensor(got), 2 * X.T.double() @ X.double() / X.shape[0]
     if got is None or got.shape != truth.shape:
-        return report(False, f"hessian returned shape {None if got is None else tuple(got.shape)}",
-                      f"expected ({X.shape[1]}, {X.shape[1]}): one row and column per input feature")
+        return report(
+            False,
+            f"hessian returned shape {None if got is None else tuple(got.shape)}",
+            f"expected ({X.shape[1]}, {X.shape[1]}): one row and column per input feature",
+        )
     if not close(got, truth, atol=1e-6, rtol=1e-5):
         hint = "H = 2 X^T X / n"
         if close(got, truth / 2, atol=1e-6, rtol=1e-5):
             hint = "the derivative of the square brings a factor 2"
-        elif close(got, truth * X.shape[0], atol=1e-6, rtol=1e-5) or close(got, truth * X.shape[0] / 2, atol=1e-6, rtol=1e-5):
+        elif close(got, truth * X.shape[0], atol=1e-6, rtol=1e-5) or close(
+            got, truth * X.shape[0] / 2, atol=1e-6, rtol=1e-5
+        ):
             hint = "the error is a mean over the n tokens: divide by n"
         elif close(got, 2 * X.double() @ X.T.double() / X.shape[0], atol=1e-6, rtol=1e-5):
             hint = "X is (tokens, features): H is (features, features)"
@@ -72,8 +78,11 @@ def check_obs_update(fn) -> bool:
         got = _tensor(got)
         truth = -(w[i] - q) / Hinv[i, i] * Hinv[:, i]
         if got is None or got.shape != truth.shape:
-            return report(False, f"obs_update returned shape {None if got is None else tuple(got.shape)}",
-                          f"expected ({w.numel()},): a change of every weight of the row")
+            return report(
+                False,
+                f"obs_update returned shape {None if got is None else tuple(got.shape)}",
+                f"expected ({w.numel()},): a change of every weight of the row",
+            )
         tol = dict(atol=1e-5 * float(truth.abs().max()), rtol=1e-5)  # float32 answers are fine
         if not close(got, truth, **tol):
             hint = "delta = -(w_i - q) / [H^-1]_ii * H^-1[:, i]"
@@ -102,8 +111,10 @@ def check_cholesky_rows(fn) -> bool:
         return report(False, f"cholesky_rows returned shape {None if got is None else tuple(got.shape)}")
     tol = dict(atol=1e-4 * float(truth.abs().max()), rtol=1e-4)  # float32 answers are fine
     if not close(got, truth, **tol):
-        hint = ("after using row i, eliminate input i: Hinv <- Hinv - Hinv[:, i] Hinv[i, :] / Hinv[i, i]; "
-                "keep only the entries right of the diagonal")
+        hint = (
+            "after using row i, eliminate input i: Hinv <- Hinv - Hinv[:, i] Hinv[i, :] / Hinv[i, i]; "
+            "keep only the entries right of the diagonal"
+        )
         if close(got, torch.triu(Hinv / torch.diag(Hinv).sqrt()[:, None]), **tol):
             hint = "row i must come from the inverse *after* eliminating inputs 0..i-1, not from the original"
         return report(False, "rows differ from the upper Cholesky factor of H^-1", hint)
@@ -125,16 +136,23 @@ def check_gptq(fn) -> bool:
         return report(False, "gptq", err)
     got = _tensor(got)
     if got is None or got.shape != W.shape:
-        return report(False, f"gptq returned shape {None if got is None else tuple(got.shape)}",
-                      f"expected {tuple(W.shape)}")
+        return report(
+            False, f"gptq returned shape {None if got is None else tuple(got.shape)}", f"expected {tuple(W.shape)}"
+        )
     got = got.float()
     ref = gptq(W, H, GPTQConfig(bits=bits, group_size=0, damp=0.0, block_size=W.shape[1])).Q
     scale, zero = find_params(W, bits, sym=False)
     codes = got / scale[:, None] + zero[:, None]
-    if float((codes - codes.round()).abs().max()) > 1e-3 or float(codes.min()) < -1e-3 \
-            or float(codes.max()) > 2**bits - 1 + 1e-3:
-        return report(False, "gptq: some returned weights are not on the row's grid",
-                      "quantize every column with the grid of find_params(W, bits, sym=False)")
+    if (
+        float((codes - codes.round()).abs().max()) > 1e-3
+        or float(codes.min()) < -1e-3
+        or float(codes.max()) > 2**bits - 1 + 1e-3
+    ):
+        return report(
+            False,
+            "gptq: some returned weights are not on the row's grid",
+            "quantize every column with the grid of find_params(W, bits, sym=False)",
+        )
 
     def loss(Q):
         D = (W - Q).double()
@@ -142,12 +160,17 @@ def check_gptq(fn) -> bool:
 
     same = float(((got - ref).abs() <= 1e-4 * scale[:, None]).float().mean())
     l_got, l_ref = loss(got), loss(ref)
-    rtn = scale[:, None] * (torch.clamp(torch.round(W / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
-                            - zero[:, None])
+    rtn = scale[:, None] * (
+        torch.clamp(torch.round(W / scale[:, None]) + zero[:, None], 0, 2**bits - 1) - zero[:, None]
+    )
     if same < 0.95 or l_got > 1.02 * l_ref:
         hint = "after quantizing column i, spread its error over columns i+1.. with row i of the Cholesky factor"
         if torch.allclose(got, rtn, atol=1e-5):
             hint = "that is round-to-nearest: the error of each column must be compensated by the later ones"
-        return report(False, f"gptq: {same:.0%} of the weights match the reference, output error "
-                             f"{l_got:.4g} vs {l_ref:.4g} (RTN: {loss(rtn):.4g})", hint)
+        return report(
+            False,
+            f"gptq: {same:.0%} of the weights match the reference, output error "
+            f"{l_got:.4g} vs {l_ref:.4g} (RTN: {loss(rtn):.4g})",
+            hint,
+        )
     return report(True, f"GPTQ: output error {l_got:.4g}, round-to-nearest's is {loss(rtn):.4g}")

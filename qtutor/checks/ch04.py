@@ -9,6 +9,7 @@ Each runs your function on small random inputs, compares it with :mod:`qtutor.qu
 (or, for the grouped-query exercise, with attention computed by hand), prints one line and
 returns whether it was right.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,11 @@ def check_duo_scales(fn) -> bool:
         except Exception as err:
             return report(False, what, f"your function raised {type(err).__name__}: {err}")
         if got.shape != expected.shape:
-            return report(False, what, f"s has shape {tuple(got.shape)}, expected {tuple(expected.shape)}: "
-                                       "one scale per input channel")
+            return report(
+                False,
+                what,
+                f"s has shape {tuple(got.shape)}, expected {tuple(expected.shape)}: one scale per input channel",
+            )
         if close(got, expected):
             continue
         raw = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
@@ -48,8 +52,11 @@ def check_duo_scales(fn) -> bool:
             return report(False, what, "normalise: divide s by sqrt(max(s) * min(s))")
         per_row = awq.weight_mean(weights, 0)
         if close(got, awq.candidate_scales(x_mean, ratio, per_row)):
-            return report(False, what, "normalise each weight by the max |w| of its group of "
-                                       "group_size columns, not of its whole row")
+            return report(
+                False,
+                what,
+                "normalise each weight by the max |w| of its group of group_size columns, not of its whole row",
+            )
         if close(got, awq.candidate_scales(x_mean, ratio)):
             return report(False, what, "that is plain AWQ's x_mean^ratio: divide by w_mean^(1-ratio) + 1e-4")
         err = float((got - expected).abs().max())
@@ -66,8 +73,11 @@ def _weight_mse_thresholds(W, gs, n_grid, max_shrink):
     best, best_err = org.clone(), torch.full_like(org, float("inf"))
     for i in range(max(1, int(max_shrink * n_grid))):
         m = org * (1 - i / n_grid)
-        q = rtn_quantize_weight(torch.clamp(Wg, -m, m).reshape(out_features, -1),
-                                RTNConfig(4, gs)).dequantize().reshape(Wg.shape)
+        q = (
+            rtn_quantize_weight(torch.clamp(Wg, -m, m).reshape(out_features, -1), RTNConfig(4, gs))
+            .dequantize()
+            .reshape(Wg.shape)
+        )
         err = (q - Wg).pow(2).mean(-1, keepdim=True)
         better = err < best_err
         best_err[better], best[better] = err[better], m[better]
@@ -87,20 +97,23 @@ def check_clip_thresholds(fn) -> bool:
     W[torch.rand(W.shape, generator=gen) < 0.03] *= 6  # a few large weights worth clipping
     X = torch.randn(96, in_features, generator=gen)
     X[:, [5, 40]] *= 8
-    expected = awq.search_clip(W, X, awq.AWQConfig(group_size=gs, n_clip_grid=n_grid,
-                                                   max_shrink=max_shrink))["max_val"]
+    expected = awq.search_clip(W, X, awq.AWQConfig(group_size=gs, n_clip_grid=n_grid, max_shrink=max_shrink))["max_val"]
     try:
         got = torch.as_tensor(fn(W.clone(), X.clone(), gs, n_grid, max_shrink)).float()
     except Exception as err:
         return report(False, what, f"your function raised {type(err).__name__}: {err}")
     if got.shape != expected.shape:
-        return report(False, what, f"max_val has shape {tuple(got.shape)}, expected "
-                                   f"{tuple(expected.shape)} (rows, groups)")
+        return report(
+            False, what, f"max_val has shape {tuple(got.shape)}, expected {tuple(expected.shape)} (rows, groups)"
+        )
     if close(got, expected):
         return report(True, what)
     if close(got, _weight_mse_thresholds(W, gs, n_grid, max_shrink)):
-        return report(False, what, "you minimised the error of the weights; minimise the error of "
-                                   "the group's output X_g w_g^T instead")
+        return report(
+            False,
+            what,
+            "you minimised the error of the weights; minimise the error of the group's output X_g w_g^T instead",
+        )
     agree = float((torch.isclose(got, expected, rtol=1e-4, atol=1e-6)).float().mean())
     return report(False, what, f"{agree:.0%} of the thresholds agree with the reference")
 
@@ -110,8 +123,8 @@ def _attention_input_of_o(V: torch.Tensor, P: torch.Tensor, n_rep: int, head_dim
     P (heads, tokens, tokens): head h reads KV head h // n_rep (transformers' ``repeat_kv``)."""
     heads = P.shape[0]
     Vh = V.reshape(V.shape[0], -1, head_dim).transpose(0, 1)  # (kv_heads, tokens, head_dim)
-    Vh = Vh.repeat_interleave(n_rep, dim=0)                  # (heads, tokens, head_dim)
-    out = torch.bmm(P, Vh)                                   # (heads, tokens, head_dim)
+    Vh = Vh.repeat_interleave(n_rep, dim=0)  # (heads, tokens, head_dim)
+    out = torch.bmm(P, Vh)  # (heads, tokens, head_dim)
     return out.transpose(0, 1).reshape(V.shape[0], heads * head_dim)
 
 
@@ -129,8 +142,12 @@ def check_gqa_scales(fn) -> bool:
         except Exception as err:
             return report(False, what, f"your function raised {type(err).__name__}: {err}")
         if s_o.numel() != num_heads * head_dim:
-            return report(False, what, f"{num_heads} heads x {head_dim}: o_proj reads "
-                                       f"{num_heads * head_dim} channels, you gave {s_o.numel()} scales")
+            return report(
+                False,
+                what,
+                f"{num_heads} heads x {head_dim}: o_proj reads "
+                f"{num_heads * head_dim} channels, you gave {s_o.numel()} scales",
+            )
         tokens = 5
         V = torch.randn(tokens, num_kv_heads * head_dim, generator=gen)
         P = torch.softmax(torch.randn(num_heads, tokens, tokens, generator=gen), dim=-1)
@@ -139,9 +156,12 @@ def check_gqa_scales(fn) -> bool:
         if close(got, ref, atol=1e-5, rtol=1e-4):
             continue
         if num_kv_heads > 1 and close(s_o, s_v.repeat(n_rep)):
-            return report(False, what, "s_v.repeat(...) tiles the KV heads (0, 1, 0, 1, ...), but the "
-                                       "query heads sharing a KV head are consecutive: head h reads KV "
-                                       "head h // (num_heads // num_kv_heads)")
-        return report(False, what, f"{num_heads} heads / {num_kv_heads} KV heads: the attention "
-                                   "output changed")
+            return report(
+                False,
+                what,
+                "s_v.repeat(...) tiles the KV heads (0, 1, 0, 1, ...), but the "
+                "query heads sharing a KV head are consecutive: head h reads KV "
+                "head h // (num_heads // num_kv_heads)",
+            )
+        return report(False, what, f"{num_heads} heads / {num_kv_heads} KV heads: the attention output changed")
     return report(True, what)

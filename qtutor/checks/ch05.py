@@ -3,6 +3,7 @@
 ``from qtutor.checks import ch05`` then e.g. ``ch05.check_weighted_kmeans(my_fn)``.
 Each checker prints one line and returns True when the answer is right.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,11 @@ def check_weighted_kmeans(fn) -> bool:
     """``fn(x (n,), w (n,), k) -> centroids (k,)``: the exact k-means of the values ``x`` with
     non-negative weights ``w`` (a value of weight 3 counts as three copies of it)."""
     g = torch.Generator().manual_seed(5)
-    cases = [(torch.randn(30, generator=g), torch.randint(1, 20, (30,), generator=g).double(), 3),
-             (torch.rand(45, generator=g) * 2 - 1, torch.randint(1, 50, (45,), generator=g).double(), 5),
-             (torch.randn(25, generator=g) * 0.02, torch.rand(25, generator=g) * 4 + 0.1, 4)]
+    cases = [
+        (torch.randn(30, generator=g), torch.randint(1, 20, (30,), generator=g).double(), 3),
+        (torch.rand(45, generator=g) * 2 - 1, torch.randint(1, 50, (45,), generator=g).double(), 5),
+        (torch.randn(25, generator=g) * 0.02, torch.rand(25, generator=g) * 4 + 0.1, 4),
+    ]
     for x, w, k in cases:
         x = x.double()
         got, err = _call(fn, x.clone(), w.clone(), k)
@@ -44,17 +47,24 @@ def check_weighted_kmeans(fn) -> bool:
         c = _as_tensor(got)
         if c is None or c.dim() != 1 or c.numel() != k:
             shape = None if c is None else tuple(c.shape)
-            return report(False, f"weighted k-means with k={k} returned shape {shape}",
-                          f"return the {k} centroids as a 1-D tensor")
+            return report(
+                False,
+                f"weighted k-means with k={k} returned shape {shape}",
+                f"return the {k} centroids as a 1-D tensor",
+            )
         opt = kmeans_1d(x, k, weights=w).centroids.double()
         best, mine = _weighted_sse(x, w, opt), _weighted_sse(x, w, c)
         if not mine <= best * (1 + 1e-6) + 1e-12:
-            hint = ("D[q][i] = min_j D[q-1][j-1] + cost(j, i), with cost(j, i) from prefix sums of "
-                    "w, w*x and w*x^2: S2 - S1^2 / S0")
+            hint = (
+                "D[q][i] = min_j D[q-1][j-1] + cost(j, i), with cost(j, i) from prefix sums of "
+                "w, w*x and w*x^2: S2 - S1^2 / S0"
+            )
             plain = kmeans_1d(x, k).centroids.double()
             if _weighted_sse(x, w, plain) == mine or torch.allclose(c.sort().values, plain, atol=1e-9):
-                hint = ("this is the unweighted optimum: each value's squared error counts w times, "
-                        "so the run's size becomes the sum of its weights and its mean a weighted mean")
+                hint = (
+                    "this is the unweighted optimum: each value's squared error counts w times, "
+                    "so the run's size becomes the sum of its weights and its mean a weighted mean"
+                )
             return report(False, f"k={k}: weighted error {mine:.6g}, the optimum is {best:.6g}", hint)
     return report(True, "exact weighted 1-D k-means (the weighted error is optimal in 3 cases)")
 
@@ -73,28 +83,46 @@ def check_palettize_grouped(fn) -> bool:
             return report(False, f"{bits}-bit palettes per {group} rows", err)
         got = _as_tensor(got)
         if got is None or got.shape != W.shape:
-            return report(False, f"{bits}-bit palettes per {group} rows: shape "
-                                 f"{None if got is None else tuple(got.shape)}, expected {tuple(W.shape)}")
+            return report(
+                False,
+                f"{bits}-bit palettes per {group} rows: shape "
+                f"{None if got is None else tuple(got.shape)}, expected {tuple(W.shape)}",
+            )
         k = 2**bits
         for start in range(0, W.shape[0], group):
-            n_values = torch.unique(got[start:start + group].float()).numel()
+            n_values = torch.unique(got[start : start + group].float()).numel()
             if n_values > k:
-                return report(False, f"rows {start}..{start + group - 1} hold {n_values} distinct values, "
-                                     f"more than the {k} entries of one palette",
-                              f"the {group} rows of a group share ONE palette: cluster all their "
-                              f"weights together (not row by row, not by columns)")
-        ref = kmeans_lut(W, PalettizeConfig(bits=bits, group_size=group, per_channel_scale=False,
-                                             kmeans="exact")).dequantize().double()
+                return report(
+                    False,
+                    f"rows {start}..{start + group - 1} hold {n_values} distinct values, "
+                    f"more than the {k} entries of one palette",
+                    f"the {group} rows of a group share ONE palette: cluster all their "
+                    f"weights together (not row by row, not by columns)",
+                )
+        ref = (
+            kmeans_lut(W, PalettizeConfig(bits=bits, group_size=group, per_channel_scale=False, kmeans="exact"))
+            .dequantize()
+            .double()
+        )
         e_ref = float((ref - W.double()).norm() / W.double().norm())
         e_got = float((got - W.double()).norm() / W.double().norm())
         if not e_got <= e_ref * 1.01 + 1e-9:
             hint = "k-means (qtutor.quant.palettize.kmeans_1d) of each group's weights, then the nearest entry"
             whole = kmeans_1d(W.reshape(-1), k).centroids
-            if abs(e_got - float((whole[kmeans_1d(W.reshape(-1), k).labels].reshape(W.shape).double()
-                                  - W.double()).norm() / W.double().norm())) < 1e-6:
+            if (
+                abs(
+                    e_got
+                    - float(
+                        (whole[kmeans_1d(W.reshape(-1), k).labels].reshape(W.shape).double() - W.double()).norm()
+                        / W.double().norm()
+                    )
+                )
+                < 1e-6
+            ):
                 hint = "one palette for the whole matrix: give each group of rows its own"
-            return report(False, f"{bits}-bit palettes per {group} rows: relative error {e_got:.4f}, "
-                                 f"expected {e_ref:.4f}", hint)
+            return report(
+                False, f"{bits}-bit palettes per {group} rows: relative error {e_got:.4f}, expected {e_ref:.4f}", hint
+            )
     return report(True, "one optimal palette per group of output rows (2 and 3 bits)")
 
 
@@ -103,8 +131,9 @@ def _stored_bits_per_weight(out_features, in_features, bits, group_size, per_cha
     torch.manual_seed(0)
     lin = nn.Linear(in_features, out_features, bias=False)
     granularity = "per_tensor" if group_size == out_features else "per_grouped_channel"
-    cfg = PalettizeConfig(bits=bits, granularity=granularity, group_size=group_size,
-                          per_channel_scale=per_channel_scale)
+    cfg = PalettizeConfig(
+        bits=bits, granularity=granularity, group_size=group_size, per_channel_scale=per_channel_scale
+    )
     return PalettizedLinear.from_float(lin, cfg).bits_per_weight
 
 
@@ -112,8 +141,14 @@ def check_palettized_bits(fn) -> bool:
     """``fn(out_features, in_features, bits, group_size, per_channel_scale) -> float``: the bits
     per weight a ``PalettizedLinear`` stores (packed indices, fp16 palettes of 2^bits entries,
     one per ``group_size`` rows, fp16 per-row scales if asked)."""
-    cases = [(64, 128, 4, 16, True), (32, 256, 4, 32, False), (48, 64, 3, 16, True),
-             (16, 512, 2, 16, True), (64, 64, 6, 64, False), (96, 32, 4, 8, True)]
+    cases = [
+        (64, 128, 4, 16, True),
+        (32, 256, 4, 32, False),
+        (48, 64, 3, 16, True),
+        (16, 512, 2, 16, True),
+        (64, 64, 6, 64, False),
+        (96, 32, 4, 8, True),
+    ]
     for args in cases:
         got, err = _call(fn, *args)
         if err:
@@ -127,8 +162,11 @@ def check_palettized_bits(fn) -> bool:
                 hint = "the palettes (and the scales) are stored too"
             elif got is not None and scale and math.isclose(got, bits + lut, rel_tol=1e-3):
                 hint = "per_channel_scale adds one fp16 scale per output row: 16 / in_features bits per weight"
-            elif got is not None and math.isclose(got, bits + 16 * 2**bits / in_f + (16 / in_f if scale else 0),
-                                                  rel_tol=1e-3):
-                hint = "a palette is shared by group_size rows: its cost is spread over group_size * in_features weights"
+            elif got is not None and math.isclose(
+                got, bits + 16 * 2**bits / in_f + (16 / in_f if scale else 0), rel_tol=1e-3
+            ):
+                hint = (
+                    "a palette is shared by group_size rows: its cost is spread over group_size * in_features weights"
+                )
             return report(False, f"palettized_bits{args} = {got}, stored: {truth:.4f}", hint)
     return report(True, "bits per weight, within 1% of what PalettizedLinear stores")

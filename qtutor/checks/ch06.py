@@ -3,6 +3,7 @@
 ``from qtutor.checks import ch06`` then e.g. ``ch06.check_equal_mass_levels(my_fn)``.
 Each checker prints one line and returns True when the answer is right.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..quant.nf4 import (NF4Config, NF4Linear, _blockwise_absmax, _expand, _nearest_code,
-                         dynamic_map)
+from ..quant.nf4 import NF4Config, NF4Linear, _blockwise_absmax, _expand, _nearest_code, dynamic_map
 from . import close, report
 from .ch00 import _as_float, _call
 
@@ -42,8 +42,12 @@ def check_equal_mass_levels(fn) -> bool:
             return report(False, f"equal_mass_levels({bits})", err)
         got, ref = _as_tensor(got), _equal_mass_levels(bits)
         if got is None or got.shape != ref.shape:
-            return report(False, f"equal_mass_levels({bits}): shape {None if got is None else tuple(got.shape)}, "
-                                 f"expected {tuple(ref.shape)}", "one level per code: 2^bits of them")
+            return report(
+                False,
+                f"equal_mass_levels({bits}): shape {None if got is None else tuple(got.shape)}, "
+                f"expected {tuple(ref.shape)}",
+                "one level per code: 2^bits of them",
+            )
         if not close(got, ref, atol=1e-6, rtol=1e-5):
             hint = "level i is the N(0,1) quantile at probability (i + 1/2) / 2^bits, then divide by the largest"
             raw = torch.special.ndtri((torch.arange(2**bits, dtype=torch.float64) + 0.5) / 2**bits)
@@ -53,8 +57,11 @@ def check_equal_mass_levels(fn) -> bool:
                 hint = "these are evenly spaced (an INT grid); equal probability means quantiles of N(0, 1)"
             elif close(got.sort().values, ref, atol=1e-6, rtol=1e-5):
                 hint = "return the levels in ascending order"
-            return report(False, f"equal_mass_levels({bits}) differs from the reference by "
-                                 f"{float((got - ref).abs().max()):.3g}", hint)
+            return report(
+                False,
+                f"equal_mass_levels({bits}) differs from the reference by {float((got - ref).abs().max()):.3g}",
+                hint,
+            )
     return report(True, "equal-probability quantile levels for 2, 3 and 4 bits")
 
 
@@ -81,31 +88,43 @@ def check_double_quant(fn) -> bool:
             return report(False, f"double quantization in blocks of {dq_block}", err)
         got = _as_tensor(got)
         if got is None or got.shape != absmax.shape:
-            return report(False, f"blocks of {dq_block}: shape {None if got is None else tuple(got.shape)}, "
-                                 f"expected {tuple(absmax.shape)}", "one dequantized absmax per block")
+            return report(
+                False,
+                f"blocks of {dq_block}: shape {None if got is None else tuple(got.shape)}, "
+                f"expected {tuple(absmax.shape)}",
+                "one dequantized absmax per block",
+            )
         ref = _double_quant(absmax, dq_block).double()
         off = (got - ref).abs() > 1e-6 * float(ref.abs().max())
         # a value within float rounding of a midpoint between two codes may go either way
         if float(off.float().mean()) > 0.01:
-            hint = ("offset = mean; per block of dq_block: a2 = max |absmax - offset|, code = nearest "
-                    "entry of dynamic_map() to (absmax - offset) / a2, back: code * a2 + offset")
+            hint = (
+                "offset = mean; per block of dq_block: a2 = max |absmax - offset|, code = nearest "
+                "entry of dynamic_map() to (absmax - offset) / a2, back: code * a2 + offset"
+            )
             code = dynamic_map().double()
             a = absmax.double()
 
             def variant(x, block, offset):
                 out = torch.empty_like(x)
                 for s in range(0, x.numel(), block):
-                    b = x[s:s + block] - offset
+                    b = x[s : s + block] - offset
                     a2 = b.abs().max()
-                    out[s:s + block] = code[(b / a2 - code[:, None]).abs().argmin(0)] * a2 + offset
+                    out[s : s + block] = code[(b / a2 - code[:, None]).abs().argmin(0)] * a2 + offset
                 return out
+
             if close(got, variant(a, dq_block, 0.0), atol=1e-7):
-                hint = ("subtract the mean of the absmaxes first: they are all positive, and centring them "
-                        "uses both halves of the signed 8-bit map")
+                hint = (
+                    "subtract the mean of the absmaxes first: they are all positive, and centring them "
+                    "uses both halves of the signed 8-bit map"
+                )
             elif close(got, variant(a, a.numel(), a.mean()), atol=1e-7):
                 hint = f"one second-level scale per block of {dq_block} absmaxes, not one for all"
-            return report(False, f"blocks of {dq_block}: {float(off.float().mean()):.1%} of the absmaxes "
-                                 f"differ from the reference", hint)
+            return report(
+                False,
+                f"blocks of {dq_block}: {float(off.float().mean()):.1%} of the absmaxes differ from the reference",
+                hint,
+            )
     return report(True, "double quantization of the absmaxes (blocks of 256 and 100)")
 
 
@@ -120,8 +139,14 @@ def check_nf4_bits(fn) -> bool:
     """``fn(numel, block_size, dq_block_size, double_quant) -> float``: the bits per weight an
     ``NF4Linear`` of ``numel`` weights stores: 4-bit codes, the block absmaxes (fp32, or uint8
     codes plus fp32 second-level scales per ``dq_block_size`` blocks and one fp32 offset)."""
-    shapes = [((256, 256), 64, 256, True), ((64, 64), 64, 256, True), ((128, 96), 64, 256, True),
-              ((256, 256), 64, 256, False), ((512, 512), 32, 128, True), ((96, 200), 64, 256, True)]
+    shapes = [
+        ((256, 256), 64, 256, True),
+        ((64, 64), 64, 256, True),
+        ((128, 96), 64, 256, True),
+        ((256, 256), 64, 256, False),
+        ((512, 512), 32, 128, True),
+        ((96, 200), 64, 256, True),
+    ]
     for (out_f, in_f), block, dq_block, dq in shapes:
         args = (out_f * in_f, block, dq_block, dq)
         got, err = _call(fn, *args)
@@ -135,12 +160,20 @@ def check_nf4_bits(fn) -> bool:
                 hint = "with double quantization each absmax is an 8-bit code, not fp32"
             elif got is not None and dq and math.isclose(got, 4 + 8 / block, rel_tol=1e-4):
                 hint = "the 8-bit codes need their fp32 second-level scales (one per dq block) and the fp32 offset"
-            elif got is not None and dq and math.isclose(
-                    got, 4 + (8 * math.ceil(n / block) + 32 * math.ceil(math.ceil(n / block) / dq_block)) / n,
-                    rel_tol=1e-6):
+            elif (
+                got is not None
+                and dq
+                and math.isclose(
+                    got,
+                    4 + (8 * math.ceil(n / block) + 32 * math.ceil(math.ceil(n / block) / dq_block)) / n,
+                    rel_tol=1e-6,
+                )
+            ):
                 hint = "add the fp32 offset (the mean of the absmaxes), 32 bits per tensor"
             elif got is not None and dq and math.isclose(got, 4 + 8 / block + 32 / (block * dq_block), rel_tol=1e-5):
-                hint = ("that is the large-layer limit: count whole blocks (a last partial block still "
-                        "stores its scale) and the one fp32 offset per tensor")
+                hint = (
+                    "that is the large-layer limit: count whole blocks (a last partial block still "
+                    "stores its scale) and the one fp32 offset per tensor"
+                )
             return report(False, f"nf4_bits{args} = {got}, stored: {truth:.6f}", hint)
     return report(True, "bits per weight of NF4 with and without double quantization, to the bit")

@@ -3,6 +3,7 @@
 ``from qtutor.checks import ch07`` then e.g. ``ch07.check_pareto(my_fn)``.
 Each checker prints one line and returns True when the answer is right.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,7 @@ def _pareto(points: dict) -> set:
     """Reference: the names no other point beats in both coordinates (lower is better in both)."""
     front = set()
     for n, (b, p) in points.items():
-        dominated = any(b2 <= b and p2 <= p and (b2 < b or p2 < p)
-                        for m, (b2, p2) in points.items() if m != n)
+        dominated = any(b2 <= b and p2 <= p and (b2 < b or p2 < p) for m, (b2, p2) in points.items() if m != n)
         if not dominated:
             front.add(n)
     return front
@@ -32,8 +32,15 @@ def check_pareto(fn) -> bool:
     for which no other method has at most the bits AND at most the perplexity, one of them
     strictly less."""
     cases = [
-        {"fp16": (16.0, 10.0), "int8": (8.05, 10.01), "int4": (4.16, 10.9), "gptq": (4.16, 10.4),
-         "nf4": (4.13, 10.5), "pal4": (4.10, 10.6), "w8a8": (8.1, 10.02)},
+        {
+            "fp16": (16.0, 10.0),
+            "int8": (8.05, 10.01),
+            "int4": (4.16, 10.9),
+            "gptq": (4.16, 10.4),
+            "nf4": (4.13, 10.5),
+            "pal4": (4.10, 10.6),
+            "w8a8": (8.1, 10.02),
+        },
         {"a": (4.0, 12.0), "b": (4.0, 11.0), "c": (3.0, 13.0), "d": (5.0, 11.0), "e": (2.0, 20.0)},
         {"only": (4.0, 9.0)},
     ]
@@ -98,8 +105,11 @@ def _entries(seed: int = 9):
         q = LUTWeight(idx, lut, scale if with_scale else None, 4)
         truth = PalettizedLinear(q).dequantize().double()
         table = lut.repeat_interleave(group, 0) if with_scale else lut
-        entry = {"lut": table.numpy().astype(np.float16), "indices": idx.numpy().copy(),
-                 "scale": scale.numpy().astype(np.float16) if with_scale else None}
+        entry = {
+            "lut": table.numpy().astype(np.float16),
+            "indices": idx.numpy().copy(),
+            "scale": scale.numpy().astype(np.float16) if with_scale else None,
+        }
         cases.append((with_scale, entry, truth))
     return cases
 
@@ -127,7 +137,9 @@ def check_dequantize_entry(fn) -> bool:
             if with_scale and close(got, lut.gather(1, torch.as_tensor(entry["indices"]).long()), atol=1e-6):
                 hint = "multiply each row by its scale"
             elif not with_scale:
-                hint = ("the table has fewer rows than the weight: output row r uses palette "
-                        "r // (out / n), n the number of palettes")
+                hint = (
+                    "the table has fewer rows than the weight: output row r uses palette "
+                    "r // (out / n), n the number of palettes"
+                )
             return report(False, f"{what}: largest difference {float((got - truth).abs().max()):.3g}", hint)
     return report(True, "weights rebuilt from a Core ML palette entry, with and without scales")

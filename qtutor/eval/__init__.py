@@ -1,4 +1,5 @@
 """Metrics: perplexity, decode latency, memory and compression (ARCHITECTURE.md section 4)."""
+
 from .latency import decode_latency
 from .memory import memory_report
 from .ppl import PerplexityResult, perplexity

@@ -4,6 +4,7 @@ Batch 1, a fixed prompt, greedy decoding of ``new_tokens`` tokens with the model
 The prompt's prefill is timed separately and not included; one warm-up run precedes the timed
 runs, and the median over ``runs`` is reported together with the device and dtype.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -16,9 +17,9 @@ import torch
 
 @dataclass
 class LatencyResult:
-    ms_per_token: float      # median over runs of (decode time / new tokens)
+    ms_per_token: float  # median over runs of (decode time / new tokens)
     runs_ms_per_token: list
-    prefill_ms: float        # median prefill time of the prompt
+    prefill_ms: float  # median prefill time of the prompt
     prompt_tokens: int
     new_tokens: int
     device: str
@@ -63,8 +64,9 @@ def greedy_decode(model, prompt_ids: torch.Tensor, new_tokens: int):
     return torch.cat(generated, dim=1)[0], t1 - t0, t2 - t1
 
 
-def decode_latency(model, prompt_ids: torch.Tensor, new_tokens: int = 50, runs: int = 5,
-                   warmup: int = 1) -> LatencyResult:
+def decode_latency(
+    model, prompt_ids: torch.Tensor, new_tokens: int = 50, runs: int = 5, warmup: int = 1
+) -> LatencyResult:
     """Median ms per decoded token over ``runs`` greedy decodes of ``new_tokens`` tokens.
 
     The first token comes from the prefill; the decode phase produces the other
@@ -78,5 +80,12 @@ def decode_latency(model, prompt_ids: torch.Tensor, new_tokens: int = 50, runs: 
         per_token.append(1000 * t_decode / max(new_tokens - 1, 1))
         prefill.append(1000 * t_prefill)
     p = next(model.parameters())
-    return LatencyResult(statistics.median(per_token), per_token, statistics.median(prefill),
-                         int(prompt_ids.numel()), new_tokens, str(p.device), str(p.dtype).replace("torch.", ""))
+    return LatencyResult(
+        statistics.median(per_token),
+        per_token,
+        statistics.median(prefill),
+        int(prompt_ids.numel()),
+        new_tokens,
+        str(p.device),
+        str(p.dtype).replace("torch.", ""),
+    )

@@ -4,6 +4,7 @@ Tied tensors (an lm_head sharing the embedding matrix) are counted once. The spl
 ``embeddings`` (token embeddings and an untied lm_head), ``linears`` (every linear of the
 decoder layers, quantized or not) and ``other`` (norms, rotary tables, ...).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class MemoryReport:
 
 def _is_linear(module: nn.Module) -> bool:
     from ..quant.base import QuantizedLinear
+
     return isinstance(module, (nn.Linear, QuantizedLinear))
 
 

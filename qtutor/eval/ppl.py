@@ -8,6 +8,7 @@ sliding-window variant of the Hugging Face perplexity guide is used instead: win
 ``seqlen`` start every ``stride`` tokens and only their last ``stride`` tokens are scored, so
 each scored token sees up to ``seqlen - stride`` tokens of context (report it as such).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,16 +24,15 @@ from ..errors import QtutorError
 @dataclass
 class PerplexityResult:
     ppl: float
-    nll: float            # mean negative log-likelihood per scored token (nats)
-    scored_tokens: int    # tokens whose probability entered the mean
-    eval_tokens: int      # tokens fed to the model (windows * seqlen for the standard protocol)
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    scored_tokens: int  # tokens whose probability entered the mean
+    eval_tokens: int  # tokens fed to the model (windows * seqlen for the standard protocol)
     seqlen: int
     stride: Optional[int]
 
     def __str__(self):
         how = f"stride {self.stride}" if self.stride else "non-overlapping"
-        return (f"perplexity {self.ppl:.3f} (seqlen {self.seqlen}, {how}, "
-                f"{self.eval_tokens} tokens)")
+        return f"perplexity {self.ppl:.3f} (seqlen {self.seqlen}, {how}, {self.eval_tokens} tokens)"
 
 
 #: logits held at once by the chunked loss (elements): bounds the float32 copy of the logits
@@ -64,24 +64,30 @@ def _window_nll(model, windows: torch.Tensor, n_scored: int) -> torch.Tensor:
     targets = windows[:, -n_scored:]
     head = _plain_head(model)
     if head is None:
-        logits = model(windows).logits[:, -n_scored - 1:-1, :].float()
+        logits = model(windows).logits[:, -n_scored - 1 : -1, :].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         return nll.view(windows.shape[0], -1).sum(dim=1)
-    hidden = model.model(windows, use_cache=False).last_hidden_state[:, -n_scored - 1:-1, :]
+    hidden = model.model(windows, use_cache=False).last_hidden_state[:, -n_scored - 1 : -1, :]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     rows = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
     nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for i in range(0, hidden.shape[0], rows):
-        logits = head(hidden[i:i + rows]).float()
-        nll[i:i + rows] = F.cross_entropy(logits, targets[i:i + rows], reduction="none")
+        logits = head(hidden[i : i + rows]).float()
+        nll[i : i + rows] = F.cross_entropy(logits, targets[i : i + rows], reduction="none")
     return nll.view(windows.shape[0], -1).sum(dim=1)
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seqlen: int, max_tokens: Optional[int] = None,
-               batch_size: int = 1, stride: Optional[int] = None, progress: bool = False
-               ) -> PerplexityResult:
+def perplexity(
+    model,
+    ids: torch.Tensor,
+    seqlen: int,
+    max_tokens: Optional[int] = None,
+    batch_size: int = 1,
+    stride: Optional[int] = None,
+    progress: bool = False,
+) -> PerplexityResult:
     """Perplexity of ``model`` on the 1-D token tensor ``ids``.
 
     ``max_tokens`` caps the evaluated tokens (a whole number of windows); ``batch_size``
@@ -93,7 +99,7 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_tokens: Optional[int] 
     if stride is None:
         windows = eval_windows(ids, seqlen, max_tokens)
         n_scored = seqlen - 1  # the first token of a window has no prediction
-        batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+        batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
         eval_tokens = windows.numel()
     else:
         if not 0 < stride <= seqlen:
@@ -103,8 +109,8 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_tokens: Optional[int] 
         if len(starts) == 0:
             raise QtutorError(f"the text has {limit} tokens, fewer than one window of {seqlen}")
         n_scored = stride
-        windows = torch.stack([ids[s:s + seqlen] for s in starts])
-        batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+        windows = torch.stack([ids[s : s + seqlen] for s in starts])
+        batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
         eval_tokens = starts[-1] + seqlen
     total, count = 0.0, 0
     for batch in _progress(batches, progress, "perplexity"):
@@ -118,4 +124,5 @@ def _progress(items, enabled: bool, desc: str):
     if not enabled:
         return items
     from tqdm.auto import tqdm
+
     return tqdm(items, desc=desc, leave=False)

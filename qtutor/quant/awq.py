@@ -46,6 +46,7 @@ Deliberate differences from the references, all documented where they happen:
   ``max_calib_samples=128``, ``max_calib_seq_len=512``; llm-awq ``n_samples=128``,
   ``seqlen=512``); lower it on CPU.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,8 +59,7 @@ import torch.nn.functional as F
 from ..calib import run_layer
 from ..errors import QtutorError
 from .base import Method, register, replace_linear
-from .rtn import (RTNConfig, UniformGridConfig, UniformLinear, UniformWeight, fake_quantize,
-                  group_layout)
+from .rtn import RTNConfig, UniformGridConfig, UniformLinear, UniformWeight, fake_quantize, group_layout
 from .rtn import quantize_weight as rtn_quantize_weight
 from .transforms import scale_linear_to_linears, scale_norm_to_linears
 
@@ -135,8 +135,7 @@ def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     return w_scale.reshape(out_features, -1)[:, :in_features].mean(0)
 
 
-def candidate_scales(x_mean: torch.Tensor, ratio: float,
-                     w_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+def candidate_scales(x_mean: torch.Tensor, ratio: float, w_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The scale vector ``s`` (in,) for one grid point (llm-awq ``_search_module_scale``):
 
     ``s = clamp(x_mean^ratio, min=1e-4)``, then ``s / sqrt(max(s) min(s))`` so that the scales
@@ -154,8 +153,14 @@ def candidate_scales(x_mean: torch.Tensor, ratio: float,
 
 
 @torch.no_grad()
-def search_scale(block: nn.Module, linears: list[nn.Module], x: torch.Tensor,
-                 x_mean: torch.Tensor, cfg: AWQConfig, kwargs: Optional[dict] = None) -> dict:
+def search_scale(
+    block: nn.Module,
+    linears: list[nn.Module],
+    x: torch.Tensor,
+    x_mean: torch.Tensor,
+    cfg: AWQConfig,
+    kwargs: Optional[dict] = None,
+) -> dict:
     """Grid search of AWQ's scale for ``linears`` (which all read ``x``) on ``block``'s output.
 
     block: the module whose output is compared (the attention for q/k/v, the MLP for gate/up,
@@ -201,8 +206,7 @@ def search_scale(block: nn.Module, linears: list[nn.Module], x: torch.Tensor,
 
 
 @torch.no_grad()
-def search_clip(W: torch.Tensor, X: torch.Tensor, cfg: AWQConfig,
-                oc_batch_size: int = 256) -> dict:
+def search_clip(W: torch.Tensor, X: torch.Tensor, cfg: AWQConfig, oc_batch_size: int = 256) -> dict:
     """AWQ's clipping search for one linear (llm-awq ``auto_clip_layer``).
 
     W: (out, in) weight (already scaled); X: (..., in) its inputs (already divided by ``s``).
@@ -220,12 +224,12 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, cfg: AWQConfig,
     pad = n_groups * gs - in_features  # zero columns: no output, never widen [min(w,0), max(w,0)]
     Wg = F.pad(W.detach().float(), (0, pad)).reshape(out_features, n_groups, gs)
     X = X.detach().reshape(-1, in_features)
-    X = X[0::max(1, X.shape[0] // cfg.n_clip_tokens)]  # AutoAWQ's max(1, .): llm-awq divides by 0 below 512
+    X = X[0 :: max(1, X.shape[0] // cfg.n_clip_tokens)]  # AutoAWQ's max(1, .): llm-awq divides by 0 below 512
     Xg = F.pad(X.float(), (0, pad)).reshape(-1, n_groups, gs).transpose(0, 1)  # (groups, tokens, gs)
     rtn_cfg = cfg.rtn().replace(group_size=gs)
     best_all, max_all, before_all, after_all = [], [], [], []
     for r0 in range(0, out_features, oc_batch_size):  # reference: oc_batch_size 256 "prevent OOM"
-        w = Wg[r0:r0 + oc_batch_size]  # (co, groups, gs)
+        w = Wg[r0 : r0 + oc_batch_size]  # (co, groups, gs)
         co = w.shape[0]
         org_max = w.abs().amax(dim=-1, keepdim=True)  # (co, groups, 1)
         org_out = torch.bmm(Xg, w.permute(1, 2, 0))  # (groups, tokens, co) = (input_feat * w).sum(-1)
@@ -247,8 +251,13 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, cfg: AWQConfig,
         max_all.append(org_max.squeeze(-1))
         before_all.append(err0.squeeze(-1))
         after_all.append(min_err.squeeze(-1))
-    return {"max_val": torch.cat(best_all), "org_max": torch.cat(max_all),
-            "err_before": torch.cat(before_all), "err_after": torch.cat(after_all), "group_size": gs}
+    return {
+        "max_val": torch.cat(best_all),
+        "org_max": torch.cat(max_all),
+        "err_before": torch.cat(before_all),
+        "err_after": torch.cat(after_all),
+        "group_size": gs,
+    }
 
 
 @torch.no_grad()
@@ -338,8 +347,10 @@ def scale_groups(layer: nn.Module, layout) -> list[ScaleGroup]:
             # (PR #67). With grouped-query attention each V channel feeds several heads, so o_proj
             # reads more channels than v_proj writes and there is no per-channel fold: skip.
             if width_out != width_in:
-                g.skipped = (f"{prev} writes {width_out} channels but {head} reads {width_in} "
-                             f"(grouped-query attention): no equivalent scaling, skipped as in llm-awq")
+                g.skipped = (
+                    f"{prev} writes {width_out} channels but {head} reads {width_in} "
+                    f"(grouped-query attention): no equivalent scaling, skipped as in llm-awq"
+                )
             groups.append(g)
     return groups
 
@@ -353,13 +364,15 @@ def _search_subset(n: int, seqlen: int, max_tokens: Optional[int]) -> torch.Tens
 
 
 @torch.no_grad()
-def capture_inputs(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
-                   keep: torch.Tensor, batch_size: int = 8) -> tuple[dict, dict]:
+def capture_inputs(
+    layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, keep: torch.Tensor, batch_size: int = 8
+) -> tuple[dict, dict]:
     """Run the float ``layer`` on ``X`` (n, seqlen, hidden); for the first linear of each group
     of ``layout.sequential`` (linears of one group read the same input) return its inputs on the
     windows ``keep`` ((k, seqlen, in)) and its ``x_mean`` over all windows ((in,)).
     (llm-awq ``run_awq``'s ``cache_input_hook``.)"""
     from ..calib import record_inputs
+
     heads = [seq[0] for seq in layout.sequential]
     feats: dict = {h: [] for h in heads}
     sums: dict = {}
@@ -379,16 +392,17 @@ def capture_inputs(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
 
     with record_inputs({h: layer.get_submodule(h) for h in heads}, hook):
         for i in range(0, X.shape[0], batch_size):
-            state["keep"] = keep_mask[i:i + batch_size]
-            layer(X[i:i + batch_size], **kwargs)
+            state["keep"] = keep_mask[i : i + batch_size]
+            layer(X[i : i + batch_size], **kwargs)
     inputs = {h: torch.cat(v) for h, v in feats.items()}
     x_means = {h: sums[h] / counts[h] for h in heads}
     return inputs, x_means
 
 
 @torch.no_grad()
-def scale_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
-                cfg: AWQConfig) -> tuple[list[ScaleGroup], dict]:
+def scale_layer(
+    layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg: AWQConfig
+) -> tuple[list[ScaleGroup], dict]:
     """Steps 1-3 for one decoder layer: capture, search every group's scale on the float
     layer, apply them all (the layer stays float and computes the same function).
 
@@ -406,8 +420,9 @@ def scale_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
         block = layer.get_submodule(g.inspect)
         block_kwargs = kwargs if g.inspect == layout.attention else {}
         head = site[g.linears[0]]
-        g.result = search_scale(block, [layer.get_submodule(n) for n in g.linears], inputs[head],
-                                x_means[head], cfg, block_kwargs)
+        g.result = search_scale(
+            block, [layer.get_submodule(n) for n in g.linears], inputs[head], x_means[head], cfg, block_kwargs
+        )
     for g in groups:  # apply_scale
         if g.skipped:
             continue
@@ -424,8 +439,7 @@ def scale_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
 
 
 @torch.no_grad()
-def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
-                   cfg: AWQConfig) -> dict:
+def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg: AWQConfig) -> dict:
     """AWQ on one decoder layer, in place: scale, clip, quantize (``run_awq`` + real quantization).
 
     X: (n, seqlen, hidden) inputs of the layer; kwargs: how the model calls it.
@@ -448,9 +462,14 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
                 entry["scale_skipped"] = g.skipped
                 continue
             r = g.result
-            entry.update(scale_group=list(g.linears), scale_inspect=g.inspect,
-                         best_ratio=r["ratio"], loss_rtn=r["loss_rtn"], loss_awq=r["loss"],
-                         loss_history=list(r["history"]))
+            entry.update(
+                scale_group=list(g.linears),
+                scale_inspect=g.inspect,
+                best_ratio=r["ratio"],
+                loss_rtn=r["loss_rtn"],
+                loss_awq=r["loss"],
+                loss_history=list(r["history"]),
+            )
     if cfg.clip:  # auto_clip_block + apply_clip
         for name in layout.linear_names():
             if name.rsplit(".", 1)[-1] in NO_CLIP:
@@ -459,9 +478,11 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
             c = search_clip(linear.weight, inputs[site[name]], cfg)
             apply_clip(linear, c["max_val"], c["group_size"])
             nz = c["org_max"] > 0
-            stats[name].update(clip_err_before=float(c["err_before"].mean()),
-                               clip_err_after=float(c["err_after"].mean()),
-                               clip_ratio=float((c["max_val"][nz] / c["org_max"][nz]).mean()))
+            stats[name].update(
+                clip_err_before=float(c["err_before"].mean()),
+                clip_err_after=float(c["err_after"].mean()),
+                clip_ratio=float((c["max_val"][nz] / c["org_max"][nz]).mean()),
+            )
     del inputs
     rtn_cfg = cfg.rtn()
     for name, linear in layout.linears(layer).items():
@@ -469,7 +490,12 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
     return stats
 
 
-register(Method("awq_int4", AWQConfig(),
-                "AWQ INT4: activation-aware per-channel scaling + clipping search, then RTN "
-                "(asymmetric, groups of 128)", quantize_layer=quantize_layer,
-                overrides=("bits", "group_size", "sym")))
+register(
+    Method(
+        "awq_int4",
+        AWQConfig(),
+        "AWQ INT4: activation-aware per-channel scaling + clipping search, then RTN (asymmetric, groups of 128)",
+        quantize_layer=quantize_layer,
+        overrides=("bits", "group_size", "sym"),
+    )
+)

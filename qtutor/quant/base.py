@@ -10,6 +10,7 @@
 
 Notation as in the papers: ``W`` is (out_features, in_features), ``X`` is (tokens, in_features).
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ class QuantConfig:
         names = [f.name for f in fields(self)]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
-            raise QtutorError(f"{type(self).__name__} has no field {', '.join(map(repr, unknown))}; "
-                              f"its fields are {', '.join(names)}")
+            raise QtutorError(
+                f"{type(self).__name__} has no field {', '.join(map(repr, unknown))}; its fields are {', '.join(names)}"
+            )
         kept = {k: v for k, v in overrides.items() if v is not None}
         return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **kept})
 
@@ -56,8 +58,7 @@ class QuantConfig:
 _FIELD_KINDS = {
     bool: (lambda v: isinstance(v, bool), "True or False"),
     int: (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
-    float: (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
-            "a finite number"),
+    float: (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
     str: (lambda v: isinstance(v, str), "a string"),
 }
 
@@ -141,6 +142,7 @@ class QuantizedLinear(nn.Module):
 
     #: buffer names that are not part of the weight (excluded from bits per weight)
     non_weight_buffers = ("bias",)
+
     @property
     def row_unit(self) -> int:
         """Rows stack only in whole multiples of this (e.g. the rows that share one LUT)."""
@@ -164,8 +166,11 @@ class QuantizedLinear(nn.Module):
     @property
     def weight_nbytes(self) -> int:
         """Bytes stored for the weight: codes/indices plus scales, zeros, tables."""
-        return sum(b.numel() * b.element_size() for name, b in self.named_buffers(recurse=False)
-                   if b is not None and name not in self.non_weight_buffers)
+        return sum(
+            b.numel() * b.element_size()
+            for name, b in self.named_buffers(recurse=False)
+            if b is not None and name not in self.non_weight_buffers
+        )
 
     @property
     def nbytes(self) -> int:
@@ -178,16 +183,19 @@ class QuantizedLinear(nn.Module):
         return 8.0 * self.weight_nbytes / (self.in_features * self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, bits_per_weight={self.bits_per_weight:.3f}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, bits_per_weight={self.bits_per_weight:.3f}"
+        )
 
 
 class FloatLinear(QuantizedLinear):
     """The FP16 baseline: the weight stored as fp16 (16 bits per weight, nothing else)."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.float16):
-        super().__init__(linear.in_features, linear.out_features,
-                         None if linear.bias is None else linear.bias.to(dtype))
+        super().__init__(
+            linear.in_features, linear.out_features, None if linear.bias is None else linear.bias.to(dtype)
+        )
         self.register_buffer("weight", linear.weight.detach().to(dtype).clone())
 
     @classmethod
@@ -244,8 +252,16 @@ class Method:
 
 
 #: the benchmark's method names, in the order tables and figures show them
-METHOD_NAMES = ("fp16_baseline", "rtn_int8", "rtn_int4", "smoothquant_w8a8", "gptq_int4",
-                "awq_int4", "palettization_4bit", "qlora_nf4")
+METHOD_NAMES = (
+    "fp16_baseline",
+    "rtn_int8",
+    "rtn_int4",
+    "smoothquant_w8a8",
+    "gptq_int4",
+    "awq_int4",
+    "palettization_4bit",
+    "qlora_nf4",
+)
 
 REGISTRY: dict[str, Method] = {}
 

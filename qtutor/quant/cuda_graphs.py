@@ -5,6 +5,7 @@ captured once per (function, input shapes, constants, device) and replayed after
 inputs are copied into the graph's own tensors, the graph runs, and copies of its outputs are
 returned. The arithmetic is the captured function's, kernel for kernel; only the launches go.
 """
+
 from __future__ import annotations
 
 import torch

@@ -43,6 +43,7 @@ Where this module deliberately differs from the reference:
 * the grid is RTN's (:func:`qtutor.quant.rtn.find_params`): fp16 scales, and the symmetric scale
   is ``max|w| / (2^(b-1) - 1)`` where the reference uses ``2 max|w| / (2^b - 1)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,15 @@ from ..calib import record_inputs, run_layer
 from ..errors import QtutorError
 from .base import Method, register
 from .cuda_graphs import replay
-from .rtn import (UniformGridConfig, UniformLinear, UniformWeight, dequantize_codes, find_params,
-                  group_layout, quantize_codes)
+from .rtn import (
+    UniformGridConfig,
+    UniformLinear,
+    UniformWeight,
+    dequantize_codes,
+    find_params,
+    group_layout,
+    quantize_codes,
+)
 
 
 @dataclass(frozen=True)
@@ -130,12 +138,17 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
             Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0 and torch.isfinite(Hinv).all():
                 if rel != damp:
-                    warnings.warn(f"GPTQ: H + {damp:g} * mean(diag H) * I is not positive definite; "
-                                  f"used damp={rel:g}", stacklevel=3)
+                    warnings.warn(
+                        f"GPTQ: H + {damp:g} * mean(diag H) * I is not positive definite; used damp={rel:g}",
+                        stacklevel=3,
+                    )
                 return Hinv, rel
         rel = max(rel * 10, 1e-6)
-    warnings.warn("GPTQ: H is not positive definite even with damp=1e6; falling back to "
-                  "round-to-nearest for this layer (Hinv = I)", stacklevel=3)
+    warnings.warn(
+        "GPTQ: H is not positive definite even with damp=1e6; falling back to "
+        "round-to-nearest for this layer (Hinv = I)",
+        stacklevel=3,
+    )
     return eye / mean_diag.sqrt(), math.inf
 
 
@@ -192,8 +205,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
     H = H.detach().float().clone()
     rows, columns = W.shape
     if H.shape != (columns, columns):
-        raise QtutorError(f"H has shape {tuple(H.shape)}; a weight with {columns} input columns "
-                          f"needs ({columns}, {columns})")
+        raise QtutorError(
+            f"H has shape {tuple(H.shape)}; a weight with {columns} input columns needs ({columns}, {columns})"
+        )
     gs, n_groups = group_layout(columns, cfg.group_size)
     grouped = n_groups > 1
 
@@ -207,7 +221,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
         scales[:, 0], zeros[:, 0] = find_params(W, cfg.bits, cfg.sym)
     elif cfg.static_groups:  # every group's (s, z) from the original contiguous columns
         for g in range(n_groups):
-            scales[:, g], zeros[:, g] = find_params(W[:, g * gs:(g + 1) * gs], cfg.bits, cfg.sym)
+            scales[:, g], zeros[:, g] = find_params(W[:, g * gs : (g + 1) * gs], cfg.bits, cfg.sym)
 
     perm = torch.arange(columns, device=W.device)
     if cfg.act_order:
@@ -232,7 +246,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
         Hinv1 = Hinv[i1:i2, i1:i2]
         if known:
             if grouped and not cfg.static_groups and i1 % gs == 0:
-                scales[:, i1 // gs], zeros[:, i1 // gs] = find_params(W[:, i1:i1 + gs], cfg.bits, cfg.sym)
+                scales[:, i1 // gs], zeros[:, i1 // gs] = find_params(W[:, i1 : i1 + gs], cfg.bits, cfg.sym)
             cg = col_group[i1:i2]
             S1, Z1 = scales[:, cg], zeros[:, cg]
             codes1, Err1 = _run_block(W1, Hinv1, S1, Z1, cfg.bits)
@@ -242,11 +256,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
             for i in range(i2 - i1):
                 j = i1 + i
                 if j % gs == 0:  # reference: find_params(W[:, j:j + groupsize]) at the group start
-                    scales[:, j // gs], zeros[:, j // gs] = find_params(W[:, j:j + gs], cfg.bits, cfg.sym)
-                codes[:, j], Err1[:, i] = _column_step(W1, Hinv1, i, scales[:, groups[j]],
-                                                       zeros[:, groups[j]], cfg.bits)
+                    scales[:, j // gs], zeros[:, j // gs] = find_params(W[:, j : j + gs], cfg.bits, cfg.sym)
+                codes[:, j], Err1[:, i] = _column_step(
+                    W1, Hinv1, i, scales[:, groups[j]], zeros[:, groups[j]], cfg.bits
+                )
 
-        Losses[:, i1:i2] = Err1 ** 2 / 2  # (w - q)^2 / d^2 / 2, column by column
+        Losses[:, i1:i2] = Err1**2 / 2  # (w - q)^2 / d^2 / 2, column by column
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     Q = dequantize_codes(codes, scales[:, col_group], zeros[:, col_group])
@@ -262,8 +277,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
         codes=codes.to(torch.uint8),
         scales=scales.half(),
         zeros=None if cfg.sym else zeros.to(torch.uint8),
-        bits=cfg.bits, group_size=cfg.group_size,
-        g_idx=None if g_idx is None else g_idx.to(torch.int32))
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        g_idx=None if g_idx is None else g_idx.to(torch.int32),
+    )
     return GPTQResult(weight, Q, float(Losses.sum()), damp, Losses.sum(dim=1))
 
 
@@ -288,8 +305,7 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg:
         sets = (sets,) if cfg.true_sequential else sets
         # the linears of one set read the same input, so they share one H
         hessians = {names[0]: Hessian(layer.get_submodule(names[0]).in_features, X.device) for names in sets}
-        with record_inputs({n: layer.get_submodule(n) for n in hessians},
-                           lambda name, x: hessians[name].add_batch(x)):
+        with record_inputs({n: layer.get_submodule(n) for n in hessians}, lambda name, x: hessians[name].add_batch(x)):
             run_layer(layer, X, kwargs)
         for names in sets:
             stats.update(_quantize_set(layer, names, hessians.pop(names[0]).H, cfg))
@@ -306,13 +322,20 @@ def _quantize_set(layer: nn.Module, names: tuple, H: torch.Tensor, cfg: GPTQConf
         rows = slice(row, row + lin.out_features)
         row += lin.out_features
         q = res.weight
-        part = UniformWeight(q.codes[rows], q.scales[rows], None if q.zeros is None else q.zeros[rows],
-                             q.bits, q.group_size, q.g_idx)
+        part = UniformWeight(
+            q.codes[rows], q.scales[rows], None if q.zeros is None else q.zeros[rows], q.bits, q.group_size, q.g_idx
+        )
         layer.set_submodule(name, UniformLinear(part, lin.bias).to(lin.weight.device))
         stats[name] = {"gptq_loss": float(res.row_loss[rows].sum()), "damp": res.damp}
     return stats
 
 
-register(Method("gptq_int4", GPTQConfig(),
-                "GPTQ INT4, asymmetric, groups of 128 input columns, damp 0.01, true sequential",
-                quantize_layer=quantize_layer, overrides=("bits", "group_size", "sym", "act_order")))
+register(
+    Method(
+        "gptq_int4",
+        GPTQConfig(),
+        "GPTQ INT4, asymmetric, groups of 128 input columns, damp 0.01, true sequential",
+        quantize_layer=quantize_layer,
+        overrides=("bits", "group_size", "sym", "act_order"),
+    )
+)

@@ -26,6 +26,7 @@ The two codebooks are constants of the format (like the bit layout of fp16), so 
 store them. The 4-bit codes are chosen with the full-precision absmax; double quantization only
 changes what the absmax dequantizes to (as in bitsandbytes).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,9 +68,11 @@ class NF4Config(QuantConfig):
             if not isinstance(v, int) or v <= 0:
                 raise QtutorError(f"NF4 {name} must be a positive number of weights, got {v!r}")
         if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
-            raise QtutorError(f"NF4 compute_dtype {self.compute_dtype!r} is not supported; choose "
-                              f"from {', '.join(COMPUTE_DTYPES)} or None (bfloat16 on GPU, "
-                              f"float32 on CPU)")
+            raise QtutorError(
+                f"NF4 compute_dtype {self.compute_dtype!r} is not supported; choose "
+                f"from {', '.join(COMPUTE_DTYPES)} or None (bfloat16 on GPU, "
+                f"float32 on CPU)"
+            )
 
 
 # --------------------------------------------------------------------------- codebooks
@@ -79,8 +82,9 @@ def _nf4_levels(offset: float, use_extra_value: bool) -> torch.Tensor:
     # the normal inverse CDF in float64, then float32 values sorted and divided by the largest.
     def ppf(n):
         return torch.special.ndtri(torch.linspace(offset, 0.5, n)[:-1].double())
+
     pos = ppf(9) if use_extra_value else ppf(8)  # 8 (or 7) positive levels
-    neg = -ppf(8)                                 # 7 negative levels
+    neg = -ppf(8)  # 7 negative levels
     v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
     return v / v.max()
 
@@ -102,8 +106,11 @@ def _dynamic_map(signed: bool, max_exponent_bits: int, total_bits: int) -> torch
     non_sign_bits = total_bits - 1
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
     for i in range(max_exponent_bits):
-        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
-                             else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
+        fraction_items = int(
+            2 ** (i + non_sign_bits - max_exponent_bits) + 1
+            if signed
+            else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
+        )
         boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
         data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
@@ -116,12 +123,11 @@ def _dynamic_map(signed: bool, max_exponent_bits: int, total_bits: int) -> torch
         if signed:
             data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
     data += [0.0, 1.0]
-    data += [0.0] * (2 ** total_bits - len(data))
+    data += [0.0] * (2**total_bits - len(data))
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-def dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
-                total_bits: int = 8) -> torch.Tensor:
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
     """bitsandbytes' 8-bit dynamic quantization map (Dettmers, *8-bit approximations for
     parallelism in deep learning*, 2016), as ``create_dynamic_map`` builds it: 256 sorted values.
 
@@ -242,8 +248,9 @@ def quantize_weight(W: torch.Tensor, cfg: NF4Config = NF4Config()) -> NF4Weight:
         offset = absmax.mean()
         scaled2, absmax2 = _blockwise_absmax(absmax - offset, cfg.double_quant_block_size)
         absmax = _nearest_code(scaled2, _table("dynamic", flat.device))
-    return NF4Weight(pack_nibbles(codes), absmax, absmax2, offset, tuple(W.shape),
-                     cfg.block_size, cfg.double_quant_block_size)
+    return NF4Weight(
+        pack_nibbles(codes), absmax, absmax2, offset, tuple(W.shape), cfg.block_size, cfg.double_quant_block_size
+    )
 
 
 class NF4Linear(QuantizedLinear):
@@ -255,8 +262,7 @@ class NF4Linear(QuantizedLinear):
     multiplies there (QLoRA's "storage in NF4, compute in BF16").
     """
 
-    def __init__(self, q: NF4Weight, bias: Optional[torch.Tensor] = None,
-                 compute_dtype: Optional[str] = None):
+    def __init__(self, q: NF4Weight, bias: Optional[torch.Tensor] = None, compute_dtype: Optional[str] = None):
         out_features, in_features = q.shape
         super().__init__(in_features, out_features, bias)
         self.block_size = q.block_size
@@ -272,9 +278,15 @@ class NF4Linear(QuantizedLinear):
         return cls(quantize_weight(linear.weight.data, cfg), linear.bias, cfg.compute_dtype)
 
     def unpacked(self) -> NF4Weight:
-        return NF4Weight(self.qweight, self.absmax, self.absmax2, self.offset,
-                         (self.out_features, self.in_features), self.block_size,
-                         self.double_quant_block_size)
+        return NF4Weight(
+            self.qweight,
+            self.absmax,
+            self.absmax2,
+            self.offset,
+            (self.out_features, self.in_features),
+            self.block_size,
+            self.double_quant_block_size,
+        )
 
     def dequantize(self) -> torch.Tensor:
         return self.unpacked().dequantize()
@@ -291,10 +303,14 @@ class NF4Linear(QuantizedLinear):
         return F.linear(x.to(dtype), self.dequantize().to(dtype), b).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", block_size={self.block_size}, "
-                f"double_quant={self.absmax2 is not None}")
+        return super().extra_repr() + f", block_size={self.block_size}, double_quant={self.absmax2 is not None}"
 
 
-register(Method("qlora_nf4", NF4Config(),
-                "QLoRA NF4: normal-quantile 4-bit codebook, blocks of 64, double-quantized absmax",
-                from_float=NF4Linear.from_float))
+register(
+    Method(
+        "qlora_nf4",
+        NF4Config(),
+        "QLoRA NF4: normal-quantile 4-bit codebook, blocks of 64, double-quantized absmax",
+        from_float=NF4Linear.from_float,
+    )
+)

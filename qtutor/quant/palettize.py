@@ -60,6 +60,7 @@ with both cores, the chunks of groups running side by side); coremltools' ``Post
 (C++ SMAWK) took about 6.5 s. All reach the same relative error (0.09685). On a GPU a whole
 model's LUT groups go through a handful of calls (:func:`kmeans_lut_many`).
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -93,22 +94,24 @@ class PalettizeConfig(QuantConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.bits not in SUPPORTED_BITS:
-            raise QtutorError(f"{self.bits}-bit palettization is not supported; choose bits from "
-                              f"{', '.join(map(str, SUPPORTED_BITS))}")
+            raise QtutorError(
+                f"{self.bits}-bit palettization is not supported; choose bits from "
+                f"{', '.join(map(str, SUPPORTED_BITS))}"
+            )
         if self.granularity not in GRANULARITIES:
-            raise QtutorError(f"unknown palettization granularity {self.granularity!r}; choose "
-                              f"{' or '.join(GRANULARITIES)}")
-        if self.granularity == "per_grouped_channel" and (not isinstance(self.group_size, int)
-                                                          or self.group_size <= 0):
-            raise QtutorError(f"palettization group_size must be a positive number of output "
-                              f"channels, got {self.group_size!r}")
+            raise QtutorError(
+                f"unknown palettization granularity {self.granularity!r}; choose {' or '.join(GRANULARITIES)}"
+            )
+        if self.granularity == "per_grouped_channel" and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise QtutorError(
+                f"palettization group_size must be a positive number of output channels, got {self.group_size!r}"
+            )
         if self.kmeans not in KMEANS_MODES:
-            raise QtutorError(f"unknown k-means mode {self.kmeans!r}; choose from "
-                              f"{', '.join(KMEANS_MODES)}")
+            raise QtutorError(f"unknown k-means mode {self.kmeans!r}; choose from {', '.join(KMEANS_MODES)}")
 
     @property
     def n_clusters(self) -> int:
-        return 2 ** self.bits
+        return 2**self.bits
 
     def rows_per_lut(self, out_features: int) -> int:
         """Output channels sharing one LUT: ``group_size`` (``out_features`` for per_tensor).
@@ -158,12 +161,12 @@ def _dc_layer(D, P0, P1, P2, m: int, k: int, prev=None):
         mid = (lo + hi) // 2
         top = torch.minimum(ohi, mid - 1)
         first = olo if prev is None else torch.minimum(torch.maximum(olo, prev[:, mid]), top)
-        L = (top - first + 1).reshape(-1)                              # candidates per (group, row)
+        L = (top - first + 1).reshape(-1)  # candidates per (group, row)
         T = int(L.sum())
         end = L.cumsum(0)
         # rowid[t]: the (group, row) that candidate t belongs to; jj[t]: its flat index j
         rowid = torch.repeat_interleave(torch.arange(B * S, device=dev), L, output_size=T)
-        ii = (base[:, None] + mid[None, :]).reshape(-1)                # flat index of row i
+        ii = (base[:, None] + mid[None, :]).reshape(-1)  # flat index of row i
         j0 = first.reshape(-1) + (base[:, None] - (end - L).reshape(B, S)).reshape(-1)
         jj = j0.index_select(0, rowid).add_(count[:T])
         dW = (P0f.index_select(0, ii).index_select(0, rowid) - P0f.index_select(0, jj)).clamp_(min=_TINY)
@@ -179,8 +182,7 @@ def _dc_layer(D, P0, P1, P2, m: int, k: int, prev=None):
         opt[ii] = oj.reshape(-1).to(torch.int32)
         left, right = mid - 1 >= lo, mid + 1 <= hi
         lo, hi = torch.cat([lo[left], mid[right] + 1]), torch.cat([mid[left] - 1, hi[right]])
-        olo, ohi = (torch.cat([olo[:, left], oj[:, right]], 1),
-                    torch.cat([oj[:, left], ohi[:, right]], 1))
+        olo, ohi = (torch.cat([olo[:, left], oj[:, right]], 1), torch.cat([oj[:, left], ohi[:, right]], 1))
     return Dm.reshape(B, N1), opt.reshape(B, N1)
 
 
@@ -195,7 +197,7 @@ def _kmeans_sorted(x: torch.Tensor, w: torch.Tensor, n: torch.Tensor, k: int) ->
     P0 = torch.cat([z, w.cumsum(1)], 1)
     P1 = torch.cat([z, (w * x).cumsum(1)], 1)
     P2 = torch.cat([z, (w * x * x).cumsum(1)], 1)
-    D = P2 - P1 * P1 / P0.clamp(min=_TINY)                              # one cluster
+    D = P2 - P1 * P1 / P0.clamp(min=_TINY)  # one cluster
     opts = []
     for m in range(2, k):
         D, opt = _dc_layer(D, P0, P1, P2, m, k, opts[-1] if opts else None)
@@ -252,12 +254,13 @@ def _kmeans_chunk(X: torch.Tensor, k: int, weights: Optional[torch.Tensor]) -> t
     P0 = torch.cat([z, wu.cumsum(1)], 1).gather(1, bounds)
     P1 = torch.cat([z, (wu * x).cumsum(1)], 1).gather(1, bounds)
     cw, cs = P0[:, 1:] - P0[:, :-1], P1[:, 1:] - P1[:, :-1]
-    first = x.gather(1, bounds[:, :-1].clamp(max=N - 1))        # for weightless clusters
+    first = x.gather(1, bounds[:, :-1].clamp(max=N - 1))  # for weightless clusters
     return torch.where(cw > 0, cs / cw.clamp(min=_TINY), first) + mean
 
 
-def kmeans_1d_groups(X: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None,
-                     max_elements: Optional[int] = None) -> torch.Tensor:
+def kmeans_1d_groups(
+    X: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None, max_elements: Optional[int] = None
+) -> torch.Tensor:
     """Exact k-means of each row of ``X`` (B, M) separately -> centroids (B, k) float64, ascending.
 
     A row with fewer than ``k`` distinct values gets each of them once, then copies of its
@@ -332,13 +335,17 @@ class LUTWeight:
         out, n_luts = self.indices.shape[0], self.lut.shape[0]
         if self.rows_per_lut is None:
             if n_luts == 0 or out % n_luts:
-                raise QtutorError(f"{n_luts} LUTs for {out} rows: give rows_per_lut (the rows each "
-                                  f"LUT serves, the last LUT possibly fewer)")
+                raise QtutorError(
+                    f"{n_luts} LUTs for {out} rows: give rows_per_lut (the rows each "
+                    f"LUT serves, the last LUT possibly fewer)"
+                )
             self.rows_per_lut = out // n_luts
         self.rows_per_lut = int(self.rows_per_lut)
         if self.rows_per_lut < 1 or n_luts != -(-out // self.rows_per_lut):
-            raise QtutorError(f"{n_luts} LUTs of {self.rows_per_lut} rows do not cover {out} rows: "
-                              f"expected ceil({out} / rows_per_lut) LUTs")
+            raise QtutorError(
+                f"{n_luts} LUTs of {self.rows_per_lut} rows do not cover {out} rows: "
+                f"expected ceil({out} / rows_per_lut) LUTs"
+            )
 
     def row_luts(self) -> torch.Tensor:
         """(out, 2^bits): the LUT each row uses, ``lut[row // rows_per_lut]``."""
@@ -413,7 +420,6 @@ class PalettizedLinear(QuantizedLinear):
     ``constexpr_blockwise_shift_scale``) holds. ``rows_per_lut`` (a plain int) is the number of
     rows each LUT serves, the last LUT possibly fewer: row ``r`` uses ``lut[r // rows_per_lut]``."""
 
-
     @property
     def row_unit(self) -> int:
         return self.rows_per_lut
@@ -428,31 +434,39 @@ class PalettizedLinear(QuantizedLinear):
         self.register_buffer("scales", None if q.scales is None else q.scales.half().contiguous())
 
     @classmethod
-    def from_float(cls, linear: nn.Linear,
-                   cfg: PalettizeConfig = PalettizeConfig()) -> "PalettizedLinear":
+    def from_float(cls, linear: nn.Linear, cfg: PalettizeConfig = PalettizeConfig()) -> "PalettizedLinear":
         return cls(kmeans_lut(linear.weight.data, cfg), linear.bias)
 
     @classmethod
-    def from_float_many(cls, linears: list[nn.Linear],
-                        cfg: PalettizeConfig = PalettizeConfig()) -> list["PalettizedLinear"]:
+    def from_float_many(
+        cls, linears: list[nn.Linear], cfg: PalettizeConfig = PalettizeConfig()
+    ) -> list["PalettizedLinear"]:
         """:meth:`from_float` of each linear, their k-means batched (:func:`kmeans_lut_many`)."""
         qs = kmeans_lut_many([lin.weight.data for lin in linears], cfg)
         return [cls(q, lin.bias) for q, lin in zip(qs, linears)]
 
     def unpacked(self) -> LUTWeight:
-        return LUTWeight(unpack_codes(self.qweight, self.bits, self.in_features), self.lut,
-                         self.scales, self.bits, self.rows_per_lut)
+        return LUTWeight(
+            unpack_codes(self.qweight, self.bits, self.in_features), self.lut, self.scales, self.bits, self.rows_per_lut
+        )
 
     def dequantize(self) -> torch.Tensor:
         return self.unpacked().dequantize()
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", luts={self.lut.shape[0]}x{self.lut.shape[1]}, "
-                f"rows_per_lut={self.rows_per_lut}, per_channel_scale={self.scales is not None}")
+        return (
+            super().extra_repr() + f", luts={self.lut.shape[0]}x{self.lut.shape[1]}, "
+            f"rows_per_lut={self.rows_per_lut}, per_channel_scale={self.scales is not None}"
+        )
 
 
-register(Method("palettization_4bit", PalettizeConfig(bits=4, granularity="per_grouped_channel",
-                                                      group_size=16, per_channel_scale=True),
-                "4-bit palettization: exact k-means LUT per 16 output channels, per-channel scales",
-                from_float=PalettizedLinear.from_float,
-                from_float_many=PalettizedLinear.from_float_many, overrides=("bits",)))
+register(
+    Method(
+        "palettization_4bit",
+        PalettizeConfig(bits=4, granularity="per_grouped_channel", group_size=16, per_channel_scale=True),
+        "4-bit palettization: exact k-means LUT per 16 output channels, per-channel scales",
+        from_float=PalettizedLinear.from_float,
+        from_float_many=PalettizedLinear.from_float_many,
+        overrides=("bits",),
+    )
+)

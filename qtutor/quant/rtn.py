@@ -15,6 +15,7 @@ what is stored (rounding to nearest could shrink the scale and let the clamp cut
 ``group_size`` consecutive input columns share one (s, z); ``group_size=0`` means one pair per
 output channel. When ``group_size`` does not divide the input width the last group is shorter.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,16 +53,19 @@ class RTNConfig(UniformGridConfig):
 
 def check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise QtutorError(f"{bits}-bit uniform quantization is not supported; "
-                          f"choose bits from {', '.join(map(str, SUPPORTED_BITS))}")
+        raise QtutorError(
+            f"{bits}-bit uniform quantization is not supported; choose bits from {', '.join(map(str, SUPPORTED_BITS))}"
+        )
 
 
 def check_uniform_grid(bits: int, group_size: int) -> None:
     """The checks RTN, GPTQ and AWQ share: supported bits, a group size of 0 or more."""
     check_bits(bits)
     if group_size < 0:
-        raise QtutorError(f"group size {group_size} is negative; use 0 for one scale "
-                          f"per output channel or a positive number of input columns")
+        raise QtutorError(
+            f"group size {group_size} is negative; use 0 for one scale "
+            f"per output channel or a positive number of input columns"
+        )
 
 
 def group_layout(in_features: int, group_size: int) -> tuple[int, int]:
@@ -130,6 +134,7 @@ class UniformWeight:
         """(out, in) float32 weight."""
         in_features = self.codes.shape[1]
         if self.g_idx is not None:
+
             def expand(t):
                 return t.float()[:, self.g_idx.long()]
         else:
@@ -137,6 +142,7 @@ class UniformWeight:
 
             def expand(t):
                 return t.float().repeat_interleave(gs, dim=1)[:, :in_features]
+
         s = expand(self.scales)
         if self.zeros is None:
             z = 2.0 ** (self.bits - 1)  # a Python number: no host-to-device copy
@@ -176,7 +182,9 @@ def quantize_weight(W: torch.Tensor, cfg: UniformGridConfig) -> UniformWeight:
         codes=codes.to(torch.uint8),
         scales=scale.reshape(out_features, n_groups).half(),
         zeros=None if cfg.sym else zero.reshape(out_features, n_groups).to(torch.uint8),
-        bits=cfg.bits, group_size=cfg.group_size)
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+    )
 
 
 class UniformLinear(QuantizedLinear):
@@ -184,7 +192,6 @@ class UniformLinear(QuantizedLinear):
     integer zero points (absent when symmetric), and GPTQ act-order's per-column group index
     ``g_idx`` when present (int16, or int32 past 32767 groups; counted in the bits per weight).
     Used by RTN, GPTQ and AWQ."""
-
 
     def __init__(self, q: UniformWeight, bias: Optional[torch.Tensor] = None):
         out_features, in_features = q.codes.shape
@@ -203,18 +210,35 @@ class UniformLinear(QuantizedLinear):
 
     def unpacked(self) -> UniformWeight:
         zeros = None if self.qzeros is None else unpack_codes(self.qzeros, self.bits, self.n_groups)
-        return UniformWeight(unpack_codes(self.qweight, self.bits, self.in_features), self.scales,
-                             zeros, self.bits, self.group_size, self.g_idx)
+        return UniformWeight(
+            unpack_codes(self.qweight, self.bits, self.in_features),
+            self.scales,
+            zeros,
+            self.bits,
+            self.group_size,
+            self.g_idx,
+        )
 
     def dequantize(self) -> torch.Tensor:
         return self.unpacked().dequantize()
 
 
-register(Method("fp16_baseline", None, "weights stored in fp16, no quantization",
-                from_float=FloatLinear.from_float))
-register(Method("rtn_int8", RTNConfig(bits=8, group_size=0, sym=True),
-                "round-to-nearest INT8, symmetric, one scale per output channel",
-                from_float=UniformLinear.from_float, overrides=("group_size", "sym")))
-register(Method("rtn_int4", RTNConfig(bits=4, group_size=128, sym=False),
-                "round-to-nearest INT4, asymmetric, groups of 128 input columns",
-                from_float=UniformLinear.from_float, overrides=("bits", "group_size", "sym")))
+register(Method("fp16_baseline", None, "weights stored in fp16, no quantization", from_float=FloatLinear.from_float))
+register(
+    Method(
+        "rtn_int8",
+        RTNConfig(bits=8, group_size=0, sym=True),
+        "round-to-nearest INT8, symmetric, one scale per output channel",
+        from_float=UniformLinear.from_float,
+        overrides=("group_size", "sym"),
+    )
+)
+register(
+    Method(
+        "rtn_int4",
+        RTNConfig(bits=4, group_size=128, sym=False),
+        "round-to-nearest INT4, asymmetric, groups of 128 input columns",
+        from_float=UniformLinear.from_float,
+        overrides=("bits", "group_size", "sym"),
+    )
+)

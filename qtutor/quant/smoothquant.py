@@ -36,6 +36,7 @@ run the integer matmul (``torch._int_mm``) instead of fake-quantizing in fp16; a
 calibrated method in ``qtutor.quantize``, layer ``i``'s statistics come from the outputs of the
 already quantized layers ``0..i-1`` (upstream collects all of them from the float model).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -155,8 +156,14 @@ class W8A8Linear(QuantizedLinear):
 
     use_int_mm: bool = True
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 weight_quant: str = "per_channel", act_quant: str = "per_token"):
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        weight_quant: str = "per_channel",
+        act_quant: str = "per_token",
+    ):
         out_features, in_features = codes.shape
         super().__init__(in_features, out_features, bias)
         self.weight_quant, self.act_quant = weight_quant, act_quant
@@ -212,17 +219,17 @@ class W8A8Linear(QuantizedLinear):
         return self._finish(self._matmul_simulated(q_x, s_x), x)
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", weight_quant={self.weight_quant}, act_quant={self.act_quant}")
+        return super().extra_repr() + f", weight_quant={self.weight_quant}, act_quant={self.act_quant}"
 
 
 # --------------------------------------------------------------------------- one decoder layer
 @torch.no_grad()
-def collect_act_scales(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
-                       batch_size: int = 8) -> dict:
+def collect_act_scales(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, batch_size: int = 8) -> dict:
     """Run the float ``layer`` on ``X`` (n, seqlen, hidden) and return, for the first linear of
     each group of ``layout.sequential`` (the linears of a group read the same input), the
     per-channel ``max |x|`` over all tokens ((in,) float32)."""
     from ..calib import record_inputs
+
     heads = [seq[0] for seq in layout.sequential]
     scales: dict = {}
 
@@ -232,7 +239,7 @@ def collect_act_scales(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
 
     with record_inputs({h: layer.get_submodule(h) for h in heads}, hook):
         for i in range(0, X.shape[0], batch_size):
-            layer(X[i:i + batch_size], **kwargs)
+            layer(X[i : i + batch_size], **kwargs)
     return scales
 
 
@@ -242,8 +249,7 @@ def _spread(m: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def smooth_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
-                 cfg: SmoothQuantConfig) -> dict:
+def smooth_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg: SmoothQuantConfig) -> dict:
     """Collect activation maxima on the float ``layer`` and smooth every norm -> linears group
     in place (``smooth_lm``). The layer stays float and computes the same function.
     Returns per-linear statistics (see :func:`quantize_layer`)."""
@@ -261,15 +267,18 @@ def smooth_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
         s = smooth_scales(m, [fc.weight for fc in linears], cfg.alpha)
         scale_norm_to_linears(layer.get_submodule(norm_name), linears, s)
         for n in names:
-            stats[n].update(smooth_prev=norm_name, smooth_s_min=float(s.min()),
-                            smooth_s_max=float(s.max()), act_absmax_smoothed=float((m / s).max()),
-                            act_spread_smoothed=_spread(m / s))
+            stats[n].update(
+                smooth_prev=norm_name,
+                smooth_s_min=float(s.min()),
+                smooth_s_max=float(s.max()),
+                act_absmax_smoothed=float((m / s).max()),
+                act_spread_smoothed=_spread(m / s),
+            )
     return stats
 
 
 @torch.no_grad()
-def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
-                   cfg: SmoothQuantConfig) -> dict:
+def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg: SmoothQuantConfig) -> dict:
     """SmoothQuant on one decoder layer, in place: smooth, then every linear -> ``W8A8Linear``.
 
     Returns per-linear statistics: ``act_absmax`` and ``act_spread`` (max / median of the
@@ -284,6 +293,11 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict,
     return stats
 
 
-register(Method("smoothquant_w8a8", SmoothQuantConfig(),
-                "SmoothQuant W8A8: alpha=0.5 smoothing, INT8 weights per channel, INT8 activations "
-                "per token (dynamic)", quantize_layer=quantize_layer))
+register(
+    Method(
+        "smoothquant_w8a8",
+        SmoothQuantConfig(),
+        "SmoothQuant W8A8: alpha=0.5 smoothing, INT8 weights per channel, INT8 activations per token (dynamic)",
+        quantize_layer=quantize_layer,
+    )
+)

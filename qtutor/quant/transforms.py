@@ -26,6 +26,7 @@ parameter's dtype.
 Norms of the form ``(1 + w) * x / rms(x)`` (Gemma) would need ``w <- (1 + w) / s - 1``; the
 families qtutor supports (Qwen2, Llama, Mistral) use plain ``w``.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -43,8 +44,10 @@ def _as_list(linears) -> list[nn.Module]:
 def _check_inputs(linears: Sequence[nn.Module], s: torch.Tensor) -> None:
     for fc in linears:
         if fc.weight.shape[1] != s.numel():
-            raise QtutorError(f"cannot scale the input columns of a linear with {fc.weight.shape[1]} "
-                              f"inputs by a vector of {s.numel()} scales")
+            raise QtutorError(
+                f"cannot scale the input columns of a linear with {fc.weight.shape[1]} "
+                f"inputs by a vector of {s.numel()} scales"
+            )
 
 
 @torch.no_grad()
@@ -108,8 +111,10 @@ def scale_linear_to_linears(prev: nn.Module, linears, s: torch.Tensor) -> None:
     linears = _as_list(linears)
     s = s.detach().float().reshape(-1)
     if prev.weight.shape[0] != s.numel():
-        raise QtutorError(f"cannot scale the {prev.weight.shape[0]} output rows of a linear by "
-                          f"{s.numel()} scales: its output is not the next linears' input")
+        raise QtutorError(
+            f"cannot scale the {prev.weight.shape[0]} output rows of a linear by "
+            f"{s.numel()} scales: its output is not the next linears' input"
+        )
     _check_inputs(linears, s)
     if not bool(torch.all(s > 0)) or not bool(torch.isfinite(s).all()):
         raise QtutorError("equivalence scales must be positive and finite")

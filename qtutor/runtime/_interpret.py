@@ -1,5 +1,6 @@
 """Running a Triton kernel on CPU tensors: Triton's interpreter, for the tests and for machines
 without a GPU (the same kernel source as on CUDA)."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager

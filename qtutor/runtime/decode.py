@@ -44,6 +44,7 @@ Protocol as ``decode_latency`` (ARCHITECTURE.md section 4): batch 1, fixed promp
 tokens of which the first comes from the prefill; the decode phase is timed and divided by
 ``new_tokens - 1``; one warm-up, median over ``runs``; device, dtype and method recorded.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -61,7 +62,7 @@ from ..eval.latency import LatencyResult, _sync
 
 @dataclass
 class FastLatencyResult(LatencyResult):
-    method: str = "static-cache"   # "static-cache+cuda-graph" when graphs were used
+    method: str = "static-cache"  # "static-cache+cuda-graph" when graphs were used
     cuda_graph: bool = False
     compiled: bool = False
     kernels: dict = field(default_factory=dict)  # layer class -> matmul path of the decode step
@@ -105,10 +106,18 @@ class StaticDecoder(nn.Module):
     runs q, k, v, gate and up as separate matmuls (the model's modules as they are).
     """
 
-    def __init__(self, model, max_len: int, cuda_graph: Optional[bool] = None, compile: bool = False,
-                 fuse: bool = True, glue: Optional[bool] = None):
+    def __init__(
+        self,
+        model,
+        max_len: int,
+        cuda_graph: Optional[bool] = None,
+        compile: bool = False,
+        fuse: bool = True,
+        glue: Optional[bool] = None,
+    ):
         super().__init__()
         from ..models import layout_for
+
         cfg = model.config
         layout_for(model)  # a one-line error for families without a layout
         base = model.model
@@ -118,8 +127,10 @@ class StaticDecoder(nn.Module):
         layer_types = getattr(cfg, "layer_types", None) or []
         window = getattr(cfg, "sliding_window", None)
         if any(t != "full_attention" for t in layer_types) and window is not None and window < max_len:
-            raise QtutorError(f"the fast decoder does not implement sliding-window attention "
-                              f"(window {window} < {max_len} positions); use qtutor.eval.decode_latency")
+            raise QtutorError(
+                f"the fast decoder does not implement sliding-window attention "
+                f"(window {window} < {max_len} positions); use qtutor.eval.decode_latency"
+            )
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
@@ -133,14 +144,14 @@ class StaticDecoder(nn.Module):
         # rotary embedding as one rotation matrix per position (from the model's own cos/sin)
         pos = torch.arange(slots, device=dev)[None]
         cos, sin = base.rotary_emb(torch.zeros(1, dtype=torch.float32, device=dev), pos)
-        cos, sin = cos[0].double().cpu(), sin[0].double().cpu()                # (slots, hd)
+        cos, sin = cos[0].double().cpu(), sin[0].double().cpu()  # (slots, hd)
         R = torch.diag_embed(cos) + _rotate_half_matrix(hd)[None] * sin[:, None, :]
-        self.scaling = getattr(self.layers[0].self_attn, "scaling", hd ** -0.5)
+        self.scaling = getattr(self.layers[0].self_attn, "scaling", hd**-0.5)
         self.register_buffer("rot", R.to(device=dev, dtype=dt), persistent=False)
         self.register_buffer("cos", cos.to(device=dev, dtype=torch.float32).contiguous(), persistent=False)
         self.register_buffer("sin", sin.to(device=dev, dtype=torch.float32).contiguous(), persistent=False)
         causal = torch.full((slots, slots), torch.finfo(dt).min, dtype=dt).triu(1)
-        self.register_buffer("mask", causal.to(dev), persistent=False)        # row p: slots <= p open
+        self.register_buffer("mask", causal.to(dev), persistent=False)  # row p: slots <= p open
         shape = (len(self.layers), self.n_kv, slots, hd)
         self.register_buffer("k_cache", torch.zeros(shape, device=dev, dtype=dt), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, device=dev, dtype=dt), persistent=False)
@@ -148,8 +159,7 @@ class StaticDecoder(nn.Module):
         # the decode step's inputs and outputs live in fixed buffers (graph-safe)
         self.register_buffer("tok", torch.zeros(1, dtype=torch.long, device=dev), persistent=False)
         self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=dev), persistent=False)
-        self.register_buffer("out_ids", torch.zeros(max_len + 1, dtype=torch.long, device=dev),
-                             persistent=False)
+        self.register_buffer("out_ids", torch.zeros(max_len + 1, dtype=torch.long, device=dev), persistent=False)
         self.use_graph = (dev.type == "cuda") if cuda_graph is None else cuda_graph
         if self.use_graph and dev.type != "cuda":
             raise QtutorError("CUDA graphs need the model on a CUDA device")
@@ -159,6 +169,7 @@ class StaticDecoder(nn.Module):
         self.step_kernels: dict = {}  # layer class -> kernel of the one-token step (not the prefill)
         # stacked q/k/v and gate/up projections (None where a layer's cannot be stacked)
         from .kernels import fuse_rows
+
         self.qkv, self.gate_up = [], []
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
@@ -175,13 +186,16 @@ class StaticDecoder(nn.Module):
     def _glue_reason(self) -> Optional[str]:
         """Why the fused Triton glue cannot run this model's step (None: it can)."""
         from .kernels import triton_available
+
         if not triton_available():
             return "triton is not installed"
         norms = [l.input_layernorm for l in self.layers] + [l.post_attention_layernorm for l in self.layers]
         if any(type(n).__name__ not in _HF_RMS_NORMS for n in norms + [self.norm]):
             return "a norm that is not Qwen2/Llama RMSNorm"
-        if any(g is None or type(l.mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU")
-               for g, l in zip(self.gate_up, self.layers)):
+        if any(
+            g is None or type(l.mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU")
+            for g, l in zip(self.gate_up, self.layers)
+        ):
             return "an MLP that is not SiLU(gate) * up with stacked gate/up"
         if self.head_dim & (self.head_dim - 1) or self.head_dim < 16:
             return f"head_dim {self.head_dim} is not a power of two >= 16"
@@ -195,10 +209,10 @@ class StaticDecoder(nn.Module):
         if T == 1 and self.glue:
             return self._forward_one(ids, positions)
         nh, nkv, hd, g = self.n_heads, self.n_kv, self.head_dim, self.groups
-        h = self.embed(ids)[None]                                      # (1, T, hidden)
-        rot = self.rot[positions]                                       # (T, hd, hd)
+        h = self.embed(ids)[None]  # (1, T, hidden)
+        rot = self.rot[positions]  # (T, hd, hd)
         # query row r*T + t of kv head j is token t of q head j*g + r (HF's repeat_kv order)
-        mask = self.mask[positions].repeat(g, 1)                        # (g*T, slots)
+        mask = self.mask[positions].repeat(g, 1)  # (g*T, slots)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = _rms_norm(layer.input_layernorm, h)
@@ -206,9 +220,9 @@ class StaticDecoder(nn.Module):
                 qkv = self.qkv[i](x).view(T, nh + 2 * nkv, hd)
             else:
                 qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1).view(T, nh + 2 * nkv, hd)
-            qk = torch.bmm(qkv[:, :nh + nkv], rot)                     # q and k heads, rotated
-            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
-            kc, vc = self.k_cache[i], self.v_cache[i]                  # (nkv, slots, hd)
+            qk = torch.bmm(qkv[:, : nh + nkv], rot)  # q and k heads, rotated
+            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
+            kc, vc = self.k_cache[i], self.v_cache[i]  # (nkv, slots, hd)
             kc.index_copy_(1, positions, k.transpose(0, 1))
             vc.index_copy_(1, positions, v.transpose(0, 1))
             qg = q.transpose(0, 1).reshape(1, nkv, g * T, hd)
@@ -222,20 +236,24 @@ class StaticDecoder(nn.Module):
                 h = h + mlp.down_proj(mlp.act_fn(gate) * up)
             else:
                 h = h + layer.mlp(x)
-        logits = self.lm_head(_rms_norm(self.norm, h[:, -1]))          # (1, vocab)
+        logits = self.lm_head(_rms_norm(self.norm, h[:, -1]))  # (1, vocab)
         return logits.argmax(dim=-1)
 
     def _forward_one(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for one token with the fused glue kernels (same math)."""
         from . import triton_glue as tk
+
         nh, nkv = self.n_heads, self.n_kv
-        h = self.embed(ids)[None]                                       # (1, 1, hidden)
+        h = self.embed(ids)[None]  # (1, 1, hidden)
         first = self.layers[0].input_layernorm
         x = tk.add_rms_norm(h, None, first.weight, first.variance_epsilon)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = self.qkv[i](x) if self.qkv[i] is not None else torch.cat(
-                [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+            qkv = (
+                self.qkv[i](x)
+                if self.qkv[i] is not None
+                else torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+            )
             q = tk.rope_cache(qkv, self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i], nh, nkv)
             o = tk.decode_attention(q, self.k_cache[i], self.v_cache[i], pos, self.scaling)
             post = layer.post_attention_layernorm
@@ -283,7 +301,7 @@ class StaticDecoder(nn.Module):
         _sync(self.device)
         t0 = time.perf_counter()
         first = self.forward(ids, torch.arange(P, device=self.device))
-        self.out_ids[P:P + 1].copy_(first)
+        self.out_ids[P : P + 1].copy_(first)
         self.tok.copy_(first)
         self.pos.fill_(P)
         _sync(self.device)
@@ -297,7 +315,7 @@ class StaticDecoder(nn.Module):
         t2 = time.perf_counter()
         if self.graph is None and new_tokens > 1:
             self.step_kernels = _kernels(self.model, self.fused)
-        return self.out_ids[P:P + new_tokens].clone(), t1 - t0, t2 - t1
+        return self.out_ids[P : P + new_tokens].clone(), t1 - t0, t2 - t1
 
 
 def _kernels(model, extra=()) -> dict:
@@ -320,6 +338,7 @@ def profile_step(dec: StaticDecoder) -> dict:
     matrix products (by kernel name), ``top`` the five largest as (name, calls, us). A step's
     time minus ``gpu_us`` is what launches and gaps between kernels cost."""
     from torch.profiler import ProfilerActivity, profile
+
     if dec.device.type != "cuda":
         return {}
     dec.pos.fill_(1)
@@ -329,6 +348,7 @@ def profile_step(dec: StaticDecoder) -> dict:
         dec._step_fn()
         torch.cuda.synchronize(dec.device)
     from torch.autograd import DeviceType
+
     agg: dict = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
@@ -338,14 +358,26 @@ def profile_step(dec: StaticDecoder) -> dict:
     rows.sort(key=lambda r: -r[2])
     total = sum(r[2] for r in rows)
     mm = sum(r[2] for r in rows if any(t in r[0].lower() for t in _MATMUL))
-    return {"kernels": sum(r[1] for r in rows), "gpu_us": total, "matmul_us": mm,
-            "top": [(n[:60], c, round(u, 1)) for n, c, u in rows[:5]]}
+    return {
+        "kernels": sum(r[1] for r in rows),
+        "gpu_us": total,
+        "matmul_us": mm,
+        "top": [(n[:60], c, round(u, 1)) for n, c, u in rows[:5]],
+    }
 
 
-def fast_decode_latency(model, prompt_ids: torch.Tensor, new_tokens: int = 50, runs: int = 5,
-                        warmup: int = 1, cuda_graph: Optional[bool] = None,
-                        compile: bool = False, fuse: bool = True, glue: Optional[bool] = None,
-                        profile: bool = False) -> FastLatencyResult:
+def fast_decode_latency(
+    model,
+    prompt_ids: torch.Tensor,
+    new_tokens: int = 50,
+    runs: int = 5,
+    warmup: int = 1,
+    cuda_graph: Optional[bool] = None,
+    compile: bool = False,
+    fuse: bool = True,
+    glue: Optional[bool] = None,
+    profile: bool = False,
+) -> FastLatencyResult:
     """Median ms per decoded token with :class:`StaticDecoder` (static cache; CUDA graph on CUDA).
 
     Same protocol and fields as :func:`qtutor.eval.decode_latency`, plus ``method``,
@@ -353,8 +385,9 @@ def fast_decode_latency(model, prompt_ids: torch.Tensor, new_tokens: int = 50, r
     adds :func:`profile_step`'s kernel count and device times of one step (CUDA).
     """
     prompt_ids = prompt_ids.reshape(-1)
-    dec = StaticDecoder(model, prompt_ids.numel() + new_tokens, cuda_graph=cuda_graph, compile=compile,
-                        fuse=fuse, glue=glue)
+    dec = StaticDecoder(
+        model, prompt_ids.numel() + new_tokens, cuda_graph=cuda_graph, compile=compile, fuse=fuse, glue=glue
+    )
     for _ in range(warmup):
         dec.generate(prompt_ids, new_tokens)
     per_token, prefill = [], []
@@ -362,13 +395,26 @@ def fast_decode_latency(model, prompt_ids: torch.Tensor, new_tokens: int = 50, r
         _, t_prefill, t_decode = dec.generate(prompt_ids, new_tokens)
         per_token.append(1000 * t_decode / max(new_tokens - 1, 1))
         prefill.append(1000 * t_prefill)
-    method = ("static-cache" + ("+fused" if len(dec.fused) else "") + ("+glue" if dec.glue else "")
-              + ("+compile" if compile else "")
-              + ("+cuda-graph" if dec.use_graph else ""))
+    method = (
+        "static-cache"
+        + ("+fused" if len(dec.fused) else "")
+        + ("+glue" if dec.glue else "")
+        + ("+compile" if compile else "")
+        + ("+cuda-graph" if dec.use_graph else "")
+    )
     result = FastLatencyResult(
-        statistics.median(per_token), per_token, statistics.median(prefill), int(prompt_ids.numel()),
-        new_tokens, str(dec.device), str(dec.dtype).replace("torch.", ""),
-        method=method, cuda_graph=dec.use_graph, compiled=compile, kernels=dict(dec.step_kernels),
-        profile=profile_step(dec) if profile else {})
+        statistics.median(per_token),
+        per_token,
+        statistics.median(prefill),
+        int(prompt_ids.numel()),
+        new_tokens,
+        str(dec.device),
+        str(dec.dtype).replace("torch.", ""),
+        method=method,
+        cuda_graph=dec.use_graph,
+        compiled=compile,
+        kernels=dict(dec.step_kernels),
+        profile=profile_step(dec) if profile else {},
+    )
     del dec  # frees the graph's memory pool and the cache
     return result

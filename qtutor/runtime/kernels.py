@@ -26,6 +26,7 @@ forward by ``tests/test_kernels.py``:
 
 :func:`accelerate` converts every eligible layer of a model in place and says what it did.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,6 +60,7 @@ def triton_available() -> bool:
     """Whether the Triton kernels can be used (``triton`` importable)."""
     try:
         from . import triton_gemv  # noqa: F401
+
         return True
     except Exception:  # ImportError, or a triton build that fails on import
         return False
@@ -68,8 +70,11 @@ def tinygemm_available(device) -> bool:
     """Whether this torch has the int4 ``_weight_int4pack_mm`` kernel for ``device``."""
     device = torch.device(device)
     if device.type == "cuda":
-        return (hasattr(torch.ops.aten, "_weight_int4pack_mm") and torch.cuda.is_available()
-                and torch.cuda.get_device_capability(device)[0] >= 8)
+        return (
+            hasattr(torch.ops.aten, "_weight_int4pack_mm")
+            and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device)[0] >= 8
+        )
     if device.type == "cpu":
         return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     return False
@@ -78,18 +83,21 @@ def tinygemm_available(device) -> bool:
 def int4_gemv(x, qweight, scales, qzeros, bias, group_size, config=None):
     """Triton GEMV for packed asymmetric int4 (see :mod:`qtutor.runtime.triton_gemv`)."""
     from . import triton_gemv as tk
+
     return tk.int4_gemv(x, qweight, scales, qzeros, bias, group_size, config)
 
 
 def lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode="prmt", config=None):
     """Triton GEMV for packed 4-bit LUT indices (see :mod:`qtutor.runtime.triton_gemv`)."""
     from . import triton_gemv as tk
+
     return tk.lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode, config)
 
 
 def w8a8_gemv(x, qweight, weight_scales, bias, config=None):
     """Triton W8A8 GEMV: quantizes the row per token and sums int8 x int8 products in int32."""
     from . import triton_gemv as tk
+
     return tk.w8a8_gemv(x, qweight, weight_scales, bias, config)
 
 
@@ -131,8 +139,9 @@ class Int4TinyGemmLinear(QuantizedLinear):
     and ``bias``. The layout is device-specific: convert on the device you will run on.
     """
 
-    def __init__(self, in_features, out_features, bias, weight_int4pack, scales_and_zeros,
-                 group_size: int, packed_for: str):
+    def __init__(
+        self, in_features, out_features, bias, weight_int4pack, scales_and_zeros, group_size: int, packed_for: str
+    ):
         super().__init__(in_features, out_features, bias)
         self.bits, self.group_size = 4, group_size
         self.n_groups = in_features // group_size
@@ -156,9 +165,8 @@ class Int4TinyGemmLinear(QuantizedLinear):
         N, K = layer.out_features, layer.in_features
         gs, G = group_layout(K, layer.group_size)
         inner = _inner_k_tiles(K)
-        s = layer.scales.float()                                             # (N, G)
-        z = (torch.full_like(s, 8.0) if layer.qzeros is None
-             else unpack_codes(layer.qzeros, 4, G).float())
+        s = layer.scales.float()  # (N, G)
+        z = torch.full_like(s, 8.0) if layer.qzeros is None else unpack_codes(layer.qzeros, 4, G).float()
         sz = torch.stack([s, s * (8.0 - z)], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         if device.type == "cuda":
             # tinygemm's uint8 input has the EVEN column in the HIGH nibble; ours has it low
@@ -172,20 +180,24 @@ class Int4TinyGemmLinear(QuantizedLinear):
             ref = layer.dequantize().float()
             err = (new.dequantize().float() - ref).norm() / ref.norm().clamp(min=1e-12)
             if not err < 1e-2:  # bf16 rounding gives ~3e-3 at most; a layout error gives ~1
-                raise QtutorError(f"tinygemm re-packing check failed (relative error {float(err):.3g}); "
-                                  f"this torch's int4 layout differs from what qtutor expects")
+                raise QtutorError(
+                    f"tinygemm re-packing check failed (relative error {float(err):.3g}); "
+                    f"this torch's int4 layout differs from what qtutor expects"
+                )
         return new
 
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device.type != self.packed_for:
-            raise QtutorError(f"this layer was packed for {self.packed_for}, not {x2.device.type}; "
-                              f"run qtutor.runtime.kernels.accelerate after moving the model")
+            raise QtutorError(
+                f"this layer was packed for {self.packed_for}, not {x2.device.type}; "
+                f"run qtutor.runtime.kernels.accelerate after moving the model"
+            )
         xb = x2.to(torch.bfloat16).contiguous()
         if self.packed_for == "cuda":
-            return torch.ops.aten._weight_int4pack_mm(xb, self.weight_int4pack, self.group_size,
-                                                      self.scales_and_zeros)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.weight_int4pack, self.group_size,
-                                                          self.scales_and_zeros)
+            return torch.ops.aten._weight_int4pack_mm(xb, self.weight_int4pack, self.group_size, self.scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            xb, self.weight_int4pack, self.group_size, self.scales_and_zeros
+        )
 
     def dequantize(self) -> torch.Tensor:
         """(out, in) weight, read back through the kernel: ``I @ W^T`` for the identity ``I``."""
@@ -244,8 +256,7 @@ class _TritonLUT(_TritonGemvMixin):
         extra = _LUT_EXTRA.get(self.lut_mode)
         lut = getattr(self, extra) if extra else self.lut
         mode = {"load-f32": "load"}.get(self.lut_mode, self.lut_mode)
-        return lut_gemv(x, self.qweight, lut, self.scales, self.bias, self.rows_per_lut, mode,
-                        self.triton_config)
+        return lut_gemv(x, self.qweight, lut, self.scales, self.bias, self.rows_per_lut, mode, self.triton_config)
 
 
 class _TritonW8A8(_TritonGemvMixin):
@@ -302,8 +313,11 @@ def triton_lut_reason(layer) -> Optional[str]:
 
 def _prmt_fits(layer) -> bool:
     """The ``prmt`` LUT kernel reads eight indices per 32-bit word from an fp16 LUT, in NVIDIA PTX."""
-    return (layer.in_features % 8 == 0 and layer.lut.dtype == torch.float16
-            and not (layer.lut.is_cuda and torch.version.hip))
+    return (
+        layer.in_features % 8 == 0
+        and layer.lut.dtype == torch.float16
+        and not (layer.lut.is_cuda and torch.version.hip)
+    )
 
 
 def triton_w8a8_reason(layer) -> Optional[str]:
@@ -317,8 +331,9 @@ def triton_w8a8_reason(layer) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- whole model
-def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut_mode: str = "prmt",
-               kernel_on_cpu: bool = False) -> dict:
+def accelerate(
+    model: nn.Module, backend: str = "auto", verify: bool = True, lut_mode: str = "prmt", kernel_on_cpu: bool = False
+) -> dict:
     """Give every eligible quantized layer of ``model`` a fast matmul, in place.
 
     ``lut_mode``: one of :data:`LUT_MODES`; with ``"prmt"``, a LUT layer whose ``in_features``
@@ -376,8 +391,9 @@ def accelerate(model: nn.Module, backend: str = "auto", verify: bool = True, lut
                 module.lut_mode = mode
                 if mode == "load-f32":  # a stored float32 copy: counted in the weight bytes
                     module.register_buffer("lut_f32", module.lut.float().contiguous())
-                elif mode == "pairs":   # the stored pair table: counted too
+                elif mode == "pairs":  # the stored pair table: counted too
                     from .triton_gemv import lut_pair_table
+
                     module.register_buffer("lut_pairs", lut_pair_table(module.lut))
                 converted[name] = f"triton lut_gemv ({mode})"
             else:
@@ -436,12 +452,14 @@ def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -
     sizes = [m.out_features for m in layers]
     if cls is nn.Linear:
         w = first.weight
-        fused = nn.Linear(first.in_features, sum(sizes), bias=any(m.bias is not None for m in layers),
-                          device=w.device, dtype=w.dtype)
+        fused = nn.Linear(
+            first.in_features, sum(sizes), bias=any(m.bias is not None for m in layers), device=w.device, dtype=w.dtype
+        )
         fused.weight.data.copy_(torch.cat([m.weight.data for m in layers]))
         if fused.bias is not None:
-            fused.bias.data.copy_(torch.cat([w.new_zeros(m.out_features) if m.bias is None else m.bias.data
-                                             for m in layers]))
+            fused.bias.data.copy_(
+                torch.cat([w.new_zeros(m.out_features) if m.bias is None else m.bias.data for m in layers])
+            )
         fused.requires_grad_(False)
     else:
         spec = row_dims(first)
@@ -453,8 +471,9 @@ def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -
                 return None
             for name, b in m._buffers.items():
                 b0 = first._buffers.get(name)
-                if name not in spec and not ((b is None and b0 is None) or
-                                             (b is not None and b0 is not None and torch.equal(b, b0))):
+                if name not in spec and not (
+                    (b is None and b0 is None) or (b is not None and b0 is not None and torch.equal(b, b0))
+                ):
                     return None
         fused = copy.copy(first)  # same class and settings (a Triton swap included) ...
         for k, v in vars(first).items():  # ... with its own buffer, parameter and hook tables
@@ -472,8 +491,10 @@ def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -
             try:
                 fused._buffers[name] = torch.cat(parts, dim)
             except RuntimeError as err:
-                raise QtutorError(f"cannot stack {cls.__name__} buffer {name!r} along dim {dim} ({err}): "
-                                  f"ROW_DIMS does not describe its layout") from None
+                raise QtutorError(
+                    f"cannot stack {cls.__name__} buffer {name!r} along dim {dim} ({err}): "
+                    f"ROW_DIMS does not describe its layout"
+                ) from None
         fused.out_features = sum(sizes)
     if verify:
         _check_fused(fused, layers, dtype)
@@ -491,8 +512,10 @@ def _check_fused(fused, layers, dtype) -> None:
     ref = torch.cat([m(x) for m in layers], -1).float()
     err = float((fused(x).float() - ref).norm() / ref.norm().clamp(min=1e-12))
     if not err < 1e-2:
-        raise QtutorError(f"stacking {type(fused).__name__} rows changed the output (relative error "
-                          f"{err:.3g}): ROW_DIMS does not describe its layout")
+        raise QtutorError(
+            f"stacking {type(fused).__name__} rows changed the output (relative error "
+            f"{err:.3g}): ROW_DIMS does not describe its layout"
+        )
 
 
 def restore(model: nn.Module) -> int:

@@ -19,6 +19,7 @@ Each row is compared with the baseline of its activation dtype. The protocol is
 ``decode_latency``'s: a fixed prompt, ``new_tokens`` tokens of which the first comes from the
 prefill, one warm-up, the median over ``runs``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,9 +53,15 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def compare_decode_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 16,
-                         runs: int = 2, palettized: Optional[nn.Module] = None,
-                         rtn_method: str = "rtn_int4", lut_method: str = "palettization_4bit") -> list:
+def compare_decode_speed(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    new_tokens: int = 16,
+    runs: int = 2,
+    palettized: Optional[nn.Module] = None,
+    rtn_method: str = "rtn_int4",
+    lut_method: str = "palettization_4bit",
+) -> list:
     """Rows of ms per decoded token on ``model``'s device, as described in the module docstring.
 
     model: the float model (float16 on a GPU, float32 on a CPU, as ``qtutor.book.load_model``
@@ -73,7 +80,8 @@ def compare_decode_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens:
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     base = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}.get(
-        next(model.parameters()).dtype, "float")
+        next(model.parameters()).dtype, "float"
+    )
     rows: list = []
     baselines: dict = {}
 
@@ -96,10 +104,15 @@ def compare_decode_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens:
             lat = fast_decode_latency(m, prompt_ids, new_tokens, runs=runs)
             kernels = sorted(set(lat.kernels.values()))
             quant = any(isinstance(x, QuantizedLinear) for x in m.modules())
-            r.update(act_dtype=lat.dtype, ms_per_token=lat.ms_per_token, prefill_ms=lat.prefill_ms,
-                     kernel=", ".join(kernels) if kernels else
-                     ("reference forward" if quant else "torch matmul"),
-                     bits_per_weight=linear_bits(m), harness=lat.method, status="ok")
+            r.update(
+                act_dtype=lat.dtype,
+                ms_per_token=lat.ms_per_token,
+                prefill_ms=lat.prefill_ms,
+                kernel=", ".join(kernels) if kernels else ("reference forward" if quant else "torch matmul"),
+                bits_per_weight=linear_bits(m),
+                harness=lat.method,
+                status="ok",
+            )
             if name == baseline:
                 baselines[name] = lat.ms_per_token
         except Exception as err:  # report and go on, as benchmarks/decode_speed.py does
@@ -122,8 +135,7 @@ def compare_decode_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens:
     else:
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
         row("bf16", "fp16_baseline", lambda: bf16, "none", "bf16")
-        row(f"{rtn_method} (bf16), tinygemm", rtn_method, lambda: quantized(rtn_method, bf16),
-            "tinygemm", "bf16")
+        row(f"{rtn_method} (bf16), tinygemm", rtn_method, lambda: quantized(rtn_method, bf16), "tinygemm", "bf16")
         del bf16
         _free(device)
     for r in rows:

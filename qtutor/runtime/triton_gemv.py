@@ -24,6 +24,7 @@ A program handles ``BLOCK_N`` output rows and walks the input dimension; accumul
 float32 and the result is written in ``x``'s dtype. On CUDA the block sizes are autotuned per
 (out, in) shape on the first call (do that before capturing a CUDA graph).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,7 +41,7 @@ from ._interpret import _interpreted, _interpreting
 # instruction (a quarter-rate instruction on NVIDIA GPUs, one per weight). Subtracting 2^23 + z
 # then gives (q - z) exactly. This is the usual trick of fast int4 kernels (FasterTransformer,
 # Marlin), here in 32-bit form.
-MAGIC_BITS = tl.constexpr(0x4B000000)   # the bits of 8388608.0 = 2^23
+MAGIC_BITS = tl.constexpr(0x4B000000)  # the bits of 8388608.0 = 2^23
 MAGIC = tl.constexpr(8388608.0)
 
 
@@ -54,52 +55,82 @@ def _finish_rows(y, rows, rmask, s_ptr, b_ptr, y_ptr, HAS_SCALES: tl.constexpr, 
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, G, stride_w, stride_s, stride_z,
-                      GS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, GPI: tl.constexpr):
+def _int4_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    G,
+    stride_w,
+    stride_s,
+    stride_z,
+    GS: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GPI: tl.constexpr,
+):
     """y[n] = sum_g s[n,g] * sum_{k in g} (q[n,k] - z[n,g]) x[k] (+ b[n]); GPI groups per step."""
     HALF: tl.constexpr = GS // 2
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)                    # (BN,)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     rmask = rows < N
-    gi = tl.arange(0, GPI)                                          # (GPI,)
-    hh = tl.arange(0, HALF)                                         # (HALF,) byte in a group
-    kk = tl.arange(0, GS)                                           # (GS,) column in a group
+    gi = tl.arange(0, GPI)  # (GPI,)
+    hh = tl.arange(0, HALF)  # (HALF,) byte in a group
+    kk = tl.arange(0, GS)  # (GS,) column in a group
     acc = tl.zeros((BLOCK_N, GPI), dtype=tl.float32)
     for g0 in range(0, G, GPI):
         g = g0 + gi
         gmask = g < G
-        m2 = rmask[:, None] & gmask[None, :]                        # (BN, GPI)
+        m2 = rmask[:, None] & gmask[None, :]  # (BN, GPI)
         s = tl.load(s_ptr + rows[:, None] * stride_s + g[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             zb = tl.load(z_ptr + rows[:, None] * stride_z + g[None, :] // 2, mask=m2, other=0).to(tl.int32)
             z = ((zb >> ((g[None, :] % 2) * 4)) & 0xF).to(tl.float32)
         else:
             z = tl.full((BLOCK_N, GPI), 8.0, dtype=tl.float32)
-        col = g[:, None] * HALF + hh[None, :]                       # (GPI, HALF) byte column
-        b = tl.load(w_ptr + rows[:, None, None] * stride_w + col[None, :, :],
-                    mask=m2[:, :, None], other=0).to(tl.int32)      # (BN, GPI, HALF)
-        lo = ((b & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True)          # 2^23 + even code
-        hi = (((b >> 4) & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True)   # 2^23 + odd code
-        q = tl.reshape(tl.join(lo, hi), (BLOCK_N, GPI, GS))         # columns in order
-        w = q - (z + MAGIC)[:, :, None]                             # q - z, exact
+        col = g[:, None] * HALF + hh[None, :]  # (GPI, HALF) byte column
+        b = tl.load(w_ptr + rows[:, None, None] * stride_w + col[None, :, :], mask=m2[:, :, None], other=0).to(
+            tl.int32
+        )  # (BN, GPI, HALF)
+        lo = ((b & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True)  # 2^23 + even code
+        hi = (((b >> 4) & 0xF) | MAGIC_BITS).to(tl.float32, bitcast=True)  # 2^23 + odd code
+        q = tl.reshape(tl.join(lo, hi), (BLOCK_N, GPI, GS))  # columns in order
+        w = q - (z + MAGIC)[:, :, None]  # q - z, exact
         x = tl.load(x_ptr + g[:, None] * GS + kk[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-        acc += s * tl.sum(w * x[None, :, :], axis=2)                # scale once per group
+        acc += s * tl.sum(w * x[None, :, :], axis=2)  # scale once per group
     _finish_rows(tl.sum(acc, axis=1), rows, rmask, b_ptr, b_ptr, y_ptr, False, HAS_BIAS)
 
 
 # --------------------------------------------------------------------------- 4-bit LUT
 # How a weight's table entry is read (the MODE constexpr):
 GATHER = tl.constexpr(0)  # the program's LUT rows are loaded once into registers; tl.gather per weight
-LOAD = tl.constexpr(1)    # an indexed load per weight from the (L1-resident) LUT, fp16 or fp32
-PAIRS = tl.constexpr(2)   # an indexed load per BYTE from a 256-entry table of weight pairs: entry b
-                          # holds the fp16 bits of LUT[b & 15] (low half) and LUT[b >> 4] (high
-                          # half), the "vectorized lookup" of FLUTE (Guo et al., 2024): half the loads
+LOAD = tl.constexpr(1)  # an indexed load per weight from the (L1-resident) LUT, fp16 or fp32
+PAIRS = tl.constexpr(2)  # an indexed load per BYTE from a 256-entry table of weight pairs: entry b
+# holds the fp16 bits of LUT[b & 15] (low half) and LUT[b >> 4] (high
+# half), the "vectorized lookup" of FLUTE (Guo et al., 2024): half the loads
 
 
-def _lut_gemv_kernel(x_ptr, w_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w, ROWS_PER_LUT,
-                     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _lut_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    lut_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_w,
+    ROWS_PER_LUT,
+    HAS_SCALES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """y[n] = scale[n] * sum_k LUT[n // R][idx[n,k]] x[k] (+ b[n]).
 
     ``lut_ptr``: the (n_luts, 16) LUT in fp16 or fp32 (GATHER, LOAD), or the (n_luts, 256) int32
@@ -117,7 +148,7 @@ def _lut_gemv_kernel(x_ptr, w_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w,
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     KB = K // 2
     for k0 in range(0, KB, HALF):
-        kk = k0 + hk                                                # byte column
+        kk = k0 + hk  # byte column
         km = kk < KB
         m2 = rmask[:, None] & km[None, :]
         b = tl.load(w_ptr + rows[:, None] * stride_w + kk[None, :], mask=m2, other=0).to(tl.int32)
@@ -131,7 +162,7 @@ def _lut_gemv_kernel(x_ptr, w_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w,
         else:  # LOAD: indexed load from the (L1-resident) LUT
             wl = tl.load(lut_ptr + lrow[:, None] * 16 + (b & 0xF), mask=m2, other=0.0).to(tl.float32)
             wh = tl.load(lut_ptr + lrow[:, None] * 16 + ((b >> 4) & 0xF), mask=m2, other=0.0).to(tl.float32)
-        w = tl.reshape(tl.join(wl, wh), (BLOCK_N, BLOCK_K))         # columns in order
+        w = tl.reshape(tl.join(wl, wh), (BLOCK_N, BLOCK_K))  # columns in order
         xk = 2 * k0 + kc
         x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
         acc += w * x[None, :]
@@ -144,8 +175,8 @@ def lut_pair_table(lut: torch.Tensor) -> torch.Tensor:
     ``lut[:, b >> 4]`` in its high half (a packed byte's two weights, low nibble first)."""
     bits = lut.to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
     b = torch.arange(256, device=lut.device)
-    pairs = bits[:, b & 15] | (bits[:, b >> 4] << 16)               # in [0, 2^32)
-    return torch.where(pairs >= 2 ** 31, pairs - 2 ** 32, pairs).to(torch.int32).contiguous()
+    pairs = bits[:, b & 15] | (bits[:, b >> 4] << 16)  # in [0, 2^32)
+    return torch.where(pairs >= 2**31, pairs - 2**32, pairs).to(torch.int32).contiguous()
 
 
 # --------------------------------------------------------------------------- 4-bit LUT in registers
@@ -163,13 +194,14 @@ def _prmt(a, b, sel, ASM: tl.constexpr):
     """``prmt.b32`` on int32 tensors (broadcast): the PTX instruction on the GPU (``ASM``), and
     the same byte selection in plain integer ops for Triton's interpreter (no inline asm there)."""
     if ASM:
-        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
-                                         dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32, is_pure=True, pack=1
+        )
     else:
-        r = (a & 0) | (b & 0) | (sel & 0)                               # zeros, broadcast shape
+        r = (a & 0) | (b & 0) | (sel & 0)  # zeros, broadcast shape
         for j in tl.static_range(4):
             s = (sel >> (4 * j)) & 0xF
-            i = s & 7                                                   # byte i of {b, a}
+            i = s & 7  # byte i of {b, a}
             byte = (tl.where(i < 4, a, b) >> ((i & 3) * 8)) & 0xFF
             byte = tl.where((s & 8) != 0, tl.where((byte & 0x80) != 0, 0xFF, 0), byte)
             r = r | (byte << (8 * j))
@@ -180,8 +212,8 @@ def _prmt(a, b, sel, ASM: tl.constexpr):
 def _lookup4(q, L0, L1, L2, L3, H0, H1, H2, H3, ASM: tl.constexpr):
     """The fp16 LUT entries of the four indices in the low 16 bits of ``q`` (nibble k = column k)
     -> two int32 words of fp16 pairs: (column 0, column 1) and (column 2, column 3)."""
-    sel = q & 0x7777                                                    # index bits 0-2
-    m = _prmt(q, q << 4, q * 0 + 0x9D8C, ASM)                           # byte k: 0xFF if bit 3 of index k
+    sel = q & 0x7777  # index bits 0-2
+    m = _prmt(q, q << 4, q * 0 + 0x9D8C, ASM)  # byte k: 0xFF if bit 3 of index k
     lo = (_prmt(L0, L1, sel, ASM) & ~m) | (_prmt(L2, L3, sel, ASM) & m)  # low bytes of the 4 entries
     hi = (_prmt(H0, H1, sel, ASM) & ~m) | (_prmt(H2, H3, sel, ASM) & m)  # high bytes
     return _prmt(lo, hi, q * 0 + 0x5140, ASM), _prmt(lo, hi, q * 0 + 0x7362, ASM)
@@ -195,9 +227,24 @@ def _fp16_pair(v):
     return lo, hi
 
 
-def _lut_gemv_prmt_kernel(x_ptr, q_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_q, ROWS_PER_LUT,
-                          HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PREFETCH: tl.constexpr):
+def _lut_gemv_prmt_kernel(
+    x_ptr,
+    q_ptr,
+    lut_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    KW,
+    stride_q,
+    ROWS_PER_LUT,
+    HAS_SCALES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
     """y[n] = scale[n] * sum_k LUT[n // R][idx[n,k]] x[k] (+ b[n]) with the LUT in registers.
 
     ``q_ptr``: the packed indices read as int32 words (out, in/8), eight columns per word (column
@@ -221,32 +268,34 @@ def _lut_gemv_prmt_kernel(x_ptr, q_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, KW, str
     w5 = tl.load(lut_ptr + lrow * 8 + 5, mask=rmask, other=0)
     w6 = tl.load(lut_ptr + lrow * 8 + 6, mask=rmask, other=0)
     w7 = tl.load(lut_ptr + lrow * 8 + 7, mask=rmask, other=0)
-    LO = w0 * 0 + 0x6420                                                # bytes 0, 2, 4, 6 of {b, a}
-    HI = w0 * 0 + 0x7531                                                # bytes 1, 3, 5, 7
-    L0, H0 = _prmt(w0, w1, LO, ASM)[:, None], _prmt(w0, w1, HI, ASM)[:, None]   # entries 0-3
-    L1, H1 = _prmt(w2, w3, LO, ASM)[:, None], _prmt(w2, w3, HI, ASM)[:, None]   # entries 4-7
-    L2, H2 = _prmt(w4, w5, LO, ASM)[:, None], _prmt(w4, w5, HI, ASM)[:, None]   # entries 8-11
-    L3, H3 = _prmt(w6, w7, LO, ASM)[:, None], _prmt(w6, w7, HI, ASM)[:, None]   # entries 12-15
+    LO = w0 * 0 + 0x6420  # bytes 0, 2, 4, 6 of {b, a}
+    HI = w0 * 0 + 0x7531  # bytes 1, 3, 5, 7
+    L0, H0 = _prmt(w0, w1, LO, ASM)[:, None], _prmt(w0, w1, HI, ASM)[:, None]  # entries 0-3
+    L1, H1 = _prmt(w2, w3, LO, ASM)[:, None], _prmt(w2, w3, HI, ASM)[:, None]  # entries 4-7
+    L2, H2 = _prmt(w4, w5, LO, ASM)[:, None], _prmt(w4, w5, HI, ASM)[:, None]  # entries 8-11
+    L3, H3 = _prmt(w6, w7, LO, ASM)[:, None], _prmt(w6, w7, HI, ASM)[:, None]  # entries 12-15
     c8 = tl.arange(0, 8)
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
     for w_0 in range(0, KW, BLOCK_W):
-        wi = w_0 + cw                                                   # word column
+        wi = w_0 + cw  # word column
         wm = wi < KW
         if PREFETCH:
             q = q_next
-            wn = wi + BLOCK_W                                           # the next tile (masked off at the end)
+            wn = wi + BLOCK_W  # the next tile (masked off at the end)
             q_next = tl.load(q_rows + wn[None, :], mask=rmask[:, None] & (wn < KW)[None, :], other=0)
         else:
             q = tl.load(q_rows + wi[None, :], mask=rmask[:, None] & wm[None, :], other=0)
-        c01, c23 = _lookup4(q, L0, L1, L2, L3, H0, H1, H2, H3, ASM)            # columns 0-3 of each word
-        c45, c67 = _lookup4(q >> 16, L0, L1, L2, L3, H0, H1, H2, H3, ASM)      # columns 4-7
+        c01, c23 = _lookup4(q, L0, L1, L2, L3, H0, H1, H2, H3, ASM)  # columns 0-3 of each word
+        c45, c67 = _lookup4(q >> 16, L0, L1, L2, L3, H0, H1, H2, H3, ASM)  # columns 4-7
         a0, a1 = _fp16_pair(c01)
         a2, a3 = _fp16_pair(c23)
         a4, a5 = _fp16_pair(c45)
         a6, a7 = _fp16_pair(c67)
         # tl.join adds a LAST axis, so the outermost join picks bit 0 of the column, the innermost bit 2
-        w = tl.reshape(tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)),
-                               tl.join(tl.join(a1, a5), tl.join(a3, a7))), (BLOCK_N, BLOCK_W, 8))  # in order
+        w = tl.reshape(
+            tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7))),
+            (BLOCK_N, BLOCK_W, 8),
+        )  # in order
         x = tl.load(x_ptr + 8 * wi[:, None] + c8[None, :], mask=wm[:, None], other=0.0).to(tl.float32)
         acc += tl.sum(w * x[None, :, :], axis=2)
     _finish_rows(tl.sum(acc, axis=1), rows, rmask, s_ptr, b_ptr, y_ptr, HAS_SCALES, HAS_BIAS)
@@ -258,8 +307,19 @@ def _lut_gemv_prmt_kernel(x_ptr, q_ptr, lut_ptr, s_ptr, b_ptr, y_ptr, N, KW, str
 ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
-def _w8a8_gemv_kernel(x_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, N, K, stride_w,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w8a8_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    sw_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """y[n] = s_x s_w[n] sum_k q_w[n,k] q_x[k] (+ b[n]): int8 x int8 products summed in int32.
 
     The one-token activation is quantized inside the kernel, per token as SmoothQuant's
@@ -281,11 +341,12 @@ def _w8a8_gemv_kernel(x_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, N, K, stride_w,
         k = k0 + kc
         km = k < K
         x = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
-        q = (tl.math.div_rn(x, s_x) + ROUND_MAGIC) - ROUND_MAGIC         # round(x / s_x)
+        q = (tl.math.div_rn(x, s_x) + ROUND_MAGIC) - ROUND_MAGIC  # round(x / s_x)
         q_x = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
-        q_w = tl.load(w_ptr + rows[:, None] * stride_w + k[None, :], mask=rmask[:, None] & km[None, :],
-                      other=0).to(tl.int32)
-        acc += q_w * q_x[None, :]                                        # exact in int32
+        q_w = tl.load(w_ptr + rows[:, None] * stride_w + k[None, :], mask=rmask[:, None] & km[None, :], other=0).to(
+            tl.int32
+        )
+        acc += q_w * q_x[None, :]  # exact in int32
     _finish_rows(tl.sum(acc, axis=1).to(tl.float32) * s_x, rows, rmask, sw_ptr, b_ptr, y_ptr, True, HAS_BIAS)
 
 
@@ -294,6 +355,7 @@ _int4_jit = triton.jit(_int4_gemv_kernel)
 _lut_jit = triton.jit(_lut_gemv_kernel)
 _w8a8_jit = triton.jit(_w8a8_gemv_kernel)
 _lut_prmt_jit = triton.jit(_lut_gemv_prmt_kernel)
+
 
 def _bench_in_graph(kernel_call, quantiles):
     """How the autotuners time a config: back-to-back calls replayed from a CUDA graph, as the
@@ -310,35 +372,103 @@ def _autotune(configs, key):
 # Batch-1 GEMVs are latency-bound at these sizes: configs range from many row blocks with a few
 # groups per step to few rows with (almost) the whole input dimension in one step, so that
 # each program issues all its loads at once instead of looping. Autotuning picks per shape.
-_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "GPI": gpi}, num_warps=w)
-                 for bn, gpi, w in [(1, 32, 4), (2, 16, 4), (2, 32, 8), (4, 8, 4), (4, 16, 8), (8, 4, 4),
-                                    (8, 8, 8), (16, 4, 8), (16, 8, 8), (32, 4, 8)]]
-_LUT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-                for bn, bk, w in [(2, 2048, 4), (2, 4096, 8), (4, 1024, 4), (8, 512, 4), (8, 1024, 8),
-                                  (16, 256, 4), (16, 512, 8), (32, 256, 8)]]
+_INT4_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "GPI": gpi}, num_warps=w)
+    for bn, gpi, w in [
+        (1, 32, 4),
+        (2, 16, 4),
+        (2, 32, 8),
+        (4, 8, 4),
+        (4, 16, 8),
+        (8, 4, 4),
+        (8, 8, 8),
+        (16, 4, 8),
+        (16, 8, 8),
+        (32, 4, 8),
+    ]
+]
+_LUT_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+    for bn, bk, w in [
+        (2, 2048, 4),
+        (2, 4096, 8),
+        (4, 1024, 4),
+        (8, 512, 4),
+        (8, 1024, 8),
+        (16, 256, 4),
+        (16, 512, 8),
+        (32, 256, 8),
+    ]
+]
 _int4_tuned = _autotune(_INT4_CONFIGS, ["N", "G", "GS"])(_int4_jit)
 # tl.gather compiles (Triton 3.6, sm_90) only with at least two rows per warp: with fewer,
 # the TritonGPUOptimizeThreadLocality pass fails ("PassManager::run failed"); its configs keep to
 # BLOCK_N >= 2 * num_warps (checked by compiling each for sm_90, which needs no GPU).
-_LUT_GATHER_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-                       for bn, bk, w in [(8, 256, 4), (8, 512, 4), (8, 1024, 4), (16, 128, 4), (16, 256, 4),
-                                         (16, 512, 8), (16, 1024, 8), (32, 128, 4), (32, 256, 8), (32, 512, 8),
-                                         (64, 128, 8)]]
+_LUT_GATHER_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+    for bn, bk, w in [
+        (8, 256, 4),
+        (8, 512, 4),
+        (8, 1024, 4),
+        (16, 128, 4),
+        (16, 256, 4),
+        (16, 512, 8),
+        (16, 1024, 8),
+        (32, 128, 4),
+        (32, 256, 8),
+        (32, 512, 8),
+        (64, 128, 8),
+    ]
+]
 _lut_tuned = _autotune(_LUT_CONFIGS, ["N", "K", "MODE", "HAS_SCALES"])(_lut_jit)
 _lut_gather_tuned = _autotune(_LUT_GATHER_CONFIGS, ["N", "K", "HAS_SCALES"])(_lut_jit)
 
-_LUT_PRMT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "PREFETCH": pf}, num_warps=w)
-                     for bn, bw, w, pf in [(1, 128, 4, 1), (1, 256, 4, 1), (2, 128, 4, 1), (2, 256, 8, 1),
-                                           (4, 64, 4, 1), (4, 128, 4, 1), (4, 128, 8, 1), (4, 256, 8, 1),
-                                           (8, 32, 4, 1), (8, 64, 4, 1), (8, 64, 8, 1), (8, 128, 8, 1),
-                                           (16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1),
-                                           (1, 128, 2, 1), (2, 64, 2, 1), (2, 128, 2, 1), (4, 32, 2, 1),
-                                           (2, 128, 4, 0), (2, 256, 8, 0), (8, 32, 4, 0), (8, 64, 8, 0)]]
+_LUT_PRMT_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "PREFETCH": pf}, num_warps=w)
+    for bn, bw, w, pf in [
+        (1, 128, 4, 1),
+        (1, 256, 4, 1),
+        (2, 128, 4, 1),
+        (2, 256, 8, 1),
+        (4, 64, 4, 1),
+        (4, 128, 4, 1),
+        (4, 128, 8, 1),
+        (4, 256, 8, 1),
+        (8, 32, 4, 1),
+        (8, 64, 4, 1),
+        (8, 64, 8, 1),
+        (8, 128, 8, 1),
+        (16, 16, 4, 1),
+        (16, 32, 8, 1),
+        (32, 16, 8, 1),
+        (1, 128, 2, 1),
+        (2, 64, 2, 1),
+        (2, 128, 2, 1),
+        (4, 32, 2, 1),
+        (2, 128, 4, 0),
+        (2, 256, 8, 0),
+        (8, 32, 4, 0),
+        (8, 64, 8, 0),
+    ]
+]
 _lut_prmt_tuned = _autotune(_LUT_PRMT_CONFIGS, ["N", "KW", "HAS_SCALES"])(_lut_prmt_jit)
-_W8A8_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-                 for bn, bk, w in [(2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 8), (8, 256, 4),
-                                   (8, 512, 8), (16, 128, 4), (16, 256, 8), (32, 128, 8), (16, 512, 8),
-                                   (32, 256, 8), (64, 128, 8)]]
+_W8A8_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+    for bn, bk, w in [
+        (2, 1024, 4),
+        (2, 2048, 8),
+        (4, 512, 4),
+        (4, 1024, 8),
+        (8, 256, 4),
+        (8, 512, 8),
+        (16, 128, 4),
+        (16, 256, 8),
+        (32, 128, 8),
+        (16, 512, 8),
+        (32, 256, 8),
+        (64, 128, 8),
+    ]
+]
 _w8a8_tuned = _autotune(_W8A8_CONFIGS, ["N", "K", "HAS_BIAS"])(_w8a8_jit)
 
 #: block sizes used where nothing is tuned (the interpreter, or an explicit ``config=``)
@@ -362,8 +492,9 @@ def _launch(fn, jit, tuned, default, config, grid_n, args, kwargs):
         tuned[lambda meta: (triton.cdiv(grid_n, meta["BLOCK_N"]),)](*args, **kwargs)
 
 
-def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros, bias,
-              group_size: int, config: dict = None) -> torch.Tensor:
+def int4_gemv(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros, bias, group_size: int, config: dict = None
+) -> torch.Tensor:
     """``W x + b`` for one row ``x`` (in,) with a packed asymmetric int4 weight -> (out,) in x's dtype.
 
     ``group_size`` must be a power of two >= 2 that divides ``in_features``.
@@ -373,12 +504,25 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
     x = x.reshape(-1).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     dummy = scales
-    args = (x, qweight, scales, dummy if qzeros is None else qzeros, dummy if bias is None else bias, y,
-            N, G, qweight.stride(0), scales.stride(0), 0 if qzeros is None else qzeros.stride(0))
+    args = (
+        x,
+        qweight,
+        scales,
+        dummy if qzeros is None else qzeros,
+        dummy if bias is None else bias,
+        y,
+        N,
+        G,
+        qweight.stride(0),
+        scales.stride(0),
+        0 if qzeros is None else qzeros.stride(0),
+    )
     kwargs = dict(GS=group_size, HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None)
     if G * group_size != K:
-        raise QtutorError(f"int4_gemv: {G} groups of {group_size} do not cover in_features {K}; "
-                          f"scales must have in_features / group_size columns")
+        raise QtutorError(
+            f"int4_gemv: {G} groups of {group_size} do not cover in_features {K}; "
+            f"scales must have in_features / group_size columns"
+        )
     _launch(_int4_gemv_kernel, _int4_jit, _int4_tuned, DEFAULT_INT4, config, N, args, kwargs)
     return y
 
@@ -387,8 +531,16 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzer
 LUT_KERNEL_MODES = {"gather": GATHER.value, "load": LOAD.value, "pairs": PAIRS.value, "prmt": None}
 
 
-def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor, scales, bias, rows_per_lut: int,
-             mode: str = "prmt", config: dict = None) -> torch.Tensor:
+def lut_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    lut: torch.Tensor,
+    scales,
+    bias,
+    rows_per_lut: int,
+    mode: str = "prmt",
+    config: dict = None,
+) -> torch.Tensor:
     """``W x + b`` for one row ``x`` (in,) with packed 4-bit LUT indices -> (out,) in x's dtype.
 
     ``lut``: (n_luts, 16) fp16/fp32 for ``mode`` "gather" and "load"; for "pairs", the int32
@@ -397,16 +549,28 @@ def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor, scales, 
         raise QtutorError(f"unknown lut_gemv mode {mode!r}; choose from {', '.join(LUT_KERNEL_MODES)}")
     width = 256 if mode == "pairs" else 16
     if lut.dim() != 2 or lut.shape[1] != width or (mode == "pairs") != (lut.dtype == torch.int32):
-        raise QtutorError(f"lut_gemv mode {mode!r} needs a (n_luts, {width}) "
-                         f"{'int32 pair table' if mode == 'pairs' else 'float LUT'}, got {tuple(lut.shape)} {lut.dtype}")
+        raise QtutorError(
+            f"lut_gemv mode {mode!r} needs a (n_luts, {width}) "
+            f"{'int32 pair table' if mode == 'pairs' else 'float LUT'}, got {tuple(lut.shape)} {lut.dtype}"
+        )
     if mode == "prmt":
         return _lut_gemv_prmt(x, qweight, lut, scales, bias, rows_per_lut, config)
     N, K = qweight.shape[0], x.numel()
     x = x.reshape(-1).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     dummy = lut
-    args = (x, qweight, lut, dummy if scales is None else scales, dummy if bias is None else bias, y,
-            N, K, qweight.stride(0), rows_per_lut)
+    args = (
+        x,
+        qweight,
+        lut,
+        dummy if scales is None else scales,
+        dummy if bias is None else bias,
+        y,
+        N,
+        K,
+        qweight.stride(0),
+        rows_per_lut,
+    )
     kwargs = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, MODE=LUT_KERNEL_MODES[mode])
     tuned = _lut_gather_tuned if mode == "gather" else _lut_tuned
     default = DEFAULT_LUT_GATHER if mode == "gather" else DEFAULT_LUT
@@ -417,29 +581,41 @@ def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor, scales, 
 def _lut_gemv_prmt(x, qweight, lut, scales, bias, rows_per_lut, config):
     N, K = qweight.shape[0], x.numel()
     if lut.dtype != torch.float16 or K % 8 or qweight.stride(-1) != 1 or qweight.stride(0) % 4:
-        raise QtutorError(f"lut_gemv mode 'prmt' needs an fp16 LUT and in_features divisible by 8 "
-                          f"(got {lut.dtype}, {K}): use mode 'load'")
+        raise QtutorError(
+            f"lut_gemv mode 'prmt' needs an fp16 LUT and in_features divisible by 8 "
+            f"(got {lut.dtype}, {K}): use mode 'load'"
+        )
     if x.is_cuda and torch.version.hip:
         raise QtutorError("lut_gemv mode 'prmt' runs NVIDIA PTX (prmt.b32): on an AMD GPU use mode 'load'")
     x = x.reshape(-1).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
-    q32 = qweight.view(torch.int32)                                     # (out, in/8): 8 indices a word
-    lut32 = lut.contiguous().view(torch.int32)                          # (n_luts, 8): 2 entries a word
-    args = (x, q32, lut32, lut if scales is None else scales, lut if bias is None else bias, y,
-            N, K // 8, q32.stride(0), rows_per_lut)
+    q32 = qweight.view(torch.int32)  # (out, in/8): 8 indices a word
+    lut32 = lut.contiguous().view(torch.int32)  # (n_luts, 8): 2 entries a word
+    args = (
+        x,
+        q32,
+        lut32,
+        lut if scales is None else scales,
+        lut if bias is None else bias,
+        y,
+        N,
+        K // 8,
+        q32.stride(0),
+        rows_per_lut,
+    )
     kwargs = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, ASM=x.is_cuda)
     _launch(_lut_gemv_prmt_kernel, _lut_prmt_jit, _lut_prmt_tuned, DEFAULT_LUT_PRMT, config, N, args, kwargs)
     return y
 
 
-def w8a8_gemv(x: torch.Tensor, qweight: torch.Tensor, weight_scales: torch.Tensor, bias,
-              config: dict = None) -> torch.Tensor:
+def w8a8_gemv(
+    x: torch.Tensor, qweight: torch.Tensor, weight_scales: torch.Tensor, bias, config: dict = None
+) -> torch.Tensor:
     """``y = s_x s_w q_w q_x + b`` for one row ``x`` (in,), quantized per token inside the kernel,
     with int8 ``qweight`` (out, in) and float32 ``weight_scales`` (out,) -> (out,) in x's dtype."""
     N, K = qweight.shape[0], x.numel()
     x = x.reshape(-1).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     args = (x, qweight, weight_scales, weight_scales if bias is None else bias, y, N, K, qweight.stride(0))
-    _launch(_w8a8_gemv_kernel, _w8a8_jit, _w8a8_tuned, DEFAULT_W8A8, config, N, args,
-            dict(HAS_BIAS=bias is not None))
+    _launch(_w8a8_gemv_kernel, _w8a8_jit, _w8a8_tuned, DEFAULT_W8A8, config, N, args, dict(HAS_BIAS=bias is not None))
     return y

@@ -4,6 +4,7 @@ rotary embedding + KV-cache write, attention over the cache, SiLU(gate) * up.
 Imported lazily by :mod:`qtutor.runtime.decode` (this module needs ``triton``); compiled on
 CUDA, run by Triton's interpreter on CPU tensors (the tests check the same source).
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._interpret import _interpreted, _interpreting
+
 
 # --------------------------------------------------------------------------- decode-step glue
 # At batch 1 every kernel launch costs microseconds whatever it computes, so the one-token step
@@ -43,8 +45,7 @@ def _silu_mul_kernel(gu_ptr, y_ptr, I, BLOCK: tl.constexpr):
     tl.store(y_ptr + i, (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty), mask=m)
 
 
-def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, NH, NKV, SLOTS,
-                       HD: tl.constexpr):
+def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, NH, NKV, SLOTS, HD: tl.constexpr):
     """Head ``pid`` of one token's stacked [q | k | v] (heads of HD): q and k heads are rotated,
     ``x cos + rotate_half(x) sin`` at position ``pos``; q goes to ``q_ptr``, k and v into the
     cache row ``pos`` of their kv head (cache (NKV, SLOTS, HD))."""
@@ -74,8 +75,19 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr
     tl.store(dst + HALF + i, y2.to(kc_ptr.dtype.element_ty))
 
 
-def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, SLOTS, scale, G,
-                             HD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
+def _decode_attention_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    pos_ptr,
+    o_ptr,
+    SLOTS,
+    scale,
+    G,
+    HD: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """kv head ``pid`` and its G query heads: softmax(scale q K^T) V over cache slots 0..pos,
     with an online softmax over blocks of BLOCK_L slots (float32 scores, fp16/bf16 products).
     One program per kv head walks the whole cache: right for the short caches of these
@@ -106,8 +118,9 @@ def _decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, SLOTS, scale
     tl.store(o_ptr + (kvh * G + r)[:, None] * HD + d[None, :], o.to(o_ptr.dtype.element_ty), mask=rm[:, None])
 
 
-_GLUE_JIT = {f: triton.jit(f) for f in (_add_rms_norm_kernel, _silu_mul_kernel, _rope_cache_kernel,
-                                        _decode_attention_kernel)}
+_GLUE_JIT = {
+    f: triton.jit(f) for f in (_add_rms_norm_kernel, _silu_mul_kernel, _rope_cache_kernel, _decode_attention_kernel)
+}
 
 
 def _run(fn, grid, *args, **meta):
@@ -127,8 +140,18 @@ def add_rms_norm(h: torch.Tensor, r, weight: torch.Tensor, eps: float) -> torch.
     """``h += r`` in place (skipped for ``r=None``), then RMSNorm(h) * weight -> new tensor."""
     D = h.shape[-1]
     x = torch.empty_like(h)
-    _run(_add_rms_norm_kernel, (h.numel() // D,), h, h if r is None else r.contiguous(), weight, x, D,
-         float(eps), HAS_RES=r is not None, BLOCK_D=_pow2(D))
+    _run(
+        _add_rms_norm_kernel,
+        (h.numel() // D,),
+        h,
+        h if r is None else r.contiguous(),
+        weight,
+        x,
+        D,
+        float(eps),
+        HAS_RES=r is not None,
+        BLOCK_D=_pow2(D),
+    )
     return x
 
 
@@ -145,8 +168,21 @@ def rope_cache(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int) ->
     rotated k and the v are written into row ``pos`` of ``k_cache``/``v_cache`` (n_kv, slots, hd)."""
     hd = k_cache.shape[-1]
     q = torch.empty(n_heads, hd, dtype=k_cache.dtype, device=k_cache.device)
-    _run(_rope_cache_kernel, (n_heads + 2 * n_kv,), qkv.contiguous(), cos, sin, pos, q, k_cache, v_cache,
-         n_heads, n_kv, k_cache.shape[1], HD=hd)
+    _run(
+        _rope_cache_kernel,
+        (n_heads + 2 * n_kv,),
+        qkv.contiguous(),
+        cos,
+        sin,
+        pos,
+        q,
+        k_cache,
+        v_cache,
+        n_heads,
+        n_kv,
+        k_cache.shape[1],
+        HD=hd,
+    )
     return q
 
 
@@ -156,6 +192,19 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
     n_kv, slots, hd = k_cache.shape
     G = q.shape[0] // n_kv
     o = torch.empty(q.shape[0] * hd, dtype=q.dtype, device=q.device)
-    _run(_decode_attention_kernel, (n_kv,), q, k_cache, v_cache, pos, o, slots, float(scale), G,
-         HD=hd, BLOCK_G=max(16, _pow2(G)), BLOCK_L=64)
+    _run(
+        _decode_attention_kernel,
+        (n_kv,),
+        q,
+        k_cache,
+        v_cache,
+        pos,
+        o,
+        slots,
+        float(scale),
+        G,
+        HD=hd,
+        BLOCK_G=max(16, _pow2(G)),
+        BLOCK_L=64,
+    )
     return o
