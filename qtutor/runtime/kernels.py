@@ -109,15 +109,24 @@ def _inner_k_tiles(in_features: int) -> Optional[int]:
     return None
 
 
-def tinygemm_reason(layer: nn.Module, device) -> Optional[str]:
-    """Why ``layer`` cannot use tinygemm on ``device`` (None if it can)."""
-    device = torch.device(device)
+def _int4_groups_reason(layer: nn.Module, kernel: str) -> Optional[str]:
+    """Why ``layer`` is not a 4-bit ``UniformLinear`` with contiguous groups, as both int4
+    kernels need (None if it is)."""
     if not isinstance(layer, UniformLinear):
         return "not a UniformLinear"
     if layer.bits != 4:
-        return f"{layer.bits}-bit codes (tinygemm is 4-bit)"
+        return f"{layer.bits}-bit codes ({kernel} is 4-bit)"
     if layer.g_idx is not None:
         return "act-order g_idx (groups are not contiguous)"
+    return None
+
+
+def tinygemm_reason(layer: nn.Module, device) -> Optional[str]:
+    """Why ``layer`` cannot use tinygemm on ``device`` (None if it can)."""
+    device = torch.device(device)
+    reason = _int4_groups_reason(layer, "tinygemm")
+    if reason is not None:
+        return reason
     gs, _ = group_layout(layer.in_features, layer.group_size)
     if gs not in TINYGEMM_GROUP_SIZES or layer.in_features % gs:
         return f"group size {gs} (tinygemm takes {TINYGEMM_GROUP_SIZES}, dividing in_features)"
@@ -287,12 +296,10 @@ def _is_pow2(n: int) -> bool:
 
 
 def triton_int4_reason(layer) -> Optional[str]:
-    if not isinstance(layer, UniformLinear):
-        return "not a UniformLinear"
-    if layer.bits != 4:
-        return f"{layer.bits}-bit codes"
-    if layer.g_idx is not None:
-        return "act-order g_idx"
+    """Why ``layer`` cannot use the Triton int4 GEMV (None if it can)."""
+    reason = _int4_groups_reason(layer, "int4_gemv")
+    if reason is not None:
+        return reason
     gs, _ = group_layout(layer.in_features, layer.group_size)
     if not _is_pow2(gs) or layer.in_features % gs:
         return f"group size {gs} is not a power of two dividing in_features"
