@@ -89,23 +89,23 @@ MAX_SEED = 2**63 - 1
 _DEFAULTS = {f.name: f.default for f in fields(BenchConfig)}
 
 
-def check_options(args) -> None:
+def check_options(options) -> None:
     """The checks that need nothing but the options themselves."""
     for flag, (attr, low, why) in MINIMUMS.items():
-        value = getattr(args, attr)
+        value = getattr(options, attr)
         if value is not None and value < low:
             default = " (or leave it out for the default)" if _DEFAULTS[attr] is None else ""
             raise QtutorError(f"{flag} {value} is too small ({why}); use {low} or more{default}")
-    if args.seed > MAX_SEED:
-        raise QtutorError(f"--seed {args.seed} is too large; use at most {MAX_SEED}")
-    if args.resume and args.overwrite:
+    if options.seed > MAX_SEED:
+        raise QtutorError(f"--seed {options.seed} is too large; use at most {MAX_SEED}")
+    if options.resume and options.overwrite:
         raise QtutorError(
             "--resume and --overwrite contradict each other; --resume continues the run "
             "in --out, --overwrite starts afresh (keeping the old results file)"
         )
 
 
-def method_configs(names: list[str], args) -> dict:
+def method_configs(names: list[str], options) -> dict:
     """Each method's config with the overrides it declares (``Method.overrides``) applied."""
     from .quant import get_method
 
@@ -114,7 +114,7 @@ def method_configs(names: list[str], args) -> dict:
         m = get_method(name)
         cfg = m.default_config
         if cfg is not None:
-            cfg = cfg.replace(**{k: getattr(args, k) for k in m.overrides})
+            cfg = cfg.replace(**{k: getattr(options, k) for k in m.overrides})
         configs[name] = cfg
     return configs
 
@@ -200,39 +200,39 @@ class Plan:
         return self.out / RESULTS
 
 
-def plan_run(args) -> Plan:
+def plan_run(options) -> Plan:
     """Check every option and resolve the sizes; nothing is read but the model's config."""
     from .book import eval_seqlen
     from .models import EMBEDDED_MODEL
     from .quant import get_method
 
-    check_options(args)
-    names = parse_methods(args.methods)
-    configs = method_configs(names, args)
-    device = resolve_device(args.device)
-    dtype_name = args.dtype if args.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
-    out = Path(args.out)
+    check_options(options)
+    names = parse_methods(options.methods)
+    configs = method_configs(names, options)
+    device = resolve_device(options.device)
+    dtype_name = options.dtype if options.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
+    out = Path(options.out)
     check_out_path(out)
-    config = _model_config(args)
+    config = _model_config(options)
     max_positions = getattr(config, "max_position_embeddings", None) or 10**9
-    seqlen = args.seqlen or eval_seqlen(config)
-    if max(seqlen, args.calib_seqlen or 0) > max_positions:
+    seqlen = options.seqlen or eval_seqlen(config)
+    if max(seqlen, options.calib_seqlen or 0) > max_positions:
         raise QtutorError(
-            f"--seqlen/--calib-seqlen {max(seqlen, args.calib_seqlen or 0)} exceeds the model's "
+            f"--seqlen/--calib-seqlen {max(seqlen, options.calib_seqlen or 0)} exceeds the model's "
             f"{max_positions} positions; use a value of at most {max_positions}"
         )
     # on a CPU the default run evaluates a slice of the text, so that it stays within minutes
-    max_eval = args.max_eval_tokens or (None if device.type == "cuda" else 64 * 512)
+    max_eval = options.max_eval_tokens or (None if device.type == "cuda" else 64 * 512)
     if max_eval is not None and max_eval < seqlen:
-        given = "--max-eval-tokens" if args.max_eval_tokens else "the CPU default of --max-eval-tokens"
+        given = "--max-eval-tokens" if options.max_eval_tokens else "the CPU default of --max-eval-tokens"
         raise QtutorError(
             f"{given} {max_eval} is fewer than one window of {seqlen} tokens (--seqlen); "
             f"use --max-eval-tokens {seqlen} or more, or a smaller --seqlen"
         )
     dataset = (
         "random-tokens"
-        if args.random_weights
-        else (args.dataset or ("embedded" if args.model == EMBEDDED_MODEL else "wikitext2"))
+        if options.random_weights
+        else (options.dataset or ("embedded" if options.model == EMBEDDED_MODEL else "wikitext2"))
     )
     return Plan(
         names,
@@ -244,21 +244,21 @@ def plan_run(args) -> Plan:
         dataset,
         needs_calib=any(get_method(n).needs_calib for n in names),
         seqlen=seqlen,
-        calib_seqlen=args.calib_seqlen or seqlen,
-        n_calib=args.calib_samples or (128 if device.type == "cuda" else 16),
+        calib_seqlen=options.calib_seqlen or seqlen,
+        n_calib=options.calib_samples or (128 if device.type == "cuda" else 16),
         max_eval=max_eval,
     )
 
 
-def _model_config(args):
+def _model_config(options):
     """The model's transformers config (a one-line error if the model cannot be had)."""
     from .models import LAYOUTS, QWEN2_0_5B, load_config
 
-    if args.random_weights and args.model.lower() in ("qwen2-0.5b", "qwen/qwen2-0.5b"):
+    if options.random_weights and options.model.lower() in ("qwen2-0.5b", "qwen/qwen2-0.5b"):
         from transformers import Qwen2Config
 
         return Qwen2Config(**QWEN2_0_5B)
-    config = load_config(args.model)
+    config = load_config(options.model)
     if config.model_type not in LAYOUTS:
         raise QtutorError(
             f"model type {config.model_type!r} has no layout in qtutor; supported: {', '.join(sorted(LAYOUTS))}"
@@ -266,19 +266,19 @@ def _model_config(args):
     return config
 
 
-def model_revision(args, config) -> str:
+def model_revision(options, config) -> str:
     """What identifies the model's numbers: a fingerprint of a local folder's config and weight
     files, the Hub commit, or the built-in architecture."""
     from .models import resolve_model
 
-    if args.random_weights and args.model.lower() in ("qwen2-0.5b", "qwen/qwen2-0.5b"):
+    if options.random_weights and options.model.lower() in ("qwen2-0.5b", "qwen/qwen2-0.5b"):
         return "built-in qwen2-0.5b architecture"
-    path = Path(resolve_model(args.model))
+    path = Path(resolve_model(options.model))
     if not path.is_dir():
-        return getattr(config, "_commit_hash", None) or f"hub:{args.model} (revision unknown)"
+        return getattr(config, "_commit_hash", None) or f"hub:{options.model} (revision unknown)"
     patterns = (
         ("config.json",)
-        if args.random_weights
+        if options.random_weights
         else ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json")
     )
     h = hashlib.sha256()
@@ -326,36 +326,36 @@ class Inputs:
         return self.eval_ids[:32]
 
 
-def read_texts(args, plan: Plan):
+def read_texts(options, plan: Plan):
     """(evaluation text, calibration text or None); None for random weights."""
     from .data import dataset_text
 
-    if args.random_weights:
+    if options.random_weights:
         return None
     return (
-        dataset_text(plan.dataset, "eval", args.data_dir),
-        dataset_text(plan.dataset, "calib", args.data_dir) if plan.needs_calib else None,
+        dataset_text(plan.dataset, "eval", options.data_dir),
+        dataset_text(plan.dataset, "calib", options.data_dir) if plan.needs_calib else None,
     )
 
 
-def load_inputs(args, plan: Plan, texts) -> Inputs:
+def load_inputs(options, plan: Plan, texts) -> Inputs:
     """Load the model and tokenize; checks that the texts give the windows the run needs."""
     from .data import calibration_windows, eval_windows, tokenize
     from .models import load_model, random_model
 
     dtype = getattr(torch, plan.dtype_name)
-    torch.manual_seed(args.seed)
-    if args.random_weights:  # random token ids: the figures are timings, not quality
-        base = random_model(args.model, dtype=dtype, seed=args.seed)
-        g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(options.seed)
+    if options.random_weights:  # random token ids: the figures are timings, not quality
+        base = random_model(options.model, dtype=dtype, seed=options.seed)
+        g = torch.Generator().manual_seed(options.seed)
         vocab = base.config.vocab_size
         eval_ids = torch.randint(0, vocab, (plan.max_eval or 64 * plan.seqlen,), generator=g)
         calib_ids = torch.randint(0, vocab, (plan.n_calib * plan.calib_seqlen + 1,), generator=g)
     else:
-        base, tokenizer = load_model(args.model, dtype=dtype, device="cpu")
+        base, tokenizer = load_model(options.model, dtype=dtype, device="cpu")
         eval_ids = tokenize(tokenizer, texts[0])
         calib_ids = None if texts[1] is None else tokenize(tokenizer, texts[1])
-    calib = calibration_windows(calib_ids, plan.n_calib, plan.calib_seqlen, args.seed) if plan.needs_calib else None
+    calib = calibration_windows(calib_ids, plan.n_calib, plan.calib_seqlen, options.seed) if plan.needs_calib else None
     return Inputs(base, eval_ids, eval_windows(eval_ids, plan.seqlen, plan.max_eval), calib)
 
 
@@ -386,28 +386,28 @@ SETTINGS = {
 CALIB_SETTINGS = ("calib_samples", "calib_seqlen", "calib_windows")
 
 
-def run_settings(args, plan: Plan, inputs: Inputs) -> dict:
+def run_settings(options, plan: Plan, inputs: Inputs) -> dict:
     """The values of :data:`SETTINGS` for this run (calibration ones None if it calibrates nothing)."""
     calibrated = inputs.calib is not None
-    fast = plan.device.type == "cuda" if args.fast_decode is None else args.fast_decode
+    fast = plan.device.type == "cuda" if options.fast_decode is None else options.fast_decode
     return {
-        "model": args.model,
-        "random_weights": args.random_weights,
-        "model_revision": model_revision(args, plan.model_config),
+        "model": options.model,
+        "random_weights": options.random_weights,
+        "model_revision": model_revision(options, plan.model_config),
         "dataset": plan.dataset,
         "seqlen": plan.seqlen,
         "eval_tokens": int(inputs.eval_tokens.numel()),
         "eval_text": _digest(inputs.eval_tokens),
-        "seed": args.seed,
+        "seed": options.seed,
         "dtype": plan.dtype_name,
         "device_type": plan.device.type,
-        "bits": args.bits,
-        "group_size": args.group_size,
-        "sym": args.sym,
-        "act_order": args.act_order,
-        "latency_tokens": args.latency_tokens,
+        "bits": options.bits,
+        "group_size": options.group_size,
+        "sym": options.sym,
+        "act_order": options.act_order,
+        "latency_tokens": options.latency_tokens,
         "fast_decode": fast,
-        "kernels": args.kernels,
+        "kernels": options.kernels,
         "calib_samples": plan.n_calib if calibrated else None,
         "calib_seqlen": plan.calib_seqlen if calibrated else None,
         "calib_windows": _digest(inputs.calib) if calibrated else None,
@@ -458,14 +458,14 @@ def _plain(data):
 
 
 # --------------------------------------------------------------------------- the results file
-def existing_results(path: Path, args) -> Optional[dict]:
+def existing_results(path: Path, options) -> Optional[dict]:
     """What is in ``path`` already: the run to continue (``--resume``), or None to start afresh;
     refuses to start afresh over finished methods without ``--overwrite``. Call under the lock."""
     if not path.exists():
         return None
-    if args.resume:
+    if options.resume:
         return load_results(path)
-    if args.overwrite:
+    if options.overwrite:
         return None
     try:
         held = read_results(path)["methods"]
@@ -483,10 +483,10 @@ def existing_results(path: Path, args) -> Optional[dict]:
     return None  # no finished method: nothing to lose
 
 
-def start_results(path: Path, args, header: dict, previous: Optional[dict], log=print) -> dict:
+def start_results(path: Path, options, header: dict, previous: Optional[dict], log=print) -> dict:
     """The results this run adds to, written to ``path`` before the first method."""
     if previous is None:
-        if args.overwrite and path.exists():
+        if options.overwrite and path.exists():
             log(f"note: the earlier {path} was moved to {archive(path)}")
         results = {**header, "methods": {}}
     else:
@@ -514,17 +514,16 @@ def run_bench(
     model (and report) to hand back in it, ``keep[name] = (model, report)``, instead of freeing
     them. Bad settings raise a one-line :class:`QtutorError` before any work starts.
     """
-    args = config
     log = log or (lambda line: None)
     t_start = time.perf_counter()
-    plan = plan_run(args)
+    plan = plan_run(config)
     _quiet_libraries()
-    texts = read_texts(args, plan)  # a missing dataset fails before the folder is touched
+    texts = read_texts(config, plan)  # a missing dataset fails before the folder is touched
     with locked(plan.out):
-        previous = existing_results(plan.results_path, args)
-        inputs = load_inputs(args, plan, texts)
+        previous = existing_results(plan.results_path, config)
+        inputs = load_inputs(config, plan, texts)
         header = {
-            "model": args.model + (" (random weights: timing only)" if args.random_weights else ""),
+            "model": config.model + (" (random weights: timing only)" if config.random_weights else ""),
             "dataset": plan.dataset,
             "device": device_name(plan.device),
             "dtype": plan.dtype_name,
@@ -532,12 +531,12 @@ def run_bench(
             "calib_samples": 0 if inputs.calib is None else int(inputs.calib.shape[0]),
             "calib_seqlen": plan.calib_seqlen,
             "versions": versions(),
-            "settings": run_settings(args, plan, inputs),
+            "settings": run_settings(config, plan, inputs),
         }
         if previous is not None:
             check_resumable(plan.results_path, previous, header["settings"], plan.configs)
-        results = start_results(plan.results_path, args, header, previous, log)
-        run_methods(args, plan, inputs, results, keep, on_result, log)
+        results = start_results(plan.results_path, config, header, previous, log)
+        run_methods(config, plan, inputs, results, keep, on_result, log)
         wall = time.perf_counter() - t_start
         # wall time of THIS invocation, from the start (model and text loading included)
         results["wall_seconds"] = wall if previous is None else None
@@ -552,7 +551,7 @@ def run_bench(
 
 
 def run_methods(
-    args, plan: Plan, inputs: Inputs, results: dict, keep: Optional[dict] = None, on_result=None, log=print
+    options, plan: Plan, inputs: Inputs, results: dict, keep: Optional[dict] = None, on_result=None, log=print
 ) -> None:
     """Measure each method not yet in ``results``; the file is rewritten after each one."""
     from .eval import memory_report
@@ -566,7 +565,7 @@ def run_methods(
         if name in results["methods"]:
             log(f"{name:20s} skipped (already in {plan.results_path})")
             continue
-        entry, warnings = finite_or_none(measure(args, plan, inputs, name, fp16_bytes, keep))
+        entry, warnings = finite_or_none(measure(options, plan, inputs, name, fp16_bytes, keep))
         for w in warnings:
             log(f"warning: {name}: {w} is not a finite number; results.json records null")
         results["methods"][name] = entry
@@ -580,19 +579,19 @@ def run_methods(
         )
 
 
-def measure(args, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, keep: Optional[dict] = None) -> dict:
+def measure(options, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, keep: Optional[dict] = None) -> dict:
     """Quantize a fresh copy with ``name``; its perplexity, latency, memory and compression."""
     from .eval import memory_report, perplexity
 
     t0 = time.perf_counter()
-    progress = args.progress
+    progress = options.progress
     model, report = _quantized_copy(inputs.base, name, plan.configs[name], inputs.calib, plan.device, progress=progress)
-    ppl = perplexity(model, inputs.eval_ids, plan.seqlen, plan.max_eval, args.eval_batch_size, progress=progress)
+    ppl = perplexity(model, inputs.eval_ids, plan.seqlen, plan.max_eval, options.eval_batch_size, progress=progress)
     mem = memory_report(model)  # before the decode timing, whose fast kernels may add or re-pack buffers
     if keep is not None and name in keep:  # hand back the model as quantize() made it: time a copy
         keep[name] = (model, report)
         model = copy.deepcopy(model)
-    lat = _latency(model, inputs.prompt, args, plan.device)
+    lat = _latency(model, inputs.prompt, options, plan.device)
     return {
         "ppl": ppl.ppl,
         "eval_tokens": ppl.eval_tokens,
@@ -614,18 +613,18 @@ def measure(args, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, keep: 
     }
 
 
-def _latency(model, prompt, args, device):
+def _latency(model, prompt, options, device):
     """Decode latency: the fast harness (static cache, CUDA graphs, fast kernels) or the HF loop."""
     from .eval import decode_latency
 
-    fast = device.type == "cuda" if getattr(args, "fast_decode", None) is None else args.fast_decode
+    fast = device.type == "cuda" if getattr(options, "fast_decode", None) is None else options.fast_decode
     if not fast:
-        return decode_latency(model, prompt, args.latency_tokens, runs=args.latency_runs)
+        return decode_latency(model, prompt, options.latency_tokens, runs=options.latency_runs)
     from .runtime.decode import fast_decode_latency
     from .runtime.kernels import accelerate
 
-    accelerate(model, getattr(args, "kernels", "auto"))
-    return fast_decode_latency(model, prompt, args.latency_tokens, runs=args.latency_runs)
+    accelerate(model, getattr(options, "kernels", "auto"))
+    return fast_decode_latency(model, prompt, options.latency_tokens, runs=options.latency_runs)
 
 
 def _quiet_libraries():
