@@ -551,6 +551,29 @@ def _operations(block):
             yield from _operations(b)
 
 
+def coremltools_palettize(linear: nn.Module, cfg=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """coremltools' own post-training palettizer (``PostTrainingPalettizer``) on a CPU float32
+    copy of ``linear``'s weight (out, in), with the settings of ``cfg`` (a ``PalettizeConfig``;
+    default: ``palettization_4bit``'s) -> (its dequantized weight (out, in) float32, its
+    palettes (n_luts, 2^b)). ``linear`` is unchanged. Chapters 5 and 7 compare it with ours.
+    """
+    _coremltools()
+    from coremltools.optimize.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig
+
+    from .quant.palettize import PalettizeConfig
+
+    cfg = cfg or PalettizeConfig()
+    lin = nn.Linear(linear.in_features, linear.out_features, bias=False)
+    lin.weight.data = linear.weight.detach().float().cpu().clone()
+    settings = {"n_bits": cfg.bits, "granularity": cfg.granularity, "enable_per_channel_scale": cfg.per_channel_scale}
+    if cfg.granularity == "per_grouped_channel":
+        settings["group_size"] = cfg.group_size
+    ct_cfg = PostTrainingPalettizerConfig.from_dict({"global_config": settings})
+    out = PostTrainingPalettizer(nn.Sequential(lin), ct_cfg).compress()[0]
+    lut = getattr(out, "_COREML_/weight/lut")
+    return out.weight.detach().float(), lut.reshape(lut.shape[0], -1).float()
+
+
 def read_luts(path_or_model) -> dict:
     """The palettized weights stored in an ML Program (a saved ``.mlpackage`` path or an
     ``MLModel``), read from its MIL program without loading it for prediction (any platform).

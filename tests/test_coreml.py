@@ -305,3 +305,21 @@ def test_fast_lut_indices_is_scoped_and_hands_other_shapes_to_coremltools():
     with pytest.raises(RuntimeError), coreml._fast_lut_indices():
         raise RuntimeError("a failed conversion")
     assert _utils.find_indices_for_lut is original
+
+
+def test_coremltools_palettizer_beside_ours():
+    """coremltools' palettizer through qtutor.coreml: its weight decodes from its palettes (one
+    per 16 rows), the linear is untouched, and without per-channel scales its palettes are the
+    ones kmeans="coreml" computes (what chapter 5 shows)."""
+    from qtutor.quant.palettize import PalettizeConfig, kmeans_lut
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 32, bias=False)
+    before = lin.weight.detach().clone()
+    W_hat, lut = coreml.coremltools_palettize(lin)
+    assert torch.equal(lin.weight, before) and W_hat.shape == (32, 40) and lut.shape == (2, 16)
+    plain = PalettizeConfig(per_channel_scale=False)
+    W_plain, lut_plain = coreml.coremltools_palettize(lin, plain)
+    rows = lut_plain.repeat_interleave(16, dim=0)
+    assert all(set(W_plain[r].tolist()) <= set(rows[r].tolist()) for r in range(32))
+    ours = kmeans_lut(lin.weight.detach(), PalettizeConfig(per_channel_scale=False, kmeans="coreml"))
+    assert torch.equal(lut_plain.half(), ours.lut)
