@@ -312,6 +312,7 @@ def test_coremltools_palettizer_beside_ours():
     per 16 rows), the linear is untouched, and without per-channel scales its palettes are the
     ones kmeans="coreml" computes (what chapter 5 shows)."""
     from qtutor.quant.palettize import PalettizeConfig, kmeans_lut
+
     torch.manual_seed(0)
     lin = torch.nn.Linear(40, 32, bias=False)
     before = lin.weight.detach().clone()
