@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+import lut_modes
 from _common import CONFIGS, ROOT, build_model, environment, pick_device, print_env, table, write_csv
 
 ALL = [
@@ -316,7 +317,13 @@ def main(argv=None):
         return base_bf16
 
     def accelerated(model, backend, **kw):
-        res = kernels.accelerate(model, backend, kernel_on_cpu=args.triton_on_cpu, **kw)
+        if kw.get("lut_mode") in lut_modes.MODES:  # the experiments of benchmarks/lut_modes.py
+            res = {
+                "converted": lut_modes.use_mode(model, kw["lut_mode"], kernel_on_cpu=args.triton_on_cpu),
+                "skipped": {},
+            }
+        else:
+            res = kernels.accelerate(model, backend, kernel_on_cpu=args.triton_on_cpu, **kw)
         if not res["converted"]:
             raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
 

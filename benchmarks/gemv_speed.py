@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import lut_modes
 from _common import CONFIGS, ROOT, environment, print_env, table, write_csv
 
 
@@ -80,8 +81,11 @@ def main():
 
     def fast(layer, backend, lut_mode="prmt"):  # accelerate() converts the layers inside a model
         model = torch.nn.Sequential(layer)
-        res = kernels.accelerate(model, backend, lut_mode=lut_mode)
-        return (model, model[0].weight_nbytes) if res["converted"] else None
+        if lut_mode in lut_modes.MODES:  # the experiments of benchmarks/lut_modes.py
+            converted = lut_modes.use_mode(model, lut_mode)
+        else:
+            converted = kernels.accelerate(model, backend, lut_mode=lut_mode)["converted"]
+        return (model, model[0].weight_nbytes) if converted else None
 
     dev = torch.device("cuda")
     env = environment(dev)
@@ -153,13 +157,8 @@ def main():
     write_csv(rows, Path(args.out))
     from qtutor.runtime import triton_gemv as tk
 
-    for tuned in (
-        tk._int4_tuned,
-        tk._lut_tuned,
-        tk._lut_gather_tuned,
-        tk._lut_prmt_tuned,
-        tk._w8a8_tuned,
-    ):  # the block sizes autotuning chose per shape
+    tuners = (tk._int4_tuned, tk._lut_tuned, tk._lut_prmt_tuned, tk._w8a8_tuned)
+    for tuned in tuners + (lut_modes._lut_tuned, lut_modes._lut_gather_tuned):  # block sizes chosen per shape
         for key, cfg in tuned.cache.items():
             print(f"  {tuned.fn.__name__}: {key} -> {cfg}")
     print(f"wrote {args.out}")

@@ -124,15 +124,8 @@ def lut_reference(idx, lut, scales, bias, rows):
     return lambda x: W @ x + (0 if bias is None else bias)
 
 
-def _lut_table(lut, mode):
-    """What lut_gemv reads in ``mode``: the fp16 LUT, or its pair table."""
-    from qtutor.runtime.triton_gemv import lut_pair_table
-
-    return lut_pair_table(lut) if mode == "pairs" else lut
-
-
 @needs_interpreter
-@pytest.mark.parametrize("mode", ["prmt", "gather", "load", "pairs"])
+@pytest.mark.parametrize("mode", ["prmt", "load"])
 @pytest.mark.parametrize("n,k,rows,scaled", [(32, 96, 16, True), (48, 200, 48, False), (40, 64, 16, True)])
 def test_triton_lut_gemv_equals_reference(mode, n, k, rows, scaled):
     """Generic layout: indices (out, in/2) low nibble first, LUT (n_luts, 16), row r -> LUT r // rows."""
@@ -142,7 +135,7 @@ def test_triton_lut_gemv_equals_reference(mode, n, k, rows, scaled):
     scales = (torch.rand(n, generator=g) + 0.5).half() if scaled else None
     bias = torch.randn(n, generator=g)
     x = torch.randn(k, generator=g)
-    y = kernels.lut_gemv(x, qtutor.quant.pack_codes(idx, 4), _lut_table(lut, mode), scales, bias, rows, mode)
+    y = kernels.lut_gemv(x, qtutor.quant.pack_codes(idx, 4), lut, scales, bias, rows, mode)
     torch.testing.assert_close(y, lut_reference(idx, lut, scales, bias, rows)(x), rtol=1e-4, atol=1e-4)
 
 
@@ -169,22 +162,6 @@ def test_prmt_lut_gemv_over_several_tiles(prefetch):
 
 
 @needs_interpreter
-def test_lut_pair_table_known_entries():
-    """Entry b holds LUT[b & 15] in its low 16 bits and LUT[b >> 4] in its high 16 bits (fp16 bits),
-    negative values included (the int32 word is then negative)."""
-    from qtutor.runtime.triton_gemv import lut_pair_table
-
-    lut = torch.tensor([[-2.0 + 0.25 * i for i in range(16)]]).half()
-    t = lut_pair_table(lut)
-    assert t.shape == (1, 256) and t.dtype == torch.int32
-    bits = lut.view(torch.int16)[0].tolist()
-    for b in (0, 0x0F, 0xF0, 0x3A, 0xFF):
-        word = int(t[0, b]) & 0xFFFFFFFF
-        assert word & 0xFFFF == bits[b & 15] & 0xFFFF and word >> 16 == bits[b >> 4] & 0xFFFF
-    assert int(t[0, 0x00]) < 0 and int(t[0, 0xFF]) > 0  # LUT[0] = -2 (sign bit set), LUT[15] = 1.75
-
-
-@needs_interpreter
 @pytest.mark.parametrize(
     "mode,table", [("pairs", "lut"), ("load", "pairs"), ("nearest", "lut"), ("prmt", "f32"), ("prmt", "odd")]
 )
@@ -192,7 +169,7 @@ def test_lut_gemv_refuses_a_table_of_the_wrong_kind(mode, table):
     k = 12 if table == "odd" else 16  # prmt reads eight indices per 32-bit word
     idx = torch.zeros(16, k, dtype=torch.uint8)
     lut = torch.zeros(1, 16).half()
-    lut = {"pairs": _lut_table(lut, "pairs"), "f32": lut.float()}.get(table, lut)
+    lut = {"pairs": torch.zeros(1, 256, dtype=torch.int32), "f32": lut.float()}.get(table, lut)
     with pytest.raises(qtutor.QtutorError, match="lut_gemv mode"):
         kernels.lut_gemv(torch.zeros(k), qtutor.quant.pack_codes(idx, 4), lut, None, None, 16, mode)
 
@@ -224,11 +201,10 @@ from triton.compiler import ASTSource
 import qtutor.runtime.triton_gemv as tk
 sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "lut_ptr": "*fp16", "s_ptr": "*fp16", "b_ptr": "*fp16",
        "y_ptr": "*fp16", "N": "i32", "K": "i32", "stride_w": "i32", "ROWS_PER_LUT": "i32",
-       "HAS_SCALES": "constexpr", "HAS_BIAS": "constexpr", "MODE": "constexpr",
-       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+       "HAS_SCALES": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
 names = list(sig)
-for cfg in tk._LUT_GATHER_CONFIGS:
-    const = {"HAS_SCALES": True, "HAS_BIAS": False, "MODE": tk.LUT_KERNEL_MODES["gather"], **cfg.kwargs}
+for cfg in tk._LUT_CONFIGS:  # the indexed-load fallback
+    const = {"HAS_SCALES": True, "HAS_BIAS": False, **cfg.kwargs}
     src = ASTSource(fn=tk._lut_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     try:
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
@@ -247,15 +223,14 @@ for cfg in tk._LUT_PRMT_CONFIGS:  # the prmt inline assembly goes through ptxas 
     except Exception as e:
         sys.exit(f"{cfg}: {str(e).splitlines()[-1]}")
     assert "prmt.b32" in k.asm["ptx"]
-print("compiled", len(tk._LUT_GATHER_CONFIGS), len(tk._LUT_PRMT_CONFIGS))
+print("compiled", len(tk._LUT_CONFIGS), len(tk._LUT_PRMT_CONFIGS))
 """
 
 
 @needs_interpreter
-def test_lut_gather_configs_compile_for_sm90(tmp_path):
-    """tl.gather fails to compile for some block shapes on Triton 3.6 (PassManager, fewer than two
-    rows per warp). Every autotuning config of the gather mode, and of the prmt kernel with its
-    inline assembly (which the interpreter replaces), must compile for an H100 (sm_90):
+def test_lut_configs_compile_for_sm90(tmp_path):
+    """Every autotuning config of the LUT kernels, the prmt one with its inline assembly (which
+    the interpreter replaces) and the indexed-load fallback, must compile for an H100 (sm_90):
     Triton compiles for a target without a GPU, with the ptxas it ships. In a fresh process: the
     interpreter of the other tests leaves triton.language patched."""
     import subprocess
@@ -269,7 +244,7 @@ def test_lut_gather_configs_compile_for_sm90(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     import qtutor.runtime.triton_gemv as tk
 
-    assert f"compiled {len(tk._LUT_GATHER_CONFIGS)} {len(tk._LUT_PRMT_CONFIGS)}" in out.stdout
+    assert f"compiled {len(tk._LUT_CONFIGS)} {len(tk._LUT_PRMT_CONFIGS)}" in out.stdout
 
 
 @needs_interpreter
@@ -295,7 +270,7 @@ def test_accelerate_triton_swaps_forward_keeps_storage():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("mode", ["prmt", "gather", "load", "load-f32", "pairs"])
+@pytest.mark.parametrize("mode", ["prmt", "load"])
 def test_accelerate_triton_palettized_layer(mode):
     palettize = pytest.importorskip("qtutor.quant.palettize")
     g = torch.Generator().manual_seed(0)
@@ -310,9 +285,7 @@ def test_accelerate_triton_palettized_layer(mode):
     nbytes = layer.weight_nbytes
     res = kernels.accelerate(model, "triton", lut_mode=mode, kernel_on_cpu=True)
     assert list(res["converted"].values()) == [f"triton lut_gemv ({mode})"]
-    # the float32 table copy and the pair table are stored, so they are counted:
-    # 2 LUTs x 16 entries x 4 bytes, 2 LUTs x 256 pairs x 4 bytes
-    assert layer.weight_nbytes == nbytes + {"load-f32": 2 * 16 * 4, "pairs": 2 * 256 * 4}.get(mode, 0)
+    assert layer.weight_nbytes == nbytes  # the kernel reads the layer's own storage
     x = torch.randn(1, 64)
     torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-3, atol=1e-3)
     assert layer.last_kernel == "triton lut_gemv"
@@ -488,7 +461,7 @@ def test_triton_int4_gemv_on_cuda(sym):
 
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("mode", ["prmt", "gather", "load", "pairs"])
+@pytest.mark.parametrize("mode", ["prmt", "load"])
 def test_triton_lut_gemv_on_cuda(mode):
     g = torch.Generator().manual_seed(0)
     n, k, rows = 4864, 896, 16
@@ -498,13 +471,7 @@ def test_triton_lut_gemv_on_cuda(mode):
     x = torch.randn(k, generator=g)
     ref = lut_reference(idx, lut, scales, None, rows)(x)
     y = kernels.lut_gemv(
-        x.half().cuda(),
-        qtutor.quant.pack_codes(idx, 4).cuda(),
-        _lut_table(lut, mode).cuda(),
-        scales.cuda(),
-        None,
-        rows,
-        mode,
+        x.half().cuda(), qtutor.quant.pack_codes(idx, 4).cuda(), lut.cuda(), scales.cuda(), None, rows, mode
     )
     assert rel(y.cpu(), ref) < 2e-3
 

@@ -45,14 +45,11 @@ TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 BACKENDS = ("auto", "triton", "tinygemm", "none")
 #: how the LUT GEMV reads a table entry: from registers with byte permutes (``prmt``: eight
 #: indices per 32-bit word looked up in the 8 registers that hold an fp16 LUT, no memory access
-#: per weight; the default), from registers with ``tl.gather``, by an indexed load from the
-#: layer's fp16 LUT, by an indexed load from a float32 copy (no fp16 -> fp32 conversion per
-#: weight), or one load per packed byte from a 256-entry table of weight pairs (FLUTE's vectorized
-#: lookup). The float32 copy and the pair table are buffers of the layer, so its bytes (and bits
-#: per weight) count them: 4 bytes per LUT entry, 1 KiB per LUT.
-LUT_MODES = ("prmt", "gather", "load", "load-f32", "pairs")
-#: the buffer each LUT mode adds to a layer (removed again by :func:`restore`)
-_LUT_EXTRA = {"load-f32": "lut_f32", "pairs": "lut_pairs"}
+#: per weight; the default), or by an indexed load from the layer's LUT (``load``: the fallback
+#: for a LUT that is not fp16, rows of indices not a multiple of 8, or an AMD GPU). The modes
+#: tried on the way (``tl.gather``, a float32 copy, FLUTE's pair table) are experiments in
+#: ``benchmarks/lut_modes.py``.
+LUT_MODES = ("prmt", "load")
 
 
 # --------------------------------------------------------------------------- availability
@@ -262,10 +259,9 @@ class _TritonLUT(_TritonGemvMixin):
     triton_config: Optional[dict] = None
 
     def _gemv(self, x):
-        extra = _LUT_EXTRA.get(self.lut_mode)
-        lut = getattr(self, extra) if extra else self.lut
-        mode = {"load-f32": "load"}.get(self.lut_mode, self.lut_mode)
-        return lut_gemv(x, self.qweight, lut, self.scales, self.bias, self.rows_per_lut, mode, self.triton_config)
+        return lut_gemv(
+            x, self.qweight, self.lut, self.scales, self.bias, self.rows_per_lut, self.lut_mode, self.triton_config
+        )
 
 
 class _TritonW8A8(_TritonGemvMixin):
@@ -396,12 +392,6 @@ def accelerate(
                 module.__class__ = _swapped_class(type(module), _TritonLUT)
                 module.kernel_on_cpu = kernel_on_cpu
                 module.lut_mode = mode
-                if mode == "load-f32":  # a stored float32 copy: counted in the weight bytes
-                    module.register_buffer("lut_f32", module.lut.float().contiguous())
-                elif mode == "pairs":  # the stored pair table: counted too
-                    from .triton_gemv import lut_pair_table
-
-                    module.register_buffer("lut_pairs", lut_pair_table(module.lut))
                 converted[name] = f"triton lut_gemv ({mode})"
             else:
                 skipped[name] = reason
@@ -426,7 +416,7 @@ ROW_DIMS = {
     FloatLinear: {"weight": 0, "bias": 0},
     UniformLinear: {"qweight": 0, "scales": 0, "qzeros": 0, "bias": 0},
     W8A8Linear: {"qweight": 0, "weight_scales": 0, "bias": 0},
-    PalettizedLinear: {"qweight": 0, "lut": 0, "scales": 0, "bias": 0, "lut_f32": 0, "lut_pairs": 0},
+    PalettizedLinear: {"qweight": 0, "lut": 0, "scales": 0, "bias": 0},
     # the CUDA layout tiles 8 output rows at a time, the CPU one 64: whole tiles stack
     Int4TinyGemmLinear: {"weight_int4pack": 0, "scales_and_zeros": 1, "bias": 0},
 }
@@ -526,12 +516,13 @@ def _check_fused(fused, layers, dtype) -> None:
 
 
 def restore(model: nn.Module) -> int:
-    """Undo the Triton class swaps of :func:`accelerate` (tinygemm layers stay); -> layers restored."""
+    """Undo the Triton class swaps of :func:`accelerate` (tinygemm layers stay), dropping any
+    buffer a kernel added (named in the class's ``kernel_buffers``); -> layers restored."""
     n = 0
     for module in model.modules():
         if isinstance(module, _TritonGemvMixin):
-            module.__class__ = type(module).reference_class
-            for extra in _LUT_EXTRA.values():
+            for extra in getattr(module, "kernel_buffers", ()):
                 module._buffers.pop(extra, None)
+            module.__class__ = type(module).reference_class
             n += 1
     return n

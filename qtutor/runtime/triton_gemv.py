@@ -13,12 +13,10 @@ packed weight straight from the layer's own storage (no re-packed copy):
   (symmetric: z = 8). Groups of ``group_size`` consecutive input columns.
 * :func:`lut_gemv`: palettized 4-bit, ``w = LUT[row // rows_per_lut][idx] * scale[row]`` with
   packed indices (out, in/2) uint8 (low nibble first), ``lut`` (n_luts, 16) fp16 and optional
-  fp16 per-row ``scales`` (out,). The 16-entry LUT rows of a block of output rows are loaded
-  once into registers and each weight is looked up with ``tl.gather`` (``mode="gather"``), or
-  read through the L1 cache with an indexed load (``mode="load"``), or each packed byte's two
-  weights are read with one load from a 256-entry table of pairs (``mode="pairs"``), or the LUT
-  sits in 8 registers per row and eight indices at a time are looked up with byte permutes
-  (``mode="prmt"``, no memory access per weight).
+  fp16 per-row ``scales`` (out,). The LUT sits in 8 registers per row and eight indices at a
+  time are looked up with byte permutes (``mode="prmt"``, no memory access per weight), or each
+  weight is read through the L1 cache with an indexed load (``mode="load"``, the fallback).
+  The other modes tried are experiments in ``benchmarks/lut_modes.py``.
 
 A program handles ``BLOCK_N`` output rows and walks the input dimension; accumulation is in
 float32 and the result is written in ``x``'s dtype. On CUDA the block sizes are autotuned per
@@ -105,15 +103,7 @@ def _int4_gemv_kernel(
     _finish_rows(tl.sum(acc, axis=1), rows, rmask, b_ptr, b_ptr, y_ptr, False, HAS_BIAS)
 
 
-# --------------------------------------------------------------------------- 4-bit LUT
-# How a weight's table entry is read (the MODE constexpr):
-GATHER = tl.constexpr(0)  # the program's LUT rows are loaded once into registers; tl.gather per weight
-LOAD = tl.constexpr(1)  # an indexed load per weight from the (L1-resident) LUT, fp16 or fp32
-PAIRS = tl.constexpr(2)  # an indexed load per BYTE from a 256-entry table of weight pairs: entry b
-# holds the fp16 bits of LUT[b & 15] (low half) and LUT[b >> 4] (high
-# half), the "vectorized lookup" of FLUTE (Guo et al., 2024): half the loads
-
-
+# --------------------------------------------------------------------------- 4-bit LUT, indexed load
 def _lut_gemv_kernel(
     x_ptr,
     w_ptr,
@@ -127,22 +117,18 @@ def _lut_gemv_kernel(
     ROWS_PER_LUT,
     HAS_SCALES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    MODE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """y[n] = scale[n] * sum_k LUT[n // R][idx[n,k]] x[k] (+ b[n]).
-
-    ``lut_ptr``: the (n_luts, 16) LUT in fp16 or fp32 (GATHER, LOAD), or the (n_luts, 256) int32
-    pair table (PAIRS)."""
+    """y[n] = scale[n] * sum_k LUT[n // R][idx[n,k]] x[k] (+ b[n]), each weight read from the
+    (L1-resident) (n_luts, 16) LUT, fp16 or fp32, by an indexed load: the fallback where the
+    ``prmt`` kernel does not apply (a LUT that is not fp16, rows of indices not a multiple of 8,
+    an AMD GPU). Other ways of reading the entry were tried: ``benchmarks/lut_modes.py``."""
     HALF: tl.constexpr = BLOCK_K // 2
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     lrow = rows // ROWS_PER_LUT
-    if MODE == GATHER:
-        c = tl.arange(0, 16)
-        lut = tl.load(lut_ptr + lrow[:, None] * 16 + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
     hk = tl.arange(0, HALF)
     kc = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -152,31 +138,13 @@ def _lut_gemv_kernel(
         km = kk < KB
         m2 = rmask[:, None] & km[None, :]
         b = tl.load(w_ptr + rows[:, None] * stride_w + kk[None, :], mask=m2, other=0).to(tl.int32)
-        if MODE == PAIRS:  # one load gives both weights of the byte (low nibble = even column)
-            v = tl.load(lut_ptr + lrow[:, None] * 256 + b, mask=m2, other=0)
-            wl = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            wh = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        elif MODE == GATHER:  # the LUT rows sit in registers
-            wl = tl.gather(lut, b & 0xF, axis=1)
-            wh = tl.gather(lut, (b >> 4) & 0xF, axis=1)
-        else:  # LOAD: indexed load from the (L1-resident) LUT
-            wl = tl.load(lut_ptr + lrow[:, None] * 16 + (b & 0xF), mask=m2, other=0.0).to(tl.float32)
-            wh = tl.load(lut_ptr + lrow[:, None] * 16 + ((b >> 4) & 0xF), mask=m2, other=0.0).to(tl.float32)
+        wl = tl.load(lut_ptr + lrow[:, None] * 16 + (b & 0xF), mask=m2, other=0.0).to(tl.float32)
+        wh = tl.load(lut_ptr + lrow[:, None] * 16 + ((b >> 4) & 0xF), mask=m2, other=0.0).to(tl.float32)
         w = tl.reshape(tl.join(wl, wh), (BLOCK_N, BLOCK_K))  # columns in order
         xk = 2 * k0 + kc
         x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
         acc += w * x[None, :]
     _finish_rows(tl.sum(acc, axis=1), rows, rmask, s_ptr, b_ptr, y_ptr, HAS_SCALES, HAS_BIAS)
-
-
-def lut_pair_table(lut: torch.Tensor) -> torch.Tensor:
-    """(n_luts, 16) fp16 LUT -> (n_luts, 256) int32 table of weight pairs for ``mode="pairs"``:
-    entry ``b`` holds the fp16 bits of ``lut[:, b & 15]`` in its low half and of
-    ``lut[:, b >> 4]`` in its high half (a packed byte's two weights, low nibble first)."""
-    bits = lut.to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    b = torch.arange(256, device=lut.device)
-    pairs = bits[:, b & 15] | (bits[:, b >> 4] << 16)  # in [0, 2^32)
-    return torch.where(pairs >= 2**31, pairs - 2**32, pairs).to(torch.int32).contiguous()
 
 
 # --------------------------------------------------------------------------- 4-bit LUT in registers
@@ -401,27 +369,7 @@ _LUT_CONFIGS = [
     ]
 ]
 _int4_tuned = _autotune(_INT4_CONFIGS, ["N", "G", "GS"])(_int4_jit)
-# tl.gather compiles (Triton 3.6, sm_90) only with at least two rows per warp: with fewer,
-# the TritonGPUOptimizeThreadLocality pass fails ("PassManager::run failed"); its configs keep to
-# BLOCK_N >= 2 * num_warps (checked by compiling each for sm_90, which needs no GPU).
-_LUT_GATHER_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-    for bn, bk, w in [
-        (8, 256, 4),
-        (8, 512, 4),
-        (8, 1024, 4),
-        (16, 128, 4),
-        (16, 256, 4),
-        (16, 512, 8),
-        (16, 1024, 8),
-        (32, 128, 4),
-        (32, 256, 8),
-        (32, 512, 8),
-        (64, 128, 8),
-    ]
-]
-_lut_tuned = _autotune(_LUT_CONFIGS, ["N", "K", "MODE", "HAS_SCALES"])(_lut_jit)
-_lut_gather_tuned = _autotune(_LUT_GATHER_CONFIGS, ["N", "K", "HAS_SCALES"])(_lut_jit)
+_lut_tuned = _autotune(_LUT_CONFIGS, ["N", "K", "HAS_SCALES"])(_lut_jit)
 
 _LUT_PRMT_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "PREFETCH": pf}, num_warps=w)
@@ -474,7 +422,6 @@ _w8a8_tuned = _autotune(_W8A8_CONFIGS, ["N", "K", "HAS_BIAS"])(_w8a8_jit)
 #: block sizes used where nothing is tuned (the interpreter, or an explicit ``config=``)
 DEFAULT_INT4 = {"BLOCK_N": 4, "GPI": 2}
 DEFAULT_LUT = {"BLOCK_N": 4, "BLOCK_K": 64}
-DEFAULT_LUT_GATHER = {"BLOCK_N": 8, "BLOCK_K": 64}
 DEFAULT_W8A8 = {"BLOCK_N": 4, "BLOCK_K": 64}
 DEFAULT_LUT_PRMT = {"BLOCK_N": 4, "BLOCK_W": 8, "PREFETCH": 1}
 
@@ -527,8 +474,8 @@ def int4_gemv(
     return y
 
 
-#: ``lut_gemv`` modes -> the kernel's MODE
-LUT_KERNEL_MODES = {"gather": GATHER.value, "load": LOAD.value, "pairs": PAIRS.value, "prmt": None}
+#: how ``lut_gemv`` reads a palette entry: from registers with byte permutes, or by an indexed load
+LUT_KERNEL_MODES = ("prmt", "load")
 
 
 def lut_gemv(
@@ -543,16 +490,11 @@ def lut_gemv(
 ) -> torch.Tensor:
     """``W x + b`` for one row ``x`` (in,) with packed 4-bit LUT indices -> (out,) in x's dtype.
 
-    ``lut``: (n_luts, 16) fp16/fp32 for ``mode`` "gather" and "load"; for "pairs", the int32
-    table of :func:`lut_pair_table`."""
+    ``lut``: (n_luts, 16), fp16 for ``prmt``, fp16 or fp32 for ``load``."""
     if mode not in LUT_KERNEL_MODES:
         raise QtutorError(f"unknown lut_gemv mode {mode!r}; choose from {', '.join(LUT_KERNEL_MODES)}")
-    width = 256 if mode == "pairs" else 16
-    if lut.dim() != 2 or lut.shape[1] != width or (mode == "pairs") != (lut.dtype == torch.int32):
-        raise QtutorError(
-            f"lut_gemv mode {mode!r} needs a (n_luts, {width}) "
-            f"{'int32 pair table' if mode == 'pairs' else 'float LUT'}, got {tuple(lut.shape)} {lut.dtype}"
-        )
+    if lut.dim() != 2 or lut.shape[1] != 16 or not lut.is_floating_point():
+        raise QtutorError(f"lut_gemv mode {mode!r} needs a (n_luts, 16) float LUT, got {tuple(lut.shape)} {lut.dtype}")
     if mode == "prmt":
         return _lut_gemv_prmt(x, qweight, lut, scales, bias, rows_per_lut, config)
     N, K = qweight.shape[0], x.numel()
@@ -571,10 +513,8 @@ def lut_gemv(
         qweight.stride(0),
         rows_per_lut,
     )
-    kwargs = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, MODE=LUT_KERNEL_MODES[mode])
-    tuned = _lut_gather_tuned if mode == "gather" else _lut_tuned
-    default = DEFAULT_LUT_GATHER if mode == "gather" else DEFAULT_LUT
-    _launch(_lut_gemv_kernel, _lut_jit, tuned, default, config, N, args, kwargs)
+    kwargs = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None)
+    _launch(_lut_gemv_kernel, _lut_jit, _lut_tuned, DEFAULT_LUT, config, N, args, kwargs)
     return y
 
 
