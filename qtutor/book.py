@@ -1,5 +1,7 @@
 """What the chapters share, tested once (as d2l's book package does for its chapters).
 
+* :func:`setup`: the first line after a chapter's imports (quiet libraries, seed, figure
+  style) -> the device; :func:`eval_seqlen`: the evaluation window, as ``qtutor bench`` picks it.
 * :func:`load_model`: the chapter's model on the reader's device, in float16 on a GPU (as
   ``qtutor bench`` runs it) and float32 on a CPU, after checking that it fits; it prints what
   the reader should know about the figures that follow (random weights, CPU budgets).
