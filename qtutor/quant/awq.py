@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from ..calib import run_layer
 from ..errors import QtutorError
-from .base import Method, register, replace_linear
+from .base import Method, register, replace_linears
 from .rtn import RTNConfig, UniformGridConfig, UniformLinear, UniformWeight, fake_quantize, group_layout
 from .rtn import quantize_weight as rtn_quantize_weight
 from .transforms import scale_linear_to_linears, scale_norm_to_linears
@@ -485,17 +485,10 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg:
             )
     del inputs
     rtn_cfg = cfg.rtn()
-    for name, linear in layout.linears(layer).items():
-        stats[name]["weight_rel_error"] = replace_linear(layer, name, UniformLinear.from_float(linear, rtn_cfg))
-    return stats
+    return replace_linears(layer, layout, lambda linear: UniformLinear.from_float(linear, rtn_cfg), stats)
 
 
+SUMMARY = "AWQ INT4: activation-aware per-channel scaling + clipping search, then RTN (asymmetric, groups of 128)"
 register(
-    Method(
-        "awq_int4",
-        AWQConfig(),
-        "AWQ INT4: activation-aware per-channel scaling + clipping search, then RTN (asymmetric, groups of 128)",
-        quantize_layer=quantize_layer,
-        overrides=("bits", "group_size", "sym"),
-    )
+    Method("awq_int4", AWQConfig(), SUMMARY, quantize_layer=quantize_layer, overrides=("bits", "group_size", "sym"))
 )

@@ -217,6 +217,14 @@ def replace_linear(layer: nn.Module, name: str, q: QuantizedLinear) -> float:
     return float(err)
 
 
+def replace_linears(layer: nn.Module, layout, make: Callable, stats: dict) -> dict:
+    """:func:`replace_linear` for every linear of ``layer`` (``layout.linears``), each by
+    ``make(linear)``; its weight error goes to ``stats[name]["weight_rel_error"]`` -> ``stats``."""
+    for name, linear in layout.linears(layer).items():
+        stats.setdefault(name, {})["weight_rel_error"] = replace_linear(layer, name, make(linear))
+    return stats
+
+
 # --------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Method:

@@ -224,21 +224,10 @@ class UniformLinear(QuantizedLinear):
 
 
 register(Method("fp16_baseline", None, "weights stored in fp16, no quantization", from_float=FloatLinear.from_float))
-register(
-    Method(
-        "rtn_int8",
-        RTNConfig(bits=8, group_size=0, sym=True),
-        "round-to-nearest INT8, symmetric, one scale per output channel",
-        from_float=UniformLinear.from_float,
-        overrides=("group_size", "sym"),
-    )
-)
-register(
-    Method(
-        "rtn_int4",
-        RTNConfig(bits=4, group_size=128, sym=False),
-        "round-to-nearest INT4, asymmetric, groups of 128 input columns",
-        from_float=UniformLinear.from_float,
-        overrides=("bits", "group_size", "sym"),
-    )
-)
+for _name, _cfg, _summary, _overrides in (
+    ("rtn_int8", RTNConfig(bits=8, group_size=0, sym=True),
+     "round-to-nearest INT8, symmetric, one scale per output channel", ("group_size", "sym")),
+    ("rtn_int4", RTNConfig(bits=4, group_size=128, sym=False),
+     "round-to-nearest INT4, asymmetric, groups of 128 input columns", ("bits", "group_size", "sym")),
+):  # fmt: skip
+    register(Method(_name, _cfg, _summary, from_float=UniformLinear.from_float, overrides=_overrides))

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import QtutorError
-from .base import Method, QuantConfig, QuantizedLinear, register, replace_linear
+from .base import Method, QuantConfig, QuantizedLinear, register, replace_linears
 from .transforms import scale_norm_to_linears
 
 QMAX = 127  # 2^(8-1) - 1: symmetric INT8 uses [-127, 127]
@@ -288,16 +288,8 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg:
     float weight.
     """
     stats = smooth_layer(layer, layout, X, kwargs, cfg)
-    for name, linear in layout.linears(layer).items():
-        stats[name]["weight_rel_error"] = replace_linear(layer, name, W8A8Linear.from_float(linear, cfg))
-    return stats
+    return replace_linears(layer, layout, lambda linear: W8A8Linear.from_float(linear, cfg), stats)
 
 
-register(
-    Method(
-        "smoothquant_w8a8",
-        SmoothQuantConfig(),
-        "SmoothQuant W8A8: alpha=0.5 smoothing, INT8 weights per channel, INT8 activations per token (dynamic)",
-        quantize_layer=quantize_layer,
-    )
-)
+SUMMARY = "SmoothQuant W8A8: alpha=0.5 smoothing, INT8 weights per channel, INT8 activations per token (dynamic)"
+register(Method("smoothquant_w8a8", SmoothQuantConfig(), SUMMARY, quantize_layer=quantize_layer))
