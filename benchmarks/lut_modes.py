@@ -25,7 +25,7 @@ import triton.language as tl
 
 from qtutor.errors import QtutorError
 from qtutor.runtime import kernels
-from qtutor.runtime.triton_gemv import _autotune, _finish_rows, _launch
+from qtutor.runtime.triton_gemv import _LUT_CONFIGS, DEFAULT_LUT, _autotune, _finish_rows, _launch
 
 # --------------------------------------------------------------------------- 4-bit LUT
 # How a weight's table entry is read (the MODE constexpr):
@@ -101,19 +101,6 @@ def lut_pair_table(lut: torch.Tensor) -> torch.Tensor:
     return torch.where(pairs >= 2**31, pairs - 2**32, pairs).to(torch.int32).contiguous()
 
 
-_LUT_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-    for bn, bk, w in [
-        (2, 2048, 4),
-        (2, 4096, 8),
-        (4, 1024, 4),
-        (8, 512, 4),
-        (8, 1024, 8),
-        (16, 256, 4),
-        (16, 512, 8),
-        (32, 256, 8),
-    ]
-]
 # tl.gather compiles (Triton 3.6, sm_90) only with at least two rows per warp: with fewer,
 # the TritonGPUOptimizeThreadLocality pass fails ("PassManager::run failed"); its configs keep to
 # BLOCK_N >= 2 * num_warps (checked by compiling each for sm_90, which needs no GPU).
@@ -136,7 +123,6 @@ _LUT_GATHER_CONFIGS = [
 _lut_jit = triton.jit(_lut_gemv_kernel)
 _lut_tuned = _autotune(_LUT_CONFIGS, ["N", "K", "MODE", "HAS_SCALES"])(_lut_jit)
 _lut_gather_tuned = _autotune(_LUT_GATHER_CONFIGS, ["N", "K", "HAS_SCALES"])(_lut_jit)
-DEFAULT_LUT = {"BLOCK_N": 4, "BLOCK_K": 64}
 DEFAULT_LUT_GATHER = {"BLOCK_N": 8, "BLOCK_K": 64}
 
 #: the experimental modes -> the kernel's MODE, and the buffer each reads instead of the LUT
