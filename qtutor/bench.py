@@ -512,7 +512,8 @@ def run_bench(
     prints nothing: ``on_result(name, entry)`` is called after each method, ``log(line)`` with
     the lines ``qtutor bench`` prints. ``keep``: a dict whose keys name methods whose quantized
     model (and report) to hand back in it, ``keep[name] = (model, report)``, instead of freeing
-    them. Bad settings raise a one-line :class:`QtutorError` before any work starts.
+    them; the key ``"base"`` gets the float model the run loaded (on the CPU, in the run's dtype),
+    of which each method quantized a copy. Bad settings raise a one-line :class:`QtutorError` before any work starts.
     """
     log = log or (lambda line: None)
     t_start = time.perf_counter()
@@ -537,6 +538,8 @@ def run_bench(
             check_resumable(plan.results_path, previous, header["settings"], plan.configs)
         results = start_results(plan.results_path, config, header, previous, log)
         run_methods(config, plan, inputs, results, keep, on_result, log)
+        if keep is not None and "base" in keep:
+            keep["base"] = inputs.base
         wall = time.perf_counter() - t_start
         # wall time of THIS invocation, from the start (model and text loading included)
         results["wall_seconds"] = wall if previous is None else None

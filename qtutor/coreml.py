@@ -27,9 +27,9 @@ How it works (coremltools 9):
 3. ``torch.jit.trace`` and ``ct.convert(..., convert_to="mlprogram",
    minimum_deployment_target=ct.target.iOS18)``. The torch frontend turns each annotated weight
    into ``constexpr_lut_to_dense(indices, lut)`` followed by ``constexpr_blockwise_shift_scale``
-   (the per-channel scale); the indices it finds are those of ``weight / scale`` in our LUT,
-   that is, ours, since our dequantized weight is exactly ``lut[index] * scale`` in float32 (up
-   to the choice among equal entries, when a group has fewer than 2^b distinct values).
+   (the per-channel scale). It would search ``weight / scale`` for the nearest entries of the
+   LUT; we hand it our own indices instead (:func:`known_indices`, each checked to decode to the
+   weight it converts, else searched for), so the package holds exactly our palettes and indices.
    coremltools' optimisation passes then fold the scale into the table: the saved program holds
    ``constexpr_lut_to_dense(indices, constexpr_blockwise_shift_scale(lut rows, scale))`` with
    our LUT repeated for each output channel of its group (see :func:`read_luts`).
@@ -37,13 +37,15 @@ How it works (coremltools 9):
 :func:`read_luts` reads the LUTs back from a saved package and :func:`check_package` compares
 every palettized layer of a model with it (any platform); :func:`states_of` and :func:`op_types`
 read a package's states and operations. :func:`predict` and :func:`generate` run a package and
-need macOS (Core ML runs only there). :class:`PeakHostMemory` measures what an export costs.
+need macOS (Core ML runs only there). :class:`PeakHostMemory` measures what an export costs;
+:func:`export_in_background` runs the exports in a child process, beside other work.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import math
 import os
 import resource
@@ -147,6 +149,19 @@ class PeakHostMemory:
         self.extra = self.peak - self.start
         return False
 
+    FIELDS = ("seconds", "start", "peak", "extra", "source")
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PeakHostMemory":
+        """A measurement taken elsewhere (:meth:`as_dict`; another process)."""
+        m = cls()
+        for k in cls.FIELDS:
+            setattr(m, k, d[k])
+        return m
+
     def __str__(self) -> str:
         return (
             f"{self.seconds:.1f} s, peak host memory {self.peak / 2**30:.2f} GiB "
@@ -200,6 +215,7 @@ def annotated_linear(q: QuantizedLinear, palettized: bool = True) -> nn.Linear:
         if q.scales is not None:
             lin.register_buffer("_COREML_/weight/palettization_scale", q.scales.float().cpu()[:, None].clone())
         lin.register_buffer("_COREML_/weight/compression_type", torch.tensor([PALETTIZATION]))
+        lin.qtutor_indices = q.unpacked().indices.cpu()  # a plain attribute: not traced (known_indices)
     return lin
 
 
@@ -306,12 +322,13 @@ def export_mlpackage(
     precision = _precision(ct, compute_precision)
     table = torch.float16 if compute_precision == "float16" else torch.float32
     wrapper = CausalLMForCoreML(prepare_for_export(model, palettized, table), seqlen).eval()
+    known = known_indices(wrapper)
     example = torch.zeros(1, seqlen, dtype=torch.long)
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, example, check_trace=False)
     del wrapper
     inputs = [ct.TensorType(name="input_ids", shape=(1, seqlen), dtype=np.int32)]
-    return _convert_and_save(traced, path, precision, inputs)
+    return _convert_and_save(traced, path, precision, inputs, known=known)
 
 
 def nearest_lut_indices(data: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -336,16 +353,48 @@ def nearest_lut_indices(data: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return index.reshape(data.shape).numpy()
 
 
+def _lut_key(lut: np.ndarray, shape: tuple) -> tuple:
+    """What identifies a palettized weight during a conversion: its weight's shape and the bytes
+    of its float32 LUT buffer (n_luts, 1, 2^b, 1)."""
+    return tuple(shape), np.ascontiguousarray(lut, dtype=np.float32).tobytes()
+
+
+def known_indices(prepared: nn.Module) -> dict:
+    """{:func:`_lut_key`: (out, in) uint8 indices} of the linears :func:`annotated_linear` made
+    from :class:`PalettizedLinear` layers in a :func:`prepare_for_export` copy: the indices the
+    package should hold, handed to the converter instead of being searched for again."""
+    known = {}
+    for m in prepared.modules():
+        idx = getattr(m, "qtutor_indices", None)
+        if idx is not None:
+            known[_lut_key(getattr(m, "_COREML_/weight/lut").numpy(), m.weight.shape)] = idx
+    return known
+
+
+def _indices_fit(data: np.ndarray, lut: np.ndarray, idx: torch.Tensor) -> bool:
+    """Whether ``idx`` picks, for every weight of ``data`` (out, in), an entry of its LUT within
+    float32 rounding of the weight: ``data`` is ``lut[idx] * scale / scale`` computed in float32."""
+    n_luts = lut.shape[0]
+    L = torch.from_numpy(np.ascontiguousarray(lut).reshape(n_luts, -1))
+    x = torch.from_numpy(np.ascontiguousarray(data)).reshape(n_luts, -1)
+    picked = L.gather(1, idx.reshape(n_luts, -1).long())
+    tol = 1e-5 * L.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return bool(((x - picked).abs() <= tol).all())
+
+
 @contextlib.contextmanager
-def _fast_lut_indices():
-    """While converting, coremltools' torch frontend finds each palettized weight's indices with
-    :func:`nearest_lut_indices` when the shapes are ours (a 2-D float32 weight, scalar LUTs
-    blocked along the output axis), and with its own ``find_indices_for_lut`` otherwise. Its own
+def _fast_lut_indices(known: Optional[dict] = None):
+    """While converting, coremltools' torch frontend gets each palettized weight's indices from
+    ``known`` (:func:`known_indices`: ours, checked to decode to the weight it converts), else
+    from :func:`nearest_lut_indices` when the shapes are ours (a 2-D float32 weight, scalar LUTs
+    blocked along the output axis), and from its own ``find_indices_for_lut`` otherwise. Its own
     builds an (out, in, 2^b) array of distances per weight: about half of a Qwen2-0.5B export's
-    time (25 s of 64 s on 2 cores), against 3 s here. The indices are the same (tested)."""
+    time (25 s of 64 s on 2 cores); the nearest-entry search takes 15 s, the known indices under
+    a second. The three give the same indices (tested)."""
     from coremltools.optimize import _utils
 
     original = _utils.find_indices_for_lut
+    known = known or {}
 
     def find_indices_for_lut(data, lut, vector_axis=None):
         ours = (
@@ -360,10 +409,11 @@ def _fast_lut_indices():
         )
         if not ours:
             return original(data, lut, vector_axis)
-        nbits = int(math.log2(lut.shape[-2]))
-        return nearest_lut_indices(data, lut).astype(
-            _utils.types.nptype_from_builtin(_utils.types.string_to_builtin(f"uint{nbits}"))
-        )
+        dtype = _utils.types.nptype_from_builtin(_utils.types.string_to_builtin(f"uint{int(math.log2(lut.shape[-2]))}"))
+        idx = known.get(_lut_key(lut, data.shape))
+        if idx is not None and _indices_fit(data, lut, idx):
+            return idx.numpy().astype(dtype)
+        return nearest_lut_indices(data, lut).astype(dtype)
 
     _utils.find_indices_for_lut = find_indices_for_lut
     try:
@@ -372,12 +422,12 @@ def _fast_lut_indices():
         _utils.find_indices_for_lut = original
 
 
-def _convert_and_save(traced, path, precision, inputs, states=None):
+def _convert_and_save(traced, path, precision, inputs, states=None, known=None):
     """``ct.convert`` a traced module to an iOS 18 ML program with a float32 ``logits`` output,
     save it at ``path`` and return it (loaded for prediction on macOS only)."""
     import coremltools as ct
 
-    with _fast_lut_indices():
+    with _fast_lut_indices(known):
         mlmodel = ct.convert(
             traced,
             inputs=inputs,
@@ -510,6 +560,7 @@ def export_stateful_mlpackage(
     precision = _precision(ct, compute_precision)
     table = torch.float16 if compute_precision == "float16" else torch.float32
     wrapper = StatefulCausalLMForCoreML(prepare_for_export(model, palettized, table), max_len).eval()
+    known = known_indices(wrapper)
     ids = torch.zeros(1, 2, dtype=torch.long)
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, (ids, torch.from_numpy(causal_mask(0, 2))), check_trace=False)
@@ -525,7 +576,7 @@ def export_stateful_mlpackage(
         ct.StateType(wrapped_type=ct.TensorType(shape=cache_shape, dtype=np.float16), name=name)
         for name in ("k_cache", "v_cache")
     ]
-    return _convert_and_save(traced, path, precision, inputs, states)
+    return _convert_and_save(traced, path, precision, inputs, states, known)
 
 
 # ---------------------------------------------------------------------------- reading a package
@@ -726,3 +777,104 @@ def generate(path_or_model, input_ids, new_tokens: int) -> list:
         out.append(nxt)
         ids = np.array([[nxt]], dtype=np.int32)
     return out
+
+
+# ---------------------------------------------------------------------------- exporting beside other work
+class ExportJob:
+    """Core ML exports running in a child process, started by :func:`export_in_background`.
+
+    ``result()`` waits for the child and returns ``{kind: cost}`` for each export it ran
+    ("plain": :func:`export_mlpackage`, "stateful": :func:`export_stateful_mlpackage`), each cost
+    a :class:`PeakHostMemory` measured in the child (its wall time and the child's peak resident
+    memory), or raises a one-line :class:`QtutorError` with the child's error.
+    """
+
+    def __init__(self, process, folder: Path, model_file: Path, report: Path, log: Path):
+        self.process, self.folder, self.model_file, self.report, self.log = process, folder, model_file, report, log
+        self._costs: Optional[dict] = None
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def result(self, timeout: Optional[float] = None) -> dict:
+        if self._costs is None:
+            code = self.process.wait(timeout)
+            self.model_file.unlink(missing_ok=True)
+            try:
+                report = json.loads(self.report.read_text())
+            except (OSError, ValueError):
+                report = {"error": f"the export process exited with code {code} without a report"}
+            if "error" in report:
+                raise QtutorError(f"Core ML export failed: {report['error']} (its log: {self.log})")
+            self._costs = {kind: PeakHostMemory.from_dict(cost) for kind, cost in report["costs"].items()}
+        return self._costs
+
+
+def export_in_background(
+    model: nn.Module,
+    plain: Union[str, Path, None] = None,
+    stateful: Union[str, Path, None] = None,
+    seqlen: int = 32,
+    max_len: int = 256,
+    threads: Optional[int] = None,
+) -> ExportJob:
+    """Start :func:`export_mlpackage` (to ``plain``) and then :func:`export_stateful_mlpackage`
+    (to ``stateful``) of ``model`` in a child Python process, and return at once.
+
+    A conversion is CPU work (tracing and coremltools' passes, mostly single-threaded Python), so
+    on a machine whose GPU is busy with something else the two can overlap. The model is saved
+    with ``torch.save`` to a temporary folder (which also holds the child's log) and loaded by the
+    child on the CPU; ``threads`` caps the child's CPU threads (None: torch's default). Bad paths
+    fail here, before the child starts.
+    """
+    import subprocess
+    import tempfile
+
+    _coremltools()
+    targets = {kind: _check_path(p) for kind, p in (("plain", plain), ("stateful", stateful)) if p is not None}
+    if not targets:
+        raise QtutorError("nothing to export: give plain=PATH and/or stateful=PATH (.mlpackage)")
+    folder = Path(tempfile.mkdtemp(prefix="qtutor-export-"))
+    model_file, report, log = folder / "model.pt", folder / "report.json", folder / "export.log"
+    torch.save(model, model_file)
+    args = [sys.executable, "-m", "qtutor.coreml", str(model_file), str(report), str(seqlen), str(max_len)]
+    args += [f"{kind}={path}" for kind, path in targets.items()]
+    env = dict(os.environ, TQDM_DISABLE="1", COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL="error")
+    if threads:
+        env.update({v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+    with open(log, "w") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return ExportJob(process, folder, model_file, report, log)
+
+
+def _export_child(argv: list) -> int:
+    """``python -m qtutor.coreml MODEL.pt REPORT.json SEQLEN MAX_LEN kind=PATH ...``: the child
+    of :func:`export_in_background`. Writes ``{"costs": {kind: cost}}`` or ``{"error": line}``."""
+    import logging
+
+    model_file, report = Path(argv[0]), Path(argv[1])
+    seqlen, max_len = int(argv[2]), int(argv[3])
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    costs = {}
+    try:
+        model = torch.load(model_file, map_location="cpu", weights_only=False)
+        model_file.unlink(missing_ok=True)
+        for item in argv[4:]:
+            kind, path = item.split("=", 1)
+            with PeakHostMemory() as cost:
+                if kind == "plain":
+                    export_mlpackage(model, path, seqlen=seqlen)
+                else:
+                    export_stateful_mlpackage(model, path, max_len=max_len)
+            costs[kind] = cost.as_dict()
+        report.write_text(json.dumps({"costs": costs}))
+        return 0
+    except Exception as err:  # noqa: BLE001 - reported to the parent as one line
+        report.write_text(
+            json.dumps({"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
+        )
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(_export_child(sys.argv[1:]))

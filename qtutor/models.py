@@ -109,6 +109,16 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def load_tokenizer(name: str = EMBEDDED_MODEL):
+    """The tokenizer of ``name`` (embedded name, local folder or Hub id), without the weights."""
+    load_config(name)  # a missing folder or an unreachable Hub id: the one-line errors of load_config
+    path = resolve_model(name)
+    try:
+        return _load_tokenizer(path)
+    except (OSError, ValueError) as err:
+        raise QtutorError(f"cannot load the tokenizer of {path!r}: {str(err).splitlines()[0]}") from err
+
+
 def load_config(name: str = EMBEDDED_MODEL):
     """The transformers config of ``name``: a cheap check that the model can be had at all."""
     from transformers import AutoConfig

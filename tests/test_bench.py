@@ -147,10 +147,17 @@ def test_bench_hands_back_a_kept_model(model_dir, data_dir, tmp_path):
     from qtutor.quant.palettize import PalettizedLinear
 
     out = tmp_path / "run"
-    keep = {"palettization_4bit": None}
+    keep = {"palettization_4bit": None, "base": None}
     assert main(bench_args(model_dir, data_dir, out, "--methods", "rtn_int4,palettization_4bit"), keep=keep) == 0
-    assert set(keep) == {"palettization_4bit"}
+    assert set(keep) == {"palettization_4bit", "base"}
     model, report = keep["palettization_4bit"]
+    base = keep["base"]  # the float model: nn.Linear layers, the loaded weights
+    assert type(base.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert not any(isinstance(m, PalettizedLinear) for m in base.modules())
+    from qtutor.models import load_model
+
+    loaded, _ = load_model(str(model_dir))
+    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(base.state_dict().values(), loaded.state_dict().values()))
     assert report.method == "palettization_4bit"
     assert any(isinstance(m, PalettizedLinear) for m in model.modules())
     res = json.loads((out / "results.json").read_text())["methods"]["palettization_4bit"]

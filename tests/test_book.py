@@ -75,6 +75,17 @@ def test_load_model_embedded_notes(capsys):
     assert "float32 on cpu" in capsys.readouterr().out
 
 
+def test_load_tokenizer_is_the_models_own_and_a_missing_folder_is_one_line(tmp_path):
+    from qtutor import QtutorError
+    from qtutor.models import load_model, load_tokenizer
+
+    _, tok = load_model("qtutor-tiny")
+    text = "The quick brown fox jumps over the lazy dog."
+    assert load_tokenizer("qtutor-tiny")(text).input_ids == tok(text).input_ids
+    with pytest.raises(QtutorError, match="not found"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+
+
 def test_setup_quiets_the_libraries_seeds_and_styles(monkeypatch):
     import matplotlib
     import transformers

@@ -307,6 +307,73 @@ def test_fast_lut_indices_is_scoped_and_hands_other_shapes_to_coremltools():
     assert _utils.find_indices_for_lut is original
 
 
+def test_known_indices_are_handed_over_when_they_decode_to_the_weight():
+    """Indices from known_indices go to the package as they are (a repeated LUT entry may be
+    picked at its second place, which the nearest-entry search never does); indices that do not
+    decode to the converted weight (another layer's) are searched for instead."""
+    from coremltools.optimize import _utils
+
+    rng = np.random.default_rng(0)
+    lut = np.sort(rng.standard_normal((2, 1, 16, 1)), axis=2).astype(np.float32)
+    lut[:, 0, 1] = lut[:, 0, 0]  # entries 0 and 1 equal
+    index = torch.from_numpy(rng.integers(0, 16, (8, 12))).to(torch.uint8)
+    index[:, 0] = 1  # the second of the equal entries
+    rows = np.repeat(lut[:, 0, :, 0], 4, axis=0)
+    scale = (rng.random((8, 1)) + 0.5).astype(np.float32)
+    data = ((np.take_along_axis(rows, index.long().numpy(), axis=1) * scale) / scale).astype(np.float32)
+    with coreml._fast_lut_indices({coreml._lut_key(lut, data.shape): index}):
+        got = _utils.find_indices_for_lut(data, lut)
+    np.testing.assert_array_equal(got, index.numpy())
+    assert (got[:, 0] == 1).all()
+    wrong = torch.roll(index, 1, dims=1)
+    with coreml._fast_lut_indices({coreml._lut_key(lut, data.shape): wrong}):
+        got = _utils.find_indices_for_lut(data, lut)
+    np.testing.assert_array_equal(got, coreml.nearest_lut_indices(data, lut))
+    assert (got[:, 0] == 0).all()
+
+
+def test_export_hands_over_every_known_index_without_a_search(tmp_path, monkeypatch):
+    model = tiny_model("qwen2", num_hidden_layers=1)
+    qtutor.quantize(model, "palettization_4bit")
+    prepared = coreml.prepare_for_export(model)
+    known = coreml.known_indices(prepared)
+    assert len(known) == 7
+    assert not any("qtutor_indices" in name for name in prepared.state_dict())  # not a buffer: not traced
+
+    def searched(*args):
+        raise AssertionError("the nearest-entry search ran")
+
+    monkeypatch.setattr(coreml, "nearest_lut_indices", searched)
+    path = tmp_path / "m.mlpackage"
+    coreml.export_mlpackage(model, path, seqlen=4)
+    assert coreml.check_package(path, model).ok
+
+
+def test_exports_in_a_background_process_match_the_model(tmp_path):
+    model = tiny_model("qwen2", num_hidden_layers=1)
+    qtutor.quantize(model, "palettization_4bit")
+    plain, kv = tmp_path / "m.mlpackage", tmp_path / "m-kv.mlpackage"
+    job = coreml.export_in_background(model, plain=plain, stateful=kv, seqlen=4, max_len=16, threads=1)
+    costs = job.result(timeout=600)
+    assert job.done() and set(costs) == {"plain", "stateful"}
+    assert all(c.seconds > 0 and c.peak > 0 and c.peak >= c.start for c in costs.values())
+    assert "peak host memory" in str(costs["plain"])
+    assert not job.model_file.exists()  # the temporary copy of the model is gone
+    assert coreml.check_package(plain, model).ok and coreml.check_package(kv, model).ok
+    assert set(coreml.states_of(kv)) == {"k_cache", "v_cache"}
+
+
+def test_background_export_errors_are_one_line(tmp_path):
+    with pytest.raises(QtutorError, match="saved as a .mlpackage"):
+        coreml.export_in_background(tiny_model("qwen2", num_hidden_layers=1), plain=tmp_path / "m.zip")
+    with pytest.raises(QtutorError, match="nothing to export"):
+        coreml.export_in_background(tiny_model("qwen2", num_hidden_layers=1))
+    job = coreml.export_in_background(torch.nn.Linear(4, 4), plain=tmp_path / "x.mlpackage")  # not a causal LM
+    with pytest.raises(QtutorError, match="^Core ML export failed: .*its log: ") as err:
+        job.result(timeout=600)
+    assert "\n" not in str(err.value)
+
+
 def test_coremltools_palettizer_beside_ours():
     """coremltools' palettizer through qtutor.coreml: its weight decodes from its palettes (one
     per 16 rows), the linear is untouched, and without per-channel scales its palettes are the
