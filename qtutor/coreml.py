@@ -640,10 +640,17 @@ def read_luts(path_or_model) -> dict:
     ``n`` equal groups of ``out // n`` rows (see :func:`coreml_lut`): row ``r`` uses
     ``lut[r // (out // n)]`` in either case.
     """
+    return _read_program(path_or_model)[0]
+
+
+def _read_program(path_or_model) -> tuple[dict, collections.Counter]:
+    """(:func:`read_luts`, :func:`op_types`) from one load of the program."""
     prog = _load_program(path_or_model)
     found: dict = {}
+    ops: collections.Counter = collections.Counter()
     for f in prog.functions.values():
         for op in _operations(f):
+            ops[op.op_type] += 1
             if op.op_type != "constexpr_lut_to_dense":
                 continue
             lut_op, scale = op.lut.op, None
@@ -656,7 +663,7 @@ def read_luts(path_or_model) -> dict:
                 "indices": np.asarray(op.indices.val),
                 "scale": None if scale is None else np.asarray(scale).reshape(-1),
             }
-    return found
+    return found, ops
 
 
 def find_lut(luts: dict, module_name: str) -> dict:
@@ -678,6 +685,7 @@ class PackageCheck:
     layers: int
     stored: int
     mismatches: dict = field(default_factory=dict)
+    ops: collections.Counter = field(default_factory=collections.Counter)  # the program's op_types
 
     @property
     def ok(self) -> bool:
@@ -698,8 +706,9 @@ def check_package(path_or_model, model: nn.Module) -> PackageCheck:
     for it (:func:`read_luts`): the table each row uses (``lut[r // rows_per_lut]``, (out, 2^b)),
     the per-row scales (out,) and the indices (out, in) must be identical, bit for bit, in float16
     and as integers. The package must hold one palettized weight per layer. ``model`` is the
-    model that was exported (any device)."""
-    luts = read_luts(path_or_model)
+    model that was exported (any device). The check also counts the program's operations
+    (``ops``, as :func:`op_types`), from the same read of the package."""
+    luts, ops = _read_program(path_or_model)
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PalettizedLinear)]
     bad: dict = {"palettes": [], "scales": [], "indices": []}
     for name, m in layers:
@@ -720,7 +729,7 @@ def check_package(path_or_model, model: nn.Module) -> PackageCheck:
             bad["scales"].append(name)
         if not torch.equal(torch.from_numpy(entry["indices"].astype(np.int64)), q.indices.cpu().long()):
             bad["indices"].append(name)
-    return PackageCheck(len(layers), len(luts), bad)
+    return PackageCheck(len(layers), len(luts), bad, ops)
 
 
 def states_of(path_or_model) -> dict:
@@ -732,8 +741,7 @@ def states_of(path_or_model) -> dict:
 def op_types(path_or_model) -> collections.Counter:
     """How many operations of each type the package's MIL program holds (e.g.
     ``constexpr_lut_to_dense``, ``read_state``, ``coreml_update_state``)."""
-    prog = _load_program(path_or_model)
-    return collections.Counter(op.op_type for f in prog.functions.values() for op in _operations(f))
+    return _read_program(path_or_model)[1]
 
 
 # ---------------------------------------------------------------------------- running (macOS)
