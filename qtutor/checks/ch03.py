@@ -140,7 +140,7 @@ def check_gptq(fn) -> bool:
             False, f"gptq returned shape {None if got is None else tuple(got.shape)}", f"expected {tuple(W.shape)}"
         )
     got = got.float()
-    ref = gptq(W, H, GPTQConfig(bits=bits, group_size=0, damp=0.0, block_size=W.shape[1])).Q
+    ref = gptq(W, H, GPTQConfig(bits=bits, group_size=0, damp=0.0, block_size=W.shape[1], act_order=False)).Q
     scale, zero = find_params(W, bits, sym=False)
     codes = got / scale[:, None] + zero[:, None]
     if (
