@@ -49,6 +49,7 @@ class BenchConfig:
     group_size: Optional[int] = None
     sym: Optional[bool] = None
     act_order: Optional[bool] = None
+    static_groups: Optional[bool] = None
     device: str = "auto"
     dtype: str = "auto"
     fast_decode: Optional[bool] = None
@@ -71,7 +72,13 @@ class BenchConfig:
 
 
 #: the command line's names of the fields the methods may override (``Method.overrides``)
-OVERRIDE_FLAGS = {"bits": "--bits", "group_size": "--group-size", "sym": "--sym", "act_order": "--act-order"}
+OVERRIDE_FLAGS = {
+    "bits": "--bits",
+    "group_size": "--group-size",
+    "sym": "--sym",
+    "act_order": "--act-order",
+    "static_groups": "--static-groups",
+}
 
 
 #: lower bounds of the integer options: flag -> (attribute, minimum, why)
@@ -376,6 +383,7 @@ SETTINGS = {
     "group_size": "--group-size",
     "sym": "--sym/--no-sym",
     "act_order": "--act-order",
+    "static_groups": "--static-groups",
     "latency_tokens": "--latency-tokens",
     "fast_decode": "--fast-decode",
     "kernels": "--kernels",
@@ -405,6 +413,7 @@ def run_settings(options, plan: Plan, inputs: Inputs) -> dict:
         "group_size": options.group_size,
         "sym": options.sym,
         "act_order": options.act_order,
+        "static_groups": options.static_groups,
         "latency_tokens": options.latency_tokens,
         "fast_decode": fast,
         "kernels": options.kernels,

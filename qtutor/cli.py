@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.act_order,
         help="GPTQ: quantize columns by decreasing diag(H) (the reference's --act-order)",
     )
+    p.add_argument(
+        "--static-groups",
+        action=argparse.BooleanOptionalAction,
+        default=d.static_groups,
+        help="GPTQ: fix every group's scale from the original weights before the column loop "
+        "(the reference's --static-groups; no g_idx is stored)",
+    )
     p.add_argument("--device", default=d.device, help="cpu, cuda or auto (cuda if available)")
     p.add_argument(
         "--dtype",

@@ -342,3 +342,20 @@ def test_overrides_reach_only_the_methods_that_declare_them():
     assert configs["rtn_int8"].bits == 8 and configs["rtn_int8"].group_size == 32
     assert configs["palettization_4bit"].group_size == 16
     assert configs["qlora_nf4"] == qtutor.get_method("qlora_nf4").default_config
+
+
+@pytest.mark.parametrize(
+    "flags, act_order, static_groups",
+    [
+        (["--no-act-order", "--no-static-groups"], False, False),  # the 2022 reference's column order
+        (["--act-order", "--no-static-groups"], True, False),  # act-order with a g_idx
+    ],
+)
+def test_gptq_column_order_flags_reach_gptq_only(flags, act_order, static_groups):
+    from qtutor.bench import method_configs
+    from qtutor.cli import bench_config
+
+    configs = method_configs(["gptq_int4", "awq_int4", "rtn_int4"], bench_config(flags))
+    assert (configs["gptq_int4"].act_order, configs["gptq_int4"].static_groups) == (act_order, static_groups)
+    assert configs["awq_int4"] == qtutor.get_method("awq_int4").default_config
+    assert configs["rtn_int4"] == qtutor.get_method("rtn_int4").default_config

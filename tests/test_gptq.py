@@ -47,7 +47,9 @@ def test_hessian_running_average_equals_one_shot():
 def test_identity_hessian_equals_rtn(bits, group_size, sym, static_groups):
     """With H = I and no damping there is no error to feed back: GPTQ is round-to-nearest."""
     W = weight()
-    cfg = G.GPTQConfig(bits=bits, group_size=group_size, sym=sym, damp=0.0, block_size=32, static_groups=static_groups)
+    cfg = G.GPTQConfig(
+        bits=bits, group_size=group_size, sym=sym, damp=0.0, block_size=32, act_order=False, static_groups=static_groups
+    )
     q = G.quantize_weight(W, torch.eye(W.shape[1]), cfg)
     r = rtn_quantize_weight(W, RTNConfig(bits=bits, group_size=group_size, sym=sym))
     assert torch.equal(q.codes, r.codes)
@@ -58,15 +60,15 @@ def test_identity_hessian_equals_rtn(bits, group_size, sym, static_groups):
     assert q.g_idx is None
 
 
-CONFIGS = [
-    dict(group_size=0),
-    dict(group_size=0, act_order=True),
-    dict(group_size=16),
-    dict(group_size=16, act_order=True),
-    dict(group_size=16, static_groups=True),
+CONFIGS = [  # every column order spelled out (the default is act-order with static groups)
+    dict(group_size=0, act_order=False, static_groups=False),
+    dict(group_size=0, act_order=True, static_groups=False),
+    dict(group_size=16, act_order=False, static_groups=False),
+    dict(group_size=16, act_order=True, static_groups=False),
+    dict(group_size=16, act_order=False, static_groups=True),
     dict(group_size=16, act_order=True, static_groups=True),
-    dict(group_size=40, act_order=True),
-    dict(group_size=16, sym=True, act_order=True, bits=3),
+    dict(group_size=40, act_order=True, static_groups=False),
+    dict(group_size=16, sym=True, act_order=True, static_groups=False, bits=3),
 ]
 
 
@@ -93,7 +95,7 @@ def test_loss_is_the_mean_output_error_per_token(kw):
 
 def test_act_order_groups_carry_g_idx():
     X, W = correlated_inputs(), weight()
-    res = G.gptq(W, 2 * X.T @ X / len(X), G.GPTQConfig(group_size=16, act_order=True))
+    res = G.gptq(W, 2 * X.T @ X / len(X), G.GPTQConfig(group_size=16, act_order=True, static_groups=False))
     g_idx = res.weight.g_idx
     assert g_idx is not None and g_idx.shape == (96,)
     assert torch.equal(torch.bincount(g_idx.long()), torch.full((6,), 16))  # 6 groups of 16 columns
@@ -184,8 +186,8 @@ def test_quantize_model_beats_rtn(model, calib_windows):
 @pytest.mark.parametrize(
     "cfg",
     [
-        qtutor.GPTQConfig(group_size=48),  # 64 = 48 + 16, 96 = 48 + 48
-        qtutor.GPTQConfig(group_size=16, act_order=True, true_sequential=False),
+        qtutor.GPTQConfig(group_size=48),  # 64 = 48 + 16, 96 = 48 + 48; act-order, static groups
+        qtutor.GPTQConfig(group_size=16, act_order=True, static_groups=False, true_sequential=False),
         qtutor.GPTQConfig(group_size=0, bits=3, sym=True, static_groups=True),
     ],
     ids=["group48", "act_order-one_pass", "per_channel-3bit-sym"],
@@ -199,7 +201,7 @@ def test_quantize_model_variants(cfg, calib_windows):
         assert torch.isfinite(model(held_windows()).logits).all()
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, UniformLinear) and q.bits == cfg.bits
-    assert (q.g_idx is not None) == cfg.act_order
+    assert (q.g_idx is not None) == (cfg.act_order and not cfg.static_groups and cfg.group_size > 0)
     if cfg.group_size == 48:
         assert q.n_groups == 2 and model.model.layers[0].mlp.down_proj.n_groups == 2
     assert report.bits_per_weight > cfg.bits
@@ -277,7 +279,22 @@ def test_equals_the_reference_fasterquant(group_size, act_order):
     X, W = correlated_inputs(), weight()
     X[:, 5] = 0  # a dead input column
     H = 2 * X.T @ X / len(X)
-    cfg = G.GPTQConfig(bits=4, group_size=group_size, sym=False, act_order=act_order, block_size=64)
+    cfg = G.GPTQConfig(
+        bits=4, group_size=group_size, sym=False, act_order=act_order, static_groups=False, block_size=64
+    )
     ours = G.gptq(W, H, cfg).Q
     ref = reference_fasterquant(W, H, 4, group_size, act_order, blocksize=64)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_the_default_is_act_order_with_static_groups_and_stores_no_g_idx(calib_windows):
+    """GPTQConfig() quantizes in act-order with contiguous groups fixed up front: chapter 1's
+    storage format (no g_idx), and the layer's output error below RTN's."""
+    cfg = G.GPTQConfig()
+    assert cfg.act_order and cfg.static_groups
+    X, W = correlated_inputs(), weight()
+    res = G.gptq(W, 2 * X.T @ X / len(X), cfg.replace(group_size=16))
+    assert res.weight.g_idx is None
+    rtn = rtn_quantize_weight(W, RTNConfig(bits=4, group_size=16))
+    assert output_error(X, W, res.Q) < output_error(X, W, rtn.dequantize())
+    assert UniformLinear(res.weight).n_groups == 6  # six contiguous groups of 16 columns

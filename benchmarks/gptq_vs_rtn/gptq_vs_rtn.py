@@ -69,7 +69,10 @@ def main():
         tokenize(tok, wikitext2_text("validation", args.data_dir)), args.calib_samples, args.seqlen
     )
     test = tokenize(tok, wikitext2_text("test", args.data_dir))[: args.eval_tokens]
-    rtn_cfg, gptq_cfg = RTNConfig(bits=4, group_size=0, sym=False), GPTQConfig(group_size=0)
+    rtn_cfg, gptq_cfg = (
+        RTNConfig(bits=4, group_size=0, sym=False),
+        GPTQConfig(group_size=0, act_order=False, static_groups=False),
+    )
     ppl = lambda: perplexity(model, test, args.seqlen).ppl  # noqa: E731
     fp = ppl()
     print(
