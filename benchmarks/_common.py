@@ -110,3 +110,46 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- quality side by side
+def add_quality_args(p) -> None:
+    """The options of the scripts that compare perplexities on one model and text (gptq_order.py,
+    peers.py): the model, the text, the evaluation window, the calibration windows, the bits."""
+    p.add_argument("--model", default="qtutor-tiny")
+    p.add_argument("--dataset", default=None, help="embedded or wikitext2 (default: embedded for qtutor-tiny)")
+    p.add_argument("--data-dir", default=None, help="WikiText-2 in the Hugging Face layout")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-eval-tokens", type=int, default=None, help="default: the whole evaluation text")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--out", required=True, help="OUT.csv is written")
+
+
+def quality_setup(args):
+    """Seed, print the environment, load the model and the texts -> (model, dataset, calibration
+    windows, environment, score), ``score(model)`` being ``qtutor.eval.perplexity`` on the
+    evaluation text, the same tokens for every row."""
+    from qtutor.data import calibration_windows, dataset_text, tokenize
+    from qtutor.eval import perplexity
+    from qtutor.models import load_model
+
+    dataset = args.dataset or ("embedded" if args.model == "qtutor-tiny" else "wikitext2")
+    torch.manual_seed(0)
+    env = environment(torch.device("cpu"))
+    print_env(env)
+    model, tok = load_model(args.model)
+    eval_ids = tokenize(tok, dataset_text(dataset, "eval", args.data_dir))
+    calib = calibration_windows(
+        tokenize(tok, dataset_text(dataset, "calib", args.data_dir)), args.calib_samples, args.calib_seqlen, seed=0
+    )
+
+    def score(m):
+        return perplexity(m, eval_ids, args.seqlen, args.max_eval_tokens, batch_size=8)
+
+    return model, dataset, calib, env, score
+
+
+def layout_name(bits: int, group: int, sym: bool) -> str:
+    return f"INT{bits} {'groups of ' + str(group) if group else 'per row'}, {'sym' if sym else 'asym'}"

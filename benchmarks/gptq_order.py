@@ -27,15 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_env, write_csv  # noqa: E402
+from _common import add_quality_args, layout_name, quality_setup, write_csv  # noqa: E402
 
 import qtutor  # noqa: E402
-from qtutor.data import calibration_windows, dataset_text, tokenize  # noqa: E402
-from qtutor.eval import perplexity  # noqa: E402
-from qtutor.models import load_model  # noqa: E402
 
 ORDERS = {
     "natural": dict(act_order=False, static_groups=False),
@@ -46,38 +42,17 @@ ORDERS = {
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="qtutor-tiny")
-    p.add_argument("--dataset", default=None, help="embedded or wikitext2 (default: embedded for qtutor-tiny)")
-    p.add_argument("--data-dir", default=None, help="WikiText-2 in the Hugging Face layout")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-eval-tokens", type=int, default=None, help="default: the whole evaluation text")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--bits", type=int, default=4)
+    add_quality_args(p)
     p.add_argument("--group-sizes", default="0,64", help="comma-separated; 0 = one grid per output row")
-    p.add_argument("--out", required=True, help="OUT.csv is written")
     args = p.parse_args(argv)
-    dataset = args.dataset or ("embedded" if args.model == "qtutor-tiny" else "wikitext2")
-    torch.manual_seed(0)
-    device = torch.device("cpu")
-    env = environment(device)
-    print_env(env)
-
-    model, tok = load_model(args.model)
-    eval_ids = tokenize(tok, dataset_text(dataset, "eval", args.data_dir))
-    calib = calibration_windows(
-        tokenize(tok, dataset_text(dataset, "calib", args.data_dir)), args.calib_samples, args.calib_seqlen, seed=0
-    )
-
-    def score(m):
-        return perplexity(m, eval_ids, args.seqlen, args.max_eval_tokens, batch_size=8)
+    model, dataset, calib, env, score = quality_setup(args)
 
     base = score(model)
     rows = [dict(layout="float", method="fp32", ppl=base.ppl, eval_tokens=base.eval_tokens, seconds=0.0)]
     print(f"float: {base}")
     for g in (int(x) for x in args.group_sizes.split(",")):
         for sym in (False, True):
-            layout = f"INT{args.bits} {'groups of ' + str(g) if g else 'per row'}, {'sym' if sym else 'asym'}"
+            layout = layout_name(args.bits, g, sym)
             runs = [("RTN", "rtn_int4", qtutor.RTNConfig(bits=args.bits, group_size=g, sym=sym))]
             for name, flags in ORDERS.items():
                 if g == 0 and name == "act-order, dynamic groups":

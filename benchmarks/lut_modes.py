@@ -25,7 +25,7 @@ import triton.language as tl
 
 from qtutor.errors import QtutorError
 from qtutor.runtime import kernels
-from qtutor.runtime.triton_gemv import _LUT_CONFIGS, DEFAULT_LUT, _autotune, _finish_rows, _launch
+from qtutor.runtime.triton_gemv import _LUT_CONFIGS, DEFAULT_LUT, _autotune, _finish_rows, _launch, lut_load_args
 
 # --------------------------------------------------------------------------- 4-bit LUT
 # How a weight's table entry is read (the MODE constexpr):
@@ -139,26 +139,11 @@ def lut_gemv_mode(x, qweight, table, scales, bias, rows_per_lut: int, mode: str,
     width = 256 if mode == "pairs" else 16
     if table.dim() != 2 or table.shape[1] != width or (mode == "pairs") != (table.dtype == torch.int32):
         raise QtutorError(f"LUT mode {mode!r} needs a (n_luts, {width}) table, got {tuple(table.shape)} {table.dtype}")
-    N, K = qweight.shape[0], x.numel()
-    x = x.reshape(-1).contiguous()
-    y = torch.empty(N, dtype=x.dtype, device=x.device)
-    dummy = table
-    args = (
-        x,
-        qweight,
-        table,
-        dummy if scales is None else scales,
-        dummy if bias is None else bias,
-        y,
-        N,
-        K,
-        qweight.stride(0),
-        rows_per_lut,
-    )
-    kwargs = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, MODE=MODES[mode])
+    y, args, kwargs = lut_load_args(x, qweight, table, scales, bias, rows_per_lut)
+    kwargs["MODE"] = MODES[mode]
     tuned = _lut_gather_tuned if mode == "gather" else _lut_tuned
     default = DEFAULT_LUT_GATHER if mode == "gather" else DEFAULT_LUT
-    _launch(_lut_gemv_kernel, _lut_jit, tuned, default, config, N, args, kwargs)
+    _launch(_lut_gemv_kernel, _lut_jit, tuned, default, config, y.numel(), args, kwargs)
     return y
 
 

@@ -26,15 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_env, write_csv  # noqa: E402
+from _common import add_quality_args, layout_name, quality_setup, write_csv  # noqa: E402
 
 import qtutor  # noqa: E402
-from qtutor.data import calibration_windows, dataset_text, tokenize  # noqa: E402
-from qtutor.eval import perplexity  # noqa: E402
-from qtutor.models import load_model  # noqa: E402
 
 
 def version(package: str) -> str:
@@ -79,22 +75,11 @@ IMPLEMENTATIONS = {"qtutor": (qtutor_run, "qtutor"), "llm-compressor": (llmcompr
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="qtutor-tiny")
-    p.add_argument("--dataset", default=None, help="embedded or wikitext2 (default: embedded for qtutor-tiny)")
-    p.add_argument("--data-dir", default=None, help="WikiText-2 in the Hugging Face layout")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-eval-tokens", type=int, default=None, help="default: the whole evaluation text")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--bits", type=int, default=4)
+    add_quality_args(p)
     p.add_argument("--group-size", type=int, default=64, help="the group-wise layout's group size")
     p.add_argument("--methods", default="rtn,gptq")
-    p.add_argument("--out", required=True, help="OUT.csv is written")
     args = p.parse_args(argv)
-    dataset = args.dataset or ("embedded" if args.model == "qtutor-tiny" else "wikitext2")
-    torch.manual_seed(0)
-    env = environment(torch.device("cpu"))
-    print_env(env)
+    model, dataset, calib, env, score = quality_setup(args)
     available = {}
     for name, (run, package) in IMPLEMENTATIONS.items():
         if name == "qtutor" or version(package):
@@ -102,21 +87,12 @@ def main(argv=None) -> int:
         else:
             print(f"{name} is not installed (pip install {package}): its rows are left out")
 
-    model, tok = load_model(args.model)
-    eval_ids = tokenize(tok, dataset_text(dataset, "eval", args.data_dir))
-    calib = calibration_windows(
-        tokenize(tok, dataset_text(dataset, "calib", args.data_dir)), args.calib_samples, args.calib_seqlen, seed=0
-    )
-
-    def score(m):
-        return perplexity(m, eval_ids, args.seqlen, args.max_eval_tokens, batch_size=8)
-
     base = score(model)
     print(f"float: {base}")
     rows = [dict(layout="float", method="float", implementation="-", ppl=base.ppl, seconds=0.0)]
     for group in (0, args.group_size):
         for sym in (True, False):
-            layout = f"INT{args.bits} {'groups of ' + str(group) if group else 'per row'}, {'sym' if sym else 'asym'}"
+            layout = layout_name(args.bits, group, sym)
             for method in args.methods.split(","):
                 for impl, run in available.items():
                     m = copy.deepcopy(model)

@@ -204,18 +204,20 @@ def annotated_linear(q: QuantizedLinear, palettized: bool = True) -> nn.Linear:
     :class:`PalettizedLinear` (and ``palettized``), also coremltools' palettization metadata
     holding our LUTs (n_luts, 1, 2^b, 1) and scales (out, 1), whatever device ``q`` is on."""
     lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+    annotate = palettized and isinstance(q, PalettizedLinear)
+    unpacked = q.unpacked() if annotate else None  # unpacked once: the weight and the indices
     with torch.no_grad():
-        lin.weight.copy_(q.dequantize().float().cpu())
+        lin.weight.copy_((q if unpacked is None else unpacked).dequantize().float().cpu())
         if q.bias is not None:
             lin.bias.copy_(q.bias.float().cpu())
     lin.requires_grad_(False)
-    if palettized and isinstance(q, PalettizedLinear):
+    if annotate:
         lut = coreml_lut(q).float().cpu()
         lin.register_buffer("_COREML_/weight/lut", lut[:, None, :, None].contiguous())
         if q.scales is not None:
             lin.register_buffer("_COREML_/weight/palettization_scale", q.scales.float().cpu()[:, None].clone())
         lin.register_buffer("_COREML_/weight/compression_type", torch.tensor([PALETTIZATION]))
-        lin.qtutor_indices = q.unpacked().indices.cpu()  # a plain attribute: not traced (known_indices)
+        lin.qtutor_indices = unpacked.indices.cpu()  # a plain attribute: not traced (known_indices)
     return lin
 
 
@@ -301,6 +303,17 @@ def _check_path(path) -> Path:
     return path
 
 
+def _start_export(model: nn.Module, path, palettized: bool, compute_precision: str):
+    """What both exports begin with -> (coremltools, the checked path, the precision, the CPU
+    copy to trace (:func:`prepare_for_export`), its :func:`known_indices`)."""
+    ct = _coremltools()
+    path = _check_path(path)
+    precision = _precision(ct, compute_precision)
+    table = torch.float16 if compute_precision == "float16" else torch.float32
+    prepared = prepare_for_export(model, palettized, table)
+    return ct, path, precision, prepared, known_indices(prepared)
+
+
 def export_mlpackage(
     model: nn.Module,
     path: Union[str, Path],
@@ -317,12 +330,9 @@ def export_mlpackage(
     dtype: the trace runs on a CPU copy (:func:`prepare_for_export`), freed before returning.
     Runs on Linux too (the package is not loaded for prediction there).
     """
-    ct = _coremltools()
-    path = _check_path(path)
-    precision = _precision(ct, compute_precision)
-    table = torch.float16 if compute_precision == "float16" else torch.float32
-    wrapper = CausalLMForCoreML(prepare_for_export(model, palettized, table), seqlen).eval()
-    known = known_indices(wrapper)
+    ct, path, precision, prepared, known = _start_export(model, path, palettized, compute_precision)
+    wrapper = CausalLMForCoreML(prepared, seqlen).eval()
+    del prepared
     example = torch.zeros(1, seqlen, dtype=torch.long)
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, example, check_trace=False)
@@ -555,12 +565,9 @@ def export_stateful_mlpackage(
     Needs ``minimum_deployment_target`` iOS 18 (states), as every export here uses. On a Mac,
     :func:`generate` decodes with it token by token.
     """
-    ct = _coremltools()
-    path = _check_path(path)
-    precision = _precision(ct, compute_precision)
-    table = torch.float16 if compute_precision == "float16" else torch.float32
-    wrapper = StatefulCausalLMForCoreML(prepare_for_export(model, palettized, table), max_len).eval()
-    known = known_indices(wrapper)
+    ct, path, precision, prepared, known = _start_export(model, path, palettized, compute_precision)
+    wrapper = StatefulCausalLMForCoreML(prepared, max_len).eval()
+    del prepared
     ids = torch.zeros(1, 2, dtype=torch.long)
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, (ids, torch.from_numpy(causal_mask(0, 2))), check_trace=False)
@@ -797,8 +804,8 @@ class ExportJob:
     memory), or raises a one-line :class:`QtutorError` with the child's error.
     """
 
-    def __init__(self, process, folder: Path, model_file: Path, report: Path, log: Path):
-        self.process, self.folder, self.model_file, self.report, self.log = process, folder, model_file, report, log
+    def __init__(self, process, model_file: Path, report: Path, log: Path):
+        self.process, self.model_file, self.report, self.log = process, model_file, report, log
         self._costs: Optional[dict] = None
 
     def done(self) -> bool:
@@ -852,7 +859,7 @@ def export_in_background(
         env.update({v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
     with open(log, "w") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return ExportJob(process, folder, model_file, report, log)
+    return ExportJob(process, model_file, report, log)
 
 
 def _export_child(argv: list) -> int:

@@ -453,25 +453,30 @@ def lut_gemv(
         raise QtutorError(f"lut_gemv mode {mode!r} needs a (n_luts, 16) float LUT, got {tuple(lut.shape)} {lut.dtype}")
     if mode == "prmt":
         return _lut_gemv_prmt(x, qweight, lut, scales, bias, rows_per_lut, config)
+    y, args, kwargs = lut_load_args(x, qweight, lut, scales, bias, rows_per_lut)
+    _launch(_lut_gemv_kernel, _lut_jit, _lut_tuned, DEFAULT_LUT, config, y.numel(), args, kwargs)
+    return y
+
+
+def lut_load_args(x, qweight, table, scales, bias, rows_per_lut: int):
+    """(y, args, kwargs) of :func:`_lut_gemv_kernel` for one row ``x``: the output (out,) to
+    fill and the launch arguments (``table`` also stands in for the absent scales and bias)."""
     N, K = qweight.shape[0], x.numel()
     x = x.reshape(-1).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
-    dummy = lut
     args = (
         x,
         qweight,
-        lut,
-        dummy if scales is None else scales,
-        dummy if bias is None else bias,
+        table,
+        table if scales is None else scales,
+        table if bias is None else bias,
         y,
         N,
         K,
         qweight.stride(0),
         rows_per_lut,
     )
-    kwargs = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None)
-    _launch(_lut_gemv_kernel, _lut_jit, _lut_tuned, DEFAULT_LUT, config, N, args, kwargs)
-    return y
+    return y, args, dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None)
 
 
 def _lut_gemv_prmt(x, qweight, lut, scales, bias, rows_per_lut, config):
