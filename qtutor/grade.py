@@ -189,8 +189,10 @@ def notebooks_in(paths: list) -> list[Path]:
             nbformat.read(p, as_version=4)
         except Exception as err:
             raise QtutorError(f"{p} is not a readable notebook ({type(err).__name__}: {err})".split("\n")[0]) from None
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    return unique
+    unique: dict = {}
+    for p in found:  # each notebook once, named as the command line named it
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def _write(out: Path, scores: dict) -> None:
@@ -261,7 +263,10 @@ def grade_notebook(path: Path, timeout: int = 600, kernel: Optional[str] = None,
     for i, cell in enumerate(nb.cells):
         for output in cell.get("outputs", []):
             if i < n_cells and output.get("output_type") == "error":
-                record["cell_errors"].append({"cell": i, "error": _error_line(output)})
+                line = _error_line(output)
+                if output.get("ename") == "KeyboardInterrupt":  # the grader's interrupt
+                    line = f"Timeout: the cell ran over {timeout} s and was interrupted"
+                record["cell_errors"].append({"cell": i, "error": line})
             if i >= n_cells and output.get("output_type") == "stream":
                 for line in output.get("text", "").splitlines():
                     if line.startswith(MARK):
@@ -303,7 +308,7 @@ def grade(
         raise QtutorError(f"--out {out}: the folder {out.parent} does not exist")
     scores: dict = {"qtutor_grade": FORMAT, "notebooks": {}}
     for path in notebooks:
-        key = os.path.relpath(path)
+        key = str(path)
         scores["notebooks"][key] = {"status": "running"}
         _write(out, scores)
         record = grade_notebook(path, timeout=timeout, kernel=kernel, fast=fast)

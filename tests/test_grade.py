@@ -67,9 +67,9 @@ def test_find_exercises_on_a_chapter_finds_every_labelled_exercise():
     assert by_label["ex-ch02-alpha"].call == "ch02.check_alpha_search(alpha_search)"  # inside an `if`
 
 
-def _grade(tmp_path, *args):
+def _grade(tmp_path, *args, timeout=120):
     out = tmp_path / "scores.json"
-    rc = main(["grade", *map(str, args), "--out", str(out), "--timeout", "120"])
+    rc = main(["grade", *map(str, args), "--out", str(out), "--timeout", str(timeout)])
     return rc, json.loads(out.read_text()) if out.exists() else None
 
 
@@ -105,13 +105,15 @@ def test_a_notebook_whose_kernel_dies_is_recorded_and_the_others_are_graded(tmp_
     nbformat.write(STUDENT, folder / "a_alice.ipynb")
     dying = _notebook(
         ("md", _exercise("ex-right")),
+        ("code", "import time\ntime.sleep(600)  # runs over the timeout: interrupted, recorded"),
         ("code", "import os\nos._exit(1)"),
         ("code", "ch07.check_decode_speedup(decode_speedup)"),
     )
     nbformat.write(dying, folder / "b_bob.ipynb")
-    rc, scores = _grade(tmp_path, folder)
+    rc, scores = _grade(tmp_path, folder, timeout=30)
     assert rc == 1  # one notebook could not be executed to the end
     alice, bob = (scores["notebooks"][k] for k in sorted(scores["notebooks"]))
+    assert bob["cell_errors"][0] == {"cell": 1, "error": "Timeout: the cell ran over 30 s and was interrupted"}
     assert alice["status"] == "graded" and alice["score"] == 1
     assert bob["status"] == "error" and bob["error"]
     assert bob["exercises"]["ex-right"]["passed"] is False
