@@ -28,7 +28,7 @@ Writes ``OUT.csv`` (one row per layout, method and implementation: perplexity, s
 versions) and prints a table; rows are written as they are measured.
 
     python benchmarks/peers.py --model PATH/stories260K-qwen2-hf --data-dir PATH/hf-wikitext \\
-        --group-size 4 --out benchmarks/peers_stories260k
+        --group-size 64,4 --out benchmarks/peers_stories260k
     python benchmarks/peers.py --model qtutor-tiny --group-size 64 --out benchmarks/peers_qtutor-tiny
 """
 
@@ -180,9 +180,9 @@ PEERS = {
 }
 
 
-def plan(methods: list[str], bits: int, group_size: int, alpha: float):
+def plan(methods: list[str], bits: int, group_sizes: list[int], alpha: float):
     """(layout name, layout, method) in the order they run."""
-    for group in (0, group_size):
+    for group in (0, *group_sizes):
         for sym in (True, False):
             lay = dict(bits=bits, group=group, sym=sym)
             for m in methods:
@@ -200,7 +200,7 @@ def plan(methods: list[str], bits: int, group_size: int, alpha: float):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_args(p)
-    p.add_argument("--group-size", type=int, default=64, help="the group-wise layout's group size")
+    p.add_argument("--group-size", default="64", help="the group-wise layouts' group sizes, comma-separated")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (both libraries)")
     p.add_argument("--methods", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)}")
     args = p.parse_args(argv)
@@ -208,6 +208,10 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in PEERS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(PEERS)}")
+    try:
+        group_sizes = [int(g) for g in args.group_size.split(",")]
+    except ValueError:
+        p.error(f"--group-size {args.group_size!r}: give whole numbers separated by commas, e.g. 64,4")
     model, dataset, calib, env, score = quality_setup(args)
     versions = {pkg: version(pkg) for pkg in ("qtutor", "llmcompressor", "compressed-tensors", "bitsandbytes")}
     versions["coremltools"] = version("coremltools")
@@ -216,7 +220,7 @@ def main(argv=None) -> int:
             print(f"{name} is not installed (pip install {package}): its rows are left out")
 
     header = dict(
-        model=args.model,
+        model=Path(args.model).name if Path(args.model).is_dir() else args.model,
         dataset=dataset,
         seqlen=args.seqlen,
         calib=f"{args.calib_samples} x {args.calib_seqlen}",
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
     header["eval_tokens"] = base.eval_tokens
     print(f"float: {base}")
     rows = [dict(layout="float", method="float", implementation="-", ppl=base.ppl, seconds=0.0)]
-    for layout, lay, method in plan(methods, args.bits, args.group_size, args.alpha):
+    for layout, lay, method in plan(methods, args.bits, group_sizes, args.alpha):
         peer_run, peer_name, package = PEERS[method]
         impls = [("qtutor", qtutor_run)] + ([(peer_name, peer_run)] if version(package) else [])
         for impl, run in impls:
