@@ -89,9 +89,157 @@ def test_accelerate_skips_with_reasons_and_rejects_bad_backend():
     qtutor.quantize(model, "rtn_int8")
     res = kernels.accelerate(model, "tinygemm")
     assert not res["converted"] and set(res["skipped"].values()) == {"8-bit codes (tinygemm is 4-bit)"}
-    assert kernels.accelerate(model, "auto")["backend"] == "none"  # CPU: reference forward
+    assert kernels.accelerate(model, "none") == {"backend": "none", "converted": {}, "skipped": {}}
     with pytest.raises(qtutor.QtutorError, match="unknown kernel backend"):
         kernels.accelerate(model, "cutlass")
+
+
+# --------------------------------------------------------------------------- CPU kernels
+needs_cpu_lut = pytest.mark.skipif(
+    __import__("qtutor.runtime.cpu_lut").runtime.cpu_lut.available() is not None,
+    reason="no C compiler for the CPU LUT kernel",
+)
+
+
+def palettized(n, k, rows, scaled=True, bias=True, seed=0):
+    from qtutor.quant.palettize import LUTWeight, PalettizedLinear
+
+    g = torch.Generator().manual_seed(seed)
+    q = LUTWeight(
+        torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+        torch.randn(-(-n // rows), 16, generator=g).half(),
+        (torch.rand(n, generator=g) + 0.5).half() if scaled else None,
+        4,
+        rows,
+    )
+    return PalettizedLinear(q, torch.randn(n, generator=g) if bias else None)
+
+
+# The C kernel multiplies the same float32 numbers as the reference forward (LUT entry x scale x
+# input) and sums them in another order: equal to float32 rounding, ~1e-7 relative for these sizes.
+@needs_cpu_lut
+@pytest.mark.parametrize(
+    "n,k,rows,scaled,bias",
+    [(32, 256, 16, True, True), (40, 70, 16, False, True), (48, 96, 48, True, False), (16, 2, 16, True, True)],
+)
+def test_cpu_palette_gemv_equals_reference(n, k, rows, scaled, bias):
+    """Widths with and without a tail of codes after the last 32 (the vector step), the last LUT
+    serving fewer rows, with and without scales and bias."""
+    from qtutor.runtime import cpu_lut
+
+    layer = palettized(n, k, rows, scaled, bias)
+    x = torch.randn(k)
+    y = cpu_lut.palette_gemv(x, layer.qweight, layer.lut, layer.scales, layer.bias, layer.rows_per_lut)
+    torch.testing.assert_close(y, layer(x[None])[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_lut
+@pytest.mark.parametrize("double_quant,block,k", [(True, 64, 192), (False, 64, 128), (True, 32, 96), (True, 16, 48)])
+def test_cpu_nf4_gemv_equals_reference(double_quant, block, k):
+    """NF4 (high nibble first, blocks along the rows), the absmax rebuilt from the double
+    quantization inside the kernel; 300 rows hold several second-level blocks of 256 absmaxes."""
+    from qtutor.quant.nf4 import NF4Config, NF4Linear
+
+    torch.manual_seed(0)
+    layer = NF4Linear.from_float(nn.Linear(k, 300), NF4Config(block_size=block, double_quant=double_quant))
+    if double_quant:
+        assert layer.absmax2.numel() > 1
+    else:
+        assert layer.absmax2 is None
+    res = kernels.accelerate(nn.Sequential(layer), "cpu")
+    assert res["converted"] == {"0": "cpu nf4_gemv (C)"} and type(layer).__name__ == "CpuNF4Linear"
+    x = torch.randn(1, k)
+    torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-5, atol=1e-5)
+    assert layer.last_kernel == "cpu nf4_gemv (C)"
+    layer(torch.randn(3, k))  # several rows: the reference forward
+    assert layer.last_kernel == "reference"
+
+
+@needs_cpu_lut
+def test_cpu_lut_kernel_on_two_threads(monkeypatch):
+    from qtutor.runtime import cpu_lut
+
+    monkeypatch.setattr(cpu_lut, "PARALLEL_MIN_WEIGHTS", 0)
+    layer = palettized(64, 128, 16)
+    x = torch.randn(128)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = cpu_lut.palette_gemv(x, layer.qweight, layer.lut, layer.scales, layer.bias, layer.rows_per_lut)
+    finally:
+        torch.set_num_threads(n)
+    torch.testing.assert_close(y, layer(x[None])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_int8_weight_only_equals_reference(sym):
+    """``aten._weight_int8pack_mm`` with bfloat16 activations, scales and output: the result
+    differs from the float32 reference by bfloat16 rounding (2^-9 relative per rounding; the
+    product of a 256-long row averages it to ~3e-3)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 48)
+    layer = UniformLinear.from_float(lin, RTNConfig(8, 0, sym))
+    fast = kernels.Int8WeightOnlyLinear.from_uniform(layer)
+    x = torch.randn(2, 3, 256)
+    assert rel(fast(x), layer(x)) < 1e-2 and fast.last_kernel == "aten._weight_int8pack_mm"
+    assert rel(fast.dequantize(), layer.dequantize()) < 4e-3  # bf16 scales
+    assert rel(fast(x), fast.forward_reference(x)) < 1e-2
+    names = {n for n, b in fast.named_buffers() if b is not None}
+    assert names == {"weight_int8", "scales", "bias"} | (set() if sym else {"zero_term"})
+    assert fast.bits_per_weight == pytest.approx(8 + (16 if sym else 48) / 256)  # + bf16 scale (+ fp32 zero term)
+    grouped = UniformLinear.from_float(lin, RTNConfig(8, 64, True))
+    with pytest.raises(qtutor.QtutorError, match="one scale per output channel"):
+        kernels.Int8WeightOnlyLinear.from_uniform(grouped)
+
+
+CPU_KERNELS = {
+    "rtn_int8": ("Int8WeightOnlyLinear", "aten._weight_int8pack_mm", 2e-2),
+    "rtn_int4": ("Int4TinyGemmLinear", "aten._weight_int4pack_mm_for_cpu", 2e-2),
+    "palettization_4bit": ("CpuPalettizedLinear", "cpu palette_gemv (C)", 1e-5),
+    "qlora_nf4": ("CpuNF4Linear", "cpu nf4_gemv (C)", 1e-5),
+}
+
+
+@needs_cpu_lut
+@needs_tinygemm
+@pytest.mark.parametrize("method", list(CPU_KERNELS))
+def test_accelerate_cpu_converts_every_format(method):
+    """``accelerate(model, "auto")`` on the CPU: every linear of the model gets its CPU kernel;
+    one decoding step equals the reference forward (to bfloat16 rounding for the PyTorch int
+    kernels, which take bfloat16 activations, to float32 rounding for the C kernels)."""
+    from conftest import tiny_model
+    from qtutor.runtime.decode import _kernels
+
+    model = tiny_model("qwen2", hidden_size=128, intermediate_size=256)
+    qtutor.quantize(model, method, RTNConfig(4, 64) if method == "rtn_int4" else None)
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).logits
+    res = kernels.accelerate(model, "auto")
+    cls, kernel, tol = CPU_KERNELS[method]
+    assert res["backend"] == "cpu" and len(res["converted"]) == 14 and not res["skipped"]
+    assert set(res["converted"].values()) == {kernel}
+    assert rel(model(ids).logits, ref) < tol
+    assert _kernels(model) == {cls: kernel}  # what the bench records
+    assert kernels.accelerate(model, "auto")["converted"] == {}  # converted once
+
+
+def test_accelerate_cpu_skips_with_reasons():
+    from qtutor.quant.nf4 import NF4Config, NF4Linear
+    from conftest import tiny_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        NF4Linear.from_float(nn.Linear(96, 8), NF4Config(block_size=64)),  # blocks cross rows
+        UniformLinear.from_float(nn.Linear(64, 8), RTNConfig(3, 32)),
+        UniformLinear.from_float(nn.Linear(64, 8), RTNConfig(8, 32)),
+    )
+    skipped = kernels.accelerate(model, "cpu")["skipped"]
+    assert "do not divide the rows" in skipped["0"] and "3-bit" in skipped["1"] and "one scale per" in skipped["2"]
+    w8a8 = tiny_model("qwen2")
+    qtutor.quantize(w8a8, "smoothquant_w8a8", calib=torch.randint(0, 128, (2, 16)))
+    assert set(kernels.accelerate(w8a8, "auto")["skipped"].values()) == {
+        "its own forward is already a CPU integer kernel (torch._int_mm)"
+    }
 
 
 # --------------------------------------------------------------------------- Triton (interpreter)
