@@ -20,6 +20,11 @@ Rows (``--methods``; default all that apply to the device):
   rtn_int4-reference           RTN int4 g128, reference forward (dequantize + matmul per call)
   rtn_int4-triton              RTN int4 g128, Triton int4 GEMV on the packed codes (CUDA)
   rtn_int4-tinygemm            RTN int4 g128 re-packed for aten._weight_int4pack_mm (bf16)
+  rtn_int4-cpu                 the same re-packing in a float32 model (CPU): the layer casts its
+                               one row to bf16 for the kernel and back (accelerate's "cpu" backend)
+  rtn_int8-reference           RTN int8 per channel (rtn_int8), reference forward
+  rtn_int8-triton              the same, Triton weight-only int8 GEMV on the layer's codes (CUDA)
+  rtn_int8-cpu                 the same, aten._weight_int8pack_mm with bf16 activations (CPU)
   palettized4-reference        4-bit LUT per 16 rows + per-row scale, reference forward
                                (dequantize + matmul per call; the CPU's only path)
   palettized4-prmt             4-bit LUT per 16 rows + per-row scale, Triton LUT GEMV (CUDA) with
@@ -28,6 +33,10 @@ Rows (``--methods``; default all that apply to the device):
   palettized4-load-f32         the same, reading a stored float32 copy of the LUTs (counted)
   palettized4-pairs            the same, one load per packed byte from a stored 256-entry table
                                of weight pairs per LUT (FLUTE's vectorized lookup; counted)
+  palettized4-cpu              the same layers, the book's C kernel (qtutor.runtime.cpu_lut; CPU)
+  nf4-reference                QLoRA NF4 (qlora_nf4: blocks of 64, double quantization), reference
+  nf4-triton                   the same, Triton register-LUT GEMV, absmax rebuilt in the kernel (CUDA)
+  nf4-cpu                      the same, the book's C kernel (CPU)
   smoothquant_w8a8             W8A8Linear as registered: torch._int_mm (int8 x int8 -> int32;
                                on CUDA a batch-1 step is zero-padded to 32 rows, as it needs > 16)
   smoothquant_w8a8-triton      the same layers, Triton W8A8 GEMV (CUDA): the row is quantized per
@@ -66,12 +75,20 @@ ALL = [
     "rtn_int4-reference",
     "rtn_int4-triton",
     "rtn_int4-tinygemm",
+    "rtn_int4-cpu",
+    "rtn_int8-reference",
+    "rtn_int8-triton",
+    "rtn_int8-cpu",
     "palettized4-reference",
     "palettized4-prmt",
     "palettized4-gather",
     "palettized4-load",
     "palettized4-load-f32",
     "palettized4-pairs",
+    "palettized4-cpu",
+    "nf4-reference",
+    "nf4-triton",
+    "nf4-cpu",
     "smoothquant_w8a8",
     "smoothquant_w8a8-triton",
 ]
@@ -83,7 +100,10 @@ CUDA_ONLY = {
     "palettized4-load-f32",
     "palettized4-pairs",
     "smoothquant_w8a8-triton",
+    "rtn_int8-triton",
+    "nf4-triton",
 }
+CPU_ONLY = {"rtn_int4-cpu", "rtn_int8-cpu", "palettized4-cpu", "nf4-cpu"}
 
 
 def parse_args(argv=None):
@@ -241,6 +261,9 @@ def main(argv=None):
                 {"method": name, "status": "skipped: Triton kernels need CUDA (--triton-on-cpu runs the interpreter)"}
             )
             return
+        if cuda and key in CPU_ONLY:
+            rows.append({"method": name, "status": "skipped: a CPU kernel"})
+            return
         row = {"method": name, "act_dtype": act, "baseline": baseline}
         t0 = time.perf_counter()
         model = None
@@ -327,10 +350,11 @@ def main(argv=None):
         if not res["converted"]:
             raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
 
-    def rtn(src, backend=None):
+    def rtn(src, backend=None, bits=4):
         def make():
             model = copy.deepcopy(src)
-            qtutor.quantize(model, "rtn_int4", qtutor.RTNConfig(4, args.group_size, False))
+            cfg = qtutor.RTNConfig(4, args.group_size, False) if bits == 4 else None  # rtn_int8: per channel
+            qtutor.quantize(model, f"rtn_int{bits}", cfg)
             if backend is not None:
                 accelerated(model, backend)
             return model, linear_stats(model)
@@ -344,8 +368,20 @@ def main(argv=None):
                 qtutor.quantize(model, "palettization_4bit")
             else:
                 quick_palettize(model)
-            if mode is not None:
+            if mode == "cpu":
+                accelerated(model, "cpu")
+            elif mode is not None:
                 accelerated(model, "triton", lut_mode=mode)
+            return model, linear_stats(model)
+
+        return make
+
+    def nf4(backend=None):
+        def make():
+            model = copy.deepcopy(base)
+            qtutor.quantize(model, "qlora_nf4")
+            if backend is not None:
+                accelerated(model, backend)
             return model, linear_stats(model)
 
         return make
@@ -369,6 +405,10 @@ def main(argv=None):
         # the tinygemm layer's reference: its own weight read back, then an ordinary matmul
         return m.forward_reference if isinstance(m, kernels.Int4TinyGemmLinear) else None
 
+    def ref_of_cpu(m):  # the CPU backend's layers: re-stored (tinygemm, int8) or swapped (C kernels)
+        fast = (kernels.Int4TinyGemmLinear, kernels.Int8WeightOnlyLinear, kernels._CpuGemvMixin)
+        return m.forward_reference if isinstance(m, fast) else None
+
     # --- the rows ---------------------------------------------------------------------------
     record(main_name, main_name, plain(base), main_name)
     if "bf16" in wanted or "rtn_int4-tinygemm" in wanted:
@@ -383,12 +423,20 @@ def main(argv=None):
         "bf16",
         check=ref_of_tinygemm,
     )
+    record("rtn_int4-cpu", main_name, rtn(base, "cpu"), main_name, check=ref_of_cpu)
+    record("rtn_int8-reference", main_name, rtn(base, bits=8), main_name)
+    record("rtn_int8-triton", main_name, rtn(base, "triton", bits=8), main_name, check=ref_of_triton)
+    record("rtn_int8-cpu", main_name, rtn(base, "cpu", bits=8), main_name, check=ref_of_cpu)
     record("palettized4-reference", main_name, palettized(None), main_name)
     record("palettized4-prmt", main_name, palettized("prmt"), main_name, check=ref_of_triton)
     record("palettized4-gather", main_name, palettized("gather"), main_name, check=ref_of_triton)
     record("palettized4-load", main_name, palettized("load"), main_name, check=ref_of_triton)
     record("palettized4-load-f32", main_name, palettized("load-f32"), main_name, check=ref_of_triton)
     record("palettized4-pairs", main_name, palettized("pairs"), main_name, check=ref_of_triton)
+    record("palettized4-cpu", main_name, palettized("cpu"), main_name, check=ref_of_cpu)
+    record("nf4-reference", main_name, nf4(), main_name)
+    record("nf4-triton", main_name, nf4("triton"), main_name, check=ref_of_triton)
+    record("nf4-cpu", main_name, nf4("cpu"), main_name, check=ref_of_cpu)
     record("smoothquant_w8a8", main_name, w8a8(), main_name)
     record("smoothquant_w8a8-triton", main_name, w8a8("triton"), main_name, check=ref_of_triton)
     if args.compile:  # the same rows with the step through torch.compile, against compiled baselines

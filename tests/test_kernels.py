@@ -371,6 +371,30 @@ for cfg in tk._LUT_PRMT_CONFIGS:  # the prmt inline assembly goes through ptxas 
     except Exception as e:
         sys.exit(f"{cfg}: {str(e).splitlines()[-1]}")
     assert "prmt.b32" in k.asm["ptx"]
+sig = {"x_ptr": "*fp16", "q_ptr": "*i32", "lut_ptr": "*i32", "a_ptr": "*u8", "a2_ptr": "*fp32", "dyn_ptr": "*fp32",
+       "off_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp16", "N": "i32", "KW": "i32", "DQ": "i32",
+       "DOUBLE": "constexpr", "HAS_BIAS": "constexpr", "ASM": "constexpr", "WPB": "constexpr",
+       "BLOCK_N": "constexpr", "BLOCK_W": "constexpr", "PREFETCH": "constexpr"}
+names = list(sig)
+for cfg in tk._NF4_CONFIGS:
+    const = {"DOUBLE": True, "HAS_BIAS": False, "ASM": True, "WPB": 8, **cfg.kwargs}
+    src = ASTSource(fn=tk._nf4_prmt_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    except Exception as e:
+        sys.exit(f"nf4 {cfg}: {str(e).splitlines()[-1]}")
+    assert "prmt.b32" in k.asm["ptx"]
+sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
+       "N": "i32", "K": "i32", "stride_w": "i32", "HAS_ZEROS": "constexpr", "HAS_BIAS": "constexpr",
+       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+names = list(sig)
+for cfg in tk._INT8_CONFIGS:
+    const = {"HAS_ZEROS": False, "HAS_BIAS": True, **cfg.kwargs}
+    src = ASTSource(fn=tk._int8_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    except Exception as e:
+        sys.exit(f"int8 {cfg}: {str(e).splitlines()[-1]}")
 print("compiled", len(tk._LUT_CONFIGS), len(tk._LUT_PRMT_CONFIGS))
 """
 
@@ -438,6 +462,53 @@ def test_accelerate_triton_palettized_layer(mode):
     torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-3, atol=1e-3)
     assert layer.last_kernel == "triton lut_gemv"
     assert kernels.restore(model) == 1 and layer.weight_nbytes == nbytes
+
+
+# --------------------------------------------------------------------------- int8 and NF4 GEMVs (interpreter)
+@needs_interpreter
+@pytest.mark.parametrize("sym,bias,k", [(True, True, 200), (False, False, 64)])
+def test_triton_int8_gemv_equals_reference(sym, bias, k):
+    """Weight-only int8 (rtn_int8: one scale per row); ``q - z`` is exact and the sum is float32,
+    so the kernel equals the float32 reference to summation order."""
+    torch.manual_seed(0)
+    layer = UniformLinear.from_float(nn.Linear(k, 24, bias=bias), RTNConfig(8, 0, sym))
+    res = kernels.accelerate(nn.Sequential(layer), "triton", kernel_on_cpu=True)
+    assert res["converted"] == {"0": "triton int8_gemv"} and type(layer).__name__ == "TritonUniformLinear"
+    x = torch.randn(1, k)
+    torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-5, atol=1e-5)
+    assert layer.last_kernel == "triton int8_gemv"
+    y = kernels.int8_gemv(
+        x[0], layer.qweight, layer.scales, layer.qzeros, layer.bias, config={"BLOCK_N": 16, "BLOCK_K": 128}
+    )
+    torch.testing.assert_close(y, layer.forward_reference(x)[0], rtol=1e-5, atol=1e-5)  # tails of rows and columns
+    grouped = UniformLinear.from_float(nn.Linear(64, 8), RTNConfig(8, 32, True))
+    assert "one scale per output channel" in kernels.accelerate(nn.Sequential(grouped), "triton")["skipped"]["0"]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("double_quant,block,k,n", [(True, 64, 192, 300), (False, 64, 128, 40), (True, 32, 96, 37)])
+def test_triton_nf4_gemv_equals_reference(double_quant, block, k, n):
+    """NF4 through the register-LUT lookups (fp16 levels) with the absmax rebuilt from the double
+    quantization in the kernel. The reference dequantizes with the float32 levels: the fp16 levels
+    differ by at most 2^-11 relative, so the outputs agree to ~2e-4."""
+    from qtutor.quant.nf4 import NF4Config, NF4Linear
+
+    torch.manual_seed(0)
+    layer = NF4Linear.from_float(nn.Linear(k, n), NF4Config(block_size=block, double_quant=double_quant))
+    res = kernels.accelerate(nn.Sequential(layer), "triton", kernel_on_cpu=True)
+    assert res["converted"] == {"0": "triton nf4_gemv (prmt)"} and type(layer).__name__ == "TritonNF4Linear"
+    x = torch.randn(1, k)
+    assert rel(layer(x), layer.forward_reference(x)) < 1e-3
+    assert layer.last_kernel == "triton nf4_gemv (prmt)"
+    cfg = {"BLOCK_N": 8, "BLOCK_W": 16, "PREFETCH": 0}  # a tile past the end of the rows
+    y = kernels.nf4_gemv(
+        x[0], layer.qweight, layer.absmax, layer.absmax2, layer.offset,
+        __import__("qtutor.quant.nf4").quant.nf4._table("dynamic", "cpu") if double_quant else None,
+        block, layer.double_quant_block_size, layer.bias, n, cfg,
+    )  # fmt: skip
+    assert rel(y, layer.forward_reference(x)[0]) < 1e-3
+    odd = NF4Linear.from_float(nn.Linear(96, 8), NF4Config(block_size=64))
+    assert "dividing in_features" in kernels.accelerate(nn.Sequential(odd), "triton")["skipped"]["0"]
 
 
 # --------------------------------------------------------------------------- W8A8 GEMV
@@ -647,3 +718,28 @@ def test_tinygemm_on_cuda(sym):
     assert rel(fast(x), layer(x)) < 1e-2
     x = torch.randn(3, 4864, device="cuda", dtype=torch.float16)
     assert rel(fast(x), layer(x)) < 1e-2 and fast(x).dtype == torch.float16
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("sym", [True, False])
+def test_triton_int8_gemv_on_cuda(sym):
+    torch.manual_seed(0)
+    layer = UniformLinear.from_float(nn.Linear(896, 4864), RTNConfig(8, 0, sym)).cuda()
+    x = torch.randn(896, device="cuda", dtype=torch.float16)
+    y = kernels.int8_gemv(x, layer.qweight, layer.scales, layer.qzeros, layer.bias)  # autotuned
+    assert rel(y, layer.forward_reference(x[None].float())[0]) < 2e-3  # fp16 output
+
+
+@needs_cuda
+@needs_triton
+def test_triton_nf4_gemv_on_cuda():
+    from qtutor.quant.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    layer = NF4Linear.from_float(nn.Linear(4864, 896)).cuda()
+    kernels.accelerate(nn.Sequential(layer), "triton")
+    x = torch.randn(1, 4864, device="cuda", dtype=torch.float16)
+    y = layer(x)  # the PTX prmt kernel, autotuned
+    assert layer.last_kernel == "triton nf4_gemv (prmt)"
+    assert rel(y.float(), layer.forward_reference(x.float())) < 3e-3

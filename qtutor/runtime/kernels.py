@@ -18,10 +18,14 @@ forward by ``tests/test_kernels.py``:
   fp16 scale + 4-bit zero), and ``dequantize()`` reads the weight back through the kernel.
 * **Triton** GEMV kernels (:mod:`qtutor.runtime.triton_gemv`) that read the layers' own packed
   storage, nothing re-packed: ``int4_gemv`` for ``UniformLinear`` (4-bit, groups of a power of
-  two), ``lut_gemv`` for 4-bit palettized layers (16-entry LUT per group of output rows, per-row
-  scale; by default the LUT sits in registers and is read with byte permutes) and
-  ``w8a8_gemv`` for SmoothQuant's ``W8A8Linear`` (the row quantized per token inside the kernel,
-  int8 x int8 products summed in int32, equal to its ``torch._int_mm`` forward bit for bit).
+  two), ``int8_gemv`` for 8-bit ``UniformLinear`` with one scale per row (``rtn_int8``,
+  weight-only: the row stays fp16), ``lut_gemv`` for 4-bit palettized layers (16-entry LUT per
+  group of output rows, per-row scale; by default the LUT sits in registers and is read with
+  byte permutes), ``nf4_gemv`` for ``NF4Linear`` (the same register lookups with the 16 NF4
+  levels as the table; each block's absmax rebuilt from the double quantization in the kernel)
+  and ``w8a8_gemv`` for SmoothQuant's ``W8A8Linear`` (the row quantized per token once by a
+  one-program kernel, int8 x int8 products summed in int32, equal to its ``torch._int_mm``
+  forward bit for bit).
   They serve one input row (batch-1 decoding); other shapes use the reference forward.
 * **CPU** (``backend="cpu"``, what ``"auto"`` picks for a model on the CPU): 4-bit
   ``UniformLinear`` through tinygemm's CPU twin (above); 8-bit per-channel ``UniformLinear``
@@ -105,10 +109,24 @@ def lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode="prmt", config=No
 
 
 def w8a8_gemv(x, qweight, weight_scales, bias, config=None):
-    """Triton W8A8 GEMV: quantizes the row per token and sums int8 x int8 products in int32."""
+    """Triton W8A8 GEMV: quantizes the row per token (once) and sums int8 x int8 products in int32."""
     from . import triton_gemv as tk
 
     return tk.w8a8_gemv(x, qweight, weight_scales, bias, config)
+
+
+def int8_gemv(x, qweight, scales, qzeros, bias, config=None):
+    """Triton weight-only int8 GEMV, one scale (and zero) per row (see :mod:`qtutor.runtime.triton_gemv`)."""
+    from . import triton_gemv as tk
+
+    return tk.int8_gemv(x, qweight, scales, qzeros, bias, config)
+
+
+def nf4_gemv(x, qweight, absmax, absmax2, offset, dyn, block_size, dq_block, bias, n, config=None):
+    """Triton register-LUT GEMV for NF4, absmax rebuilt in the kernel (see :mod:`qtutor.runtime.triton_gemv`)."""
+    from . import triton_gemv as tk
+
+    return tk.nf4_gemv(x, qweight, absmax, absmax2, offset, dyn, block_size, dq_block, bias, n, config)
 
 
 # --------------------------------------------------------------------------- tinygemm
@@ -299,6 +317,37 @@ class _TritonW8A8(_TritonGemvMixin):
         return w8a8_gemv(x, self.qweight, self.weight_scales, self.bias, self.triton_config)
 
 
+class _TritonInt8(_TritonGemvMixin):
+    kernel_name = "triton int8_gemv"
+    triton_config: Optional[dict] = None
+
+    def _gemv(self, x):
+        return int8_gemv(x, self.qweight, self.scales, self.qzeros, self.bias, self.triton_config)
+
+
+class _TritonNF4(_TritonGemvMixin):
+    kernel_name = "triton nf4_gemv (prmt)"
+    triton_config: Optional[dict] = None
+
+    def _gemv(self, x):
+        from ..quant.nf4 import _table
+
+        dyn = _table("dynamic", self.absmax.device) if self.absmax2 is not None else None
+        return nf4_gemv(
+            x,
+            self.qweight,
+            self.absmax,
+            self.absmax2,
+            self.offset,
+            dyn,
+            self.block_size,
+            self.double_quant_block_size,
+            self.bias,
+            self.out_features,
+            self.triton_config,
+        )
+
+
 _SWAPPED: dict = {}
 
 
@@ -327,6 +376,32 @@ def triton_int4_reason(layer) -> Optional[str]:
     gs, _ = group_layout(layer.in_features, layer.group_size)
     if not _is_pow2(gs) or layer.in_features % gs:
         return f"group size {gs} is not a power of two dividing in_features"
+    return None
+
+
+def triton_int8_reason(layer) -> Optional[str]:
+    """Why ``layer`` cannot use the Triton int8 GEMV (None if it can): 8-bit, one scale per row."""
+    if not isinstance(layer, UniformLinear):
+        return "not a UniformLinear"
+    if layer.bits != 8:
+        return f"{layer.bits}-bit codes (int8_gemv is 8-bit)"
+    if layer.g_idx is not None or layer.n_groups != 1:
+        return "group-wise scales (int8_gemv takes one scale per output channel)"
+    return None
+
+
+def triton_nf4_reason(layer) -> Optional[str]:
+    """Why an ``NF4Linear`` cannot use the Triton NF4 GEMV (None if it can)."""
+    from .triton_gemv import NF4_BLOCK_SIZES
+
+    if not isinstance(layer, NF4Linear):
+        return "not an NF4Linear"
+    if layer.block_size not in NF4_BLOCK_SIZES or layer.in_features % layer.block_size:
+        return f"blocks of {layer.block_size} (nf4_gemv takes {NF4_BLOCK_SIZES}, dividing in_features)"
+    if layer.absmax.dtype not in (torch.uint8, torch.float32):
+        return f"absmax stored as {layer.absmax.dtype}"
+    if layer.qweight.is_cuda and torch.version.hip:
+        return "an AMD GPU (nf4_gemv runs NVIDIA PTX)"
     return None
 
 
@@ -546,9 +621,10 @@ def accelerate(
 ) -> dict:
     """Give every eligible quantized layer of ``model`` a fast matmul, in place.
 
-    ``backend``: ``"triton"`` (Triton GEMVs on the layers' own storage: 4-bit ``UniformLinear``,
-    4-bit LUT layers and ``W8A8Linear``), ``"tinygemm"`` (``UniformLinear`` re-packed into
-    :class:`Int4TinyGemmLinear`; LUT and W8A8 layers still get Triton when available), ``"cpu"``
+    ``backend``: ``"triton"`` (Triton GEMVs on the layers' own storage: 4-bit and 8-bit
+    per-channel ``UniformLinear``, 4-bit LUT layers, ``NF4Linear`` and ``W8A8Linear``),
+    ``"tinygemm"`` (4-bit ``UniformLinear`` re-packed into :class:`Int4TinyGemmLinear`; the
+    other layers still get Triton when available), ``"cpu"``
     (the CPU kernels of the module docstring: tinygemm's CPU twin for 4-bit ``UniformLinear``,
     :class:`Int8WeightOnlyLinear` for 8-bit per-channel ones, the C LUT kernel for palettized
     and NF4 layers), ``"auto"`` (on CUDA: Triton if importable, else tinygemm; on the CPU:
@@ -582,7 +658,23 @@ def accelerate(
     for name, module in list(model.named_modules()):
         if isinstance(module, (_SwappedGemvMixin, Int4TinyGemmLinear, Int8WeightOnlyLinear)):
             continue
-        if isinstance(module, UniformLinear):
+        if isinstance(module, UniformLinear) and module.bits == 8:
+            reason = triton_int8_reason(module) if has_triton else "triton is not installed"
+            if reason is None:
+                module.__class__ = _swapped_class(type(module), _TritonInt8)
+                module.kernel_on_cpu = kernel_on_cpu
+                converted[name] = _TritonInt8.kernel_name
+            else:
+                skipped[name] = reason
+        elif isinstance(module, NF4Linear):
+            reason = triton_nf4_reason(module) if has_triton else "triton is not installed"
+            if reason is None:
+                module.__class__ = _swapped_class(type(module), _TritonNF4)
+                module.kernel_on_cpu = kernel_on_cpu
+                converted[name] = _TritonNF4.kernel_name
+            else:
+                skipped[name] = reason
+        elif isinstance(module, UniformLinear):
             if backend == "tinygemm":
                 reason = tinygemm_reason(module, module.qweight.device)
                 if reason is None:
