@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -156,6 +157,15 @@ def parse_args(argv=None):
         help="CPU threads (default 1 on CPU: batch-1 ops are tiny and extra threads only "
         "add synchronisation, badly so on a shared machine)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time every row this many times, round-robin (the models are kept in memory); a row's "
+        "ms/token is the median over rounds and its ratio the median of the per-round ratios to its "
+        "baseline of the same round: on a shared machine whose load drifts, ratios of rows timed "
+        "minutes apart mean little",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "decode_speed.csv"))
     return p.parse_args(argv)
 
@@ -250,6 +260,7 @@ def main(argv=None):
     prompt = torch.randint(0, vocab, (args.prompt,), generator=torch.Generator().manual_seed(0))
     base_bf16 = None
     rows, baselines = [], {}
+    kept = []  # (row, model, timing function) for --rounds > 1
 
     def record(name, act, make, baseline, harness="fast", compile=False, check=None):
         key = name.replace("-compile", "")
@@ -269,8 +280,11 @@ def main(argv=None):
         model = None
         try:
             model, info = make()
-            if harness == "fast":
-                lat = fast_decode_latency(
+
+            def timed(model=model, profile=args.profile and cuda):
+                if harness != "fast":
+                    return decode_latency(model, prompt, args.tokens, runs=args.runs)
+                return fast_decode_latency(
                     model,
                     prompt,
                     args.tokens,
@@ -278,8 +292,11 @@ def main(argv=None):
                     compile=compile,
                     fuse=not args.no_fuse,
                     glue=False if args.no_glue else None,
-                    profile=args.profile and cuda,
+                    profile=profile,
                 )
+
+            lat = timed()
+            if harness == "fast":
                 row["harness"] = lat.method
                 if lat.profile:
                     row.update(
@@ -292,7 +309,6 @@ def main(argv=None):
                         f"the GPU ({lat.profile['matmul_us']:.0f} in matmuls); top: {lat.profile['top']}"
                     )
             else:
-                lat = decode_latency(model, prompt, args.tokens, runs=args.runs)
                 row["harness"] = "hf-dynamic-cache"
             row["ms_per_token"] = lat.ms_per_token
             row["prefill_ms"] = lat.prefill_ms
@@ -304,6 +320,9 @@ def main(argv=None):
             row["status"] = "ok"
             if name in (main_name, "bf16", f"{main_name}-compile", "bf16-compile"):
                 baselines[name] = lat.ms_per_token
+            row["ms_rounds"] = [lat.ms_per_token]
+            if args.rounds > 1:
+                kept.append((row, model, timed))
         except Exception as err:  # report and go on: one failing kernel must not hide the others
             row["status"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
             traceback.print_exc()
@@ -460,11 +479,28 @@ def main(argv=None):
                 check=ref_of_tinygemm,
             )
 
+    for i in range(1, args.rounds):  # the other rounds, round-robin over the kept models
+        for row, _, timed in kept:
+            row["ms_rounds"].append(timed(profile=False).ms_per_token)
+        print(
+            f"  round {i + 1}: " + ", ".join(f"{r['method']} {r['ms_rounds'][-1]:.2f}" for r, _, _ in kept), flush=True
+        )
+    kept.clear()
+    by_name = {r["method"]: r for r in rows}
+    for r in rows:
+        if len(r.get("ms_rounds", [])) > 1:
+            r["ms_per_token"] = statistics.median(r["ms_rounds"])
+            if r["method"] in baselines:
+                baselines[r["method"]] = r["ms_per_token"]
     for r in rows:
         b = baselines.get(r.get("baseline"))
         if b is not None and r.get("ms_per_token") is not None:
             r["baseline_ms_per_token"] = b
-            r["ratio"] = r["ms_per_token"] / b
+            base_rounds = by_name[r["baseline"]]["ms_rounds"]
+            r["ratio"] = statistics.median(m / bm for m, bm in zip(r["ms_rounds"], base_rounds))
+    for r in rows:
+        if "ms_rounds" in r:
+            r["ms_rounds"] = " ".join(f"{m:.3f}" for m in r["ms_rounds"])
         r.update({f"env_{k}": v for k, v in env.items()})
         r["config"] = config
     print()
@@ -478,6 +514,7 @@ def main(argv=None):
                 ("baseline", "baseline", ""),
                 ("baseline_ms_per_token", "base ms/token", ".3f"),
                 ("ratio", "ratio", ".3f"),
+                ("ms_rounds", "rounds", ""),
                 ("bits_per_weight", "bits/w", ".2f"),
                 ("linear_MB", "linears MB", ".1f"),
                 ("kernel_check", "kernel chk", ".1e"),
@@ -493,7 +530,8 @@ def main(argv=None):
     out = Path(args.out)
     write_csv(rows, out)
     print(
-        f"\nratio = method ms/token / baseline ms/token (< 1: faster). wrote {out} "
+        f"\nratio = method ms/token / baseline ms/token (< 1: faster; with --rounds, the median of the "
+        f"per-round ratios). wrote {out} "
         f"({time.perf_counter() - t_start:.0f} s in all)"
     )
 
