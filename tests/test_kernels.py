@@ -86,9 +86,9 @@ def test_accelerate_skips_with_reasons_and_rejects_bad_backend():
     from conftest import tiny_model
 
     model = tiny_model("qwen2")
-    qtutor.quantize(model, "rtn_int8")
+    qtutor.quantize(model, "rtn_int4", RTNConfig(3, 32))
     res = kernels.accelerate(model, "tinygemm")
-    assert not res["converted"] and set(res["skipped"].values()) == {"8-bit codes (tinygemm is 4-bit)"}
+    assert not res["converted"] and set(res["skipped"].values()) == {"3-bit codes (tinygemm is 4-bit)"}
     assert kernels.accelerate(model, "none") == {"backend": "none", "converted": {}, "skipped": {}}
     with pytest.raises(qtutor.QtutorError, match="unknown kernel backend"):
         kernels.accelerate(model, "cutlass")
