@@ -168,6 +168,19 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _cpu_id() -> str:
+    """What ``-march=native`` compiles for (a home folder shared by several machines must not
+    hand one of them another's build): the processor's flags where Linux lists them."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in info.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
 def _compile(cc: str, flags: list, out: Path) -> Optional[str]:
     """Compile C_SOURCE into ``out`` (atomically: concurrent processes may race); -> error or None."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +208,7 @@ def _load():
             _REASON = "no C compiler (cc, gcc or clang) to build the CPU LUT kernel"
             return None
         base = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
-        key = hashlib.sha256((C_SOURCE + cc + " ".join(base)).encode()).hexdigest()[:16]
+        key = hashlib.sha256((C_SOURCE + cc + " ".join(base) + _cpu_id()).encode()).hexdigest()[:16]
         error = None
         for extra, tag in ((["-fopenmp"], "omp"), ([], "serial")):  # without OpenMP if it is missing
             path = _cache_dir() / f"lut_{key}_{tag}.so"
