@@ -628,14 +628,16 @@ def measure(options, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, kee
 def _latency(model, prompt, options, device):
     """Decode latency: the fast harness (static cache, CUDA graphs, fast kernels) or the HF loop."""
     from .eval import decode_latency
+    from .runtime.kernels import accelerate
 
+    # the packed kernels (Triton on CUDA, torch's weight-only ops and the C LUT kernel on a CPU)
+    # decode in both harnesses; perplexity and memory were measured before, on the reference forward
+    accelerate(model, getattr(options, "kernels", "auto"))
     fast = device.type == "cuda" if getattr(options, "fast_decode", None) is None else options.fast_decode
     if not fast:
         return decode_latency(model, prompt, options.latency_tokens, runs=options.latency_runs)
     from .runtime.decode import fast_decode_latency
-    from .runtime.kernels import accelerate
 
-    accelerate(model, getattr(options, "kernels", "auto"))
     return fast_decode_latency(model, prompt, options.latency_tokens, runs=options.latency_runs)
 
 

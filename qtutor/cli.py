@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernels",
         choices=BACKENDS,
         default=d.kernels,
-        help="fast matmul for 4-bit layers while timing decoding (qtutor.runtime.kernels.accelerate; "
-        "auto: Triton on CUDA, the reference forward on CPU); perplexity always uses "
-        "the reference forward",
+        help="fast matmul for the packed layers while timing decoding (qtutor.runtime.kernels.accelerate; "
+        "auto: Triton on CUDA; on a CPU torch's int8/int4 weight-only ops and the C LUT kernel); "
+        "perplexity always uses the reference forward",
     )
     p.add_argument("--latency-tokens", type=int, default=d.latency_tokens)
     p.add_argument("--latency-runs", type=int, default=d.latency_runs)
