@@ -279,7 +279,7 @@ def _palettization_mse(results, gaussian):
     return conditions
 
 
-_RATIO = "the perplexity ratio's paired 95% bootstrap interval decides whether the run's noise could change it"
+_RATIO = "the ratio's paired 95% bootstrap interval says whether the run's noise could change that"
 
 #: the claims, in the order the page shows them
 CLAIMS = (
@@ -398,7 +398,10 @@ def summary(checks: list) -> str:
     def which(ids):
         return f"{len(ids)} ({', '.join(map(str, ids))})" if ids else "none"
 
-    text = f"Of the {n} claims, {which(held)} hold on this run and {which(failed)} do not"
+    text = (
+        f"Of the {n} claims, {which(held)} {'holds' if len(held) == 1 else 'hold'} on this run and "
+        f"{which(failed)} {'does' if len(failed) == 1 else 'do'} not"
+    )
     text += f"; {which(unchecked)} could not be checked" if unchecked else ""
     text += (
         f". The run's noise could change the verdict of {which(noisy)}: more evaluation windows would decide"

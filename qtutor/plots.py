@@ -350,7 +350,8 @@ def ppl_vs_bits_figure(results: dict):
                 yerr=[[max(p - low, 0.0)], [max(high - p, 0.0)]],
                 fmt="none",
                 ecolor=colors[n],
-                elinewidth=1.2,
+                elinewidth=1.0,
+                alpha=0.55,
                 capsize=3,
                 zorder=3,
             )
