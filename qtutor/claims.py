@@ -362,6 +362,11 @@ def criteria_table() -> str:
     return "\n".join(rows)
 
 
+def criteria_records() -> list[dict]:
+    """The claims and their criteria as records, e.g. for ``pandas.DataFrame``."""
+    return [{"claim": c.statement, "criterion": c.criterion} for c in CLAIMS]
+
+
 def markdown_table(checks: list) -> str:
     """The checked claims as a Markdown table: claim, the run's numbers, verdict."""
     rows = ["| # | claim | the run's numbers | verdict |", "|---|---|---|---|"]

@@ -198,6 +198,7 @@ def test_tables_and_summary_follow_the_verdicts():
     )
     rows = claims.records(checks)
     assert [r["holds"] for r in rows] == [True, False, True, False, None, True]
+    assert [r["claim"] for r in claims.criteria_records()] == [c.statement for c in claims.CLAIMS]
     criteria = claims.criteria_table()
     assert "2%" in criteria and "4.127" in criteria and criteria.count("\n") == len(claims.CLAIMS) + 1
     nf4 = claims.markdown_table(claims.check_all(results()))
