@@ -71,21 +71,43 @@ UNIFORM = {"rtn": ("rtn_int4", qtutor.RTNConfig), "gptq": ("gptq_int4", qtutor.G
 UNIFORM["awq"] = ("awq_int4", qtutor.AWQConfig)
 
 
-def qtutor_run(method: str, model, calib, layout: dict):
-    """qtutor at its registered defaults, on the given layout."""
+def qtutor_run(method: str, model, calib, layout: dict, **overrides):
+    """qtutor at its registered defaults (or with ``overrides`` of its config), on the layout."""
     if method in UNIFORM:
         name, cfg_class = UNIFORM[method]
-        cfg = cfg_class(bits=layout["bits"], group_size=layout["group"], sym=layout["sym"])
+        cfg = cfg_class(bits=layout["bits"], group_size=layout["group"], sym=layout["sym"], **overrides)
         qtutor.quantize(model, name, cfg, calib=calib if method != "rtn" else None)
     elif method in ("w8a8", "smoothquant"):
-        cfg = qtutor.SmoothQuantConfig(alpha=layout["alpha"], smooth=method == "smoothquant")
+        cfg = qtutor.SmoothQuantConfig(alpha=layout["alpha"], smooth=method == "smoothquant", **overrides)
         qtutor.quantize(model, "smoothquant_w8a8", cfg, calib=calib)
     elif method == "nf4":
-        qtutor.quantize(model, "qlora_nf4", qtutor.NF4Config(compute_dtype="float32"))
+        qtutor.quantize(model, "qlora_nf4", qtutor.NF4Config(**{"compute_dtype": "float32", **overrides}))
     elif method == "palettization":
-        qtutor.quantize(model, "palettization_4bit", qtutor.PalettizeConfig())
+        qtutor.quantize(model, "palettization_4bit", qtutor.PalettizeConfig(**overrides))
     else:
         raise ValueError(method)
+
+
+def parse_variants(text: str) -> dict:
+    """``"awq:duo_scaling=true,awq:clip=false"`` -> {"awq": [{"duo_scaling": True}, {"clip": False}]}:
+    extra qtutor rows, one per override, to show what a default is worth."""
+    out: dict = {}
+    for item in filter(None, text.split(",")):
+        try:
+            method, assignment = item.split(":", 1)
+            key, value = assignment.split("=", 1)
+        except ValueError:
+            raise SystemExit(f"--variants {item!r}: write METHOD:FIELD=VALUE, e.g. awq:duo_scaling=true") from None
+        if method not in PEERS:
+            raise SystemExit(f"--variants {item!r}: unknown method {method!r}; choose from {', '.join(PEERS)}")
+        parsed = {"true": True, "false": False}.get(value.lower(), value)
+        if isinstance(parsed, str):
+            try:
+                parsed = float(value) if "." in value else int(value)
+            except ValueError:
+                pass
+        out.setdefault(method, []).append({key: parsed})
+    return out
 
 
 # --------------------------------------------------------------------------- llm-compressor
@@ -203,7 +225,13 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", default="64", help="the group-wise layouts' group sizes, comma-separated")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (both libraries)")
     p.add_argument("--methods", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)}")
+    p.add_argument(
+        "--variants",
+        default="",
+        help="extra qtutor rows with one config field changed, e.g. awq:duo_scaling=true,awq:clip=false",
+    )
     args = p.parse_args(argv)
+    variants = parse_variants(args.variants)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in PEERS]
     if unknown:
@@ -235,6 +263,9 @@ def main(argv=None) -> int:
     for layout, lay, method in plan(methods, args.bits, group_sizes, args.alpha):
         peer_run, peer_name, package = PEERS[method]
         impls = [("qtutor", qtutor_run)] + ([(peer_name, peer_run)] if version(package) else [])
+        for change in variants.get(method, []):
+            label = ", ".join(f"{k}={v}" for k, v in change.items())
+            impls.append((f"qtutor ({label})", lambda *a, change=change: qtutor_run(*a, **change)))
         for impl, run in impls:
             m = copy.deepcopy(model)
             t0 = time.perf_counter()

@@ -1,0 +1,95 @@
+"""Why qtutor and a reference library differ, measured: each gap in ``peers.py``'s CSVs is
+re-run with qtutor changed in the one way suspected, on the same model, windows and tokens.
+
+* ``grid``: symmetric RTN and GPTQ with the symmetric scale of the GPTQ reference and of
+  llm-compressor, ``s = 2 max|w| / (2^b - 1)`` with codes clamped to ``[-2^(b-1), 2^(b-1) - 1]``
+  (so the largest positive weight is clipped by ``s / 2``), instead of qtutor's
+  ``s = max|w| / (2^(b-1) - 1)`` (every weight inside the grid). If the two perplexities land on
+  the reference library's, the grid is the whole difference.
+
+Writes ``OUT.csv`` (one row per experiment) and prints them.
+
+    python benchmarks/peers_explain.py --model PATH/stories260K-qwen2-hf --data-dir PATH/hf-wikitext \\
+        --out benchmarks/peers_explain_stories260k
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_quality_args, layout_name, quality_setup, write_csv  # noqa: E402
+
+import qtutor  # noqa: E402
+from qtutor.quant import gptq as gptq_module  # noqa: E402
+from qtutor.quant import rtn as rtn_module  # noqa: E402
+
+
+def reference_sym_params(W: torch.Tensor, bits: int, sym: bool):
+    """The GPTQ reference's / llm-compressor's grid: symmetric ``s = 2 max|w| / (2^b - 1)``."""
+    if not sym:
+        return ORIGINAL(W, bits, sym)
+    absmax = torch.maximum(-W.min(dim=1).values.clamp(max=0), W.max(dim=1).values.clamp(min=0))
+    scale = absmax / ((2**bits - 1) / 2)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return rtn_module.fp16_round_up(scale.clamp(min=1e-6)), torch.full_like(scale, 2 ** (bits - 1))
+
+
+ORIGINAL = rtn_module.find_params
+
+
+@contextmanager
+def grid(find_params):
+    """qtutor's RTN and GPTQ with another ``find_params`` for the duration."""
+    rtn_module.find_params, gptq_module.find_params = find_params, find_params
+    try:
+        yield
+    finally:
+        rtn_module.find_params, gptq_module.find_params = ORIGINAL, ORIGINAL
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_quality_args(p)
+    args = p.parse_args(argv)
+    model, dataset, calib, env, score = quality_setup(args)
+    rows = []
+    for method, name, cfg in (
+        ("rtn", "rtn_int4", qtutor.RTNConfig(bits=args.bits, group_size=0, sym=True)),
+        ("gptq", "gptq_int4", qtutor.GPTQConfig(bits=args.bits, group_size=0, sym=True)),
+    ):
+        for label, params in (("qtutor's grid", ORIGINAL), ("the reference grid", reference_sym_params)):
+            m = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            with grid(params):
+                qtutor.quantize(m, name, cfg, calib=calib if method == "gptq" else None)
+            seconds = time.perf_counter() - t0
+            r = score(m)
+            rows.append(
+                dict(
+                    model=Path(args.model).name if Path(args.model).is_dir() else args.model,
+                    dataset=dataset,
+                    eval_tokens=r.eval_tokens,
+                    layout=layout_name(args.bits, 0, True),
+                    method=method,
+                    experiment=f"qtutor with {label}",
+                    ppl=r.ppl,
+                    seconds=seconds,
+                    **{f"env_{k}": v for k, v in env.items()},
+                )
+            )
+            print(f"{method:5s} {label:20s} ppl {r.ppl:10.3f}", flush=True)
+            write_csv(rows, Path(args.out).with_suffix(".csv"))
+    print(f"wrote {Path(args.out).with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
