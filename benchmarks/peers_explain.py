@@ -7,6 +7,11 @@ re-run with qtutor changed in the one way suspected, on the same model, windows 
   ``s = max|w| / (2^(b-1) - 1)`` (every weight inside the grid). If the two perplexities land on
   the reference library's, the grid is the whole difference.
 
+* ``awq``: qtutor's AWQ with llm-compressor's choices, one at a time and together: duo scaling
+  (``s = x_mean^r / w_mean^(1-r)``, llm-compressor's and AutoAWQ's default; llm-awq has none)
+  and no clipping search (llm-compressor has none; llm-awq and AutoAWQ clip), per row,
+  symmetric and asymmetric.
+
 Writes ``OUT.csv`` (one row per experiment) and prints them.
 
     python benchmarks/peers_explain.py --model PATH/stories260K-qwen2-hf --data-dir PATH/hf-wikitext \\
@@ -58,35 +63,55 @@ def grid(find_params):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_args(p)
+    p.add_argument("--experiments", default="grid,awq", help="comma-separated: grid, awq")
     args = p.parse_args(argv)
+    chosen = args.experiments.split(",")
+    if not set(chosen) <= {"grid", "awq"}:
+        p.error(f"--experiments {args.experiments!r}: choose from grid, awq")
+    runs = []  # (method, registered name, config, experiment label, find_params)
+    if "grid" in chosen:
+        for method, name, cfg_class in (
+            ("rtn", "rtn_int4", qtutor.RTNConfig),
+            ("gptq", "gptq_int4", qtutor.GPTQConfig),
+        ):
+            cfg = cfg_class(bits=args.bits, group_size=0, sym=True)
+            runs.append((method, name, cfg, "qtutor's grid", ORIGINAL))
+            runs.append((method, name, cfg, "the reference grid", reference_sym_params))
+    if "awq" in chosen:
+        for sym in (True, False):
+            for label, change in (
+                ("duo scaling", dict(duo_scaling=True)),
+                ("no clipping", dict(clip=False)),
+                ("duo scaling, no clipping (llm-compressor's choices)", dict(duo_scaling=True, clip=False)),
+            ):
+                cfg = qtutor.AWQConfig(bits=args.bits, group_size=0, sym=sym, **change)
+                runs.append(("awq", "awq_int4", cfg, label, ORIGINAL))
     model, dataset, calib, env, score = quality_setup(args)
     rows = []
-    for method, name, cfg in (
-        ("rtn", "rtn_int4", qtutor.RTNConfig(bits=args.bits, group_size=0, sym=True)),
-        ("gptq", "gptq_int4", qtutor.GPTQConfig(bits=args.bits, group_size=0, sym=True)),
-    ):
-        for label, params in (("qtutor's grid", ORIGINAL), ("the reference grid", reference_sym_params)):
-            m = copy.deepcopy(model)
-            t0 = time.perf_counter()
-            with grid(params):
-                qtutor.quantize(m, name, cfg, calib=calib if method == "gptq" else None)
-            seconds = time.perf_counter() - t0
-            r = score(m)
-            rows.append(
-                dict(
-                    model=Path(args.model).name if Path(args.model).is_dir() else args.model,
-                    dataset=dataset,
-                    eval_tokens=r.eval_tokens,
-                    layout=layout_name(args.bits, 0, True),
-                    method=method,
-                    experiment=f"qtutor with {label}",
-                    ppl=r.ppl,
-                    seconds=seconds,
-                    **{f"env_{k}": v for k, v in env.items()},
-                )
+    for method, name, cfg, label, params in runs:
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        with grid(params):
+            qtutor.quantize(m, name, cfg, calib=calib if method != "rtn" else None)
+        seconds = time.perf_counter() - t0
+        r = score(m)
+        layout = layout_name(args.bits, cfg.group_size, cfg.sym)
+        rows.append(
+            dict(
+                model=Path(args.model).name if Path(args.model).is_dir() else args.model,
+                dataset=dataset,
+                eval_tokens=r.eval_tokens,
+                calib=f"{args.calib_samples} x {args.calib_seqlen}",
+                layout=layout,
+                method=method,
+                experiment=f"qtutor with {label}",
+                ppl=r.ppl,
+                seconds=seconds,
+                **{f"env_{k}": v for k, v in env.items()},
             )
-            print(f"{method:5s} {label:20s} ppl {r.ppl:10.3f}", flush=True)
-            write_csv(rows, Path(args.out).with_suffix(".csv"))
+        )
+        print(f"{layout:20s} {method:5s} {label:50s} ppl {r.ppl:10.3f}", flush=True)
+        write_csv(rows, Path(args.out).with_suffix(".csv"))
     print(f"wrote {Path(args.out).with_suffix('.csv')}")
     return 0
 
