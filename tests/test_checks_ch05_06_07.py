@@ -241,3 +241,17 @@ def test_ppl_change_is_paired_and_its_error_shrinks_with_windows():
     assert "400 evaluation windows" in noise_note(base, other, "x")
     with pytest.raises(QtutorError):
         ppl_change(base[:1], other[:1])
+
+
+def test_window_nll_is_the_perplexity_protocol_window_by_window():
+    from conftest import tiny_model
+
+    from qtutor.book import window_nll
+    from qtutor.eval import perplexity
+
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 128, (5 * 32 + 7,), generator=torch.Generator().manual_seed(3))
+    nll = window_nll(model, ids, 32, batch_size=2)  # 5 windows, the remainder dropped, batches of 2 and 1
+    assert nll.shape == (5,) and nll.dtype == torch.float64
+    assert math.isclose(float(nll.mean()), perplexity(model, ids, 32).nll, rel_tol=1e-6)
+    assert window_nll(model, ids, 32, max_tokens=64).shape == (2,)
