@@ -216,3 +216,18 @@ def test_checkers_reject_the_student_stubs(capsys):
     ):
         assert not checker(stub)
         assert capsys.readouterr().out.startswith("not yet")
+
+
+# --------------------------------------------------------------------------- chapter 4: predict, then measure
+@pytest.mark.parametrize(
+    "checker, measured, near, far",
+    [(ch04.check_scaling_prediction, 1.9, 2.0, 4.0), (ch04.check_low_bits_prediction, 0.06, 0.08, 0.2)],
+)
+def test_ch04_prediction_checkers(checker, measured, near, far, capsys):
+    assert checker(near, measured)
+    assert "you predicted" in capsys.readouterr().out
+    assert not checker(far, measured)
+    assert not checker(None, measured)  # the stub: no prediction written down yet
+    assert "no prediction yet" in capsys.readouterr().out
+    assert not checker("two", measured)
+    assert not checker(float("nan"), measured)

@@ -176,3 +176,58 @@ def check_gqa_scales(fn) -> bool:
             )
         return report(False, what, f"{num_heads} heads / {num_kv_heads} KV heads: the attention output changed")
     return report(True, what)
+
+
+# --------------------------------------------------------------------------- predict, then measure
+def _judge_prediction(
+    what: str, predicted, measured: float, rel_tol: float, fmt: str = "{:.3g}", hint: str = ""
+) -> bool:
+    """Compare a number the reader wrote down before running a cell with what the cell measured:
+    within ``rel_tol`` of it (relative) counts. Shared by the prediction checkers of chapters 4-7;
+    it prints one line and returns the verdict. ``None`` (the stub's value) means no prediction yet."""
+    import math
+
+    if predicted is None:
+        return report(
+            False,
+            f"{what}: no prediction yet",
+            "write your number down BEFORE you run the measuring cell, then run it again",
+        )
+    try:
+        p = float(torch.as_tensor(predicted).reshape(()))
+    except Exception:
+        p = math.nan
+    if not math.isfinite(p):
+        return report(False, f"{what}: the prediction {predicted!r} is not a finite number", "write down one number")
+    m = float(measured)
+    off = abs(p - m) / max(abs(m), 1e-12)
+    said = f"{what}: you predicted {fmt.format(p)}, the run measured {fmt.format(m)} ({off:.0%} off"
+    return report(off <= rel_tol, said + f"; within {rel_tol:.0%} counts)", hint)
+
+
+def check_scaling_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure (chapter 4): ``predicted``, the factor by which scaling the salient
+    channels by s = 2 divides their own output error, against the ``measured`` factor. Within 25%."""
+    return _judge_prediction(
+        "error on the salient channels, divided by",
+        predicted,
+        measured,
+        0.25,
+        "{:.2f}",
+        "while the group's step Delta stays the same, Q(ws) x/s has the rounding error of Q(w) x divided by s",
+    )
+
+
+def check_low_bits_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure on the whole model (chapter 4): ``predicted``, the perplexity change
+    of AWQ at the lower bit width (0.05 for +5%), against the ``measured`` change. Within 50%: the
+    quadratic model behind the estimate is rough."""
+    return _judge_prediction(
+        "perplexity change of AWQ with one bit fewer",
+        predicted,
+        measured,
+        0.5,
+        "{:+.2%}",
+        "a small weight error raises the loss about quadratically, and one bit fewer stretches a min-max grid's "
+        "step by (2^b - 1) / (2^(b-1) - 1)",
+    )

@@ -170,3 +170,20 @@ def check_palettized_bits(fn) -> bool:
                 )
             return report(False, f"palettized_bits{args} = {got}, stored: {truth:.4f}", hint)
     return report(True, "bits per weight, within 1% of what PalettizedLinear stores")
+
+
+# --------------------------------------------------------------------------- predict, then measure
+def check_palette_bits_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure on the whole model (chapter 5): ``predicted``, the perplexity change
+    of 3-bit palettization (0.05 for +5%), against the ``measured`` change. Within 50%."""
+    from .ch04 import _judge_prediction
+
+    return _judge_prediction(
+        "perplexity change with 3-bit palettes",
+        predicted,
+        measured,
+        0.5,
+        "{:+.2%}",
+        "half as many entries are about twice as far apart, which doubles the weight error; the loss grows about "
+        "as the square of a small weight error",
+    )

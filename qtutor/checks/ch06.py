@@ -170,3 +170,36 @@ def check_nf4_bits(fn) -> bool:
                 )
             return report(False, f"nf4_bits{args} = {got}, stored: {truth:.6f}", hint)
     return report(True, "bits per weight of NF4 with and without double quantization, to the bit")
+
+
+# --------------------------------------------------------------------------- predict, then measure
+def check_saving_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure (chapter 6): ``predicted``, the bits per weight double quantization
+    saves on a layer, against the ``measured`` saving (from the stored buffers). Within 2%."""
+    from .ch04 import _judge_prediction
+
+    return _judge_prediction(
+        "bits per weight saved by double quantization",
+        predicted,
+        measured,
+        0.02,
+        "{:.4f}",
+        "without it: one fp32 absmax per block of 64; with it: one uint8 code per block, one fp32 scale per 256 "
+        "blocks and one fp32 offset",
+    )
+
+
+def check_block_size_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure on the whole model (chapter 6): ``predicted``, the perplexity change
+    of NF4 with the largest block size of the sweep (0.05 for +5%), against the ``measured``
+    change. Within 50%."""
+    from .ch04 import _judge_prediction
+
+    return _judge_prediction(
+        "perplexity change of NF4 with the largest blocks",
+        predicted,
+        measured,
+        0.5,
+        "{:+.2%}",
+        "scale the change with blocks of 64 by the square of the ratio of the weight errors, which one matrix gives",
+    )

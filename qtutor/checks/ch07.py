@@ -136,3 +136,36 @@ def check_dequantize_entry(fn) -> bool:
                 )
             return report(False, f"{what}: largest difference {float((got - truth).abs().max()):.3g}", hint)
     return report(True, "weights rebuilt from a Core ML palette entry, with and without scales")
+
+
+# --------------------------------------------------------------------------- predict, then measure
+def check_compression_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure (chapter 7): ``predicted``, how many times smaller than the benchmark's
+    ``fp16_baseline`` the whole palettized model is, against the ``measured`` compression ratio.
+    Within 5%."""
+    from .ch04 import _judge_prediction
+
+    return _judge_prediction(
+        "compression ratio of the palettized model",
+        predicted,
+        measured,
+        0.05,
+        "{:.2f}",
+        "only the decoder linears shrink, to bits_per_weight / 16 of their fp16 bytes; the embedding table stays in "
+        "the model's dtype in both models (fp32 on a CPU)",
+    )
+
+
+def check_noise_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure on the whole model (chapter 7): ``predicted``, the standard error of
+    a perplexity change with all the windows of the sweep, against the ``measured`` one. Within 50%."""
+    from .ch04 import _judge_prediction
+
+    return _judge_prediction(
+        "standard error of the perplexity change with all windows",
+        predicted,
+        measured,
+        0.5,
+        "{:.3%}",
+        "the standard error of a mean of independent windows falls as 1 / sqrt(number of windows)",
+    )
