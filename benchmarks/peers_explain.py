@@ -7,6 +7,10 @@ re-run with qtutor changed in the one way suspected, on the same model, windows 
   ``s = max|w| / (2^(b-1) - 1)`` (every weight inside the grid). If the two perplexities land on
   the reference library's, the grid is the whole difference.
 
+* ``sequential``: GPTQ with the reference grid and without true-sequential calibration (one
+  forward per layer collects every linear's ``H`` from the float layer, as llm-compressor does;
+  qtutor by default calibrates o_proj, gate/up and down_proj on inputs from the layer's already
+  quantized linears).
 * ``awq``: qtutor's AWQ with llm-compressor's choices, one at a time and together: duo scaling
   (``s = x_mean^r / w_mean^(1-r)``, llm-compressor's and AutoAWQ's default; llm-awq has none)
   and no clipping search (llm-compressor has none; llm-awq and AutoAWQ clip), per row,
@@ -63,11 +67,11 @@ def grid(find_params):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_args(p)
-    p.add_argument("--experiments", default="grid,awq", help="comma-separated: grid, awq")
+    p.add_argument("--experiments", default="grid,sequential,awq", help="comma-separated: grid, sequential, awq")
     args = p.parse_args(argv)
     chosen = args.experiments.split(",")
-    if not set(chosen) <= {"grid", "awq"}:
-        p.error(f"--experiments {args.experiments!r}: choose from grid, awq")
+    if not set(chosen) <= {"grid", "sequential", "awq"}:
+        p.error(f"--experiments {args.experiments!r}: choose from grid, sequential, awq")
     runs = []  # (method, registered name, config, experiment label, find_params)
     if "grid" in chosen:
         for method, name, cfg_class in (
@@ -77,6 +81,9 @@ def main(argv=None) -> int:
             cfg = cfg_class(bits=args.bits, group_size=0, sym=True)
             runs.append((method, name, cfg, "qtutor's grid", ORIGINAL))
             runs.append((method, name, cfg, "the reference grid", reference_sym_params))
+    if "sequential" in chosen:
+        cfg = qtutor.GPTQConfig(bits=args.bits, group_size=0, sym=True, true_sequential=False)
+        runs.append(("gptq", "gptq_int4", cfg, "the reference grid, not true-sequential", reference_sym_params))
     if "awq" in chosen:
         for sym in (True, False):
             for label, change in (
