@@ -54,6 +54,10 @@ class NF4Config(QuantConfig):
     compute_dtype: the dtype the forward dequantizes to and multiplies in. ``None`` (the default)
     means bfloat16 when the layer runs on a GPU (QLoRA's setting) and float32 on CPU, where
     bfloat16 matmuls are slow on most processors and lose accuracy for nothing.
+
+    The defaults are bitsandbytes' ``quantize_4bit(blocksize=64, compress_statistics=True)``, the
+    layout QLoRA fine-tunes on; measured beside it (``benchmarks/peers_stories260k.csv``:
+    stories260K, the whole WikiText-2 test): 136.602 against bitsandbytes' 136.601 (float 122.334).
     """
 
     block_size: int = 64
