@@ -187,7 +187,7 @@ def test_float32_and_float64_answers_are_both_accepted(capsys):
 # --------------------------------------------------------------------------- predictions and experiments
 def test_prediction_is_compared_not_typed(capsys):
     assert ch00.compare_prediction(10.4, 10.0, "x", 0.05) is True
-    assert "predicted 10.4, measured 10, off by +4%" in capsys.readouterr().out
+    assert "predicted 10.4, measured 10, off by +4.0%" in capsys.readouterr().out
     assert ch00.compare_prediction(11.0, 10.0, "x", 0.05) is False
     # a prediction of a change: "no change" is 100% off
     assert ch00.compare_prediction(10.0, 12.0, "x", 0.4, reference=10.0) is False

@@ -195,7 +195,7 @@ def compare_prediction(predicted, measured, what: str, tol: float, reference=Non
     ok = abs(err) <= tol
     return report(
         ok,
-        f"{what}: predicted {p:.4g}, measured {m:.4g}, off by {err:+.0%} of the measured {of} "
+        f"{what}: predicted {p:.4g}, measured {m:.4g}, off by {err:+.1%} of the measured {of} "
         f"(a good prediction is within {tol:.0%})",
         "compare your reasoning with the solution: which assumption did the run contradict?",
     )
