@@ -191,7 +191,7 @@ def test_prediction_is_compared_not_typed(capsys):
     assert ch00.compare_prediction(11.0, 10.0, "x", 0.05) is False
     # a prediction of a change: "no change" is 100% off
     assert ch00.compare_prediction(10.0, 12.0, "x", 0.4, reference=10.0) is False
-    assert "-100%" in capsys.readouterr().out
+    assert "-100.0%" in capsys.readouterr().out
     assert ch00.compare_prediction(12.5, 12.0, "x", 0.4, reference=10.0) is True
     # a stub's answer is a missing prediction, not a crash
     for stub in (None, ..., "20", float("nan")):
