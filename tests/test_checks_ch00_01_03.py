@@ -200,7 +200,7 @@ def test_prediction_is_compared_not_typed(capsys):
 
 
 def test_chapter_prediction_checkers_use_their_tolerances(capsys):
-    assert ch00.check_window_prediction(16.0, 16.5) and not ch00.check_window_prediction(14.0, 16.5)
+    assert ch00.check_memory_prediction(2.55, 2.53) and not ch00.check_memory_prediction(3.85, 2.53)
     assert ch01.check_int3_prediction(16.7, 16.5, 14.8) and not ch01.check_int3_prediction(15.2, 16.5, 14.8)
     assert ch03.check_gptq3_prediction(15.95, 16.0, 14.8) and not ch03.check_gptq3_prediction(16.8, 16.0, 14.8)
 
