@@ -20,6 +20,11 @@ Rows (``--methods``; default all that apply to the device):
   rtn_int4-reference           RTN int4 g128, reference forward (dequantize + matmul per call)
   rtn_int4-triton              RTN int4 g128, Triton int4 GEMV on the packed codes (CUDA)
   rtn_int4-tinygemm            RTN int4 g128 re-packed for aten._weight_int4pack_mm (bf16)
+  rtn_int4-cpu                 the same re-packing in a float32 model (CPU): the layer casts its
+                               one row to bf16 for the kernel and back (accelerate's "cpu" backend)
+  rtn_int8-reference           RTN int8 per channel (rtn_int8), reference forward
+  rtn_int8-triton              the same, Triton weight-only int8 GEMV on the layer's codes (CUDA)
+  rtn_int8-cpu                 the same, aten._weight_int8pack_mm with bf16 activations (CPU)
   palettized4-reference        4-bit LUT per 16 rows + per-row scale, reference forward
                                (dequantize + matmul per call; the CPU's only path)
   palettized4-prmt             4-bit LUT per 16 rows + per-row scale, Triton LUT GEMV (CUDA) with
@@ -28,6 +33,10 @@ Rows (``--methods``; default all that apply to the device):
   palettized4-load-f32         the same, reading a stored float32 copy of the LUTs (counted)
   palettized4-pairs            the same, one load per packed byte from a stored 256-entry table
                                of weight pairs per LUT (FLUTE's vectorized lookup; counted)
+  palettized4-cpu              the same layers, the book's C kernel (qtutor.runtime.cpu_lut; CPU)
+  nf4-reference                QLoRA NF4 (qlora_nf4: blocks of 64, double quantization), reference
+  nf4-triton                   the same, Triton register-LUT GEMV, absmax rebuilt in the kernel (CUDA)
+  nf4-cpu                      the same, the book's C kernel (CPU)
   smoothquant_w8a8             W8A8Linear as registered: torch._int_mm (int8 x int8 -> int32;
                                on CUDA a batch-1 step is zero-padded to 32 rows, as it needs > 16)
   smoothquant_w8a8-triton      the same layers, Triton W8A8 GEMV (CUDA): the row is quantized per
@@ -50,6 +59,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -66,12 +76,20 @@ ALL = [
     "rtn_int4-reference",
     "rtn_int4-triton",
     "rtn_int4-tinygemm",
+    "rtn_int4-cpu",
+    "rtn_int8-reference",
+    "rtn_int8-triton",
+    "rtn_int8-cpu",
     "palettized4-reference",
     "palettized4-prmt",
     "palettized4-gather",
     "palettized4-load",
     "palettized4-load-f32",
     "palettized4-pairs",
+    "palettized4-cpu",
+    "nf4-reference",
+    "nf4-triton",
+    "nf4-cpu",
     "smoothquant_w8a8",
     "smoothquant_w8a8-triton",
 ]
@@ -83,7 +101,10 @@ CUDA_ONLY = {
     "palettized4-load-f32",
     "palettized4-pairs",
     "smoothquant_w8a8-triton",
+    "rtn_int8-triton",
+    "nf4-triton",
 }
+CPU_ONLY = {"rtn_int4-cpu", "rtn_int8-cpu", "palettized4-cpu", "nf4-cpu"}
 
 
 def parse_args(argv=None):
@@ -135,6 +156,15 @@ def parse_args(argv=None):
         default=None,
         help="CPU threads (default 1 on CPU: batch-1 ops are tiny and extra threads only "
         "add synchronisation, badly so on a shared machine)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time every row this many times, round-robin (the models are kept in memory); a row's "
+        "ms/token is the median over rounds and its ratio the median of the per-round ratios to its "
+        "baseline of the same round: on a shared machine whose load drifts, ratios of rows timed "
+        "minutes apart mean little",
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "decode_speed.csv"))
     return p.parse_args(argv)
@@ -230,6 +260,7 @@ def main(argv=None):
     prompt = torch.randint(0, vocab, (args.prompt,), generator=torch.Generator().manual_seed(0))
     base_bf16 = None
     rows, baselines = [], {}
+    kept = []  # (row, model, timing function) for --rounds > 1
 
     def record(name, act, make, baseline, harness="fast", compile=False, check=None):
         key = name.replace("-compile", "")
@@ -241,13 +272,19 @@ def main(argv=None):
                 {"method": name, "status": "skipped: Triton kernels need CUDA (--triton-on-cpu runs the interpreter)"}
             )
             return
+        if cuda and key in CPU_ONLY:
+            rows.append({"method": name, "status": "skipped: a CPU kernel"})
+            return
         row = {"method": name, "act_dtype": act, "baseline": baseline}
         t0 = time.perf_counter()
         model = None
         try:
             model, info = make()
-            if harness == "fast":
-                lat = fast_decode_latency(
+
+            def timed(model=model, profile=args.profile and cuda):
+                if harness != "fast":
+                    return decode_latency(model, prompt, args.tokens, runs=args.runs)
+                return fast_decode_latency(
                     model,
                     prompt,
                     args.tokens,
@@ -255,8 +292,11 @@ def main(argv=None):
                     compile=compile,
                     fuse=not args.no_fuse,
                     glue=False if args.no_glue else None,
-                    profile=args.profile and cuda,
+                    profile=profile,
                 )
+
+            lat = timed()
+            if harness == "fast":
                 row["harness"] = lat.method
                 if lat.profile:
                     row.update(
@@ -269,7 +309,6 @@ def main(argv=None):
                         f"the GPU ({lat.profile['matmul_us']:.0f} in matmuls); top: {lat.profile['top']}"
                     )
             else:
-                lat = decode_latency(model, prompt, args.tokens, runs=args.runs)
                 row["harness"] = "hf-dynamic-cache"
             row["ms_per_token"] = lat.ms_per_token
             row["prefill_ms"] = lat.prefill_ms
@@ -281,6 +320,9 @@ def main(argv=None):
             row["status"] = "ok"
             if name in (main_name, "bf16", f"{main_name}-compile", "bf16-compile"):
                 baselines[name] = lat.ms_per_token
+            row["ms_rounds"] = [lat.ms_per_token]
+            if args.rounds > 1:
+                kept.append((row, model, timed))
         except Exception as err:  # report and go on: one failing kernel must not hide the others
             row["status"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
             traceback.print_exc()
@@ -327,10 +369,11 @@ def main(argv=None):
         if not res["converted"]:
             raise RuntimeError(f"no layer converted: {sorted(set(res['skipped'].values()))}")
 
-    def rtn(src, backend=None):
+    def rtn(src, backend=None, bits=4):
         def make():
             model = copy.deepcopy(src)
-            qtutor.quantize(model, "rtn_int4", qtutor.RTNConfig(4, args.group_size, False))
+            cfg = qtutor.RTNConfig(4, args.group_size, False) if bits == 4 else None  # rtn_int8: per channel
+            qtutor.quantize(model, f"rtn_int{bits}", cfg)
             if backend is not None:
                 accelerated(model, backend)
             return model, linear_stats(model)
@@ -344,8 +387,20 @@ def main(argv=None):
                 qtutor.quantize(model, "palettization_4bit")
             else:
                 quick_palettize(model)
-            if mode is not None:
+            if mode == "cpu":
+                accelerated(model, "cpu")
+            elif mode is not None:
                 accelerated(model, "triton", lut_mode=mode)
+            return model, linear_stats(model)
+
+        return make
+
+    def nf4(backend=None):
+        def make():
+            model = copy.deepcopy(base)
+            qtutor.quantize(model, "qlora_nf4")
+            if backend is not None:
+                accelerated(model, backend)
             return model, linear_stats(model)
 
         return make
@@ -369,6 +424,10 @@ def main(argv=None):
         # the tinygemm layer's reference: its own weight read back, then an ordinary matmul
         return m.forward_reference if isinstance(m, kernels.Int4TinyGemmLinear) else None
 
+    def ref_of_cpu(m):  # the CPU backend's layers: re-stored (tinygemm, int8) or swapped (C kernels)
+        fast = (kernels.Int4TinyGemmLinear, kernels.Int8WeightOnlyLinear, kernels._CpuGemvMixin)
+        return m.forward_reference if isinstance(m, fast) else None
+
     # --- the rows ---------------------------------------------------------------------------
     record(main_name, main_name, plain(base), main_name)
     if "bf16" in wanted or "rtn_int4-tinygemm" in wanted:
@@ -383,12 +442,20 @@ def main(argv=None):
         "bf16",
         check=ref_of_tinygemm,
     )
+    record("rtn_int4-cpu", main_name, rtn(base, "cpu"), main_name, check=ref_of_cpu)
+    record("rtn_int8-reference", main_name, rtn(base, bits=8), main_name)
+    record("rtn_int8-triton", main_name, rtn(base, "triton", bits=8), main_name, check=ref_of_triton)
+    record("rtn_int8-cpu", main_name, rtn(base, "cpu", bits=8), main_name, check=ref_of_cpu)
     record("palettized4-reference", main_name, palettized(None), main_name)
     record("palettized4-prmt", main_name, palettized("prmt"), main_name, check=ref_of_triton)
     record("palettized4-gather", main_name, palettized("gather"), main_name, check=ref_of_triton)
     record("palettized4-load", main_name, palettized("load"), main_name, check=ref_of_triton)
     record("palettized4-load-f32", main_name, palettized("load-f32"), main_name, check=ref_of_triton)
     record("palettized4-pairs", main_name, palettized("pairs"), main_name, check=ref_of_triton)
+    record("palettized4-cpu", main_name, palettized("cpu"), main_name, check=ref_of_cpu)
+    record("nf4-reference", main_name, nf4(), main_name)
+    record("nf4-triton", main_name, nf4("triton"), main_name, check=ref_of_triton)
+    record("nf4-cpu", main_name, nf4("cpu"), main_name, check=ref_of_cpu)
     record("smoothquant_w8a8", main_name, w8a8(), main_name)
     record("smoothquant_w8a8-triton", main_name, w8a8("triton"), main_name, check=ref_of_triton)
     if args.compile:  # the same rows with the step through torch.compile, against compiled baselines
@@ -412,11 +479,28 @@ def main(argv=None):
                 check=ref_of_tinygemm,
             )
 
+    for i in range(1, args.rounds):  # the other rounds, round-robin over the kept models
+        for row, _, timed in kept:
+            row["ms_rounds"].append(timed(profile=False).ms_per_token)
+        print(
+            f"  round {i + 1}: " + ", ".join(f"{r['method']} {r['ms_rounds'][-1]:.2f}" for r, _, _ in kept), flush=True
+        )
+    kept.clear()
+    by_name = {r["method"]: r for r in rows}
+    for r in rows:
+        if len(r.get("ms_rounds", [])) > 1:
+            r["ms_per_token"] = statistics.median(r["ms_rounds"])
+            if r["method"] in baselines:
+                baselines[r["method"]] = r["ms_per_token"]
     for r in rows:
         b = baselines.get(r.get("baseline"))
         if b is not None and r.get("ms_per_token") is not None:
             r["baseline_ms_per_token"] = b
-            r["ratio"] = r["ms_per_token"] / b
+            base_rounds = by_name[r["baseline"]]["ms_rounds"]
+            r["ratio"] = statistics.median(m / bm for m, bm in zip(r["ms_rounds"], base_rounds))
+    for r in rows:
+        if "ms_rounds" in r:
+            r["ms_rounds"] = " ".join(f"{m:.3f}" for m in r["ms_rounds"])
         r.update({f"env_{k}": v for k, v in env.items()})
         r["config"] = config
     print()
@@ -430,6 +514,7 @@ def main(argv=None):
                 ("baseline", "baseline", ""),
                 ("baseline_ms_per_token", "base ms/token", ".3f"),
                 ("ratio", "ratio", ".3f"),
+                ("ms_rounds", "rounds", ""),
                 ("bits_per_weight", "bits/w", ".2f"),
                 ("linear_MB", "linears MB", ".1f"),
                 ("kernel_check", "kernel chk", ".1e"),
@@ -445,7 +530,8 @@ def main(argv=None):
     out = Path(args.out)
     write_csv(rows, out)
     print(
-        f"\nratio = method ms/token / baseline ms/token (< 1: faster). wrote {out} "
+        f"\nratio = method ms/token / baseline ms/token (< 1: faster; with --rounds, the median of the "
+        f"per-round ratios). wrote {out} "
         f"({time.perf_counter() - t_start:.0f} s in all)"
     )
 

@@ -1,20 +1,35 @@
 """qtutor beside the reference libraries: the same model, windows and perplexity function.
 
-For each layout (4 bits; one grid per output row or groups of ``--group-size``; symmetric and
-asymmetric) the model is quantized with qtutor and with the reference library, and every copy
-is scored by ``qtutor.eval.perplexity`` on the same tokens; the calibrated methods see the same
-calibration windows. The peers, where installed:
+Every method is run by qtutor and by its reference library on the same model copy, the
+calibrated ones on the same calibration windows, and every copy is scored by
+``qtutor.eval.perplexity`` on the same tokens. The layouts:
 
-* llm-compressor (``oneshot``): RTN as ``QuantizationModifier`` (weight-only, min-max observer)
-  and ``GPTQModifier`` (its defaults: act-order with static groups, damping 0.01, blocks of
-  128), both with ``lm_head`` left in float, as qtutor does.
+* the uniform 4-bit grid (RTN, GPTQ, AWQ): one grid per output row or groups of
+  ``--group-size``, symmetric and asymmetric;
+* W8A8 (INT8 weights per output row, INT8 activations per token), without and with SmoothQuant;
+* NF4, blocks of 64 with double quantization (QLoRA);
+* 4-bit palettization, one LUT per 16 rows with per-row scales (coremltools' layout).
+
+The peers, where installed (a missing one is reported and its rows are left out):
+
+* llm-compressor (``oneshot``), ``lm_head`` left in float as qtutor does: RTN =
+  ``QuantizationModifier`` (min-max observer); GPTQ = ``GPTQModifier`` (its defaults: act-order
+  with static groups, damping 0.01, blocks of 128); AWQ = ``AWQModifier`` (its defaults: 20 grid
+  points, duo scaling) then ``QuantizationModifier``; W8A8 = ``QuantizationModifier(scheme="W8A8")``
+  with, for SmoothQuant, ``SmoothQuantModifier(smoothing_strength=alpha)`` before it. Its AWQ
+  pins host memory, which a CPU-only torch cannot do: that one call is skipped here
+  (``IntermediatesCache.pin_memory``, an optimisation for host-to-GPU copies);
+* bitsandbytes: ``quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)``
+  and back with ``dequantize_4bit``, for each linear;
+* coremltools: ``PostTrainingPalettizer`` (``n_bits=4``, ``per_grouped_channel``, group size 16,
+  ``enable_per_channel_scale``), for each linear.
 
 Writes ``OUT.csv`` (one row per layout, method and implementation: perplexity, seconds, the
-versions) and prints a table. A missing library is reported and its rows are left out.
+versions) and prints a table; rows are written as they are measured.
 
     python benchmarks/peers.py --model PATH/stories260K-qwen2-hf --data-dir PATH/hf-wikitext \\
-        --group-size 64 --out benchmarks/peers/stories260k
-    python benchmarks/peers.py --model qtutor-tiny --group-size 64 --out benchmarks/peers/qtutor-tiny
+        --group-size 64,4 --out benchmarks/peers_stories260k
+    python benchmarks/peers.py --model qtutor-tiny --group-size 64 --out benchmarks/peers_qtutor-tiny
 """
 
 from __future__ import annotations
@@ -22,15 +37,18 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
+import logging
 import sys
 import time
 from pathlib import Path
 
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_quality_args, layout_name, quality_setup, write_csv  # noqa: E402
 
 import qtutor  # noqa: E402
+from qtutor.models import layout_for  # noqa: E402
 
 
 def version(package: str) -> str:
@@ -40,86 +58,229 @@ def version(package: str) -> str:
         return ""
 
 
-def qtutor_run(method: str, model, calib, bits: int, group: int, sym: bool):
-    """qtutor's own: RTN or GPTQ at its registered defaults, on the given grid."""
-    cfg_class = qtutor.RTNConfig if method == "rtn" else qtutor.GPTQConfig
-    cfg = cfg_class(bits=bits, group_size=group, sym=sym)
-    qtutor.quantize(
-        model, "rtn_int4" if method == "rtn" else "gptq_int4", cfg, calib=calib if method == "gptq" else None
-    )
+def decoder_linears(model):
+    """(name, nn.Linear) of every linear in the decoder layers: what every method quantizes."""
+    layout = layout_for(model)
+    for i, layer in enumerate(layout.layers(model)):
+        for name, lin in layout.linears(layer).items():
+            yield f"layers.{i}.{name}", lin
 
 
-def llmcompressor_run(method: str, model, calib, bits: int, group: int, sym: bool):
-    """llm-compressor's ``oneshot``: QuantizationModifier (RTN) or GPTQModifier, lm_head ignored."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
+# --------------------------------------------------------------------------- qtutor
+UNIFORM = {"rtn": ("rtn_int4", qtutor.RTNConfig), "gptq": ("gptq_int4", qtutor.GPTQConfig)}
+UNIFORM["awq"] = ("awq_int4", qtutor.AWQConfig)
+
+
+def qtutor_run(method: str, model, calib, layout: dict, **overrides):
+    """qtutor at its registered defaults (or with ``overrides`` of its config), on the layout."""
+    if method in UNIFORM:
+        name, cfg_class = UNIFORM[method]
+        cfg = cfg_class(bits=layout["bits"], group_size=layout["group"], sym=layout["sym"], **overrides)
+        qtutor.quantize(model, name, cfg, calib=calib if method != "rtn" else None)
+    elif method in ("w8a8", "smoothquant"):
+        cfg = qtutor.SmoothQuantConfig(alpha=layout["alpha"], smooth=method == "smoothquant", **overrides)
+        qtutor.quantize(model, "smoothquant_w8a8", cfg, calib=calib)
+    elif method == "nf4":
+        qtutor.quantize(model, "qlora_nf4", qtutor.NF4Config(**{"compute_dtype": "float32", **overrides}))
+    elif method == "palettization":
+        qtutor.quantize(model, "palettization_4bit", qtutor.PalettizeConfig(**overrides))
+    else:
+        raise ValueError(method)
+
+
+def parse_variants(text: str) -> dict:
+    """``"awq:duo_scaling=true,awq:clip=false"`` -> {"awq": [{"duo_scaling": True}, {"clip": False}]}:
+    extra qtutor rows, one per override, to show what a default is worth."""
+    out: dict = {}
+    for item in filter(None, text.split(",")):
+        try:
+            method, assignment = item.split(":", 1)
+            key, value = assignment.split("=", 1)
+        except ValueError:
+            raise SystemExit(f"--variants {item!r}: write METHOD:FIELD=VALUE, e.g. awq:duo_scaling=true") from None
+        if method not in PEERS:
+            raise SystemExit(f"--variants {item!r}: unknown method {method!r}; choose from {', '.join(PEERS)}")
+        parsed = {"true": True, "false": False}.get(value.lower(), value)
+        if isinstance(parsed, str):
+            try:
+                parsed = float(value) if "." in value else int(value)
+            except ValueError:
+                pass
+        out.setdefault(method, []).append({key: parsed})
+    return out
+
+
+# --------------------------------------------------------------------------- llm-compressor
+def _llmc_oneshot(model, recipe, calib=None):
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    args = QuantizationArgs(
-        num_bits=bits, type="int", symmetric=sym, strategy="group" if group else "channel", group_size=group or None
-    )
-    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
-    if method == "rtn":
-        oneshot(model=model, recipe=QuantizationModifier(config_groups=groups, ignore=["lm_head"]))
+    if calib is None:
+        oneshot(model=model, recipe=recipe)
         return
+    from datasets import Dataset
+
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": [[1] * calib.shape[1]] * calib.shape[0]})
-    recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128)
     oneshot(
         model=model, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1]
     )
 
 
-IMPLEMENTATIONS = {"qtutor": (qtutor_run, "qtutor"), "llm-compressor": (llmcompressor_run, "llmcompressor")}
+def llmcompressor_run(method: str, model, calib, layout: dict):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    if method in ("w8a8", "smoothquant"):
+        recipe = [QuantizationModifier(targets=["Linear"], scheme="W8A8", ignore=["lm_head"])]
+        if method == "smoothquant":
+            from llmcompressor.modifiers.transform import SmoothQuantModifier
+
+            recipe.insert(0, SmoothQuantModifier(smoothing_strength=layout["alpha"]))
+        _llmc_oneshot(model, recipe, calib)
+        return
+    group = layout["group"]
+    args = QuantizationArgs(
+        num_bits=layout["bits"],
+        type="int",
+        symmetric=layout["sym"],
+        strategy="group" if group else "channel",
+        group_size=group or None,
+    )
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
+    # a last, shorter group where the width is not a multiple of the group size (qtutor does the same)
+    quant = dict(config_groups=groups, ignore=["lm_head"], bypass_divisibility_checks=True)
+    if method == "rtn":
+        _llmc_oneshot(model, QuantizationModifier(**quant))
+    elif method == "gptq":
+        recipe = GPTQModifier(**quant, dampening_frac=0.01, block_size=128)
+        _llmc_oneshot(model, recipe, calib)
+    elif method == "awq":
+        from llmcompressor.modifiers.transform import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        if not torch.cuda.is_available():  # pinned host memory needs a CUDA build of torch
+            IntermediatesCache.pin_memory = lambda self, *a, **k: None
+        recipe = [AWQModifier(), QuantizationModifier(**quant)]
+        _llmc_oneshot(model, recipe, calib)
+    else:
+        raise ValueError(method)
+
+
+# --------------------------------------------------------------------------- bitsandbytes, coremltools
+@torch.no_grad()
+def bitsandbytes_run(method: str, model, calib, layout: dict):
+    import bitsandbytes.functional as bnbf
+
+    for _, lin in decoder_linears(model):
+        W = lin.weight.data
+        packed, state = bnbf.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+        lin.weight.data = bnbf.dequantize_4bit(packed, state).to(W.dtype)
+
+
+@torch.no_grad()
+def coremltools_run(method: str, model, calib, layout: dict):
+    from coremltools.optimize.torch.palettization import PostTrainingPalettizer, PostTrainingPalettizerConfig
+
+    logging.getLogger("coremltools").setLevel(logging.WARNING)
+    cfg = {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16, "enable_per_channel_scale": True}
+    config = PostTrainingPalettizerConfig.from_dict({"global_config": cfg})
+    for _, lin in decoder_linears(model):
+        one = torch.nn.Linear(lin.in_features, lin.out_features, bias=False)
+        one.weight.data = lin.weight.data.float().clone()
+        out = PostTrainingPalettizer(torch.nn.Sequential(one), config).compress()[0]
+        lin.weight.data = out.weight.data.to(lin.weight.dtype)
+
+
+#: method -> its reference implementation and the package that provides it
+PEERS = {
+    "rtn": (llmcompressor_run, "llm-compressor", "llmcompressor"),
+    "gptq": (llmcompressor_run, "llm-compressor", "llmcompressor"),
+    "awq": (llmcompressor_run, "llm-compressor", "llmcompressor"),
+    "w8a8": (llmcompressor_run, "llm-compressor", "llmcompressor"),
+    "smoothquant": (llmcompressor_run, "llm-compressor", "llmcompressor"),
+    "nf4": (bitsandbytes_run, "bitsandbytes", "bitsandbytes"),
+    "palettization": (coremltools_run, "coremltools", "coremltools"),
+}
+
+
+def plan(methods: list[str], bits: int, group_sizes: list[int], alpha: float):
+    """(layout name, layout, method) in the order they run."""
+    for group in (0, *group_sizes):
+        for sym in (True, False):
+            lay = dict(bits=bits, group=group, sym=sym)
+            for m in methods:
+                if m in UNIFORM:
+                    yield layout_name(bits, group, sym), lay, m
+    for m in ("w8a8", "smoothquant"):
+        if m in methods:
+            yield f"W8A8 (alpha {alpha})" if m == "smoothquant" else "W8A8", dict(alpha=alpha), m
+    if "nf4" in methods:
+        yield "NF4 blocks of 64, double quant", {}, "nf4"
+    if "palettization" in methods:
+        yield "LUT4 per 16 rows, row scales", {}, "palettization"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_args(p)
-    p.add_argument("--group-size", type=int, default=64, help="the group-wise layout's group size")
-    p.add_argument("--methods", default="rtn,gptq")
+    p.add_argument("--group-size", default="64", help="the group-wise layouts' group sizes, comma-separated")
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (both libraries)")
+    p.add_argument("--methods", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)}")
+    p.add_argument(
+        "--variants",
+        default="",
+        help="extra qtutor rows with one config field changed, e.g. awq:duo_scaling=true,awq:clip=false",
+    )
     args = p.parse_args(argv)
+    variants = parse_variants(args.variants)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in PEERS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(PEERS)}")
+    try:
+        group_sizes = [int(g) for g in args.group_size.split(",")]
+    except ValueError:
+        p.error(f"--group-size {args.group_size!r}: give whole numbers separated by commas, e.g. 64,4")
     model, dataset, calib, env, score = quality_setup(args)
-    available = {}
-    for name, (run, package) in IMPLEMENTATIONS.items():
-        if name == "qtutor" or version(package):
-            available[name] = run
-        else:
+    versions = {pkg: version(pkg) for pkg in ("qtutor", "llmcompressor", "compressed-tensors", "bitsandbytes")}
+    versions["coremltools"] = version("coremltools")
+    for _, name, package in set(PEERS[m] for m in methods):
+        if not versions.get(package, version(package)):
             print(f"{name} is not installed (pip install {package}): its rows are left out")
 
-    base = score(model)
-    print(f"float: {base}")
-    rows = [dict(layout="float", method="float", implementation="-", ppl=base.ppl, seconds=0.0)]
-    for group in (0, args.group_size):
-        for sym in (True, False):
-            layout = layout_name(args.bits, group, sym)
-            for method in args.methods.split(","):
-                for impl, run in available.items():
-                    m = copy.deepcopy(model)
-                    t0 = time.perf_counter()
-                    try:
-                        run(method, m, calib, args.bits, group, sym)
-                    except Exception as err:  # noqa: BLE001 - a peer that refuses a layout is a result
-                        msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
-                        rows.append(dict(layout=layout, method=method, implementation=impl, ppl=None, error=msg))
-                        print(f"{layout:26s} {method:5s} {impl:15s} failed: {msg}", flush=True)
-                        continue
-                    seconds = time.perf_counter() - t0
-                    r = score(m)
-                    rows.append(dict(layout=layout, method=method, implementation=impl, ppl=r.ppl, seconds=seconds))
-                    print(f"{layout:26s} {method:5s} {impl:15s} ppl {r.ppl:10.3f}  ({seconds:.1f} s)", flush=True)
     header = dict(
-        model=args.model,
+        model=Path(args.model).name if Path(args.model).is_dir() else args.model,
         dataset=dataset,
         seqlen=args.seqlen,
-        eval_tokens=base.eval_tokens,
         calib=f"{args.calib_samples} x {args.calib_seqlen}",
-        qtutor_version=version("qtutor"),
-        llmcompressor=version("llmcompressor"),
-        compressed_tensors=version("compressed-tensors"),
+        **{f"v_{k}": v for k, v in versions.items()},
         **{f"env_{k}": v for k, v in env.items()},
     )
     path = Path(args.out).with_suffix(".csv")
+    base = score(model)
+    header["eval_tokens"] = base.eval_tokens
+    print(f"float: {base}")
+    rows = [dict(layout="float", method="float", implementation="-", ppl=base.ppl, seconds=0.0)]
+    for layout, lay, method in plan(methods, args.bits, group_sizes, args.alpha):
+        peer_run, peer_name, package = PEERS[method]
+        impls = [("qtutor", qtutor_run)] + ([(peer_name, peer_run)] if version(package) else [])
+        for change in variants.get(method, []):
+            label = ", ".join(f"{k}={v}" for k, v in change.items())
+            impls.append((f"qtutor ({label})", lambda *a, change=change: qtutor_run(*a, **change)))
+        for impl, run in impls:
+            m = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            try:
+                run(method, m, calib, lay)
+            except Exception as err:  # noqa: BLE001 - a peer that refuses a layout is a result
+                msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+                rows.append(dict(layout=layout, method=method, implementation=impl, ppl=None, error=msg))
+                print(f"{layout:30s} {method:13s} {impl:15s} failed: {msg}", flush=True)
+                continue
+            seconds = time.perf_counter() - t0
+            r = score(m)
+            rows.append(dict(layout=layout, method=method, implementation=impl, ppl=r.ppl, seconds=seconds))
+            print(f"{layout:30s} {method:13s} {impl:15s} ppl {r.ppl:10.3f}  ({seconds:.1f} s)", flush=True)
+            write_csv([{**header, **r} for r in rows], path)  # nothing measured is lost
     write_csv([{**header, **r} for r in rows], path)
     print(f"wrote {path}")
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import os
 import platform
 import time
@@ -606,6 +607,7 @@ def measure(options, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, kee
     lat = _latency(model, inputs.prompt, options, plan.device)
     return {
         "ppl": ppl.ppl,
+        "ppl_ci": _ppl_interval(ppl.window_nll, options.seed),
         "eval_tokens": ppl.eval_tokens,
         "seqlen": plan.seqlen,
         "bits_per_weight": report.bits_per_weight,
@@ -622,20 +624,36 @@ def measure(options, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, kee
         "config": None if report.config is None else report.config.__dict__,
         "kernel": getattr(lat, "kernels", None) or _kernels(model),
         "seconds": time.perf_counter() - t0,  # quantize + evaluate + time decoding
+        "window_nll": ppl.window_nll,  # each evaluation window's mean NLL (the bootstrap's samples)
+        "linears": {  # each decoder linear: its size and relative weight error ||W_hat - W|| / ||W||
+            k: {"numel": v["numel"], "weight_rel_error": v.get("weight_rel_error")} for k, v in report.layers.items()
+        },
     }
+
+
+def _ppl_interval(window_nll: list, seed: int) -> Optional[list]:
+    """The 95% bootstrap interval of the perplexity over the evaluation windows
+    (``qtutor.eval.ppl.bootstrap_ppl``); None with fewer than two windows or a non-finite loss."""
+    from .eval.ppl import bootstrap_ppl
+
+    if len(window_nll) < 2 or not all(math.isfinite(v) for v in window_nll):
+        return None
+    return list(bootstrap_ppl(window_nll, seed=seed))
 
 
 def _latency(model, prompt, options, device):
     """Decode latency: the fast harness (static cache, CUDA graphs, fast kernels) or the HF loop."""
     from .eval import decode_latency
+    from .runtime.kernels import accelerate
 
+    # the packed kernels (Triton on CUDA, torch's weight-only ops and the C LUT kernel on a CPU)
+    # decode in both harnesses; perplexity and memory were measured before, on the reference forward
+    accelerate(model, getattr(options, "kernels", "auto"))
     fast = device.type == "cuda" if getattr(options, "fast_decode", None) is None else options.fast_decode
     if not fast:
         return decode_latency(model, prompt, options.latency_tokens, runs=options.latency_runs)
     from .runtime.decode import fast_decode_latency
-    from .runtime.kernels import accelerate
 
-    accelerate(model, getattr(options, "kernels", "auto"))
     return fast_decode_latency(model, prompt, options.latency_tokens, runs=options.latency_runs)
 
 

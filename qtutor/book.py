@@ -203,3 +203,43 @@ def pick_group_size(width: int, preferred: int = 128) -> int:
     while g > 8 and (width % g or g >= width):
         g //= 2
     return g
+
+
+# --------------------------------------------------------------------------- how noisy a perplexity change is
+def window_nll(model, ids: torch.Tensor, seqlen: int, max_tokens: Optional[int] = None, batch_size: int = 8):
+    """The mean NLL (nats) of each evaluation window of :func:`qtutor.eval.perplexity` (its
+    ``window_nll``: the same non-overlapping windows of ``seqlen`` tokens, at most ``max_tokens``
+    in all, ``seqlen - 1`` scored tokens each) -> (windows,) float64 on the CPU. Their mean is the
+    NLL of the perplexity (ARCHITECTURE.md section 4)."""
+    from .eval import perplexity
+
+    return torch.tensor(perplexity(model, ids, seqlen, max_tokens, batch_size).window_nll, dtype=torch.float64)
+
+
+def ppl_change(nll_base: torch.Tensor, nll_other: torch.Tensor) -> tuple[float, float]:
+    """(change, standard error) of a perplexity against a baseline, from the per-window NLLs of
+    both on the same windows (:func:`window_nll`): ``exp(mean d) - 1`` with ``d`` the paired
+    per-window differences, and its standard error by the delta method, ``exp(mean d) * std(d) /
+    sqrt(windows)``. The windows are the sample: the error says how much the change would move on
+    another stretch of text of the same length."""
+    import math
+
+    d = (torch.as_tensor(nll_other) - torch.as_tensor(nll_base)).double().flatten()
+    if d.numel() < 2:
+        raise QtutorError(
+            f"a standard error needs at least 2 evaluation windows, got {d.numel()}; evaluate more tokens"
+        )
+    factor = math.exp(float(d.mean()))
+    return factor - 1, factor * float(d.std()) / math.sqrt(d.numel())
+
+
+def noise_note(nll_base: torch.Tensor, nll_other: torch.Tensor, what: str) -> str:
+    """One sentence on the noise of a perplexity change, from the run: the change of ``what``
+    against the baseline, its standard error over the evaluation windows, and the size below
+    which a change cannot be told from zero on this sample (two standard errors)."""
+    change, se = ppl_change(nll_base, nll_other)
+    return (
+        f"Window by window on the same {len(nll_base)} evaluation windows, the perplexity change of {what} is "
+        f"{change:+.2%} with a standard error of {se:.2%}: on a sample of text of this length, changes and "
+        f"differences smaller than about {2 * se:.2%} (two standard errors) are not resolved."
+    )

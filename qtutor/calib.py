@@ -58,12 +58,55 @@ def layer_inputs(model, layout, windows: torch.Tensor, device) -> tuple[torch.Te
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, X: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
-    """Outputs of one decoder layer for inputs ``X`` (n, seqlen, hidden), in batches."""
+    """Outputs of one decoder layer for inputs ``X`` (n, seqlen, hidden), in batches (its already
+    quantized linears dequantize once for all batches)."""
+    from .quant.base import dequantize_once
+
     outs = []
-    for i in range(0, X.shape[0], batch_size):
-        out = layer(X[i : i + batch_size], **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
+    with dequantize_once(layer):
+        for i in range(0, X.shape[0], batch_size):
+            out = layer(X[i : i + batch_size], **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
     return torch.cat(outs)
+
+
+@torch.no_grad()
+def collect_inputs(
+    layer: nn.Module,
+    X: torch.Tensor,
+    kwargs: dict,
+    modules: dict[str, nn.Module],
+    fn: Callable[[str, torch.Tensor], None],
+    batch_size: int = 8,
+) -> None:
+    """Call ``fn(name, x)`` with the input ``x`` (..., in_features) each of ``modules`` receives
+    when ``layer`` runs on ``X`` (n, seqlen, hidden), in batches; each batch's forward stops as
+    soon as every module has had its input, since the rest of the layer is not needed (GPTQ's
+    true-sequential passes: the q/k/v pass runs only the first norm)."""
+    from .quant.base import dequantize_once
+
+    seen: set = set()
+
+    def hook(name, x):
+        fn(name, x)
+        seen.add(name)
+        if len(seen) == len(modules):
+            raise _Stop
+
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: hook(name, args[0])) for name, m in modules.items()
+    ]
+    try:
+        with dequantize_once(layer):
+            for i in range(0, X.shape[0], batch_size):
+                seen.clear()
+                try:
+                    layer(X[i : i + batch_size], **kwargs)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager

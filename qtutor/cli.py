@@ -1,4 +1,5 @@
-"""The ``qtutor`` command: ``qtutor bench ...`` (see ``qtutor bench --help``).
+"""The ``qtutor`` command: ``qtutor bench ...`` (see ``qtutor bench --help``) and ``qtutor grade
+NOTEBOOK... --out scores.json`` (see ``qtutor grade --help``; the logic is :mod:`qtutor.grade`).
 
 Argument parsing lives here; the benchmark itself is :func:`qtutor.bench.run_bench`, which takes
 a :class:`qtutor.bench.BenchConfig` (one field per option, the same defaults) and prints nothing.
@@ -123,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernels",
         choices=BACKENDS,
         default=d.kernels,
-        help="fast matmul for 4-bit layers while timing decoding (qtutor.runtime.kernels.accelerate; "
-        "auto: Triton on CUDA, the reference forward on CPU); perplexity always uses "
-        "the reference forward",
+        help="fast matmul for the packed layers while timing decoding (qtutor.runtime.kernels.accelerate; "
+        "auto: Triton on CUDA; on a CPU torch's int8/int4 weight-only ops and the C LUT kernel); "
+        "perplexity always uses the reference forward",
     )
     p.add_argument("--latency-tokens", type=int, default=d.latency_tokens)
     p.add_argument("--latency-runs", type=int, default=d.latency_runs)
@@ -177,14 +178,58 @@ def bench_main(argv: Optional[list[str]] = None, keep: Optional[dict] = None) ->
     return 0
 
 
+GRADE_DOC = "execute students' notebooks and score every exercise with its checker into a JSON file"
+
+
+class _GradeParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise QtutorError(f"{message}; see qtutor grade --help")
+
+
+def grade_parser() -> argparse.ArgumentParser:
+    p = _GradeParser(prog="qtutor grade", description=GRADE_DOC)
+    p.add_argument("paths", nargs="+", metavar="NOTEBOOK_OR_FOLDER", help="notebooks, or folders of them")
+    p.add_argument("--out", required=True, help="the JSON file to write (rewritten after each notebook)")
+    p.add_argument("--timeout", type=int, default=600, help="seconds a cell may run before it is interrupted")
+    p.add_argument("--fast", action="store_true", help="run the chapters in fast mode (QTUTOR_FAST=1)")
+    p.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebook's, else python3)")
+    return p
+
+
+def grade_main(argv: Optional[list[str]] = None) -> int:
+    """``qtutor grade``: 0 when every notebook was executed and graded (whatever the scores), 1
+    when one could not be executed (its error is in the JSON, the others were graded), 2 with a
+    one-line error for bad input, 130 if interrupted."""
+    from .grade import grade
+
+    try:
+        args = grade_parser().parse_args(argv)
+        if args.timeout <= 0:
+            raise QtutorError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+        scores = grade(args.paths, Path(args.out), timeout=args.timeout, kernel=args.kernel, fast=args.fast)
+    except QtutorError as err:
+        print(f"qtutor grade: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nqtutor grade: interrupted; the notebooks graded so far are in --out", file=sys.stderr)
+        return 130
+    return 1 if any(r["status"] == "error" for r in scores["notebooks"].values()) else 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: qtutor bench [options]   (qtutor bench --help for the options)")
+        print("       qtutor grade NOTEBOOK_OR_FOLDER... --out scores.json   (qtutor grade --help)")
         return 0 if argv else 2
     if argv[0] == "bench":
         return bench_main(argv[1:])
-    print(f"qtutor: error: unknown command {argv[0]!r}; the command is 'qtutor bench'", file=sys.stderr)
+    if argv[0] == "grade":
+        return grade_main(argv[1:])
+    print(
+        f"qtutor: error: unknown command {argv[0]!r}; the commands are 'qtutor bench' and 'qtutor grade'",
+        file=sys.stderr,
+    )
     return 2
 
 

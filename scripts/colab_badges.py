@@ -7,6 +7,9 @@ _config.yml. This script rewrites, in each chapters/*.ipynb:
 * in the first markdown cell, the line containing `colab-badge.svg` (inserted after the title
   if missing) to
   [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/REPO/blob/BRANCH/chapters/FILE.ipynb)
+  followed by a second badge that opens the student edition of the chapter, student/FILE.ipynb
+  (the chapter runs its solutions after the exercise cells; students work in the student
+  edition, which scripts/student_edition.py writes with this script's student badge line);
 * in the parameters cell (the code cell tagged `parameters`, else the first code cell), the
   `%pip install` line guarded by a `google.colab` check, so that it installs
   `git+URL@BRANCH` (the rest of the line, e.g. `-q` or extras `qtutor[coreml] @ git+...`,
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import posixpath
 import re
 import sys
 from pathlib import Path
@@ -63,12 +67,32 @@ def read_repository(config: Path) -> tuple[str, str, str]:
     return url, branch, path_to_book
 
 
-def badge_line(url: str, branch: str, nb_path_in_repo: str) -> str:
+STUDENT_DIR = "student"  # the student edition, beside chapters/ in the repository
+
+
+def _badge(url: str, branch: str, nb_path_in_repo: str) -> str:
     parts = [p for p in urlparse(url).path.split("/") if p]
     if len(parts) < 2:
         sys.exit(f"colab_badges: repository.url {url!r} is not https://github.com/OWNER/REPO")
     owner, repo = parts[0], parts[1]
     return f"[![Open In Colab]({BADGE_IMG})]({COLAB}/{owner}/{repo}/blob/{branch}/{nb_path_in_repo})"
+
+
+def badge_line(url: str, branch: str, nb_path_in_repo: str) -> str:
+    """The badge line of a notebook. A chapter's opens the chapter and, second, its student
+    edition (the same name under student/); a student notebook's (one under student/) opens
+    itself and says that it is the student edition."""
+    folder, name = posixpath.split(nb_path_in_repo)
+    if posixpath.basename(folder) == STUDENT_DIR:
+        return (
+            f"{_badge(url, branch, nb_path_in_repo)} *Student edition: the solutions are removed; "
+            "run the check under each exercise to test your answer.*"
+        )
+    student = posixpath.join(posixpath.dirname(folder), STUDENT_DIR, name)
+    return (
+        f"{_badge(url, branch, nb_path_in_repo)} &nbsp; Doing the exercises? Open the student edition, "
+        f"without the solutions: {_badge(url, branch, student)}"
+    )
 
 
 def fix_badge(cell: dict, badge: str) -> None:

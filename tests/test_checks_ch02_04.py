@@ -247,3 +247,18 @@ def test_ch02_alpha_sweep_is_remeasured(capsys):
     assert ch02.check_alpha_sweep(right, model, calib, ids, 64, 128) is True
     assert ch02.check_alpha_sweep({**right, 0.25: right[0.25] * 1.05}, model, calib, ids, 64, 128) is False
     assert ch02.check_alpha_sweep({2.0: 1.0, 3.0: 1.0, 4.0: 1.0}, model, calib, ids, 64, 128) is False
+
+
+# --------------------------------------------------------------------------- chapter 4: predict, then measure
+@pytest.mark.parametrize(
+    "checker, measured, near, far",
+    [(ch04.check_scaling_prediction, 1.9, 2.0, 4.0), (ch04.check_low_bits_prediction, 0.06, 0.08, 0.2)],
+)
+def test_ch04_prediction_checkers(checker, measured, near, far, capsys):
+    assert checker(near, measured)
+    assert "you predicted" in capsys.readouterr().out
+    assert not checker(far, measured)
+    assert not checker(None, measured)  # the stub: no prediction written down yet
+    assert "no prediction yet" in capsys.readouterr().out
+    assert not checker("two", measured)
+    assert not checker(float("nan"), measured)

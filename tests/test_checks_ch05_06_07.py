@@ -203,3 +203,55 @@ def test_checkers_survive_a_crashing_answer(checker, capsys):
 
     assert not checker(boom)
     assert "ValueError" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- predict, then measure
+@pytest.mark.parametrize(
+    "checker, measured, near, far",
+    [
+        (ch05.check_palette_bits_prediction, 0.08, 0.1, 0.2),
+        (ch06.check_saving_prediction, 0.3731, 0.373, 0.5),
+        (ch06.check_block_size_prediction, 0.03, 0.04, 0.1),
+        (ch07.check_compression_prediction, 2.5, 2.45, 4.0),
+        (ch07.check_noise_prediction, 0.002, 0.0025, 0.008),
+    ],
+)
+def test_prediction_checkers(checker, measured, near, far, capsys):
+    assert checker(near, measured)
+    assert checker(torch.tensor(near), measured)  # a tensor counts as its number
+    assert not checker(far, measured)
+    assert not checker(None, measured)  # the stub: no prediction written down yet
+    assert "no prediction yet" in capsys.readouterr().out
+    assert not checker([1.0, 2.0], measured)
+
+
+# --------------------------------------------------------------------------- qtutor.book: the noise of a change
+def test_ppl_change_is_paired_and_its_error_shrinks_with_windows():
+    from qtutor.book import noise_note, ppl_change
+    from qtutor.errors import QtutorError
+
+    g = torch.Generator().manual_seed(0)
+    base = 3.0 + 0.3 * torch.randn(400, generator=g, dtype=torch.float64)
+    other = base + 0.02 + 0.01 * torch.randn(400, generator=g, dtype=torch.float64)
+    change, se = ppl_change(base, other)
+    assert math.isclose(change, math.exp(float((other - base).mean())) - 1)
+    assert 0.0003 < se < 0.0008  # 0.01 / sqrt(400) = 0.0005, times exp(0.02): the window spread cancels
+    _, se_few = ppl_change(base[:25], other[:25])
+    assert 2 < se_few / se < 6  # 16x fewer windows: about 4x the error
+    assert "400 evaluation windows" in noise_note(base, other, "x")
+    with pytest.raises(QtutorError):
+        ppl_change(base[:1], other[:1])
+
+
+def test_window_nll_is_the_perplexity_protocol_window_by_window():
+    from conftest import tiny_model
+
+    from qtutor.book import window_nll
+    from qtutor.eval import perplexity
+
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 128, (5 * 32 + 7,), generator=torch.Generator().manual_seed(3))
+    nll = window_nll(model, ids, 32, batch_size=2)  # 5 windows, the remainder dropped, batches of 2 and 1
+    assert nll.shape == (5,) and nll.dtype == torch.float64
+    assert math.isclose(float(nll.mean()), perplexity(model, ids, 32).nll, rel_tol=1e-6)
+    assert window_nll(model, ids, 32, max_tokens=64).shape == (2,)

@@ -86,12 +86,160 @@ def test_accelerate_skips_with_reasons_and_rejects_bad_backend():
     from conftest import tiny_model
 
     model = tiny_model("qwen2")
-    qtutor.quantize(model, "rtn_int8")
+    qtutor.quantize(model, "rtn_int4", RTNConfig(3, 32))
     res = kernels.accelerate(model, "tinygemm")
-    assert not res["converted"] and set(res["skipped"].values()) == {"8-bit codes (tinygemm is 4-bit)"}
-    assert kernels.accelerate(model, "auto")["backend"] == "none"  # CPU: reference forward
+    assert not res["converted"] and set(res["skipped"].values()) == {"3-bit codes (tinygemm is 4-bit)"}
+    assert kernels.accelerate(model, "none") == {"backend": "none", "converted": {}, "skipped": {}}
     with pytest.raises(qtutor.QtutorError, match="unknown kernel backend"):
         kernels.accelerate(model, "cutlass")
+
+
+# --------------------------------------------------------------------------- CPU kernels
+needs_cpu_lut = pytest.mark.skipif(
+    __import__("qtutor.runtime.cpu_lut").runtime.cpu_lut.available() is not None,
+    reason="no C compiler for the CPU LUT kernel",
+)
+
+
+def palettized(n, k, rows, scaled=True, bias=True, seed=0):
+    from qtutor.quant.palettize import LUTWeight, PalettizedLinear
+
+    g = torch.Generator().manual_seed(seed)
+    q = LUTWeight(
+        torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+        torch.randn(-(-n // rows), 16, generator=g).half(),
+        (torch.rand(n, generator=g) + 0.5).half() if scaled else None,
+        4,
+        rows,
+    )
+    return PalettizedLinear(q, torch.randn(n, generator=g) if bias else None)
+
+
+# The C kernel multiplies the same float32 numbers as the reference forward (LUT entry x scale x
+# input) and sums them in another order: equal to float32 rounding, ~1e-7 relative for these sizes.
+@needs_cpu_lut
+@pytest.mark.parametrize(
+    "n,k,rows,scaled,bias",
+    [(32, 256, 16, True, True), (40, 70, 16, False, True), (48, 96, 48, True, False), (16, 2, 16, True, True)],
+)
+def test_cpu_palette_gemv_equals_reference(n, k, rows, scaled, bias):
+    """Widths with and without a tail of codes after the last 32 (the vector step), the last LUT
+    serving fewer rows, with and without scales and bias."""
+    from qtutor.runtime import cpu_lut
+
+    layer = palettized(n, k, rows, scaled, bias)
+    x = torch.randn(k)
+    y = cpu_lut.palette_gemv(x, layer.qweight, layer.lut, layer.scales, layer.bias, layer.rows_per_lut)
+    torch.testing.assert_close(y, layer(x[None])[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_lut
+@pytest.mark.parametrize("double_quant,block,k", [(True, 64, 192), (False, 64, 128), (True, 32, 96), (True, 16, 48)])
+def test_cpu_nf4_gemv_equals_reference(double_quant, block, k):
+    """NF4 (high nibble first, blocks along the rows), the absmax rebuilt from the double
+    quantization inside the kernel; 300 rows hold several second-level blocks of 256 absmaxes."""
+    from qtutor.quant.nf4 import NF4Config, NF4Linear
+
+    torch.manual_seed(0)
+    layer = NF4Linear.from_float(nn.Linear(k, 300), NF4Config(block_size=block, double_quant=double_quant))
+    if double_quant:
+        assert layer.absmax2.numel() > 1
+    else:
+        assert layer.absmax2 is None
+    res = kernels.accelerate(nn.Sequential(layer), "cpu")
+    assert res["converted"] == {"0": "cpu nf4_gemv (C)"} and type(layer).__name__ == "CpuNF4Linear"
+    x = torch.randn(1, k)
+    torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-5, atol=1e-5)
+    assert layer.last_kernel == "cpu nf4_gemv (C)"
+    layer(torch.randn(3, k))  # several rows: the reference forward
+    assert layer.last_kernel == "reference"
+
+
+@needs_cpu_lut
+def test_cpu_lut_kernel_on_two_threads(monkeypatch):
+    from qtutor.runtime import cpu_lut
+
+    monkeypatch.setattr(cpu_lut, "PARALLEL_MIN_WEIGHTS", 0)
+    layer = palettized(64, 128, 16)
+    x = torch.randn(128)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = cpu_lut.palette_gemv(x, layer.qweight, layer.lut, layer.scales, layer.bias, layer.rows_per_lut)
+    finally:
+        torch.set_num_threads(n)
+    torch.testing.assert_close(y, layer(x[None])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_int8_weight_only_equals_reference(sym):
+    """``aten._weight_int8pack_mm`` with bfloat16 activations, scales and output: the result
+    differs from the float32 reference by bfloat16 rounding (2^-9 relative per rounding; the
+    product of a 256-long row averages it to ~3e-3)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 48)
+    layer = UniformLinear.from_float(lin, RTNConfig(8, 0, sym))
+    fast = kernels.Int8WeightOnlyLinear.from_uniform(layer)
+    x = torch.randn(2, 3, 256)
+    assert rel(fast(x), layer(x)) < 1e-2 and fast.last_kernel == "aten._weight_int8pack_mm"
+    assert rel(fast.dequantize(), layer.dequantize()) < 4e-3  # bf16 scales
+    assert rel(fast(x), fast.forward_reference(x)) < 1e-2
+    names = {n for n, b in fast.named_buffers() if b is not None}
+    assert names == {"weight_int8", "scales", "bias"} | (set() if sym else {"zero_term"})
+    assert fast.bits_per_weight == pytest.approx(8 + (16 if sym else 48) / 256)  # + bf16 scale (+ fp32 zero term)
+    grouped = UniformLinear.from_float(lin, RTNConfig(8, 64, True))
+    with pytest.raises(qtutor.QtutorError, match="one scale per output channel"):
+        kernels.Int8WeightOnlyLinear.from_uniform(grouped)
+
+
+CPU_KERNELS = {
+    "rtn_int8": ("Int8WeightOnlyLinear", "aten._weight_int8pack_mm", 2e-2),
+    "rtn_int4": ("Int4TinyGemmLinear", "aten._weight_int4pack_mm_for_cpu", 2e-2),
+    "palettization_4bit": ("CpuPalettizedLinear", "cpu palette_gemv (C)", 1e-5),
+    "qlora_nf4": ("CpuNF4Linear", "cpu nf4_gemv (C)", 1e-5),
+}
+
+
+@needs_cpu_lut
+@needs_tinygemm
+@pytest.mark.parametrize("method", list(CPU_KERNELS))
+def test_accelerate_cpu_converts_every_format(method):
+    """``accelerate(model, "auto")`` on the CPU: every linear of the model gets its CPU kernel;
+    one decoding step equals the reference forward (to bfloat16 rounding for the PyTorch int
+    kernels, which take bfloat16 activations, to float32 rounding for the C kernels)."""
+    from conftest import tiny_model
+    from qtutor.runtime.decode import _kernels
+
+    model = tiny_model("qwen2", hidden_size=128, intermediate_size=256)
+    qtutor.quantize(model, method, RTNConfig(4, 64) if method == "rtn_int4" else None)
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).logits
+    res = kernels.accelerate(model, "auto")
+    cls, kernel, tol = CPU_KERNELS[method]
+    assert res["backend"] == "cpu" and len(res["converted"]) == 14 and not res["skipped"]
+    assert set(res["converted"].values()) == {kernel}
+    assert rel(model(ids).logits, ref) < tol
+    assert _kernels(model) == {cls: kernel}  # what the bench records
+    assert kernels.accelerate(model, "auto")["converted"] == {}  # converted once
+
+
+def test_accelerate_cpu_skips_with_reasons():
+    from qtutor.quant.nf4 import NF4Config, NF4Linear
+    from conftest import tiny_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        NF4Linear.from_float(nn.Linear(96, 8), NF4Config(block_size=64)),  # blocks cross rows
+        UniformLinear.from_float(nn.Linear(64, 8), RTNConfig(3, 32)),
+        UniformLinear.from_float(nn.Linear(64, 8), RTNConfig(8, 32)),
+    )
+    skipped = kernels.accelerate(model, "cpu")["skipped"]
+    assert "do not divide the rows" in skipped["0"] and "3-bit" in skipped["1"] and "one scale per" in skipped["2"]
+    w8a8 = tiny_model("qwen2")
+    qtutor.quantize(w8a8, "smoothquant_w8a8", calib=torch.randint(0, 128, (2, 16)))
+    assert set(kernels.accelerate(w8a8, "auto")["skipped"].values()) == {
+        "its own forward is already a CPU integer kernel (torch._int_mm)"
+    }
 
 
 # --------------------------------------------------------------------------- Triton (interpreter)
@@ -223,6 +371,30 @@ for cfg in tk._LUT_PRMT_CONFIGS:  # the prmt inline assembly goes through ptxas 
     except Exception as e:
         sys.exit(f"{cfg}: {str(e).splitlines()[-1]}")
     assert "prmt.b32" in k.asm["ptx"]
+sig = {"x_ptr": "*fp16", "q_ptr": "*i32", "lut_ptr": "*i32", "a_ptr": "*u8", "a2_ptr": "*fp32", "dyn_ptr": "*fp32",
+       "off_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp16", "N": "i32", "KW": "i32", "DQ": "i32",
+       "DOUBLE": "constexpr", "HAS_BIAS": "constexpr", "ASM": "constexpr", "WPB": "constexpr",
+       "BLOCK_N": "constexpr", "BLOCK_W": "constexpr", "PREFETCH": "constexpr"}
+names = list(sig)
+for cfg in tk._NF4_CONFIGS:
+    const = {"DOUBLE": True, "HAS_BIAS": False, "ASM": True, "WPB": 8, **cfg.kwargs}
+    src = ASTSource(fn=tk._nf4_prmt_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    except Exception as e:
+        sys.exit(f"nf4 {cfg}: {str(e).splitlines()[-1]}")
+    assert "prmt.b32" in k.asm["ptx"]
+sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
+       "N": "i32", "K": "i32", "stride_w": "i32", "HAS_ZEROS": "constexpr", "HAS_BIAS": "constexpr",
+       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+names = list(sig)
+for cfg in tk._INT8_CONFIGS:
+    const = {"HAS_ZEROS": False, "HAS_BIAS": True, **cfg.kwargs}
+    src = ASTSource(fn=tk._int8_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    except Exception as e:
+        sys.exit(f"int8 {cfg}: {str(e).splitlines()[-1]}")
 print("compiled", len(tk._LUT_CONFIGS), len(tk._LUT_PRMT_CONFIGS))
 """
 
@@ -290,6 +462,53 @@ def test_accelerate_triton_palettized_layer(mode):
     torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-3, atol=1e-3)
     assert layer.last_kernel == "triton lut_gemv"
     assert kernels.restore(model) == 1 and layer.weight_nbytes == nbytes
+
+
+# --------------------------------------------------------------------------- int8 and NF4 GEMVs (interpreter)
+@needs_interpreter
+@pytest.mark.parametrize("sym,bias,k", [(True, True, 200), (False, False, 64)])
+def test_triton_int8_gemv_equals_reference(sym, bias, k):
+    """Weight-only int8 (rtn_int8: one scale per row); ``q - z`` is exact and the sum is float32,
+    so the kernel equals the float32 reference to summation order."""
+    torch.manual_seed(0)
+    layer = UniformLinear.from_float(nn.Linear(k, 24, bias=bias), RTNConfig(8, 0, sym))
+    res = kernels.accelerate(nn.Sequential(layer), "triton", kernel_on_cpu=True)
+    assert res["converted"] == {"0": "triton int8_gemv"} and type(layer).__name__ == "TritonUniformLinear"
+    x = torch.randn(1, k)
+    torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-5, atol=1e-5)
+    assert layer.last_kernel == "triton int8_gemv"
+    y = kernels.int8_gemv(
+        x[0], layer.qweight, layer.scales, layer.qzeros, layer.bias, config={"BLOCK_N": 16, "BLOCK_K": 128}
+    )
+    torch.testing.assert_close(y, layer.forward_reference(x)[0], rtol=1e-5, atol=1e-5)  # tails of rows and columns
+    grouped = UniformLinear.from_float(nn.Linear(64, 8), RTNConfig(8, 32, True))
+    assert "one scale per output channel" in kernels.accelerate(nn.Sequential(grouped), "triton")["skipped"]["0"]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("double_quant,block,k,n", [(True, 64, 192, 300), (False, 64, 128, 40), (True, 32, 96, 37)])
+def test_triton_nf4_gemv_equals_reference(double_quant, block, k, n):
+    """NF4 through the register-LUT lookups (fp16 levels) with the absmax rebuilt from the double
+    quantization in the kernel. The reference dequantizes with the float32 levels: the fp16 levels
+    differ by at most 2^-11 relative, so the outputs agree to ~2e-4."""
+    from qtutor.quant.nf4 import NF4Config, NF4Linear
+
+    torch.manual_seed(0)
+    layer = NF4Linear.from_float(nn.Linear(k, n), NF4Config(block_size=block, double_quant=double_quant))
+    res = kernels.accelerate(nn.Sequential(layer), "triton", kernel_on_cpu=True)
+    assert res["converted"] == {"0": "triton nf4_gemv (prmt)"} and type(layer).__name__ == "TritonNF4Linear"
+    x = torch.randn(1, k)
+    assert rel(layer(x), layer.forward_reference(x)) < 1e-3
+    assert layer.last_kernel == "triton nf4_gemv (prmt)"
+    cfg = {"BLOCK_N": 8, "BLOCK_W": 16, "PREFETCH": 0}  # a tile past the end of the rows
+    y = kernels.nf4_gemv(
+        x[0], layer.qweight, layer.absmax, layer.absmax2, layer.offset,
+        __import__("qtutor.quant.nf4").quant.nf4._table("dynamic", "cpu") if double_quant else None,
+        block, layer.double_quant_block_size, layer.bias, n, cfg,
+    )  # fmt: skip
+    assert rel(y, layer.forward_reference(x)[0]) < 1e-3
+    odd = NF4Linear.from_float(nn.Linear(96, 8), NF4Config(block_size=64))
+    assert "dividing in_features" in kernels.accelerate(nn.Sequential(odd), "triton")["skipped"]["0"]
 
 
 # --------------------------------------------------------------------------- W8A8 GEMV
@@ -499,3 +718,28 @@ def test_tinygemm_on_cuda(sym):
     assert rel(fast(x), layer(x)) < 1e-2
     x = torch.randn(3, 4864, device="cuda", dtype=torch.float16)
     assert rel(fast(x), layer(x)) < 1e-2 and fast(x).dtype == torch.float16
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("sym", [True, False])
+def test_triton_int8_gemv_on_cuda(sym):
+    torch.manual_seed(0)
+    layer = UniformLinear.from_float(nn.Linear(896, 4864), RTNConfig(8, 0, sym)).cuda()
+    x = torch.randn(896, device="cuda", dtype=torch.float16)
+    y = kernels.int8_gemv(x, layer.qweight, layer.scales, layer.qzeros, layer.bias)  # autotuned
+    assert rel(y, layer.forward_reference(x[None].float())[0]) < 2e-3  # fp16 output
+
+
+@needs_cuda
+@needs_triton
+def test_triton_nf4_gemv_on_cuda():
+    from qtutor.quant.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    layer = NF4Linear.from_float(nn.Linear(4864, 896)).cuda()
+    kernels.accelerate(nn.Sequential(layer), "triton")
+    x = torch.randn(1, 4864, device="cuda", dtype=torch.float16)
+    y = layer(x)  # the PTX prmt kernel, autotuned
+    assert layer.last_kernel == "triton nf4_gemv (prmt)"
+    assert rel(y.float(), layer.forward_reference(x.float())) < 3e-3

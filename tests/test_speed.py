@@ -23,7 +23,9 @@ def test_cpu_rows_time_every_path_against_its_baseline():
     assert list(rows) == [
         "fp32",
         "rtn_int4, reference",
+        "rtn_int4, CPU kernel",
         "palettization_4bit, reference",
+        "palettization_4bit, CPU kernel",
         "bf16",
         "rtn_int4 (bf16), tinygemm",
     ]
@@ -36,6 +38,11 @@ def test_cpu_rows_time_every_path_against_its_baseline():
     assert rows["rtn_int4 (bf16), tinygemm"]["baseline"] == "bf16"
     expected = "aten._weight_int4pack_mm_for_cpu" if tinygemm_available(torch.device("cpu")) else "reference forward"
     assert rows["rtn_int4 (bf16), tinygemm"]["kernel"] == expected
+    assert rows["rtn_int4, CPU kernel"]["kernel"] == expected and rows["rtn_int4, CPU kernel"]["baseline"] == "fp32"
+    from qtutor.runtime import cpu_lut
+
+    lut_kernel = "cpu palette_gemv (C)" if cpu_lut.available() is None else "reference forward"
+    assert rows["palettization_4bit, CPU kernel"]["kernel"] == lut_kernel
     # neither the model nor the palettized copy was changed
     assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
     assert type(pal.model.layers[0].mlp.up_proj) is PalettizedLinear

@@ -27,7 +27,7 @@ from qtutor.data import embedded_text
 from qtutor.models import embedded_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-PINNED = ("torch", "transformers", "tokenizers", "safetensors", "datasets", "numpy", "matplotlib", "tqdm")
+PINNED = ("torch", "transformers", "tokenizers", "safetensors", "datasets", "numpy", "matplotlib", "seaborn", "tqdm")
 
 
 def _pyproject():

@@ -35,30 +35,38 @@ def _damped_hessian(X: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the Hessian
 def check_hessian(fn) -> bool:
-    """``fn(X (n, d)) -> H (d, d)``: the Hessian of the mean squared layer-output error."""
+    """``fn(X (n, d)) -> H (d, d)``: the Hessian of the mean squared layer-output error.
+
+    Checked by its defining property: ``H`` is symmetric and ``mean_t (X delta^T)_t^2 =
+    1/2 delta H delta^T`` for every row change ``delta`` (a symmetric matrix is determined by its
+    quadratic form; 200 random ``delta`` pin it down)."""
     g = torch.Generator().manual_seed(4)
     X = torch.randn(200, 12, generator=g)
     got, err = _call(fn, X.clone())
     if err:
         return report(False, "hessian", err)
-    got, truth = _tensor(got), 2 * X.T.double() @ X.double() / X.shape[0]
-    if got is None or got.shape != truth.shape:
+    got, d = _tensor(got), X.shape[1]
+    if got is None or got.shape != (d, d):
         return report(
             False,
             f"hessian returned shape {None if got is None else tuple(got.shape)}",
-            f"expected ({X.shape[1]}, {X.shape[1]}): one row and column per input feature",
+            f"expected ({d}, {d}): one row and column per input feature",
         )
-    if not close(got, truth, atol=1e-6, rtol=1e-5):
+    delta = torch.randn(200, d, generator=g, dtype=torch.float64)
+    error = (X.double() @ delta.T).pow(2).mean(0)  # mean squared output change, per delta
+    form = 0.5 * torch.einsum("ki,ij,kj->k", delta, got, delta)
+    ratio = form / error
+    symmetric = close(got, got.T, atol=1e-6 * float(got.abs().max()), rtol=1e-5)
+    if not symmetric or not close(ratio, torch.ones_like(ratio), atol=0, rtol=1e-5):
         hint = "H = 2 X^T X / n"
-        if close(got, truth / 2, atol=1e-6, rtol=1e-5):
+        r = float(ratio.median())
+        if not symmetric:
+            hint = "H is symmetric: H[i, j] and H[j, i] both come from sum_t x_ti x_tj"
+        elif abs(r - 0.5) < 1e-4:
             hint = "the derivative of the square brings a factor 2"
-        elif close(got, truth * X.shape[0], atol=1e-6, rtol=1e-5) or close(
-            got, truth * X.shape[0] / 2, atol=1e-6, rtol=1e-5
-        ):
+        elif abs(r / X.shape[0] - 1) < 1e-4 or abs(r / X.shape[0] - 0.5) < 1e-4:
             hint = "the error is a mean over the n tokens: divide by n"
-        elif close(got, 2 * X.double() @ X.T.double() / X.shape[0], atol=1e-6, rtol=1e-5):
-            hint = "X is (tokens, features): H is (features, features)"
-        return report(False, "hessian differs from the reference", hint)
+        return report(False, "1/2 delta H delta^T differs from the mean squared output change", hint)
     return report(True, "H = 2 X^T X / n")
 
 
@@ -71,26 +79,33 @@ def check_obs_update(fn) -> bool:
     Hinv = torch.linalg.inv(_damped_hessian(X.double()))
     Hinv = (Hinv + Hinv.T) / 2
     w = torch.randn(10, generator=g).double()
+    H = torch.linalg.inv(Hinv)
     for i, q in [(0, 0.5), (3, -1.25), (9, 0.0)]:
         got, err = _call(fn, w.clone(), Hinv.clone(), i, q)
         if err:
             return report(False, f"obs_update(i={i})", err)
         got = _tensor(got)
-        truth = -(w[i] - q) / Hinv[i, i] * Hinv[:, i]
-        if got is None or got.shape != truth.shape:
+        if got is None or got.shape != w.shape:
             return report(
                 False,
                 f"obs_update returned shape {None if got is None else tuple(got.shape)}",
                 f"expected ({w.numel()},): a change of every weight of the row",
             )
-        tol = dict(atol=1e-5 * float(truth.abs().max()), rtol=1e-5)  # float32 answers are fine
-        if not close(got, truth, **tol):
+        # the constrained minimum of delta H delta^T with (w + delta)_i = q, by its two properties:
+        # weight i lands on q, and the gradient H delta is zero except along e_i (Lagrange)
+        lands = abs(float(w[i] + got[i]) - q) <= 1e-5 * max(1.0, abs(q), float(w.abs().max()))
+        g_ = H @ got
+        others = torch.cat([g_[:i], g_[i + 1 :]])
+        optimal = float(others.abs().max()) <= 1e-4 * float(g_.abs().max()) + 1e-12
+        if not (lands and optimal):
             hint = "delta = -(w_i - q) / [H^-1]_ii * H^-1[:, i]"
-            if close(got, -truth, **tol):
+            if abs(float(w[i] - got[i]) - q) <= 1e-5 * max(1.0, abs(q)):
                 hint = "sign: after the update, weight i must equal q"
-            elif abs(float(w[i] + got[i]) - q) > 1e-6:
+            elif not lands:
                 hint = f"after the update weight {i} must equal q exactly; it is {float(w[i] + got[i]):.6g}"
-            return report(False, f"obs_update(i={i}, q={q}) differs from the reference", hint)
+            else:
+                hint = "weight i lands on q, but the others do not compensate at least cost: use column i of H^-1"
+            return report(False, f"obs_update(i={i}, q={q}) is not the least-cost update", hint)
     return report(True, "the OBS update: weight i lands on q, the others compensate")
 
 
@@ -102,7 +117,8 @@ def check_cholesky_rows(fn) -> bool:
     X = _correlated_inputs(300, 8, 3, seed=7)
     Hinv = torch.linalg.inv(_damped_hessian(X.double()))
     Hinv = (Hinv + Hinv.T) / 2
-    got, err = _call(fn, Hinv.clone())
+    # torch's Cholesky is the answer this exercise rebuilds by elimination: not allowed inside
+    got, err = _call(fn, Hinv.clone(), forbid=("linalg_cholesky", "linalg_cholesky_ex", "cholesky"))
     if err:
         return report(False, "cholesky_rows", err)
     got = _tensor(got)
@@ -131,7 +147,7 @@ def check_gptq(fn) -> bool:
     H = _damped_hessian(X)
     W = torch.randn(24, 48, generator=g)
     bits = 3
-    got, err = _call(fn, W.clone(), H.clone(), bits)
+    got, err = _call(fn, W.clone(), H.clone(), bits, allow=(find_params,))
     if err:
         return report(False, "gptq", err)
     got = _tensor(got)

@@ -7,7 +7,8 @@
 
 Each runs your function on small random inputs, compares it with :mod:`qtutor.quant.awq`
 (or, for the grouped-query exercise, with attention computed by hand), prints one line and
-returns whether it was right.
+returns whether it was right. Your function may call only the ``qtutor`` functions the exercise
+names (RTN, for the clipping search).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from ..quant import awq
 from ..quant.rtn import RTNConfig, group_layout
 from ..quant.rtn import quantize_weight as rtn_quantize_weight
-from . import close, report
+from . import call, close, report
 
 
 def check_duo_scales(fn) -> bool:
@@ -35,10 +36,13 @@ def check_duo_scales(fn) -> bool:
     w_mean = awq.weight_mean(weights, gs)
     for ratio in (0.5, 0.25, 0.9, 0.0):
         expected = awq.candidate_scales(x_mean, ratio, w_mean)
+        got, err = call(fn, x_mean.clone(), [w.clone() for w in weights], ratio, gs)
+        if err:
+            return report(False, what, err)
         try:
-            got = torch.as_tensor(fn(x_mean.clone(), [w.clone() for w in weights], ratio, gs)).float()
-        except Exception as err:
-            return report(False, what, f"your function raised {type(err).__name__}: {err}")
+            got = torch.as_tensor(got).float()
+        except Exception:
+            return report(False, what, f"returned {type(got).__name__}: return a tensor")
         if got.shape != expected.shape:
             return report(
                 False,
@@ -98,10 +102,14 @@ def check_clip_thresholds(fn) -> bool:
     X = torch.randn(96, in_features, generator=gen)
     X[:, [5, 40]] *= 8
     expected = awq.search_clip(W, X, awq.AWQConfig(group_size=gs, n_clip_grid=n_grid, max_shrink=max_shrink))["max_val"]
+    # RTN is the exercise's tool (qtutor.quant.rtn and the layer base it builds on); awq is not
+    got, err = call(fn, W.clone(), X.clone(), gs, n_grid, max_shrink, allow=("qtutor.quant.rtn", "qtutor.quant.base"))
+    if err:
+        return report(False, what, err)
     try:
-        got = torch.as_tensor(fn(W.clone(), X.clone(), gs, n_grid, max_shrink)).float()
-    except Exception as err:
-        return report(False, what, f"your function raised {type(err).__name__}: {err}")
+        got = torch.as_tensor(got).float()
+    except Exception:
+        return report(False, what, f"returned {type(got).__name__}: return a tensor")
     if got.shape != expected.shape:
         return report(
             False, what, f"max_val has shape {tuple(got.shape)}, expected {tuple(expected.shape)} (rows, groups)"
@@ -137,10 +145,13 @@ def check_gqa_scales(fn) -> bool:
     for num_heads, num_kv_heads, head_dim in ((4, 2, 3), (6, 2, 2), (4, 4, 2), (8, 1, 2)):
         n_rep = num_heads // num_kv_heads
         s_v = 0.5 + torch.rand(num_kv_heads * head_dim, generator=gen) * 3
+        s_o, err = call(fn, s_v.clone(), num_heads, num_kv_heads)
+        if err:
+            return report(False, what, err)
         try:
-            s_o = torch.as_tensor(fn(s_v.clone(), num_heads, num_kv_heads)).float().reshape(-1)
-        except Exception as err:
-            return report(False, what, f"your function raised {type(err).__name__}: {err}")
+            s_o = torch.as_tensor(s_o).float().reshape(-1)
+        except Exception:
+            return report(False, what, f"returned {type(s_o).__name__}: return a tensor")
         if s_o.numel() != num_heads * head_dim:
             return report(
                 False,
@@ -165,3 +176,58 @@ def check_gqa_scales(fn) -> bool:
             )
         return report(False, what, f"{num_heads} heads / {num_kv_heads} KV heads: the attention output changed")
     return report(True, what)
+
+
+# --------------------------------------------------------------------------- predict, then measure
+def _judge_prediction(
+    what: str, predicted, measured: float, rel_tol: float, fmt: str = "{:.3g}", hint: str = ""
+) -> bool:
+    """Compare a number the reader wrote down before running a cell with what the cell measured:
+    within ``rel_tol`` of it (relative) counts. Shared by the prediction checkers of chapters 4-7;
+    it prints one line and returns the verdict. ``None`` (the stub's value) means no prediction yet."""
+    import math
+
+    if predicted is None:
+        return report(
+            False,
+            f"{what}: no prediction yet",
+            "write your number down BEFORE you run the measuring cell, then run it again",
+        )
+    try:
+        p = float(torch.as_tensor(predicted).reshape(()))
+    except Exception:
+        p = math.nan
+    if not math.isfinite(p):
+        return report(False, f"{what}: the prediction {predicted!r} is not a finite number", "write down one number")
+    m = float(measured)
+    off = abs(p - m) / max(abs(m), 1e-12)
+    said = f"{what}: you predicted {fmt.format(p)}, the run measured {fmt.format(m)} ({off:.0%} off"
+    return report(off <= rel_tol, said + f"; within {rel_tol:.0%} counts)", hint)
+
+
+def check_scaling_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure (chapter 4): ``predicted``, the factor by which scaling the salient
+    channels by s = 2 divides their own output error, against the ``measured`` factor. Within 25%."""
+    return _judge_prediction(
+        "error on the salient channels, divided by",
+        predicted,
+        measured,
+        0.25,
+        "{:.2f}",
+        "while the group's step Delta stays the same, Q(ws) x/s has the rounding error of Q(w) x divided by s",
+    )
+
+
+def check_low_bits_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure on the whole model (chapter 4): ``predicted``, the perplexity change
+    of AWQ at the lower bit width (0.05 for +5%), against the ``measured`` change. Within 50%: the
+    quadratic model behind the estimate is rough."""
+    return _judge_prediction(
+        "perplexity change of AWQ with one bit fewer",
+        predicted,
+        measured,
+        0.5,
+        "{:+.2%}",
+        "a small weight error raises the loss about quadratically, and one bit fewer stretches a min-max grid's "
+        "step by (2^b - 1) / (2^(b-1) - 1)",
+    )

@@ -1,7 +1,9 @@
 """Checkers for the exercises of chapter 5, "Palettization".
 
 ``from qtutor.checks import ch05`` then e.g. ``ch05.check_weighted_kmeans(my_fn)``.
-Each checker prints one line and returns True when the answer is right.
+Each checker prints one line and returns True when the answer is right. Your function may call
+only the ``qtutor`` functions the exercise names (``kmeans_1d`` for the grouped palettes; not
+for the weighted k-means, which ``kmeans_1d(x, k, weights=w)`` answers).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def check_weighted_kmeans(fn) -> bool:
     ]
     for x, w, k in cases:
         x = x.double()
-        got, err = _call(fn, x.clone(), w.clone(), k)
+        got, err = _call(fn, x.clone(), w.clone(), k)  # no qtutor: kmeans_1d(x, k, weights=w) is the answer
         if err:
             return report(False, f"weighted k-means with k={k}", err)
         c = _as_tensor(got)
@@ -78,7 +80,7 @@ def check_palettize_grouped(fn) -> bool:
     # rows of very different ranges, so that sharing one palette over all rows costs accuracy
     W = torch.randn(32, 48, generator=g) * torch.exp(torch.randn(32, 1, generator=g)) * 0.02
     for bits, group in ((2, 8), (3, 4)):
-        got, err = _call(fn, W.clone(), bits, group)
+        got, err = _call(fn, W.clone(), bits, group, allow=(kmeans_1d,))
         if err:
             return report(False, f"{bits}-bit palettes per {group} rows", err)
         got = _as_tensor(got)
@@ -127,16 +129,6 @@ def check_palettize_grouped(fn) -> bool:
 
 
 # --------------------------------------------------------------------------- bits per weight
-def _stored_bits_per_weight(out_features, in_features, bits, group_size, per_channel_scale) -> float:
-    torch.manual_seed(0)
-    lin = nn.Linear(in_features, out_features, bias=False)
-    granularity = "per_tensor" if group_size == out_features else "per_grouped_channel"
-    cfg = PalettizeConfig(
-        bits=bits, granularity=granularity, group_size=group_size, per_channel_scale=per_channel_scale
-    )
-    return PalettizedLinear.from_float(lin, cfg).bits_per_weight
-
-
 def check_palettized_bits(fn) -> bool:
     """``fn(out_features, in_features, bits, group_size, per_channel_scale) -> float``: the bits
     per weight a ``PalettizedLinear`` stores (packed indices, fp16 palettes of 2^bits entries,
@@ -153,9 +145,17 @@ def check_palettized_bits(fn) -> bool:
         got, err = _call(fn, *args)
         if err:
             return report(False, f"palettized_bits{args}", err)
-        got, truth = _as_float(got), _stored_bits_per_weight(*args)
+        out_f, in_f, bits, group, scale = args
+        torch.manual_seed(0)
+        cfg = PalettizeConfig(
+            bits=bits,
+            granularity="per_tensor" if group == out_f else "per_grouped_channel",
+            group_size=group,
+            per_channel_scale=scale,
+        )
+        layer = PalettizedLinear.from_float(nn.Linear(in_f, out_f, bias=False), cfg)
+        got, truth = _as_float(got), layer.bits_per_weight  # what the layer really stores
         if got is None or not math.isclose(got, truth, rel_tol=1e-2):
-            out_f, in_f, bits, group, scale = args
             lut = 16 * 2**bits / (group * in_f)
             hint = "indices + (16-bit palette entries per group of rows) + 16-bit scales, per weight"
             if got is not None and math.isclose(got, bits, rel_tol=1e-3):
@@ -170,3 +170,20 @@ def check_palettized_bits(fn) -> bool:
                 )
             return report(False, f"palettized_bits{args} = {got}, stored: {truth:.4f}", hint)
     return report(True, "bits per weight, within 1% of what PalettizedLinear stores")
+
+
+# --------------------------------------------------------------------------- predict, then measure
+def check_palette_bits_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure on the whole model (chapter 5): ``predicted``, the perplexity change
+    of 3-bit palettization (0.05 for +5%), against the ``measured`` change. Within 50%."""
+    from .ch04 import _judge_prediction
+
+    return _judge_prediction(
+        "perplexity change with 3-bit palettes",
+        predicted,
+        measured,
+        0.5,
+        "{:+.2%}",
+        "half as many entries are about twice as far apart, which doubles the weight error; the loss grows about "
+        "as the square of a small weight error",
+    )

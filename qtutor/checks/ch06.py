@@ -1,7 +1,8 @@
 """Checkers for the exercises of chapter 6, "NF4".
 
 ``from qtutor.checks import ch06`` then e.g. ``ch06.check_equal_mass_levels(my_fn)``.
-Each checker prints one line and returns True when the answer is right.
+Each checker prints one line and returns True when the answer is right. Your function may call
+only the ``qtutor`` functions the exercise names (``dynamic_map`` for the double quantization).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..quant.nf4 import NF4Config, NF4Linear, _blockwise_absmax, _expand, _nearest_code, dynamic_map
+from ..quant.nf4 import NF4Config, NF4Linear, dynamic_map, quantize_weight
 from . import close, report
 from .ch00 import _as_float, _call
 
@@ -24,54 +25,50 @@ def _as_tensor(x):
 
 
 # --------------------------------------------------------------------------- equal-mass levels
-def _equal_mass_levels(bits: int) -> torch.Tensor:
-    """Reference: N(0, 1) quantiles at the centres (i + 1/2) / 2^b of 2^b equal-probability
-    bins, divided by the largest."""
-    n = 2**bits
-    p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    q = torch.special.ndtri(p)
-    return q / q.max()
-
-
 def check_equal_mass_levels(fn) -> bool:
     """``fn(bits) -> (2^bits,)``: ascending levels in [-1, 1], the quantiles of N(0, 1) at the
     centres of 2^bits bins of equal probability, scaled so that the largest is 1."""
     for bits in (2, 3, 4):
+        n = 2**bits
         got, err = _call(fn, bits)
         if err:
             return report(False, f"equal_mass_levels({bits})", err)
-        got, ref = _as_tensor(got), _equal_mass_levels(bits)
-        if got is None or got.shape != ref.shape:
+        got = _as_tensor(got)
+        if got is None or got.shape != (n,):
             return report(
                 False,
-                f"equal_mass_levels({bits}): shape {None if got is None else tuple(got.shape)}, "
-                f"expected {tuple(ref.shape)}",
+                f"equal_mass_levels({bits}): shape {None if got is None else tuple(got.shape)}, expected ({n},)",
                 "one level per code: 2^bits of them",
             )
-        if not close(got, ref, atol=1e-6, rtol=1e-5):
+        # the defining property: with c the N(0,1) quantile of the top bin's centre, the level
+        # l_i sits at the centre of bin i in probability: Phi(c * l_i) = (i + 1/2) / n
+        c = float(torch.special.ndtri(torch.tensor((n - 0.5) / n, dtype=torch.float64)))
+        centres = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        mass = torch.special.ndtr(c * got)
+        if not close(mass, centres, atol=1e-6, rtol=1e-5):
             hint = "level i is the N(0,1) quantile at probability (i + 1/2) / 2^bits, then divide by the largest"
-            raw = torch.special.ndtri((torch.arange(2**bits, dtype=torch.float64) + 0.5) / 2**bits)
-            if close(got, raw, atol=1e-6, rtol=1e-5):
+            if close(torch.special.ndtr(got), centres, atol=1e-6, rtol=1e-5):
                 hint = "scale the levels so that the largest is exactly 1 (the block's absmax maps to it)"
-            elif close(got, torch.linspace(-1, 1, 2**bits, dtype=torch.float64), atol=1e-6):
+            elif close(got, torch.linspace(-1, 1, n, dtype=torch.float64), atol=1e-6):
                 hint = "these are evenly spaced (an INT grid); equal probability means quantiles of N(0, 1)"
-            elif close(got.sort().values, ref, atol=1e-6, rtol=1e-5):
+            elif close(torch.special.ndtr(c * got.sort().values), centres, atol=1e-6, rtol=1e-5):
                 hint = "return the levels in ascending order"
             return report(
                 False,
-                f"equal_mass_levels({bits}) differs from the reference by {float((got - ref).abs().max()):.3g}",
+                f"equal_mass_levels({bits}): the probability below each level is off by up to "
+                f"{float((mass - centres).abs().max()):.3g} from the bin centres (i + 1/2) / {n}",
                 hint,
             )
     return report(True, "equal-probability quantile levels for 2, 3 and 4 bits")
 
 
 # --------------------------------------------------------------------------- double quantization
-def _double_quant(absmax: torch.Tensor, dq_block: int) -> torch.Tensor:
-    """Reference: what ``NF4Weight.block_absmax()`` returns for these fp32 absmaxes."""
-    offset = absmax.mean()
-    scaled, absmax2 = _blockwise_absmax(absmax - offset, dq_block)
-    code = dynamic_map()
-    return code[_nearest_code(scaled, code).long()] * _expand(absmax2, dq_block, absmax.numel()) + offset
+def _read_back(absmax: torch.Tensor, dq_block: int) -> torch.Tensor:
+    """The absmaxes as ``qtutor``'s NF4 layer reads them back after double quantization: a weight
+    built so that its blocks of 64 have exactly these absmaxes, quantized, ``block_absmax()``."""
+    blocks = absmax[:, None] * torch.linspace(1.0, -0.5, 64)[None, :]  # |max| of each row: absmax
+    q = quantize_weight(blocks, NF4Config(block_size=64, double_quant=True, double_quant_block_size=dq_block))
+    return q.block_absmax()
 
 
 def check_double_quant(fn) -> bool:
@@ -83,7 +80,7 @@ def check_double_quant(fn) -> bool:
     absmax = torch.rand(1000, generator=g) * 0.05 + 0.02
     absmax[500:] *= 3  # the second-level blocks have different ranges
     for dq_block in (256, 100):
-        got, err = _call(fn, absmax.clone(), dq_block)
+        got, err = _call(fn, absmax.clone(), dq_block, allow=(dynamic_map,))
         if err:
             return report(False, f"double quantization in blocks of {dq_block}", err)
         got = _as_tensor(got)
@@ -94,7 +91,7 @@ def check_double_quant(fn) -> bool:
                 f"expected {tuple(absmax.shape)}",
                 "one dequantized absmax per block",
             )
-        ref = _double_quant(absmax, dq_block).double()
+        ref = _read_back(absmax, dq_block).double()
         off = (got - ref).abs() > 1e-6 * float(ref.abs().max())
         # a value within float rounding of a midpoint between two codes may go either way
         if float(off.float().mean()) > 0.01:
@@ -129,12 +126,6 @@ def check_double_quant(fn) -> bool:
 
 
 # --------------------------------------------------------------------------- bits per weight
-def _stored_bits(out_features: int, in_features: int, block: int, dq_block: int, dq: bool) -> float:
-    lin = nn.Linear(in_features, out_features, bias=False)
-    cfg = NF4Config(block_size=block, double_quant=dq, double_quant_block_size=dq_block)
-    return NF4Linear.from_float(lin, cfg).bits_per_weight
-
-
 def check_nf4_bits(fn) -> bool:
     """``fn(numel, block_size, dq_block_size, double_quant) -> float``: the bits per weight an
     ``NF4Linear`` of ``numel`` weights stores: 4-bit codes, the block absmaxes (fp32, or uint8
@@ -152,7 +143,9 @@ def check_nf4_bits(fn) -> bool:
         got, err = _call(fn, *args)
         if err:
             return report(False, f"nf4_bits{args}", err)
-        got, truth = _as_float(got), _stored_bits(out_f, in_f, block, dq_block, dq)
+        cfg = NF4Config(block_size=block, double_quant=dq, double_quant_block_size=dq_block)
+        layer = NF4Linear.from_float(nn.Linear(in_f, out_f, bias=False), cfg)
+        got, truth = _as_float(got), layer.bits_per_weight  # what the layer really stores
         if got is None or not math.isclose(got, truth, rel_tol=1e-5):
             n = out_f * in_f
             hint = "count every buffer: codes, absmax codes, second-level scales and the offset, in bits, / numel"
@@ -177,3 +170,36 @@ def check_nf4_bits(fn) -> bool:
                 )
             return report(False, f"nf4_bits{args} = {got}, stored: {truth:.6f}", hint)
     return report(True, "bits per weight of NF4 with and without double quantization, to the bit")
+
+
+# --------------------------------------------------------------------------- predict, then measure
+def check_saving_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure (chapter 6): ``predicted``, the bits per weight double quantization
+    saves on a layer, against the ``measured`` saving (from the stored buffers). Within 2%."""
+    from .ch04 import _judge_prediction
+
+    return _judge_prediction(
+        "bits per weight saved by double quantization",
+        predicted,
+        measured,
+        0.02,
+        "{:.4f}",
+        "without it: one fp32 absmax per block of 64; with it: one uint8 code per block, one fp32 scale per 256 "
+        "blocks and one fp32 offset",
+    )
+
+
+def check_block_size_prediction(predicted, measured: float) -> bool:
+    """Predict-then-measure on the whole model (chapter 6): ``predicted``, the perplexity change
+    of NF4 with the largest block size of the sweep (0.05 for +5%), against the ``measured``
+    change. Within 50%."""
+    from .ch04 import _judge_prediction
+
+    return _judge_prediction(
+        "perplexity change of NF4 with the largest blocks",
+        predicted,
+        measured,
+        0.5,
+        "{:+.2%}",
+        "scale the change with blocks of 64 by the square of the ratio of the weight errors, which one matrix gives",
+    )

@@ -2,6 +2,6 @@
 
 from .latency import decode_latency
 from .memory import memory_report
-from .ppl import PerplexityResult, perplexity
+from .ppl import PerplexityResult, bootstrap_ppl, bootstrap_ppl_ratio, perplexity
 
-__all__ = ["perplexity", "PerplexityResult", "decode_latency", "memory_report"]
+__all__ = ["perplexity", "PerplexityResult", "bootstrap_ppl", "bootstrap_ppl_ratio", "decode_latency", "memory_report"]

@@ -7,13 +7,21 @@ remainder dropped). Each window is scored independently; the perplexity is
 sliding-window variant of the Hugging Face perplexity guide is used instead: windows of
 ``seqlen`` start every ``stride`` tokens and only their last ``stride`` tokens are scored, so
 each scored token sees up to ``seqlen - stride`` tokens of context (report it as such).
+
+Every window scores the same number of tokens, so the perplexity is also ``exp`` of the mean of
+the windows' own mean NLLs (``PerplexityResult.window_nll``). Resampling the windows gives the
+run's uncertainty: :func:`bootstrap_ppl` (a percentile bootstrap interval of the perplexity,
+Efron and Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13) and
+:func:`bootstrap_ppl_ratio` (the paired interval of one model's perplexity over another's on the
+same windows). The windows are treated as independent samples of the text; neighbouring windows
+of one article are not quite that, so read the intervals as a lower bound on the uncertainty.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +37,7 @@ class PerplexityResult:
     eval_tokens: int  # tokens fed to the model (windows * seqlen for the standard protocol)
     seqlen: int
     stride: Optional[int]
+    window_nll: list = field(default_factory=list)  # each window's mean NLL per scored token (nats), in order
 
     def __str__(self):
         how = f"stride {self.stride}" if self.stride else "non-overlapping"
@@ -112,12 +121,78 @@ def perplexity(
         windows = torch.stack([ids[s : s + seqlen] for s in starts])
         batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
         eval_tokens = starts[-1] + seqlen
-    total, count = 0.0, 0
+    total, count, per_window = 0.0, 0, []
     for batch in _progress(batches, progress, "perplexity"):
-        total += float(_window_nll(model, batch.to(device), n_scored).sum())
+        sums = _window_nll(model, batch.to(device), n_scored)  # (batch,) summed NLL of each window
+        total += float(sums.sum())
         count += batch.shape[0] * n_scored
+        per_window += [s / n_scored for s in sums.tolist()]
     nll = total / count
-    return PerplexityResult(math.exp(nll), nll, count, eval_tokens, seqlen, stride)
+    return PerplexityResult(math.exp(nll), nll, count, eval_tokens, seqlen, stride, per_window)
+
+
+#: resamples and coverage of the bootstrap intervals the benchmark records
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_LEVEL = 0.95
+
+
+def _bootstrap_means(values: Sequence[float], n_boot: int, seed: int):
+    """(n_boot,) means of ``values`` resampled with replacement, the resamples drawn with ``seed``."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise QtutorError(f"the bootstrap needs a non-empty list of per-window values, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise QtutorError("the bootstrap needs finite per-window values; a window's loss is NaN or infinite")
+    if n_boot < 1:
+        raise QtutorError(f"n_boot {n_boot} must be at least 1")
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    return x[idx].mean(axis=1)
+
+
+def _interval(means, level: float) -> tuple[float, float]:
+    import numpy as np
+
+    if not 0 < level < 1:
+        raise QtutorError(f"level {level} must be between 0 and 1, e.g. 0.95")
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return math.exp(low), math.exp(high)
+
+
+def bootstrap_ppl(
+    window_nll: Sequence[float], n_boot: int = BOOTSTRAP_SAMPLES, level: float = BOOTSTRAP_LEVEL, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval ``(low, high)`` of the perplexity over evaluation windows.
+
+    ``window_nll``: (n_windows,) mean NLL per scored token of each window
+    (``PerplexityResult.window_nll``; all windows score the same number of tokens). Each of
+    ``n_boot`` resamples draws ``n_windows`` windows with replacement and takes ``exp`` of their
+    mean; the interval holds the central ``level`` of those perplexities. Deterministic for a
+    given ``seed``.
+    """
+    return _interval(_bootstrap_means(window_nll, n_boot, seed), level)
+
+
+def bootstrap_ppl_ratio(
+    window_nll_a: Sequence[float],
+    window_nll_b: Sequence[float],
+    n_boot: int = BOOTSTRAP_SAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of ``ppl_a / ppl_b``, two models on the same windows.
+
+    The windows are resampled together (the same indices for both models), so what the two
+    share, such as a hard passage, cancels: ``ppl_a / ppl_b = exp(mean(nll_a - nll_b))``.
+    """
+    if len(window_nll_a) != len(window_nll_b):
+        raise QtutorError(
+            f"paired windows: {len(window_nll_a)} and {len(window_nll_b)} windows; "
+            "compare two evaluations of the same windows"
+        )
+    diff = [a - b for a, b in zip(window_nll_a, window_nll_b)]
+    return _interval(_bootstrap_means(diff, n_boot, seed), level)
 
 
 def _progress(items, enabled: bool, desc: str):

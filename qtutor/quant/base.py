@@ -13,6 +13,8 @@ Notation as in the papers: ``W`` is (out_features, in_features), ``X`` is (token
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import math
 import numbers
 import typing
@@ -157,9 +159,18 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`dequantize` in ``dtype``; inside :func:`dequantize_once` computed once per dtype."""
+        cache = self.__dict__.get("_dequantized")
+        if cache is None:
+            return self.dequantize().to(dtype)
+        if dtype not in cache:
+            cache[dtype] = self.dequantize().to(dtype)
+        return cache[dtype]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reference forward: dequantize, then an ordinary matmul in the input's dtype."""
-        W = self.dequantize().to(x.dtype)
+        W = self.dequantized(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, W, b)
 
@@ -204,6 +215,21 @@ class FloatLinear(QuantizedLinear):
 
     def dequantize(self) -> torch.Tensor:
         return self.weight
+
+
+@contextmanager
+def dequantize_once(module: nn.Module):
+    """Within the block, each :class:`QuantizedLinear` in ``module`` dequantizes its weight once
+    (per dtype) instead of at every forward: calibration runs one decoder layer on many batches.
+    The cache (a float copy of each weight) is dropped on exit."""
+    layers = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
+    for m in layers:
+        m.__dict__["_dequantized"] = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("_dequantized", None)
 
 
 def replace_linear(layer: nn.Module, name: str, q: QuantizedLinear) -> float:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..calib import record_inputs, run_layer
+from ..calib import collect_inputs
 from ..errors import QtutorError
 from .base import Method, register
 from .cuda_graphs import replay
@@ -132,6 +132,15 @@ class Hessian:
 
 
 # --------------------------------------------------------------------------- Cholesky
+def _cholesky_inverse(L: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^-1`` from the Cholesky factor ``L``. On a CPU, solving against the identity is the
+    same matrix up to rounding and about ten times faster than ``torch.cholesky_inverse`` (LAPACK
+    ``potri``: 1.27 s against 0.08 s at 896 columns on two cores); on a GPU the reference's call."""
+    if L.is_cuda:
+        return torch.cholesky_inverse(L)
+    return torch.cholesky_solve(torch.eye(L.shape[0], dtype=L.dtype), L)
+
+
 def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """``Hinv = cholesky(cholesky_inverse(cholesky(H + lambda I)), upper=True)`` with
     ``lambda = damp * mean(diag H)``; returns (Hinv, the damp actually used).
@@ -150,7 +159,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
     while rel <= 1e6:
         L, info = torch.linalg.cholesky_ex(H + rel * mean_diag * eye)
         if info == 0:
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            Hinv, info = torch.linalg.cholesky_ex(_cholesky_inverse(L), upper=True)
             if info == 0 and torch.isfinite(Hinv).all():
                 if rel != damp:
                     warnings.warn(
@@ -181,31 +190,39 @@ class GPTQResult:
     row_loss: torch.Tensor
 
 
-def _column_step(W1, Hinv1, i, s, z, bits):
-    """Quantize column ``i`` of the block ``W1`` and spread its error over the columns right of
-    it (in place): returns (codes, err) of the column, ``err = (w - q) / Hinv1[i, i]``."""
-    w = W1[:, i]
+def _column_step(W1t, Hinv1, i, s, z, bits):
+    """Quantize column ``i`` of a block and spread its error over the columns right of it, in
+    place: returns (codes, err) of the column, ``err = (w - q) / Hinv1[i, i]``.
+
+    The block is held transposed, ``W1t = W1^T`` (columns, rows), contiguous: each column is a
+    contiguous row and the update ``W1[:, i:] -= err Hinv1[i, i:]`` sweeps contiguous memory
+    (on a CPU about ten times faster than updating the column slice of ``W1``); every element
+    gets exactly the same arithmetic."""
+    w = W1t[i]
     c = quantize_codes(w, s, z, bits)
     err = (w - dequantize_codes(c, s, z)) / Hinv1[i, i]
-    W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # W1[:, i:] -= err Hinv1[i, i:]
+    W1t[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # W1t[i:] -= Hinv1[i, i:]^T err^T
     return c, err
 
 
-def _block_loop(W1, Hinv1, S1, Z1, bits, codes1, Err1):
-    """The column loop of one block whose per-column scales/zeros ``S1``/``Z1`` are known."""
-    for i in range(W1.shape[1]):
-        codes1[:, i], Err1[:, i] = _column_step(W1, Hinv1, i, S1[:, i], Z1[:, i], bits)
+def _block_loop(W1t, Hinv1, S1t, Z1t, bits, codes1t, Err1t):
+    """The column loop of one (transposed) block whose per-column scales/zeros are known."""
+    for i in range(W1t.shape[0]):
+        codes1t[i], Err1t[i] = _column_step(W1t, Hinv1, i, S1t[i], Z1t[i], bits)
 
 
 def _run_block(W1, Hinv1, S1, Z1, bits):
-    """:func:`_block_loop` on one block -> (codes1, Err1). On a GPU a full block is replayed from
-    a CUDA graph (:mod:`qtutor.quant.cuda_graphs`): about ten tiny kernels per column cost more
-    to launch one by one than to run, and the replay does exactly the same arithmetic."""
+    """:func:`_block_loop` on one block ``W1`` (rows, columns) -> (codes1, Err1), same shape. On a
+    GPU a full block is replayed from a CUDA graph (:mod:`qtutor.quant.cuda_graphs`): about ten
+    tiny kernels per column cost more to launch one by one than to run, and the replay does
+    exactly the same arithmetic."""
+    W1t, S1t, Z1t = (t.T.contiguous() for t in (W1, S1, Z1))
     if USE_CUDA_GRAPHS and W1.is_cuda:
-        return replay(_block_loop, (W1, Hinv1, S1, Z1), (bits,), n_out=2)
-    codes1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-    _block_loop(W1, Hinv1, S1, Z1, bits, codes1, Err1)
-    return codes1, Err1
+        codes1t, Err1t = replay(_block_loop, (W1t, Hinv1, S1t, Z1t), (bits,), n_out=2)
+    else:
+        codes1t, Err1t = torch.zeros_like(W1t), torch.zeros_like(W1t)
+        _block_loop(W1t, Hinv1, S1t, Z1t, bits, codes1t, Err1t)
+    return codes1t.T, Err1t.T
 
 
 #: replay the block loop as a CUDA graph on GPUs (tests switch it off to compare)
@@ -257,7 +274,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
     known = not grouped or cfg.static_groups or gs % cfg.block_size == 0
     for i1 in range(0, columns, cfg.block_size):
         i2 = min(i1 + cfg.block_size, columns)
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, i1:i2]  # a view: the block loop works on a transposed copy, W keeps its values
         Hinv1 = Hinv[i1:i2, i1:i2]
         if known:
             if grouped and not cfg.static_groups and i1 % gs == 0:
@@ -267,13 +284,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
             codes1, Err1 = _run_block(W1, Hinv1, S1, Z1, cfg.bits)
             codes[:, i1:i2] = codes1
         else:
+            W1t = W1.T.contiguous()
             Err1 = torch.zeros_like(W1)
             for i in range(i2 - i1):
                 j = i1 + i
                 if j % gs == 0:  # reference: find_params(W[:, j:j + groupsize]) at the group start
                     scales[:, j // gs], zeros[:, j // gs] = find_params(W[:, j : j + gs], cfg.bits, cfg.sym)
                 codes[:, j], Err1[:, i] = _column_step(
-                    W1, Hinv1, i, scales[:, groups[j]], zeros[:, groups[j]], cfg.bits
+                    W1t, Hinv1, i, scales[:, groups[j]], zeros[:, groups[j]], cfg.bits
                 )
 
         Losses[:, i1:i2] = Err1**2 / 2  # (w - q)^2 / d^2 / 2, column by column
@@ -320,8 +338,8 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg:
         sets = (sets,) if cfg.true_sequential else sets
         # the linears of one set read the same input, so they share one H
         hessians = {names[0]: Hessian(layer.get_submodule(names[0]).in_features, X.device) for names in sets}
-        with record_inputs({n: layer.get_submodule(n) for n in hessians}, lambda name, x: hessians[name].add_batch(x)):
-            run_layer(layer, X, kwargs)
+        modules = {n: layer.get_submodule(n) for n in hessians}
+        collect_inputs(layer, X, kwargs, modules, lambda name, x: hessians[name].add_batch(x))
         for names in sets:
             stats.update(_quantize_set(layer, names, hessians.pop(names[0]).H, cfg))
     return stats

@@ -18,13 +18,29 @@ forward by ``tests/test_kernels.py``:
   fp16 scale + 4-bit zero), and ``dequantize()`` reads the weight back through the kernel.
 * **Triton** GEMV kernels (:mod:`qtutor.runtime.triton_gemv`) that read the layers' own packed
   storage, nothing re-packed: ``int4_gemv`` for ``UniformLinear`` (4-bit, groups of a power of
-  two), ``lut_gemv`` for 4-bit palettized layers (16-entry LUT per group of output rows, per-row
-  scale; by default the LUT sits in registers and is read with byte permutes) and
-  ``w8a8_gemv`` for SmoothQuant's ``W8A8Linear`` (the row quantized per token inside the kernel,
-  int8 x int8 products summed in int32, equal to its ``torch._int_mm`` forward bit for bit).
+  two), ``int8_gemv`` for 8-bit ``UniformLinear`` with one scale per row (``rtn_int8``,
+  weight-only: the row stays fp16), ``lut_gemv`` for 4-bit palettized layers (16-entry LUT per
+  group of output rows, per-row scale; by default the LUT sits in registers and is read with
+  byte permutes), ``nf4_gemv`` for ``NF4Linear`` (the same register lookups with the 16 NF4
+  levels as the table; each block's absmax rebuilt from the double quantization in the kernel)
+  and ``w8a8_gemv`` for SmoothQuant's ``W8A8Linear`` (the row quantized per token once by a
+  one-program kernel, int8 x int8 products summed in int32, equal to its ``torch._int_mm``
+  forward bit for bit).
   They serve one input row (batch-1 decoding); other shapes use the reference forward.
+* **CPU** (``backend="cpu"``, what ``"auto"`` picks for a model on the CPU): 4-bit
+  ``UniformLinear`` through tinygemm's CPU twin (above); 8-bit per-channel ``UniformLinear``
+  (``rtn_int8``) re-stored for PyTorch's weight-only int8 kernel
+  ``aten._weight_int8pack_mm`` (:class:`Int8WeightOnlyLinear`); palettized and NF4 layers
+  through the book's own C kernel (:mod:`qtutor.runtime.cpu_lut`: the 16-entry table in one
+  AVX-512 register, on the layers' own storage). Both PyTorch kernels are fast on the CPU with
+  bfloat16 activations only (float32 activations take a scalar path, 3-25 times slower than
+  the float32 matmul), so they cast the row to bfloat16 and the result back: the fast forward
+  differs from the float32 reference by bfloat16 rounding (about 3e-3 relative). The C kernel
+  computes in float32. ``W8A8Linear`` needs nothing: its forward is ``torch._int_mm``.
 
-:func:`accelerate` converts every eligible layer of a model in place and says what it did.
+:func:`accelerate` converts every eligible layer of a model in place and says what it did; each
+converted layer's ``last_kernel`` names the kernel that ran its last call, which the decode
+harness and ``qtutor bench`` record.
 """
 
 from __future__ import annotations
@@ -37,12 +53,13 @@ import torch.nn as nn
 
 from ..errors import QtutorError
 from ..quant.base import FloatLinear, QuantizedLinear, unpack_codes
+from ..quant.nf4 import NF4Linear
 from ..quant.palettize import PalettizedLinear
 from ..quant.rtn import UniformLinear, group_layout
 from ..quant.smoothquant import W8A8Linear
 
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
-BACKENDS = ("auto", "triton", "tinygemm", "none")
+BACKENDS = ("auto", "triton", "tinygemm", "cpu", "none")
 #: how the LUT GEMV reads a table entry: from registers with byte permutes (``prmt``: eight
 #: indices per 32-bit word looked up in the 8 registers that hold an fp16 LUT, no memory access
 #: per weight; the default), or by an indexed load from the layer's LUT (``load``: the fallback
@@ -92,10 +109,24 @@ def lut_gemv(x, qweight, lut, scales, bias, rows_per_lut, mode="prmt", config=No
 
 
 def w8a8_gemv(x, qweight, weight_scales, bias, config=None):
-    """Triton W8A8 GEMV: quantizes the row per token and sums int8 x int8 products in int32."""
+    """Triton W8A8 GEMV: quantizes the row per token (once) and sums int8 x int8 products in int32."""
     from . import triton_gemv as tk
 
     return tk.w8a8_gemv(x, qweight, weight_scales, bias, config)
+
+
+def int8_gemv(x, qweight, scales, qzeros, bias, config=None):
+    """Triton weight-only int8 GEMV, one scale (and zero) per row (see :mod:`qtutor.runtime.triton_gemv`)."""
+    from . import triton_gemv as tk
+
+    return tk.int8_gemv(x, qweight, scales, qzeros, bias, config)
+
+
+def nf4_gemv(x, qweight, absmax, absmax2, offset, dyn, block_size, dq_block, bias, n, config=None):
+    """Triton register-LUT GEMV for NF4, absmax rebuilt in the kernel (see :mod:`qtutor.runtime.triton_gemv`)."""
+    from . import triton_gemv as tk
+
+    return tk.nf4_gemv(x, qweight, absmax, absmax2, offset, dyn, block_size, dq_block, bias, n, config)
 
 
 # --------------------------------------------------------------------------- tinygemm
@@ -224,16 +255,20 @@ class Int4TinyGemmLinear(QuantizedLinear):
 
 
 # --------------------------------------------------------------------------- Triton, same storage
-class _TritonGemvMixin:
-    """Mixed into a layer's own class by :func:`accelerate`: the kernel serves a single input row
-    (on CUDA; on CPU only when ``kernel_on_cpu``, through Triton's interpreter), everything
-    else goes to the reference forward. The stored buffers are untouched."""
+class _SwappedGemvMixin:
+    """Mixed into a layer's own class by :func:`accelerate`: a kernel serves a single input row
+    where :meth:`_kernel_runs` says so, everything else goes to the reference forward. The stored
+    buffers are untouched."""
 
-    kernel_on_cpu: bool = False
+    prefix = ""  # of the swapped class's name
+    kernel_name = ""
     last_kernel: Optional[str] = None
 
+    def _kernel_runs(self, x: torch.Tensor) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and (x.is_cuda or self.kernel_on_cpu):
+        if x.numel() == self.in_features and self._kernel_runs(x):
             y = self._gemv(x.reshape(-1))
             self.last_kernel = self.kernel_name
             return y.view(*x.shape[:-1], self.out_features)
@@ -242,6 +277,16 @@ class _TritonGemvMixin:
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return self.reference_class.forward(self, x)
+
+
+class _TritonGemvMixin(_SwappedGemvMixin):
+    """The Triton GEMVs: on CUDA, and on CPU only when ``kernel_on_cpu`` (Triton's interpreter)."""
+
+    prefix = "Triton"
+    kernel_on_cpu: bool = False
+
+    def _kernel_runs(self, x: torch.Tensor) -> bool:
+        return x.is_cuda or self.kernel_on_cpu
 
 
 class _TritonInt4(_TritonGemvMixin):
@@ -272,14 +317,46 @@ class _TritonW8A8(_TritonGemvMixin):
         return w8a8_gemv(x, self.qweight, self.weight_scales, self.bias, self.triton_config)
 
 
+class _TritonInt8(_TritonGemvMixin):
+    kernel_name = "triton int8_gemv"
+    triton_config: Optional[dict] = None
+
+    def _gemv(self, x):
+        return int8_gemv(x, self.qweight, self.scales, self.qzeros, self.bias, self.triton_config)
+
+
+class _TritonNF4(_TritonGemvMixin):
+    kernel_name = "triton nf4_gemv (prmt)"
+    triton_config: Optional[dict] = None
+
+    def _gemv(self, x):
+        from ..quant.nf4 import _table
+
+        dyn = _table("dynamic", self.absmax.device) if self.absmax2 is not None else None
+        return nf4_gemv(
+            x,
+            self.qweight,
+            self.absmax,
+            self.absmax2,
+            self.offset,
+            dyn,
+            self.block_size,
+            self.double_quant_block_size,
+            self.bias,
+            self.out_features,
+            self.triton_config,
+        )
+
+
 _SWAPPED: dict = {}
 
 
 def _swapped_class(cls, mixin):
-    """``Triton<cls>``: ``cls`` with ``mixin``'s forward (module-level, so it pickles)."""
+    """``<prefix><cls>`` (``TritonUniformLinear``, ``CpuNF4Linear``): ``cls`` with ``mixin``'s
+    forward (module-level, so it pickles)."""
     key = (cls, mixin)
     if key not in _SWAPPED:
-        name = "Triton" + cls.__name__
+        name = mixin.prefix + cls.__name__
         new = type(name, (mixin, cls), {"__module__": __name__, "reference_class": cls})
         new.__qualname__ = name
         globals()[name] = new
@@ -299,6 +376,32 @@ def triton_int4_reason(layer) -> Optional[str]:
     gs, _ = group_layout(layer.in_features, layer.group_size)
     if not _is_pow2(gs) or layer.in_features % gs:
         return f"group size {gs} is not a power of two dividing in_features"
+    return None
+
+
+def triton_int8_reason(layer) -> Optional[str]:
+    """Why ``layer`` cannot use the Triton int8 GEMV (None if it can): 8-bit, one scale per row."""
+    if not isinstance(layer, UniformLinear):
+        return "not a UniformLinear"
+    if layer.bits != 8:
+        return f"{layer.bits}-bit codes (int8_gemv is 8-bit)"
+    if layer.g_idx is not None or layer.n_groups != 1:
+        return "group-wise scales (int8_gemv takes one scale per output channel)"
+    return None
+
+
+def triton_nf4_reason(layer) -> Optional[str]:
+    """Why an ``NF4Linear`` cannot use the Triton NF4 GEMV (None if it can)."""
+    from .triton_gemv import NF4_BLOCK_SIZES
+
+    if not isinstance(layer, NF4Linear):
+        return "not an NF4Linear"
+    if layer.block_size not in NF4_BLOCK_SIZES or layer.in_features % layer.block_size:
+        return f"blocks of {layer.block_size} (nf4_gemv takes {NF4_BLOCK_SIZES}, dividing in_features)"
+    if layer.absmax.dtype not in (torch.uint8, torch.float32):
+        return f"absmax stored as {layer.absmax.dtype}"
+    if layer.qweight.is_cuda and torch.version.hip:
+        return "an AMD GPU (nf4_gemv runs NVIDIA PTX)"
     return None
 
 
@@ -333,23 +436,205 @@ def triton_w8a8_reason(layer) -> Optional[str]:
     return None
 
 
+# --------------------------------------------------------------------------- CPU
+def int8_weight_only_reason(layer: nn.Module, device) -> Optional[str]:
+    """Why ``layer`` cannot use ``aten._weight_int8pack_mm`` on ``device`` (None if it can)."""
+    if not isinstance(layer, UniformLinear):
+        return "not a UniformLinear"
+    if layer.bits != 8:
+        return f"{layer.bits}-bit codes (the int8 kernel is 8-bit)"
+    if layer.g_idx is not None or layer.n_groups != 1:
+        return "group-wise scales (aten._weight_int8pack_mm takes one scale per output channel)"
+    if torch.device(device).type != "cpu":
+        return "aten._weight_int8pack_mm is used on the CPU only here"
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return "no aten._weight_int8pack_mm in this torch"
+    return None
+
+
+class Int8WeightOnlyLinear(QuantizedLinear):
+    """An 8-bit per-output-channel linear stored for PyTorch's weight-only int8 kernel
+    ``aten._weight_int8pack_mm(x, W_int8, s)`` = ``x (s W_int8)^T`` (CPU, bfloat16 activations).
+
+    ``UniformLinear`` stores codes ``q`` in [0, 255] with ``w = s (q - z)`` (``z = 128`` when
+    symmetric). Here ``weight_int8 = q - 128`` (int8, (out, in): the same bytes), ``scales`` (out,)
+    in bfloat16 (the kernel's dtype; the same bytes as the fp16 scale, rounded to 8 bits of
+    mantissa), and for an asymmetric grid ``zero_term = s (128 - z)`` (out,) float32, since
+    ``s (q - z) = s (q - 128) + s (128 - z)``: the forward adds ``zero_term * sum(x)``. Only this
+    layout is held, so the memory the layer reports is what the kernel reads.
+    """
+
+    def __init__(self, in_features, out_features, bias, weight_int8, scales, zero_term):
+        super().__init__(in_features, out_features, bias)
+        self.bits = 8
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zero_term", zero_term)
+        self.last_kernel: Optional[str] = None
+
+    @classmethod
+    def from_uniform(cls, layer: UniformLinear, verify: bool = True) -> "Int8WeightOnlyLinear":
+        """Re-store ``layer`` (8-bit, one scale per row). With ``verify``, the weight this layer
+        represents must equal the layer's to the bfloat16 rounding of the scales."""
+        reason = int8_weight_only_reason(layer, layer.qweight.device)
+        if reason is not None:
+            raise QtutorError(f"cannot use aten._weight_int8pack_mm for this layer: {reason}")
+        s = layer.scales.float().reshape(-1)  # (out,)
+        weight_int8 = (layer.qweight.to(torch.int16) - 128).to(torch.int8).contiguous()
+        zero_term = None
+        if layer.qzeros is not None:
+            z = unpack_codes(layer.qzeros, 8, 1).float().reshape(-1)
+            zero_term = (s * (128.0 - z)).contiguous()
+        new = cls(layer.in_features, layer.out_features, layer.bias, weight_int8, s.to(torch.bfloat16), zero_term)
+        if verify:
+            ref = layer.dequantize().float()
+            err = (new.dequantize() - ref).norm() / ref.norm().clamp(min=1e-12)
+            if not err < 1e-2:  # bf16 scales: 2^-9 relative at most
+                raise QtutorError(f"int8 re-storing check failed (relative error {float(err):.3g})")
+        return new
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) float32 weight ``s (q - 128) (+ s (128 - z))``."""
+        W = self.weight_int8.float() * self.scales.float()[:, None]
+        return W if self.zero_term is None else W + self.zero_term[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scales).to(x.dtype)
+        if self.zero_term is not None:
+            y = y + x2.sum(-1, keepdim=True) * self.zero_term.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        self.last_kernel = "aten._weight_int8pack_mm"
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    forward_reference = QuantizedLinear.forward
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", int8 weight-only (aten), symmetric={self.zero_term is None}"
+
+
+class _CpuGemvMixin(_SwappedGemvMixin):
+    """The book's C kernels (:mod:`qtutor.runtime.cpu_lut`) for one row on the CPU, in float32."""
+
+    prefix = "Cpu"
+
+    def _kernel_runs(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cpu"
+
+
+class _CpuPalette(_CpuGemvMixin):
+    kernel_name = "cpu palette_gemv (C)"
+
+    def _gemv(self, x):
+        from . import cpu_lut
+
+        y = cpu_lut.palette_gemv(x.float(), self.qweight, self.lut, self.scales, self.bias, self.rows_per_lut)
+        return y.to(x.dtype)
+
+
+class _CpuNF4(_CpuGemvMixin):
+    kernel_name = "cpu nf4_gemv (C)"
+
+    def _gemv(self, x):
+        from . import cpu_lut
+        from ..quant.nf4 import _table
+
+        y = cpu_lut.nf4_gemv(
+            x.float(),
+            self.qweight,
+            _table("nf4", "cpu"),
+            self.block_size,
+            self.absmax,
+            self.absmax2,
+            self.offset,
+            _table("dynamic", "cpu"),
+            self.double_quant_block_size,
+            self.bias,
+            self.out_features,
+        )
+        return y.to(x.dtype)
+
+
+def cpu_lut_reason(layer) -> Optional[str]:
+    """Why a LUT layer cannot use the CPU LUT kernel (None if it can)."""
+    reason = triton_lut_reason(layer)
+    if reason is not None:
+        return reason
+    if layer.lut.dtype != torch.float16 or (layer.scales is not None and layer.scales.dtype != torch.float16):
+        return f"a {layer.lut.dtype} LUT (the CPU kernel reads fp16 LUTs and scales)"
+    from . import cpu_lut
+
+    return cpu_lut.available()
+
+
+def cpu_nf4_reason(layer) -> Optional[str]:
+    """Why an ``NF4Linear`` cannot use the CPU NF4 kernel (None if it can)."""
+    if not isinstance(layer, NF4Linear):
+        return "not an NF4Linear"
+    if layer.in_features % layer.block_size or layer.block_size % 2:
+        return f"blocks of {layer.block_size} do not divide the rows of {layer.in_features}"
+    if layer.absmax.dtype not in (torch.uint8, torch.float32):
+        return f"absmax stored as {layer.absmax.dtype}"
+    from . import cpu_lut
+
+    return cpu_lut.available()
+
+
+def _accelerate_cpu(model: nn.Module, verify: bool) -> tuple[dict, dict]:
+    """:func:`accelerate`'s ``"cpu"`` backend -> (converted, skipped)."""
+    converted, skipped = {}, {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (_SwappedGemvMixin, Int4TinyGemmLinear, Int8WeightOnlyLinear)):
+            continue
+        reason = None
+        if isinstance(module, UniformLinear) and module.bits == 8:
+            reason = int8_weight_only_reason(module, module.qweight.device)
+            if reason is None:
+                model.set_submodule(name, Int8WeightOnlyLinear.from_uniform(module, verify=verify))
+                converted[name] = "aten._weight_int8pack_mm"
+        elif isinstance(module, UniformLinear):
+            reason = tinygemm_reason(module, module.qweight.device)
+            if reason is None:
+                model.set_submodule(name, Int4TinyGemmLinear.from_uniform(module, verify=verify))
+                converted[name] = "aten._weight_int4pack_mm_for_cpu"
+        elif isinstance(module, NF4Linear):
+            reason = cpu_nf4_reason(module)
+            if reason is None:
+                module.__class__ = _swapped_class(type(module), _CpuNF4)
+                converted[name] = _CpuNF4.kernel_name
+        elif hasattr(module, "lut") and isinstance(module, QuantizedLinear):
+            reason = cpu_lut_reason(module)
+            if reason is None:
+                module.__class__ = _swapped_class(type(module), _CpuPalette)
+                converted[name] = _CpuPalette.kernel_name
+        elif isinstance(module, W8A8Linear):
+            reason = "its own forward is already a CPU integer kernel (torch._int_mm)"
+        if reason is not None:
+            skipped[name] = reason
+    return converted, skipped
+
+
 # --------------------------------------------------------------------------- whole model
 def accelerate(
     model: nn.Module, backend: str = "auto", verify: bool = True, lut_mode: str = "prmt", kernel_on_cpu: bool = False
 ) -> dict:
     """Give every eligible quantized layer of ``model`` a fast matmul, in place.
 
+    ``backend``: ``"triton"`` (Triton GEMVs on the layers' own storage: 4-bit and 8-bit
+    per-channel ``UniformLinear``, 4-bit LUT layers, ``NF4Linear`` and ``W8A8Linear``),
+    ``"tinygemm"`` (4-bit ``UniformLinear`` re-packed into :class:`Int4TinyGemmLinear`; the
+    other layers still get Triton when available), ``"cpu"``
+    (the CPU kernels of the module docstring: tinygemm's CPU twin for 4-bit ``UniformLinear``,
+    :class:`Int8WeightOnlyLinear` for 8-bit per-channel ones, the C LUT kernel for palettized
+    and NF4 layers), ``"auto"`` (on CUDA: Triton if importable, else tinygemm; on the CPU:
+    ``"cpu"``), or ``"none"``. On CPU the Triton kernels run in Triton's interpreter (for
+    tests) only with ``kernel_on_cpu=True``.
     ``lut_mode``: one of :data:`LUT_MODES`; with ``"prmt"``, a LUT layer whose ``in_features``
     is not a multiple of 8, whose LUT is not fp16, or on an AMD GPU gets ``"load"`` (the
     ``converted`` entry says which).
-    ``backend``: ``"triton"`` (Triton GEMVs on the layers' own storage: 4-bit ``UniformLinear``,
-    4-bit LUT layers and ``W8A8Linear``), ``"tinygemm"`` (``UniformLinear`` re-packed into
-    :class:`Int4TinyGemmLinear`; LUT and W8A8 layers still get Triton when available), ``"auto"``
-    (on CUDA: Triton if importable, else tinygemm; on CPU: nothing, the reference forward is
-    the fast one there), or ``"none"``. On CPU the Triton kernels run in Triton's interpreter
-    (for tests) only with ``kernel_on_cpu=True``.
 
-    Returns ``{"converted": {name: kernel}, "skipped": {name: reason}}``.
+    Returns ``{"backend": backend used, "converted": {name: kernel}, "skipped": {name: reason}}``.
     """
     if backend not in BACKENDS:
         raise QtutorError(f"unknown kernel backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -359,16 +644,37 @@ def accelerate(
     device = params[0].device if params else torch.device("cpu")
     has_triton = triton_available()
     if backend == "auto":
-        backend = ("triton" if has_triton else "tinygemm") if device.type == "cuda" else "none"
+        backend = ("triton" if has_triton else "tinygemm") if device.type == "cuda" else "cpu"
     if backend == "triton" and not has_triton:
         raise QtutorError("backend 'triton' needs the triton package (pip install triton)")
+    if backend == "cpu" and device.type != "cpu":
+        raise QtutorError(f"backend 'cpu' converts a model on the CPU, this one is on {device}; use 'auto'")
     converted, skipped = {}, {}
     if backend == "none":
         return {"backend": backend, "converted": converted, "skipped": skipped}
+    if backend == "cpu":
+        converted, skipped = _accelerate_cpu(model, verify)
+        return {"backend": backend, "converted": converted, "skipped": skipped}
     for name, module in list(model.named_modules()):
-        if isinstance(module, _TritonGemvMixin) or isinstance(module, Int4TinyGemmLinear):
+        if isinstance(module, (_SwappedGemvMixin, Int4TinyGemmLinear, Int8WeightOnlyLinear)):
             continue
-        if isinstance(module, UniformLinear):
+        if isinstance(module, UniformLinear) and module.bits == 8:
+            reason = triton_int8_reason(module) if has_triton else "triton is not installed"
+            if reason is None:
+                module.__class__ = _swapped_class(type(module), _TritonInt8)
+                module.kernel_on_cpu = kernel_on_cpu
+                converted[name] = _TritonInt8.kernel_name
+            else:
+                skipped[name] = reason
+        elif isinstance(module, NF4Linear):
+            reason = triton_nf4_reason(module) if has_triton else "triton is not installed"
+            if reason is None:
+                module.__class__ = _swapped_class(type(module), _TritonNF4)
+                module.kernel_on_cpu = kernel_on_cpu
+                converted[name] = _TritonNF4.kernel_name
+            else:
+                skipped[name] = reason
+        elif isinstance(module, UniformLinear):
             if backend == "tinygemm":
                 reason = tinygemm_reason(module, module.qweight.device)
                 if reason is None:
@@ -419,6 +725,7 @@ ROW_DIMS = {
     PalettizedLinear: {"qweight": 0, "lut": 0, "scales": 0, "bias": 0},
     # the CUDA layout tiles 8 output rows at a time, the CPU one 64: whole tiles stack
     Int4TinyGemmLinear: {"weight_int4pack": 0, "scales_and_zeros": 1, "bias": 0},
+    Int8WeightOnlyLinear: {"weight_int8": 0, "scales": 0, "zero_term": 0, "bias": 0},
 }
 
 
@@ -516,11 +823,12 @@ def _check_fused(fused, layers, dtype) -> None:
 
 
 def restore(model: nn.Module) -> int:
-    """Undo the Triton class swaps of :func:`accelerate` (tinygemm layers stay), dropping any
-    buffer a kernel added (named in the class's ``kernel_buffers``); -> layers restored."""
+    """Undo the class swaps of :func:`accelerate` (Triton and C kernels; the re-stored tinygemm
+    and int8 layers stay), dropping any buffer a kernel added (named in the class's
+    ``kernel_buffers``); -> layers restored."""
     n = 0
     for module in model.modules():
-        if isinstance(module, _TritonGemvMixin):
+        if isinstance(module, _SwappedGemvMixin):
             for extra in getattr(module, "kernel_buffers", ()):
                 module._buffers.pop(extra, None)
             module.__class__ = type(module).reference_class

@@ -11,9 +11,11 @@ kernel that reads the packed weights directly (:func:`qtutor.runtime.kernels.acc
 * on a GPU (float16): the baseline; RTN int4 (g128) with its reference forward and with the
   Triton int4 GEMV (tinygemm where Triton is missing); 4-bit palettization with its reference
   forward and with the Triton LUT GEMV (LUT in registers, ``prmt`` lookups);
-* on a CPU (float32): the baseline and RTN int4 and palettization with their reference forward
-  (the CPU's only path for them); then, in bfloat16, the baseline and RTN int4 through
-  tinygemm's CPU kernel (``aten._weight_int4pack_mm_for_cpu``).
+* on a CPU (float32): the baseline; RTN int4 with its reference forward and with the CPU kernel
+  of ``accelerate``'s ``"cpu"`` backend (tinygemm's ``aten._weight_int4pack_mm_for_cpu``, the
+  row cast to bfloat16 for it); palettization with its reference forward and with the book's C
+  LUT kernel (:mod:`qtutor.runtime.cpu_lut`); then, in bfloat16, the baseline and RTN int4
+  through tinygemm in a bfloat16 model.
 
 Each row is compared with the baseline of its activation dtype. The protocol is
 ``decode_latency``'s: a fixed prompt, ``new_tokens`` tokens of which the first comes from the
@@ -125,14 +127,12 @@ def compare_decode_speed(
     row(base, "fp16_baseline", lambda: model, "none", base)
     rtn = quantized(rtn_method, model)
     row(f"{rtn_method}, reference", rtn_method, lambda m=rtn: m, "none", base)
-    if cuda:
-        row(f"{rtn_method}, GPU kernel", rtn_method, lambda m=rtn: copy.deepcopy(m), "auto", base)
+    row(f"{rtn_method}, {'GPU' if cuda else 'CPU'} kernel", rtn_method, lambda m=rtn: copy.deepcopy(m), "auto", base)
     del rtn
     _free(device)
     row(f"{lut_method}, reference", lut_method, palettized_copy, "none", base)
-    if cuda:
-        row(f"{lut_method}, GPU kernel", lut_method, palettized_copy, "auto", base)
-    else:
+    row(f"{lut_method}, {'GPU' if cuda else 'CPU'} kernel", lut_method, palettized_copy, "auto", base)
+    if not cuda:
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
         row("bf16", "fp16_baseline", lambda: bf16, "none", "bf16")
         row(f"{rtn_method} (bf16), tinygemm", rtn_method, lambda: quantized(rtn_method, bf16), "tinygemm", "bf16")

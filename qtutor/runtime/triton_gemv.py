@@ -17,6 +17,16 @@ packed weight straight from the layer's own storage (no re-packed copy):
   time are looked up with byte permutes (``mode="prmt"``, no memory access per weight), or each
   weight is read through the L1 cache with an indexed load (``mode="load"``, the fallback).
   The other modes tried are experiments in ``benchmarks/lut_modes.py``.
+* :func:`int8_gemv`: uniform 8-bit with one scale per output row (``rtn_int8``):
+  ``w = s_n (q - z_n)`` with ``qweight`` (out, in) uint8 codes, fp16 ``scales`` (out, 1) and
+  8-bit ``qzeros`` (out, 1) or none (symmetric: z = 128). Weight-only: the row ``x`` stays in
+  its float dtype.
+* :func:`nf4_gemv`: QLoRA's NF4 in bitsandbytes' layout (flat codes, the first of a byte in the
+  HIGH nibble; blocks of 64 along the rows), through the same register-LUT lookups as ``prmt``
+  with the 16 NF4 levels as the table; each block's absmax is rebuilt from the double
+  quantization inside the kernel (``dyn[code] * absmax2[b // 256] + offset``).
+* :func:`w8a8_gemv`: SmoothQuant's W8A8: the row is quantized per token ONCE by a one-program
+  kernel (:func:`quantize_row`), then int8 x int8 products are summed in int32.
 
 A program handles ``BLOCK_N`` output rows and walks the input dimension; accumulation is in
 float32 and the result is written in ``x``'s dtype. On CUDA the block sizes are autotuned per
@@ -101,6 +111,44 @@ def _int4_gemv_kernel(
         x = tl.load(x_ptr + g[:, None] * GS + kk[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
         acc += s * tl.sum(w * x[None, :, :], axis=2)  # scale once per group
     _finish_rows(tl.sum(acc, axis=1), rows, rmask, b_ptr, b_ptr, y_ptr, False, HAS_BIAS)
+
+
+# --------------------------------------------------------------------------- int8, one scale per row
+def _int8_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_w,
+    HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """y[n] = s[n] sum_k (q[n,k] - z[n]) x[k] (+ b[n]): weight-only int8, one scale per row
+    (``z = 128`` when symmetric). ``q - z`` is exact in float32 through the 2^23 trick above."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    kc = tl.arange(0, BLOCK_K)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + rows, mask=rmask, other=0).to(tl.float32)
+    else:
+        z = tl.full((BLOCK_N,), 128.0, dtype=tl.float32)
+    zm = (z + MAGIC)[:, None]  # 2^23 + z
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kc
+        km = k < K
+        q = tl.load(w_ptr + rows[:, None] * stride_w + k[None, :], mask=rmask[:, None] & km[None, :], other=0)
+        w = (q.to(tl.int32) | MAGIC_BITS).to(tl.float32, bitcast=True) - zm  # q - z, exact
+        x = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
+        acc += w * x[None, :]
+    _finish_rows(tl.sum(acc, axis=1), rows, rmask, s_ptr, b_ptr, y_ptr, True, HAS_BIAS)
 
 
 # --------------------------------------------------------------------------- 4-bit LUT, indexed load
@@ -269,14 +317,127 @@ def _lut_gemv_prmt_kernel(
     _finish_rows(tl.sum(acc, axis=1), rows, rmask, s_ptr, b_ptr, y_ptr, HAS_SCALES, HAS_BIAS)
 
 
+# --------------------------------------------------------------------------- NF4 in registers
+def _nf4_gemv_prmt_kernel(
+    x_ptr,
+    q_ptr,
+    lut_ptr,
+    a_ptr,
+    a2_ptr,
+    dyn_ptr,
+    off_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    KW,
+    DQ,
+    DOUBLE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ASM: tl.constexpr,
+    WPB: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """y[n] = sum_b absmax_b sum_{k in b} level[q[n,k]] x[k] (+ b[n]) for QLoRA's NF4.
+
+    ``q_ptr``: the flat codes as int32 words, ``KW`` = in/8 per row, eight codes per word with
+    the FIRST code of each byte in its HIGH nibble (bitsandbytes), so nibble k of a word holds
+    column ``k ^ 1``; ``lut_ptr``: the 16 NF4 levels in fp16 as 8 int32 words, looked up with
+    the byte permutes of :func:`_lookup4` (the same table for every row). Blocks of ``8 WPB``
+    codes along the rows (``BLOCK_W`` a multiple of ``WPB``); block ``b``'s absmax is rebuilt
+    here: ``dyn[code_b] * absmax2[b // DQ] + offset`` (``DOUBLE``), or read as float32."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    cw = tl.arange(0, BLOCK_W)
+    q_rows = q_ptr + rows[:, None] * KW
+    if PREFETCH:
+        q_next = tl.load(q_rows + cw[None, :], mask=rmask[:, None] & (cw < KW)[None, :], other=0)
+    zero = rows * 0  # the table is the same for every row: (BLOCK_N,) loads of one address
+    w0 = tl.load(lut_ptr + zero + 0)
+    w1 = tl.load(lut_ptr + zero + 1)
+    w2 = tl.load(lut_ptr + zero + 2)
+    w3 = tl.load(lut_ptr + zero + 3)
+    w4 = tl.load(lut_ptr + zero + 4)
+    w5 = tl.load(lut_ptr + zero + 5)
+    w6 = tl.load(lut_ptr + zero + 6)
+    w7 = tl.load(lut_ptr + zero + 7)
+    LO = w0 * 0 + 0x6420
+    HI = w0 * 0 + 0x7531
+    L0, H0 = _prmt(w0, w1, LO, ASM)[:, None], _prmt(w0, w1, HI, ASM)[:, None]
+    L1, H1 = _prmt(w2, w3, LO, ASM)[:, None], _prmt(w2, w3, HI, ASM)[:, None]
+    L2, H2 = _prmt(w4, w5, LO, ASM)[:, None], _prmt(w4, w5, HI, ASM)[:, None]
+    L3, H3 = _prmt(w6, w7, LO, ASM)[:, None], _prmt(w6, w7, HI, ASM)[:, None]
+    NB: tl.constexpr = BLOCK_W // WPB  # absmax blocks per tile
+    c8 = tl.arange(0, 8) ^ 1  # nibble k holds column k ^ 1
+    cb = tl.arange(0, NB)
+    if DOUBLE:
+        offset = tl.load(off_ptr)
+    acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+    for w_0 in range(0, KW, BLOCK_W):
+        wi = w_0 + cw
+        wm = wi < KW
+        if PREFETCH:
+            q = q_next
+            wn = wi + BLOCK_W
+            q_next = tl.load(q_rows + wn[None, :], mask=rmask[:, None] & (wn < KW)[None, :], other=0)
+        else:
+            q = tl.load(q_rows + wi[None, :], mask=rmask[:, None] & wm[None, :], other=0)
+        c01, c23 = _lookup4(q, L0, L1, L2, L3, H0, H1, H2, H3, ASM)
+        c45, c67 = _lookup4(q >> 16, L0, L1, L2, L3, H0, H1, H2, H3, ASM)
+        a0, a1 = _fp16_pair(c01)
+        a2, a3 = _fp16_pair(c23)
+        a4, a5 = _fp16_pair(c45)
+        a6, a7 = _fp16_pair(c67)
+        w = tl.reshape(
+            tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7))),
+            (BLOCK_N, BLOCK_W, 8),
+        )  # nibble order
+        x = tl.load(x_ptr + 8 * wi[:, None] + c8[None, :], mask=wm[:, None], other=0.0).to(tl.float32)
+        part = tl.sum(tl.reshape(tl.sum(w * x[None, :, :], axis=2), (BLOCK_N, NB, WPB)), axis=2)  # per block
+        blk = rows[:, None] * (KW // WPB) + (w_0 // WPB + cb)[None, :]  # global block index
+        bm = rmask[:, None] & ((w_0 // WPB + cb) < KW // WPB)[None, :]
+        if DOUBLE:
+            code = tl.load(a_ptr + blk, mask=bm, other=0).to(tl.int32)
+            absmax = tl.load(dyn_ptr + code, mask=bm, other=0.0) * tl.load(a2_ptr + blk // DQ, mask=bm, other=0.0)
+            absmax += offset
+        else:
+            absmax = tl.load(a_ptr + blk, mask=bm, other=0.0)
+        acc += part * absmax
+    _finish_rows(tl.sum(acc, axis=1), rows, rmask, b_ptr, b_ptr, y_ptr, False, HAS_BIAS)
+
+
 # --------------------------------------------------------------------------- W8A8 (SmoothQuant)
 # 1.5 * 2^23: adding and subtracting it rounds a float32 |v| < 2^22 to the nearest integer, ties
 # to even, exactly as torch.round (the float32 sum has no bits below 1 at that magnitude).
 ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
+def _quantize_row_kernel(x_ptr, qx_ptr, sx_ptr, K, BLOCK_K: tl.constexpr):
+    """One program: the row ``x`` (K,) quantized per token, as SmoothQuant's
+    ``quantize_activation_per_token_absmax``: ``s_x = max(max|x|, 1e-5) / 127``,
+    ``q_x = clamp(round(x / s_x), -127, 127)`` (int8), with IEEE division and ties-to-even
+    rounding so that the codes are those of the PyTorch reference. Run once per layer input,
+    so that the GEMV's programs read ``q_x`` instead of each re-quantizing the row."""
+    kc = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + k0 + kc, mask=k0 + kc < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    s_x = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-5), 127.0)
+    tl.store(sx_ptr, s_x)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kc
+        km = k < K
+        x = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
+        q = (tl.math.div_rn(x, s_x) + ROUND_MAGIC) - ROUND_MAGIC  # round(x / s_x)
+        tl.store(qx_ptr + k, tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8), mask=km)
+
+
 def _w8a8_gemv_kernel(
-    x_ptr,
+    qx_ptr,
+    sx_ptr,
     w_ptr,
     sw_ptr,
     b_ptr,
@@ -288,33 +449,22 @@ def _w8a8_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """y[n] = s_x s_w[n] sum_k q_w[n,k] q_x[k] (+ b[n]): int8 x int8 products summed in int32.
-
-    The one-token activation is quantized inside the kernel, per token as SmoothQuant's
-    ``quantize_activation_per_token_absmax``: ``s_x = max(max|x|, 1e-5) / 127``,
-    ``q_x = clamp(round(x / s_x), -127, 127)``, with IEEE division and ties-to-even rounding so
-    that the codes are those of the PyTorch reference. Each program redoes this for the whole
-    row ``x`` (a few KB, read from cache) instead of launching a separate kernel."""
+    """y[n] = s_x s_w[n] sum_k q_w[n,k] q_x[k] (+ b[n]): int8 x int8 products summed in int32,
+    ``q_x`` and ``s_x`` from :func:`_quantize_row_kernel`."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     kc = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + k0 + kc, mask=k0 + kc < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    s_x = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-5), 127.0)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kc
         km = k < K
-        x = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
-        q = (tl.math.div_rn(x, s_x) + ROUND_MAGIC) - ROUND_MAGIC  # round(x / s_x)
-        q_x = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
+        q_x = tl.load(qx_ptr + k, mask=km, other=0).to(tl.int32)
         q_w = tl.load(w_ptr + rows[:, None] * stride_w + k[None, :], mask=rmask[:, None] & km[None, :], other=0).to(
             tl.int32
         )
         acc += q_w * q_x[None, :]  # exact in int32
+    s_x = tl.load(sx_ptr)
     _finish_rows(tl.sum(acc, axis=1).to(tl.float32) * s_x, rows, rmask, sw_ptr, b_ptr, y_ptr, True, HAS_BIAS)
 
 
@@ -323,6 +473,9 @@ _int4_jit = triton.jit(_int4_gemv_kernel)
 _lut_jit = triton.jit(_lut_gemv_kernel)
 _w8a8_jit = triton.jit(_w8a8_gemv_kernel)
 _lut_prmt_jit = triton.jit(_lut_gemv_prmt_kernel)
+_int8_jit = triton.jit(_int8_gemv_kernel)
+_nf4_prmt_jit = triton.jit(_nf4_gemv_prmt_kernel)
+_quantize_row_jit = triton.jit(_quantize_row_kernel)
 
 
 def _bench_in_graph(kernel_call, quantiles):
@@ -374,12 +527,24 @@ _W8A8_CONFIGS = [
     for bn, bk, w in [(2, 1024, 4), (4, 1024, 8), (16, 512, 8), (32, 256, 8), (64, 128, 8)]
 ]
 _w8a8_tuned = _autotune(_W8A8_CONFIGS, ["N", "K", "HAS_BIAS"])(_w8a8_jit)
+# not yet swept on a GPU: the W8A8 table (the same byte per weight) plus narrower row blocks
+_INT8_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+    for bn, bk, w in [(1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (16, 512, 8), (32, 256, 8)]
+]
+_int8_tuned = _autotune(_INT8_CONFIGS, ["N", "K", "HAS_ZEROS"])(_int8_jit)
+# the prmt table, restricted to tiles of whole 64-code blocks (8 words)
+_NF4_CONFIGS = [c for c in _LUT_PRMT_CONFIGS if c.kwargs["BLOCK_W"] % 8 == 0]
+_nf4_tuned = _autotune(_NF4_CONFIGS, ["N", "KW", "DOUBLE"])(_nf4_prmt_jit)
 
 #: block sizes used where nothing is tuned (the interpreter, or an explicit ``config=``)
 DEFAULT_INT4 = {"BLOCK_N": 4, "GPI": 2}
 DEFAULT_LUT = {"BLOCK_N": 4, "BLOCK_K": 64}
 DEFAULT_W8A8 = {"BLOCK_N": 4, "BLOCK_K": 64}
 DEFAULT_LUT_PRMT = {"BLOCK_N": 4, "BLOCK_W": 8, "PREFETCH": 1}
+DEFAULT_INT8 = {"BLOCK_N": 4, "BLOCK_K": 64}
+DEFAULT_NF4 = {"BLOCK_N": 4, "BLOCK_W": 16, "PREFETCH": 1}
+QUANTIZE_ROW_BLOCK = 1024
 
 
 def _launch(fn, jit, tuned, default, config, grid_n, args, kwargs):
@@ -509,14 +674,114 @@ def _lut_gemv_prmt(x, qweight, lut, scales, bias, rows_per_lut, config):
     return y
 
 
+def quantize_row(x: torch.Tensor):
+    """SmoothQuant's per-token quantization of one row ``x`` (in,) -> (q_x (in,) int8, s_x (1,) float32),
+    by one program (:func:`_quantize_row_kernel`)."""
+    x = x.reshape(-1).contiguous()
+    K = x.numel()
+    q_x = torch.empty(K, dtype=torch.int8, device=x.device)
+    s_x = torch.empty(1, dtype=torch.float32, device=x.device)
+    if x.device.type == "cpu":
+        with _interpreting():
+            _interpreted(_quantize_row_kernel)[(1,)](x, q_x, s_x, K, BLOCK_K=64)
+    else:
+        _quantize_row_jit[(1,)](x, q_x, s_x, K, BLOCK_K=min(QUANTIZE_ROW_BLOCK, triton.next_power_of_2(K)))
+    return q_x, s_x
+
+
 def w8a8_gemv(
     x: torch.Tensor, qweight: torch.Tensor, weight_scales: torch.Tensor, bias, config: dict = None
 ) -> torch.Tensor:
-    """``y = s_x s_w q_w q_x + b`` for one row ``x`` (in,), quantized per token inside the kernel,
-    with int8 ``qweight`` (out, in) and float32 ``weight_scales`` (out,) -> (out,) in x's dtype."""
-    N, K = qweight.shape[0], x.numel()
+    """``y = s_x s_w q_w q_x + b`` for one row ``x`` (in,), quantized per token once
+    (:func:`quantize_row`), with int8 ``qweight`` (out, in) and float32 ``weight_scales`` (out,)
+    -> (out,) in x's dtype."""
+    N = qweight.shape[0]
+    q_x, s_x = quantize_row(x)
+    y = torch.empty(N, dtype=x.dtype, device=x.device)
+    args = (
+        q_x,
+        s_x,
+        qweight,
+        weight_scales,
+        weight_scales if bias is None else bias,
+        y,
+        N,
+        q_x.numel(),
+        qweight.stride(0),
+    )
+    _launch(_w8a8_gemv_kernel, _w8a8_jit, _w8a8_tuned, DEFAULT_W8A8, config, N, args, dict(HAS_BIAS=bias is not None))
+    return y
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros, bias, config: dict = None):
+    """``W x + b`` for one row ``x`` (in,) with uint8 codes ``qweight`` (out, in), ``w = s (q - z)``,
+    one fp16 scale (and 8-bit zero, or z = 128) per row -> (out,) in x's dtype."""
+    N, K = qweight.shape
+    if scales.numel() != N or (qzeros is not None and qzeros.numel() != N) or x.numel() != K:
+        raise QtutorError(
+            f"int8_gemv takes one scale (and zero) per row of a ({N}, {K}) weight, got scales {tuple(scales.shape)}"
+        )
     x = x.reshape(-1).contiguous()
     y = torch.empty(N, dtype=x.dtype, device=x.device)
-    args = (x, qweight, weight_scales, weight_scales if bias is None else bias, y, N, K, qweight.stride(0))
-    _launch(_w8a8_gemv_kernel, _w8a8_jit, _w8a8_tuned, DEFAULT_W8A8, config, N, args, dict(HAS_BIAS=bias is not None))
+    s = scales.reshape(-1)
+    args = (x, qweight, s, s if qzeros is None else qzeros.reshape(-1), s if bias is None else bias, y, N, K)
+    args = args + (qweight.stride(0),)
+    kwargs = dict(HAS_ZEROS=qzeros is not None, HAS_BIAS=bias is not None)
+    _launch(_int8_gemv_kernel, _int8_jit, _int8_tuned, DEFAULT_INT8, config, N, args, kwargs)
+    return y
+
+
+#: NF4 block sizes the kernel takes: whole 32-bit words of codes, and a tile of 8 words (the
+#: smallest ``BLOCK_W``) holding whole blocks
+NF4_BLOCK_SIZES = (8, 16, 32, 64)
+_NF4_LUT: dict = {}
+
+
+def _nf4_lut_words(device) -> torch.Tensor:
+    """The 16 NF4 levels in fp16 as 8 int32 words, built once per device (graph-safe)."""
+    key = str(device)
+    if key not in _NF4_LUT:
+        from ..quant.nf4 import nf4_levels
+
+        _NF4_LUT[key] = nf4_levels().half().view(torch.int32).to(device)
+    return _NF4_LUT[key]
+
+
+def nf4_gemv(
+    x: torch.Tensor, qweight, absmax, absmax2, offset, dyn, block_size: int, dq_block: int, bias, n: int, config=None
+) -> torch.Tensor:
+    """``W x + b`` for one row ``x`` (in,) of an NF4 weight (n, in) in bitsandbytes' layout -> (n,).
+
+    ``absmax``: (n_blocks,) uint8 codes into the 256-entry float32 map ``dyn``, with float32
+    ``absmax2`` per ``dq_block`` blocks and float32 ``offset`` (double quantization), or float32
+    absmaxes (``absmax2``, ``offset`` None). ``block_size`` one of :data:`NF4_BLOCK_SIZES`, dividing ``in``."""
+    K = x.numel()
+    if K % block_size or block_size not in NF4_BLOCK_SIZES or qweight.numel() * 2 != n * K:
+        raise QtutorError(
+            f"nf4_gemv needs blocks of {NF4_BLOCK_SIZES} codes that divide the rows ({block_size}, in={K}) "
+            f"and {n * K // 2} bytes of codes, got {qweight.numel()}"
+        )
+    if x.is_cuda and torch.version.hip:
+        raise QtutorError("nf4_gemv runs NVIDIA PTX (prmt.b32); not on an AMD GPU")
+    x = x.reshape(-1).contiguous()
+    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    double = absmax.dtype == torch.uint8
+    q32 = qweight.view(torch.int32)
+    f = absmax if not double else absmax2
+    args = (
+        x,
+        q32,
+        _nf4_lut_words(x.device),
+        absmax,
+        f if absmax2 is None else absmax2,
+        f if dyn is None else dyn,
+        f if offset is None else offset,
+        x if bias is None else bias,
+        y,
+        n,
+        K // 8,
+        dq_block,
+    )
+    kwargs = dict(DOUBLE=double, HAS_BIAS=bias is not None, ASM=x.is_cuda, WPB=block_size // 8)
+    _launch(_nf4_gemv_prmt_kernel, _nf4_prmt_jit, _nf4_tuned, DEFAULT_NF4, config, n, args, kwargs)
     return y
