@@ -182,3 +182,85 @@ def test_float32_and_float64_answers_are_both_accepted(capsys):
     assert ch03.check_cholesky_rows(lambda Hi: cholesky_rows(Hi.float()))
     assert ch03.check_obs_update(lambda w, Hi, i, q: obs_update(w.float(), Hi.float(), i, q))
     assert ch01.check_rtn_symmetric(lambda W, b: rtn_symmetric(W.double(), b))
+
+
+# --------------------------------------------------------------------------- predictions and experiments
+def test_prediction_is_compared_not_typed(capsys):
+    assert ch00.compare_prediction(10.4, 10.0, "x", 0.05) is True
+    assert "predicted 10.4, measured 10, off by +4.0%" in capsys.readouterr().out
+    assert ch00.compare_prediction(11.0, 10.0, "x", 0.05) is False
+    # a prediction of a change: "no change" is 100% off
+    assert ch00.compare_prediction(10.0, 12.0, "x", 0.4, reference=10.0) is False
+    assert "-100.0%" in capsys.readouterr().out
+    assert ch00.compare_prediction(12.5, 12.0, "x", 0.4, reference=10.0) is True
+    # a stub's answer is a missing prediction, not a crash
+    for stub in (None, ..., "20", float("nan")):
+        assert ch00.compare_prediction(stub, 10.0, "x", 0.05) is False
+    assert "no prediction" in capsys.readouterr().out
+
+
+def test_chapter_prediction_checkers_use_their_tolerances(capsys):
+    assert ch00.check_memory_prediction(2.55, 2.53) and not ch00.check_memory_prediction(3.85, 2.53)
+    assert ch01.check_int3_prediction(16.7, 16.5, 14.8) and not ch01.check_int3_prediction(15.2, 16.5, 14.8)
+    assert ch03.check_gptq3_prediction(15.95, 16.0, 14.8) and not ch03.check_gptq3_prediction(16.8, 16.0, 14.8)
+
+
+@pytest.fixture(scope="module")
+def small_lm():
+    from conftest import tiny_model
+
+    torch.manual_seed(0)
+    return tiny_model(), torch.randint(0, 128, (4 * 64,))
+
+
+def test_window_sweep_is_remeasured(small_lm, capsys):
+    from qtutor.eval import perplexity
+
+    model, ids = small_lm
+    right = {L: perplexity(model, ids, L, 128).ppl for L in (8, 16, 32)}
+    assert ch00.check_window_sweep(right, model, ids, 128) is True
+    assert ch00.check_window_sweep({**right, 8: right[8] * 1.1}, model, ids, 128) is False
+    assert ch00.check_window_sweep({8: right[8]}, model, ids, 128) is False  # one point is no sweep
+    assert ch00.check_window_sweep(None, model, ids, 128) is False
+    assert capsys.readouterr().out.count("not yet") == 3
+
+
+def test_group_sweep_is_remeasured(small_lm, capsys):
+    import copy
+
+    import qtutor
+    from qtutor.eval import perplexity
+
+    model, ids = small_lm
+
+    def ppl_at(g):
+        m = copy.deepcopy(model)
+        qtutor.quantize(m, "rtn_int4", qtutor.RTNConfig(bits=4, group_size=g))
+        return perplexity(m, ids, 64, 128).ppl
+
+    right = {g: ppl_at(g) for g in (16, 32, 0)}
+    assert ch01.check_group_sweep(right, model, ids, 64, 128) is True
+    assert ch01.check_group_sweep({**right, 0: right[0] * 1.05}, model, ids, 64, 128) is False
+    assert ch01.check_group_sweep({"a": 1.0, "b": 2.0, "c": 3.0}, model, ids, 64, 128) is False
+
+
+def test_layer_sensitivity_is_remeasured_and_leaves_the_model(small_lm, capsys):
+    import copy
+
+    import qtutor
+    from qtutor.eval import perplexity
+
+    model, ids = small_lm
+    quantized = copy.deepcopy(model)
+    qtutor.quantize(quantized, "rtn_int4", qtutor.RTNConfig(bits=2, group_size=16))
+    before = perplexity(quantized, ids, 64, 128).ppl
+    layers = quantized.model.layers
+    right = {}
+    for i in range(len(layers)):
+        kept, layers[i] = layers[i], model.model.layers[i]
+        right[i] = perplexity(quantized, ids, 64, 128).ppl
+        layers[i] = kept
+    assert ch03.check_layer_sensitivity(right, quantized, model, ids, 64, 128) is True
+    assert perplexity(quantized, ids, 64, 128).ppl == before  # the quantized layer is back
+    assert ch03.check_layer_sensitivity({0: right[0] * 1.05, 1: right[1]}, quantized, model, ids, 64, 128) is False
+    assert ch03.check_layer_sensitivity({0: right[0], 7: 1.0}, quantized, model, ids, 64, 128) is False

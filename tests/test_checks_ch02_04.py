@@ -218,6 +218,37 @@ def test_checkers_reject_the_student_stubs(capsys):
         assert capsys.readouterr().out.startswith("not yet")
 
 
+# --------------------------------------------------------------------------- chapter 2: prediction and experiment
+def test_ch02_planted_prediction(capsys):
+    assert ch02.check_planted_prediction(15.01, 15.0) is True
+    assert ch02.check_planted_prediction(16.0, 15.0) is False
+    assert ch02.check_planted_prediction(..., 15.0) is False
+    assert "no prediction" in capsys.readouterr().out
+
+
+def test_ch02_alpha_sweep_is_remeasured(capsys):
+    import copy
+
+    from conftest import tiny_model
+
+    import qtutor
+    from qtutor.eval import perplexity
+
+    torch.manual_seed(0)
+    model, ids = tiny_model(), torch.randint(0, 128, (128,))
+    calib = torch.randint(0, 128, (2, 32))
+
+    def ppl_at(alpha):
+        m = copy.deepcopy(model)
+        qtutor.quantize(m, "smoothquant_w8a8", qtutor.SmoothQuantConfig(alpha=alpha), calib=calib)
+        return perplexity(m, ids, 64, 128).ppl
+
+    right = {a: ppl_at(a) for a in (0.25, 0.5, 0.75)}
+    assert ch02.check_alpha_sweep(right, model, calib, ids, 64, 128) is True
+    assert ch02.check_alpha_sweep({**right, 0.25: right[0.25] * 1.05}, model, calib, ids, 64, 128) is False
+    assert ch02.check_alpha_sweep({2.0: 1.0, 3.0: 1.0, 4.0: 1.0}, model, calib, ids, 64, 128) is False
+
+
 # --------------------------------------------------------------------------- chapter 4: predict, then measure
 @pytest.mark.parametrize(
     "checker, measured, near, far",

@@ -133,3 +133,100 @@ def check_model_bytes(fn) -> bool:
                 hint = "that is in bits; divide by 8 for bytes"
             return report(False, f"model_bytes{args} = {got}, expected {truth:.6g}", hint)
     return report(True, "bytes of a quantized model, side information included")
+
+
+# --------------------------------------------------------------------------- predictions and experiments
+# Predict-then-measure exercises: the reader writes a number down *before* a cell measures it;
+# the comparison is computed here. Whole-model experiments: the reader measures a whole
+# model at several values of one knob; the checker re-measures one point independently.
+def _number(x):
+    """``x`` as a finite float, or None (a stub's ``...`` or None, text, NaN)."""
+    if x is None or x is Ellipsis or isinstance(x, (str, bytes)):
+        return None
+    v = _as_float(x)
+    return v if v is not None and math.isfinite(v) else None
+
+
+def compare_prediction(predicted, measured, what: str, tol: float, reference=None) -> bool:
+    """Compare a number written down before a run with what the run measured, and print both.
+
+    Without ``reference`` the error is ``(predicted - measured) / |measured|``. With it the
+    prediction is of the change from ``reference`` (e.g. the float model's perplexity) and the
+    error is relative to the measured change: predicting "no change" is 100% off. The
+    prediction passes when ``|error| <= tol``.
+    """
+    p, m = _number(predicted), _number(measured)
+    if m is None:
+        return report(False, f"{what}: the measurement {measured!r} is not a number", "run the measuring cell first")
+    if p is None:
+        return report(
+            False,
+            f"{what}: no prediction (got {predicted!r})",
+            "write your prediction down as a number before running the measurement",
+        )
+    if reference is None:
+        err, of = (p - m) / abs(m), "value"
+    else:
+        r = _number(reference)
+        if r is None:
+            return report(False, f"{what}: the reference {reference!r} is not a number", "pass the baseline measured")
+        dp, dm = p - r, m - r
+        err = (dp - dm) / abs(dm) if dm != 0 else (0.0 if dp == 0 else math.inf)
+        of = f"change from {r:.4g}"
+    ok = abs(err) <= tol
+    return report(
+        ok,
+        f"{what}: predicted {p:.4g}, measured {m:.4g}, off by {err:+.1%} of the measured {of} "
+        f"(a good prediction is within {tol:.0%})",
+        "compare your reasoning with the solution: which assumption did the run contradict?",
+    )
+
+
+def sweep_table(result, what: str, min_points: int = 3):
+    """``(dict, None)`` when ``result`` maps at least ``min_points`` knob values to finite positive
+    perplexities, else ``(None, a hint)``."""
+    if not isinstance(result, dict):
+        return None, f"{what}: return a dict {{knob value: perplexity}}, got {type(result).__name__}"
+    if len(result) < min_points:
+        return None, f"{what}: measure at least {min_points} values of the knob, got {len(result)}"
+    table = {}
+    for k, v in result.items():
+        v = _number(getattr(v, "ppl", v))
+        if v is None or v <= 0:
+            return None, f"{what}: the value for {k!r} is not a positive perplexity"
+        table[k] = v
+    return table, None
+
+
+def remeasured(what: str, knob, got: float, truth: float, rtol: float = 2e-3) -> bool:
+    """Verdict on one point of a reader's sweep that the checker measured again."""
+    ok = math.isclose(got, truth, rel_tol=rtol)
+    return report(
+        ok,
+        f"{what}: at {knob!r} you measured {got:.4f}, an independent run gives {truth:.4f}",
+        "use the chapter's protocol: qtutor.eval.perplexity on the evaluation ids with the same "
+        "window length and token budget, on a fresh copy of the model",
+    )
+
+
+def check_memory_prediction(predicted, measured) -> bool:
+    """ex-ch00-predict-memory: how many times smaller than fp16 the whole model gets with its
+    decoder linears in RTN INT4, written down before it is measured; a good prediction is within
+    3%."""
+    return compare_prediction(predicted, measured, "compression of the whole model", 0.03)
+
+
+def check_window_sweep(result, model, ids, max_tokens) -> bool:
+    """ex-ch00-window-sweep: ``result`` maps window lengths ``L`` to the perplexity of ``model``
+    on ``ids`` in non-overlapping windows of ``L`` tokens, at most ``max_tokens`` tokens each.
+    Checks its form and measures the shortest window again."""
+    from ..eval import perplexity
+
+    table, hint = sweep_table(result, "window sweep")
+    if table is None:
+        return report(False, "window sweep", hint)
+    if not all(isinstance(k, int) and k >= 2 for k in table):
+        return report(False, "window sweep: the keys must be window lengths (ints >= 2)", "{L: perplexity}")
+    L = min(table)
+    truth = perplexity(model, ids, L, max_tokens, batch_size=8).ppl
+    return remeasured("window sweep", L, table[L], truth)

@@ -163,3 +163,35 @@ def check_pack4(fn) -> bool:
             hint = "the first code of a pair goes in the low nibble (bits 0-3)"
         return report(False, f"pack4: {int((got != ref).sum())} of {ref.numel()} bytes differ", hint)
     return report(True, "two 4-bit codes per byte, low nibble first")
+
+
+# --------------------------------------------------------------------------- predictions and experiments
+def check_int3_prediction(predicted, measured, base) -> bool:
+    """ex-ch01-predict-int3: the whole model's perplexity with RTN INT3 in groups, written down
+    before it is measured; a good prediction gets the increase over the float model ``base``
+    within 40%."""
+    from .ch00 import compare_prediction
+
+    return compare_prediction(predicted, measured, "RTN INT3 perplexity", 0.4, reference=base)
+
+
+def check_group_sweep(result, model, ids, seqlen, max_tokens, bits: int = 4) -> bool:
+    """ex-ch01-group-sweep: ``result`` maps group sizes (0: one grid per row) to the perplexity of
+    ``model`` with every decoder linear RTN-quantized to ``bits`` bits in those groups. Checks its
+    form and measures the largest group size again on a fresh copy."""
+    import copy
+
+    from ..api import quantize
+    from ..eval import perplexity
+    from .ch00 import remeasured, sweep_table
+
+    table, hint = sweep_table(result, "group-size sweep")
+    if table is None:
+        return report(False, "group-size sweep", hint)
+    if not all(isinstance(k, int) and k >= 0 for k in table):
+        return report(False, "group-size sweep: the keys must be group sizes (ints, 0 = per row)", "{g: perplexity}")
+    g = max(table, key=lambda k: math.inf if k == 0 else k)
+    m = copy.deepcopy(model)
+    quantize(m, "rtn_int4", RTNConfig(bits=bits, group_size=g))
+    truth = perplexity(m, ids, seqlen, max_tokens, batch_size=8).ppl
+    return remeasured("group-size sweep", g, table[g], truth)

@@ -190,3 +190,35 @@ def check_alpha_search(fn) -> bool:
             False, what, f"the errors are right but best_alpha should be {best}, the alpha with the smallest error"
         )
     return report(False, what, "the errors differ from the W8A8 output error defined in the exercise")
+
+
+# --------------------------------------------------------------------------- predictions and experiments
+def check_planted_prediction(predicted, measured) -> bool:
+    """ex-ch02-predict-planted: SmoothQuant's perplexity on the model with planted outliers,
+    written down before it is measured; a good prediction is within 1%."""
+    from .ch00 import compare_prediction
+
+    return compare_prediction(predicted, measured, "SmoothQuant W8A8 with planted outliers", 0.01)
+
+
+def check_alpha_sweep(result, model, calib, ids, seqlen, max_tokens) -> bool:
+    """ex-ch02-alpha-sweep: ``result`` maps migration strengths alpha to the perplexity of
+    ``model`` quantized with ``smoothquant_w8a8`` at that alpha (calibrated on ``calib``).
+    Checks its form and measures the smallest alpha again on a fresh copy."""
+    import copy
+
+    from ..api import quantize
+    from ..eval import perplexity
+    from ..quant.smoothquant import SmoothQuantConfig
+    from .ch00 import remeasured, sweep_table
+
+    table, hint = sweep_table(result, "alpha sweep")
+    if table is None:
+        return report(False, "alpha sweep", hint)
+    if not all(isinstance(k, (int, float)) and 0 <= k <= 1 for k in table):
+        return report(False, "alpha sweep: the keys must be migration strengths in [0, 1]", "{alpha: perplexity}")
+    a = min(table)
+    m = copy.deepcopy(model)
+    quantize(m, "smoothquant_w8a8", SmoothQuantConfig(alpha=float(a)), calib=calib)
+    truth = perplexity(m, ids, seqlen, max_tokens, batch_size=8).ppl
+    return remeasured("alpha sweep", a, table[a], truth)

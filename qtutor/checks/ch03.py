@@ -190,3 +190,39 @@ def check_gptq(fn) -> bool:
             hint,
         )
     return report(True, f"GPTQ: output error {l_got:.4g}, round-to-nearest's is {loss(rtn):.4g}")
+
+
+# --------------------------------------------------------------------------- predictions and experiments
+def check_gptq3_prediction(predicted, measured, base) -> bool:
+    """ex-ch03-predict-int3: the whole model's perplexity with GPTQ at 3 bits, written down before
+    it is measured; a good prediction gets the increase over the float model ``base`` within
+    35%."""
+    from .ch00 import compare_prediction
+
+    return compare_prediction(predicted, measured, "GPTQ INT3 perplexity", 0.35, reference=base)
+
+
+def check_layer_sensitivity(result, quantized, model, ids, seqlen, max_tokens) -> bool:
+    """ex-ch03-layers: ``result`` maps decoder-layer indices ``i`` to the perplexity of the
+    ``quantized`` model with its layer ``i`` put back to ``model``'s float layer. Checks its form
+    and measures the first layer of ``result`` again (``quantized`` is left as it was)."""
+    from ..eval import perplexity
+    from ..models import layout_for
+    from .ch00 import remeasured, sweep_table
+
+    layers_q, layers_f = layout_for(quantized).layers(quantized), layout_for(model).layers(model)
+    table, hint = sweep_table(result, "layer sensitivity", min_points=min(3, len(layers_q)))
+    if table is None:
+        return report(False, "layer sensitivity", hint)
+    if not all(isinstance(k, int) and 0 <= k < len(layers_q) for k in table):
+        return report(
+            False, f"layer sensitivity: the keys must be layer indices 0..{len(layers_q) - 1}", "{layer: perplexity}"
+        )
+    i = min(table)
+    kept = layers_q[i]
+    layers_q[i] = layers_f[i]
+    try:
+        truth = perplexity(quantized, ids, seqlen, max_tokens, batch_size=8).ppl
+    finally:
+        layers_q[i] = kept
+    return remeasured("layer sensitivity", i, table[i], truth)
