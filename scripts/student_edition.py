@@ -14,7 +14,8 @@ For each SRC_DIR/*.ipynb, writes OUT_DIR/<same name> with
 * every gated solution removed: from a {solution-start} fence to its {solution-end} fence,
   including whole cells (code cells too) between them;
 * every cell tagged `solution` removed;
-* markdown cells left empty by the above dropped, all outputs and execution counts cleared;
+* markdown cells left empty by the above dropped, all outputs and execution counts cleared,
+  the notebook's language_info reduced to the language's name;
 * the Colab badge line (scripts/colab_badges.py) rewritten to open the student notebook,
   student/<same name> in the repository named by _config.yml, and to say it is the student edition.
 Exercises, hints, the stubs to fill in and the calls to `qtutor.checks` stay. Exits 1 if a notebook still mentions
@@ -112,6 +113,10 @@ def student_notebook(path: Path, root: Path = ROOT) -> tuple[dict, int, list[int
     still open a solution directive, whether a gated solution was left open)."""
     stripper = Stripper()
     nb = stripper.notebook(_nbio.read(path))
+    # running a chapter rewrites language_info with the local interpreter's details (version,
+    # lexer): the edition keeps only the language, so it does not depend on who ran the chapter
+    meta = nb.setdefault("metadata", {})
+    meta["language_info"] = {"name": meta.get("language_info", {}).get("name", "python")}
     leftover = [
         i
         for i, c in enumerate(nb["cells"])
