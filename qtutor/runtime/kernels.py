@@ -655,60 +655,47 @@ def accelerate(
     if backend == "cpu":
         converted, skipped = _accelerate_cpu(model, verify)
         return {"backend": backend, "converted": converted, "skipped": skipped}
+
+    def swap(name, module, reason, mixin, kernel, **attrs) -> None:
+        """Give ``module`` the Triton kernel ``mixin`` in place, or record why not."""
+        if reason is not None:
+            skipped[name] = reason
+            return
+        module.__class__ = _swapped_class(type(module), mixin)
+        module.kernel_on_cpu = kernel_on_cpu
+        for k, v in attrs.items():
+            setattr(module, k, v)
+        converted[name] = kernel
+
+    no_triton = "triton is not installed"
     for name, module in list(model.named_modules()):
         if isinstance(module, (_SwappedGemvMixin, Int4TinyGemmLinear, Int8WeightOnlyLinear)):
             continue
         if isinstance(module, UniformLinear) and module.bits == 8:
-            reason = triton_int8_reason(module) if has_triton else "triton is not installed"
-            if reason is None:
-                module.__class__ = _swapped_class(type(module), _TritonInt8)
-                module.kernel_on_cpu = kernel_on_cpu
-                converted[name] = _TritonInt8.kernel_name
-            else:
-                skipped[name] = reason
+            reason = triton_int8_reason(module) if has_triton else no_triton
+            swap(name, module, reason, _TritonInt8, _TritonInt8.kernel_name)
         elif isinstance(module, NF4Linear):
-            reason = triton_nf4_reason(module) if has_triton else "triton is not installed"
-            if reason is None:
-                module.__class__ = _swapped_class(type(module), _TritonNF4)
-                module.kernel_on_cpu = kernel_on_cpu
-                converted[name] = _TritonNF4.kernel_name
-            else:
-                skipped[name] = reason
+            reason = triton_nf4_reason(module) if has_triton else no_triton
+            swap(name, module, reason, _TritonNF4, _TritonNF4.kernel_name)
         elif isinstance(module, UniformLinear):
-            if backend == "tinygemm":
-                reason = tinygemm_reason(module, module.qweight.device)
-                if reason is None:
-                    model.set_submodule(name, Int4TinyGemmLinear.from_uniform(module, verify=verify))
-                    converted[name] = "tinygemm"
-                    continue
+            if backend != "tinygemm":
+                swap(name, module, triton_int4_reason(module), _TritonInt4, "triton int4_gemv")
+                continue
+            reason = tinygemm_reason(module, module.qweight.device)
+            if reason is None:
+                model.set_submodule(name, Int4TinyGemmLinear.from_uniform(module, verify=verify))
+                converted[name] = "tinygemm"
             else:
-                reason = triton_int4_reason(module)
-                if reason is None:
-                    module.__class__ = _swapped_class(type(module), _TritonInt4)
-                    module.kernel_on_cpu = kernel_on_cpu
-                    converted[name] = "triton int4_gemv"
-                    continue
-            skipped[name] = reason
+                skipped[name] = reason
         elif hasattr(module, "lut") and isinstance(module, QuantizedLinear):
-            reason = triton_lut_reason(module) if has_triton else "triton is not installed"
-            if reason is None:
-                mode = lut_mode
-                if mode == "prmt" and not _prmt_fits(module):  # whole 32-bit words, NVIDIA PTX
-                    mode = "load"
-                module.__class__ = _swapped_class(type(module), _TritonLUT)
-                module.kernel_on_cpu = kernel_on_cpu
-                module.lut_mode = mode
-                converted[name] = f"triton lut_gemv ({mode})"
-            else:
-                skipped[name] = reason
+            mode = lut_mode
+            if mode == "prmt" and not _prmt_fits(module):  # whole 32-bit words, NVIDIA PTX
+                mode = "load"
+            reason = triton_lut_reason(module) if has_triton else no_triton
+            swap(name, module, reason, _TritonLUT, f"triton lut_gemv ({mode})", lut_mode=mode)
         elif isinstance(module, W8A8Linear):
-            reason = triton_w8a8_reason(module) if has_triton else "triton is not installed"
-            if reason is None:
-                module.__class__ = _swapped_class(type(module), _TritonW8A8)
-                module.kernel_on_cpu = kernel_on_cpu
-                converted[name] = "triton w8a8_gemv"
-            else:
-                skipped[name] = reason
+            reason = triton_w8a8_reason(module) if has_triton else no_triton
+            swap(name, module, reason, _TritonW8A8, "triton w8a8_gemv")
     return {"backend": backend, "converted": converted, "skipped": skipped}
 
 
