@@ -614,6 +614,7 @@ def measure(options, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, kee
         "memory_mb": mem.total_mb,
         "compression_ratio": fp16_bytes / mem.total_bytes,
         "latency_ms_per_token": lat.ms_per_token,
+        "latency_runs_ms_per_token": list(lat.runs_ms_per_token),  # each timed decode (the median is above)
         "quant_seconds": report.seconds,
         "latency_method": getattr(lat, "method", "hf-dynamic-cache"),
         "memory_split_bytes": {

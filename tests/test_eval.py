@@ -7,7 +7,8 @@ import torch
 
 import qtutor
 from qtutor.data import calibration_windows, eval_windows
-from qtutor.eval import decode_latency, memory_report, perplexity
+from qtutor.eval import decode_latency, hf_generate_latency, memory_report, perplexity
+from qtutor.eval.latency import greedy_decode, hf_generate
 
 
 class Uniform(torch.nn.Module):
@@ -84,3 +85,17 @@ def test_memory_shrinks_with_quantization(model):
 def test_latency_reports_positive_median(model):
     r = decode_latency(model, torch.arange(8), new_tokens=5, runs=3)
     assert r.ms_per_token > 0 and len(r.runs_ms_per_token) == 3 and r.new_tokens == 5
+
+
+def test_hf_generate_decodes_the_same_tokens_as_the_book_loop(model):
+    """The "what a user would pick instead" row times the same greedy decode: generate with a
+    static cache gives the tokens of the package's own loop (dynamic cache)."""
+    prompt = torch.arange(3, 11)
+    ours, _, _ = greedy_decode(model, prompt, 6)
+    assert torch.equal(hf_generate(model, prompt, 6), ours)
+
+
+def test_hf_generate_latency_fields(model):
+    r = hf_generate_latency(model, torch.arange(8), new_tokens=4, runs=2, compile=False)
+    assert r.ms_per_token >= 0 and r.prefill_ms > 0 and len(r.runs_ms_per_token) == 2 and r.new_tokens == 4
+    assert r.dtype == "float32" and r.device == "cpu"

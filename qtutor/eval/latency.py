@@ -89,3 +89,77 @@ def decode_latency(
         str(p.device),
         str(p.dtype).replace("torch.", ""),
     )
+
+
+
+def _compile_config(device: torch.device):
+    """transformers' defaults for compiling ``generate``'s forward (CUDA graphs on a GPU), and
+    on a CPU too (transformers compiles on accelerators only unless told)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default")
+    config._compile_all_devices = True  # a class attribute, not an argument
+    return config
+
+
+@torch.no_grad()
+def hf_generate(model, prompt_ids: torch.Tensor, new_tokens: int, compile_config=None) -> torch.Tensor:
+    """Greedy ``model.generate`` with a static KV cache -> the generated ids (new_tokens,).
+
+    compile_config: a transformers ``CompileConfig`` to compile the forward with (one object
+    reused across calls, so the compiled forward is reused too), or None: no compilation.
+    """
+    from transformers import GenerationConfig
+
+    ids = prompt_ids.view(1, -1).to(next(model.parameters()).device)
+    gen = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        cache_implementation="static",
+        disable_compile=compile_config is None,
+        compile_config=compile_config,
+        pad_token_id=0,
+    )
+    return model.generate(ids, generation_config=gen)[0, ids.shape[1] :]
+
+
+@torch.no_grad()
+def hf_generate_latency(
+    model, prompt_ids: torch.Tensor, new_tokens: int = 50, runs: int = 5, compile: bool = True
+) -> LatencyResult:
+    """What a Hugging Face user would run instead: :func:`hf_generate` (``model.generate``,
+    greedy, static KV cache) with, when ``compile``, the forward compiled by ``torch.compile``
+    (transformers' own auto-compilation), timed like :func:`decode_latency`.
+
+    ``generate`` does not report its prefill, so each run generates ``new_tokens`` tokens and
+    then one token; the difference over ``new_tokens - 1`` is the time per decoded token, the
+    one-token run's time the prefill. One warm-up run of each comes first, which also compiles:
+    compilation time is not counted, as a server compiles once. prompt_ids: (P,) token ids.
+    """
+    device = next(model.parameters()).device
+    config = _compile_config(device) if compile else None
+
+    def timed(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        hf_generate(model, prompt_ids, n, config)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    timed(new_tokens), timed(1)  # warm-up (and compilation)
+    per_token, prefill = [], []
+    for _ in range(runs):
+        t_all, t_one = timed(new_tokens), timed(1)
+        per_token.append(1000 * max(t_all - t_one, 0.0) / max(new_tokens - 1, 1))
+        prefill.append(1000 * t_one)
+    p = next(model.parameters())
+    return LatencyResult(
+        statistics.median(per_token),
+        per_token,
+        statistics.median(prefill),
+        int(prompt_ids.numel()),
+        new_tokens,
+        str(p.device),
+        str(p.dtype).replace("torch.", ""),
+    )
