@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Derive every chapter's "Open in Colab" badge and Colab install line from _config.yml.
+"""Derive every chapter's "Open in Colab" badge and Colab install line, and the links to the
+published site, from _config.yml.
 
 The repository's public URL is written once, as `repository.url` (and `repository.branch`) in
 _config.yml. This script rewrites, in each chapters/*.ipynb:
@@ -15,9 +16,15 @@ _config.yml. This script rewrites, in each chapters/*.ipynb:
   `git+URL@BRANCH` (the rest of the line, e.g. `-q` or extras `qtutor[coreml] @ git+...`,
   is kept); a guarded block is appended if the cell has none.
 
+It also rewrites the links to the book's site in README.md and book/how-to-read-and-run.md (those
+of them that exist under the root): the site is published on GitHub Pages
+(.github/workflows/book.yml), at https://OWNER.github.io/REPO/ for https://github.com/OWNER/REPO.
+Every https://....github.io/ link in those files must start with that address (a stale one has
+its https://HOST.github.io/NAME/ prefix replaced), and README.md must link it.
+
 Usage:
     python scripts/colab_badges.py            # rewrite the notebooks in place
-    python scripts/colab_badges.py --check    # exit 1 if any notebook is out of date
+    python scripts/colab_badges.py --check    # exit 1 if any notebook or site link is out of date
     python scripts/colab_badges.py [--root DIR] [NOTEBOOK ...]
 
 Idempotent: a second run changes nothing.
@@ -70,12 +77,67 @@ def read_repository(config: Path) -> tuple[str, str, str]:
 STUDENT_DIR = "student"  # the student edition, beside chapters/ in the repository
 
 
-def _badge(url: str, branch: str, nb_path_in_repo: str) -> str:
+def _owner_repo(url: str) -> tuple[str, str]:
     parts = [p for p in urlparse(url).path.split("/") if p]
     if len(parts) < 2:
         sys.exit(f"colab_badges: repository.url {url!r} is not https://github.com/OWNER/REPO")
-    owner, repo = parts[0], parts[1]
-    return f"[![Open In Colab]({BADGE_IMG})]({COLAB}/{owner}/{repo}/blob/{branch}/{nb_path_in_repo})"
+    return parts[0], parts[1]
+
+
+def colab_url(url: str, branch: str, nb_path_in_repo: str) -> str:
+    """The address that opens the notebook at `nb_path_in_repo` of the repository in Colab."""
+    owner, repo = _owner_repo(url)
+    return f"{COLAB}/{owner}/{repo}/blob/{branch}/{nb_path_in_repo}"
+
+
+def _badge(url: str, branch: str, nb_path_in_repo: str) -> str:
+    return f"[![Open In Colab]({BADGE_IMG})]({colab_url(url, branch, nb_path_in_repo)})"
+
+
+# ---------------------------------------------------------------------------------------------
+# the site's address in the documents
+
+SITE_DOCS = ("README.md", "book/how-to-read-and-run.md")  # relative to the root; README must link it
+SITE_LINK_RE = re.compile(r"https?://[A-Za-z0-9-]+\.github\.io/[^\s)\]>\"'`<]*")
+SITE_PREFIX_RE = re.compile(r"https?://[A-Za-z0-9-]+\.github\.io/(?:[A-Za-z0-9._-]+(?:/|$))?")
+
+
+def site_url(url: str) -> str:
+    """The GitHub Pages address of the repository: https://OWNER.github.io/REPO/ (the root of
+    https://OWNER.github.io/ for a repository named OWNER.github.io)."""
+    owner, repo = _owner_repo(url)
+    host = f"{owner.lower()}.github.io"
+    return f"https://{host}/" if repo.lower() == host else f"https://{host}/{repo}/"
+
+
+def _moved(link: str, site: str) -> str:
+    if (link if link.endswith("/") else link + "/").startswith(site):
+        return link  # under the site already (or the site without its last slash)
+    return SITE_PREFIX_RE.sub(site, link, count=1)
+
+
+def fix_site_links(text: str, site: str) -> str:
+    """`text` with every github.io link that does not start with `site` moved under it."""
+    return SITE_LINK_RE.sub(lambda m: _moved(m[0], site), text)
+
+
+def site_links(root: Path, site: str, fix: bool) -> tuple[list[str], bool]:
+    """The SITE_DOCS under `root` with a github.io link outside `site` (rewritten when `fix`),
+    and whether README.md, if there is one, lacks a link to `site`."""
+    stale, unlinked = [], False
+    for rel in SITE_DOCS:
+        path = root / rel
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        fixed = fix_site_links(text, site)
+        if fixed != text:
+            stale.append(rel)
+            if fix:
+                path.write_text(fixed, encoding="utf-8")
+        if rel == "README.md" and site not in fixed:
+            unlinked = True
+    return stale, unlinked
 
 
 def badge_line(url: str, branch: str, nb_path_in_repo: str) -> str:
@@ -183,11 +245,21 @@ def main(argv: list[str] | None = None) -> int:
         stale.append(rel)
         if not args.check:
             _nbio.write(path, new)
-    if args.check and stale:
-        print(f"colab_badges: out of date (run python scripts/colab_badges.py): {', '.join(stale)}")
+    site = site_url(url)
+    stale_docs, unlinked = site_links(root, site, fix=not args.check)
+    problems = []
+    if args.check and (stale or stale_docs):
+        problems.append(f"out of date (run python scripts/colab_badges.py): {', '.join(stale + stale_docs)}")
+    if unlinked:
+        problems.append(f"README.md does not link the site, {site}")
+    if problems:
+        print(f"colab_badges: {'; '.join(problems)}")
         return 1
     if not args.check:
-        print(f"colab_badges: {len(notebooks)} notebooks, {len(stale)} updated ({url}, branch {branch})")
+        print(
+            f"colab_badges: {len(notebooks)} notebooks, {len(stale)} updated, "
+            f"{len(stale_docs)} documents' site links updated ({url}, branch {branch}, site {site})"
+        )
     return 0
 
 
