@@ -91,7 +91,6 @@ def decode_latency(
     )
 
 
-
 def _compile_config(device: torch.device):
     """transformers' defaults for compiling ``generate``'s forward (CUDA graphs on a GPU), and
     on a CPU too (transformers compiles on accelerators only unless told)."""
