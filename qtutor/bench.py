@@ -55,6 +55,7 @@ class BenchConfig:
     dtype: str = "auto"
     fast_decode: Optional[bool] = None
     kernels: str = "auto"
+    hf_generate: Optional[bool] = None  # also time what a user would pick instead (None: on a GPU)
     latency_tokens: int = 50
     latency_runs: int = 3
     seed: int = 0
@@ -548,6 +549,11 @@ def run_bench(
             check_resumable(plan.results_path, previous, header["settings"], plan.configs)
         results = start_results(plan.results_path, config, header, previous, log)
         run_methods(config, plan, inputs, results, keep, on_result, log)
+        if (plan.device.type == "cuda" if config.hf_generate is None else config.hf_generate) and not results.get(
+            "alternatives"
+        ):
+            results["alternatives"] = time_alternatives(inputs.base, inputs.prompt, config, log)
+            write_json(plan.results_path, results)
         if keep is not None and "base" in keep:
             keep["base"] = inputs.base
         wall = time.perf_counter() - t_start
@@ -630,6 +636,38 @@ def measure(options, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, kee
             k: {"numel": v["numel"], "weight_rel_error": v.get("weight_rel_error")} for k, v in report.layers.items()
         },
     }
+
+
+#: what a user would pick instead of the book's decoding loop: name -> compile the forward?
+ALTERNATIVES = {"hf-generate-static": False, "hf-generate-static-compile": True}
+
+
+def time_alternatives(base, prompt, options, log=print) -> dict:
+    """The float model ``base`` decoding with Hugging Face ``generate``, a static KV cache and,
+    for the second entry, ``torch.compile`` (:func:`qtutor.eval.latency.hf_generate_latency`):
+    what a user would run instead of the benchmark's loop, timed in the same run. Returns
+    ``{name: {"latency_ms_per_token", "latency_runs_ms_per_token", "prefill_ms", "seconds",
+    "status"}}``; a failure is recorded in ``status`` and does not stop the other entry."""
+    from .eval.latency import hf_generate_latency
+
+    out = {}
+    for name, compiled in ALTERNATIVES.items():
+        t0 = time.perf_counter()
+        try:
+            lat = hf_generate_latency(base, prompt, options.latency_tokens, options.latency_runs, compile=compiled)
+            entry = {
+                "latency_ms_per_token": lat.ms_per_token,
+                "latency_runs_ms_per_token": list(lat.runs_ms_per_token),
+                "prefill_ms": lat.prefill_ms,
+                "status": "ok",
+            }
+        except Exception as err:  # report and go on: the methods' results are already written
+            entry = {"status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+        entry["seconds"] = time.perf_counter() - t0  # compilation and warm-up included
+        out[name] = entry
+        ms = entry.get("latency_ms_per_token")
+        log(f"{name:26s} {'' if ms is None else f'{ms:7.2f} ms/tok  '}({entry['seconds']:.1f} s) {entry['status']}")
+    return out
 
 
 def _ppl_interval(window_nll: list, seed: int) -> Optional[list]:

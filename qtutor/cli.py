@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         "auto: Triton on CUDA; on a CPU torch's int8/int4 weight-only ops and the C LUT kernel); "
         "perplexity always uses the reference forward",
     )
+    p.add_argument(
+        "--hf-generate",
+        action=argparse.BooleanOptionalAction,
+        default=d.hf_generate,
+        help="also time the float model with Hugging Face generate, a static KV cache and torch.compile: "
+        "what a user would run instead (default: on CUDA; on a CPU the compilation takes a minute or more)",
+    )
     p.add_argument("--latency-tokens", type=int, default=d.latency_tokens)
     p.add_argument("--latency-runs", type=int, default=d.latency_runs)
     p.add_argument("--seed", type=int, default=d.seed)

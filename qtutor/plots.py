@@ -430,6 +430,17 @@ def plot_results(results: dict, out: Path) -> list[Path]:
             sns.barplot(x=vals, y=names, hue=names, palette=colors, orient="h", ax=ax, legend=False)
             for i, v in enumerate(vals):
                 ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
+            if key == "latency_ms_per_token":  # what a user would run instead, on the float model
+                alts = [
+                    (n, a["latency_ms_per_token"])
+                    for n, a in (results.get("alternatives") or {}).items()
+                    if a.get("latency_ms_per_token")
+                ]
+                for (alt, ms), ls in zip(alts, ("--", ":")):
+                    ax.axvline(ms, ls=ls, lw=1, color="0.3", label=f"float model, {alt}: {ms:.2f}")
+                    vals = vals + [ms]
+                if alts:
+                    ax.legend(fontsize=7, loc="best")
             ax.set_xlim(0, max(vals + [1e-9]) * 1.18)
             ax.set_xlabel(label)
             ax.set_ylabel("")

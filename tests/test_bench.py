@@ -359,3 +359,33 @@ def test_gptq_column_order_flags_reach_gptq_only(flags, act_order, static_groups
     assert (configs["gptq_int4"].act_order, configs["gptq_int4"].static_groups) == (act_order, static_groups)
     assert configs["awq_int4"] == qtutor.get_method("awq_int4").default_config
     assert configs["rtn_int4"] == qtutor.get_method("rtn_int4").default_config
+
+
+def test_hf_generate_rows_time_the_float_model_and_a_failure_loses_nothing(model_dir, data_dir, tmp_path, monkeypatch):
+    """--hf-generate: what a user would run instead (generate, static cache; the compiled entry is
+    left out here, its compilation takes a minute on a CPU), timed in the same run and drawn on
+    the latency figure; a failing entry is recorded and the methods' results stay."""
+    import qtutor.bench
+    import qtutor.eval.latency
+
+    monkeypatch.setattr(qtutor.bench, "ALTERNATIVES", {"hf-generate-static": False})
+    argv = bench_args(model_dir, data_dir, tmp_path / "a", "--methods", "fp16_baseline", "--hf-generate")
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    alt = res["alternatives"]["hf-generate-static"]
+    assert alt["status"] == "ok" and alt["latency_ms_per_token"] > 0 and len(alt["latency_runs_ms_per_token"]) >= 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("compiler missing\nsecond line")
+
+    monkeypatch.setattr(qtutor.eval.latency, "hf_generate_latency", broken)
+    argv = bench_args(model_dir, data_dir, tmp_path / "b", "--methods", "fp16_baseline", "--hf-generate")
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert res["alternatives"]["hf-generate-static"]["status"] == "failed: RuntimeError: compiler missing"
+    assert res["methods"]["fp16_baseline"]["ppl"] > 0
+
+
+def test_no_hf_generate_rows_on_a_cpu_by_default(model_dir, data_dir, tmp_path):
+    assert main(bench_args(model_dir, data_dir, tmp_path, "--methods", "fp16_baseline")) == 0
+    assert "alternatives" not in json.loads((tmp_path / "results.json").read_text())
