@@ -15,6 +15,22 @@ re-run with qtutor changed in the one way suspected, on the same model, windows 
   (``s = x_mean^r / w_mean^(1-r)``, llm-compressor's and AutoAWQ's default; llm-awq has none)
   and no clipping search (llm-compressor has none; llm-awq and AutoAWQ clip), per row,
   symmetric and asymmetric.
+* ``awq-grid``, ``awq-inputs``, ``awq-llmc``: qtutor's AWQ with llm-compressor's two choices
+  above and, added one at a time, its remaining ones (read from ``AWQModifier``, llm-compressor
+  0.14): the reference grid (``2 max|w| / 15``, in the search and in the final quantization;
+  ``awq-grid``); the float model's outputs as each layer's inputs (``awq-inputs``: its sequential
+  pipeline runs under ``DisableQuantization``, so layer ``i`` is calibrated on the outputs of the
+  smoothed but unquantized layers ``0..i-1``; qtutor feeds it the quantized layers' outputs);
+  and all of them with llm-compressor's ratio grid (``awq-llmc``: the identity, then duo
+  scaling at ``i / 18``, ``i = 0..18``, ratio 1 included; ``AWQConfig(ratio_grid="llm-compressor")``),
+  per row symmetric and asymmetric. Without clipping, the float model's outputs are exactly the
+  smoothed float layers' outputs (smoothing is an equivalence), which is what llm-compressor
+  propagates.
+* ``palettization-skip``: qtutor's palettization with the linears that coremltools leaves
+  uncompressed left in float as well: coremltools 9 skips a layer whose output width is not a
+  multiple of the LUT group (16), with a warning; qtutor gives the last LUT fewer rows. On
+  stories260K that is gate_proj and up_proj (172 rows), about half of the decoder's weights.
+  With the fp16 k-means (qtutor's default) and with coremltools' (``kmeans="coreml"``).
 
 Writes ``OUT.csv`` (one row per experiment) and prints them.
 
@@ -37,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_quality_args, layout_name, quality_setup, write_csv  # noqa: E402
 
 import qtutor  # noqa: E402
+from qtutor import calib as calib_module  # noqa: E402
+from qtutor.models import layout_for  # noqa: E402
 from qtutor.quant import gptq as gptq_module  # noqa: E402
 from qtutor.quant import rtn as rtn_module  # noqa: E402
 
@@ -64,15 +82,58 @@ def grid(find_params):
         rtn_module.find_params, gptq_module.find_params = ORIGINAL, ORIGINAL
 
 
+@contextmanager
+def float_inputs(model, on: bool = True):
+    """qtutor's layer-by-layer driver (``qtutor.calib.sequential``) with each layer's inputs taken
+    from the float model (a copy of the layers made before quantizing) instead of the outputs of
+    the already quantized layers: llm-compressor's AWQ protocol."""
+    if not on:
+        yield
+        return
+    float_layers = {id(layer): copy.deepcopy(layer) for layer in layout_for(model).layers(model)}
+    run_layer = calib_module.run_layer
+
+    def run_float(layer, X, kwargs, batch_size=8):
+        return run_layer(float_layers[id(layer)], X, kwargs, batch_size)
+
+    calib_module.run_layer = run_float
+    try:
+        yield
+    finally:
+        calib_module.run_layer = run_layer
+
+
+FLOAT_INPUTS = dict(float_inputs=True)
+
+
+def keep_coreml_skips(quantized, original, group_size: int) -> list[str]:
+    """Put back the float linears of ``original`` wherever coremltools 9's ``PostTrainingPalettizer``
+    (``per_grouped_channel``) leaves a layer uncompressed: its output width is not a multiple of
+    ``group_size`` (``sanitize_palettization_group_size``; stories260K's gate_proj and up_proj, 172
+    rows, with groups of 16). Returns the kinds of linear put back."""
+    layout = layout_for(original)
+    kept = set()
+    for q_layer, f_layer in zip(layout.layers(quantized), layout.layers(original)):
+        for name, lin in layout.linears(f_layer).items():
+            if lin.out_features % group_size:
+                parent, child = name.rsplit(".", 1)
+                setattr(q_layer.get_submodule(parent), child, copy.deepcopy(lin))
+                kept.add(name)
+    return sorted(kept)
+
+
+EXPERIMENTS = ("grid", "sequential", "awq", "awq-grid", "awq-inputs", "awq-llmc", "palettization-skip")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_args(p)
-    p.add_argument("--experiments", default="grid,sequential,awq", help="comma-separated: grid, sequential, awq")
+    p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated: {', '.join(EXPERIMENTS)}")
     args = p.parse_args(argv)
     chosen = args.experiments.split(",")
-    if not set(chosen) <= {"grid", "sequential", "awq"}:
-        p.error(f"--experiments {args.experiments!r}: choose from grid, sequential, awq")
-    runs = []  # (method, registered name, config, experiment label, find_params)
+    if not set(chosen) <= set(EXPERIMENTS):
+        p.error(f"--experiments {args.experiments!r}: choose from {', '.join(EXPERIMENTS)}")
+    runs = []  # (method, registered name, config, experiment label, find_params[, float inputs])
     if "grid" in chosen:
         for method, name, cfg_class in (
             ("rtn", "rtn_int4", qtutor.RTNConfig),
@@ -93,16 +154,42 @@ def main(argv=None) -> int:
             ):
                 cfg = qtutor.AWQConfig(bits=args.bits, group_size=0, sym=sym, **change)
                 runs.append(("awq", "awq_int4", cfg, label, ORIGINAL))
+    llmc = dict(duo_scaling=True, clip=False)  # llm-compressor's two choices measured by "awq"
+    if "awq-grid" in chosen:
+        cfg = qtutor.AWQConfig(bits=args.bits, group_size=0, sym=True, **llmc)
+        runs.append(("awq", "awq_int4", cfg, "duo scaling, no clipping, the reference grid", reference_sym_params))
+    if "awq-inputs" in chosen:
+        cfg = qtutor.AWQConfig(bits=args.bits, group_size=0, sym=True, **llmc)
+        runs.append(("awq", "awq_int4", cfg, "duo scaling, no clipping, float inputs", ORIGINAL, FLOAT_INPUTS))
+        label = "duo scaling, no clipping, the reference grid, float inputs"
+        runs.append(("awq", "awq_int4", cfg, label, reference_sym_params, FLOAT_INPUTS))
+    if "awq-llmc" in chosen:
+        for sym in (True, False):
+            cfg = qtutor.AWQConfig(bits=args.bits, group_size=0, sym=sym, ratio_grid="llm-compressor", **llmc)
+            label = "all of llm-compressor's choices (+ its ratio grid)"
+            runs.append(("awq", "awq_int4", cfg, label, reference_sym_params, FLOAT_INPUTS))
+    if "palettization-skip" in chosen:
+        for kmeans in ("fp16", "coreml"):
+            cfg = qtutor.PalettizeConfig(bits=args.bits, kmeans=kmeans)
+            label = f"kmeans={kmeans}, the linears coremltools skips left in float"
+            runs.append(("palettization", "palettization_4bit", cfg, label, ORIGINAL, dict(coreml_skips=True)))
     model, dataset, calib, env, score = quality_setup(args)
     rows = []
-    for method, name, cfg, label, params in runs:
+    for method, name, cfg, label, params, *extra in runs:
+        opts = extra[0] if extra else {}
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
-        with grid(params):
-            qtutor.quantize(m, name, cfg, calib=calib if method != "rtn" else None)
+        with grid(params), float_inputs(m, opts.get("float_inputs", False)):
+            qtutor.quantize(m, name, cfg, calib=calib if method in ("gptq", "awq") else None)
+        if opts.get("coreml_skips"):
+            kept = keep_coreml_skips(m, model, cfg.group_size)
+            print(f"left in float as coremltools does: {', '.join(kept)}")
         seconds = time.perf_counter() - t0
         r = score(m)
-        layout = layout_name(args.bits, cfg.group_size, cfg.sym)
+        if method == "palettization":
+            layout = f"LUT{cfg.bits} per {cfg.group_size} rows, row scales"  # peers.py's name
+        else:
+            layout = layout_name(args.bits, cfg.group_size, cfg.sym)
         rows.append(
             dict(
                 model=Path(args.model).name if Path(args.model).is_dir() else args.model,
