@@ -202,9 +202,9 @@ PEERS = {
 }
 
 
-def plan(methods: list[str], bits: int, group_sizes: list[int], alpha: float):
+def plan(methods: list[str], bits: int, group_sizes: list[int], alpha: float, per_row: bool = True):
     """(layout name, layout, method) in the order they run."""
-    for group in (0, *group_sizes):
+    for group in (0, *group_sizes) if per_row else group_sizes:
         for sym in (True, False):
             lay = dict(bits=bits, group=group, sym=sym)
             for m in methods:
@@ -223,6 +223,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_args(p)
     p.add_argument("--group-size", default="64", help="the group-wise layouts' group sizes, comma-separated")
+    p.add_argument(
+        "--no-per-row",
+        action="store_true",
+        help="only the group-wise layouts of the uniform methods (to add rows for another group size)",
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength (both libraries)")
     p.add_argument("--methods", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)}")
     p.add_argument(
@@ -260,7 +265,7 @@ def main(argv=None) -> int:
     header["eval_tokens"] = base.eval_tokens
     print(f"float: {base}")
     rows = [dict(layout="float", method="float", implementation="-", ppl=base.ppl, seconds=0.0)]
-    for layout, lay, method in plan(methods, args.bits, group_sizes, args.alpha):
+    for layout, lay, method in plan(methods, args.bits, group_sizes, args.alpha, per_row=not args.no_per_row):
         peer_run, peer_name, package = PEERS[method]
         impls = [("qtutor", qtutor_run)] + ([(peer_name, peer_run)] if version(package) else [])
         for change in variants.get(method, []):

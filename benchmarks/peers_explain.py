@@ -5,8 +5,8 @@ re-run with qtutor changed in the one way suspected, on the same model, windows 
   llm-compressor, ``s = 2 max|w| / (2^b - 1)`` with codes clamped to ``[-2^(b-1), 2^(b-1) - 1]``
   (so the largest positive weight is clipped by ``s / 2``), instead of qtutor's
   ``s = max|w| / (2^(b-1) - 1)`` (every weight inside the grid). If the two perplexities land on
-  the reference library's, the grid is the whole difference.
-
+  the reference library's, the grid is the whole difference. ``--group-size`` runs them (and
+  ``sequential``) on groups of input columns instead of per row.
 * ``sequential``: GPTQ with the reference grid and without true-sequential calibration (one
   forward per layer collects every linear's ``H`` from the float layer, as llm-compressor does;
   qtutor by default calibrates o_proj, gate/up and down_proj on inputs from the layer's already
@@ -26,6 +26,15 @@ re-run with qtutor changed in the one way suspected, on the same model, windows 
   per row symmetric and asymmetric. Without clipping, the float model's outputs are exactly the
   smoothed float layers' outputs (smoothing is an equivalence), which is what llm-compressor
   propagates.
+* ``fp32-scale``, ``awq-llmc-fp32``: RTN (at ``--group-size``) and ``awq-llmc``'s AWQ (per row)
+  in llm-compressor's arithmetic: its grid with the scale left in float32 when the codes are
+  computed, as compressed-tensors does for a float32 model (qtutor rounds the scale up to the
+  fp16 it stores; the search's fake quantization then uses the float32 scale too), symmetric
+  and asymmetric.
+* ``llmc-awq-sym``, ``llmc-awq-asym``: llm-compressor's own AWQ (per row, as ``peers.py`` runs
+  it), first in its process, or after the llm-compressor methods of ``--llmc-before`` (run on
+  copies of the model, as ``peers.py`` runs RTN and GPTQ before AWQ): its result depends on
+  them.
 * ``palettization-skip``: qtutor's palettization with the linears that coremltools leaves
   uncompressed left in float as well: coremltools 9 skips a layer whose output width is not a
   multiple of the LUT group (16), with a warning; qtutor gives the last LUT fewer rows. On
@@ -46,11 +55,13 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_quality_args, layout_name, quality_setup, write_csv  # noqa: E402
+from peers import llmcompressor_run  # noqa: E402
 
 import qtutor  # noqa: E402
 from qtutor import calib as calib_module  # noqa: E402
@@ -67,6 +78,22 @@ def reference_sym_params(W: torch.Tensor, bits: int, sym: bool):
     scale = absmax / ((2**bits - 1) / 2)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return rtn_module.fp16_round_up(scale.clamp(min=1e-6)), torch.full_like(scale, 2 ** (bits - 1))
+
+
+def reference_params_fp32(W: torch.Tensor, bits: int, sym: bool):
+    """llm-compressor's grid in its arithmetic: the reference grid when symmetric, qtutor's (the
+    same as compressed-tensors') when asymmetric, and the scale left in float32 (compressed-tensors
+    keeps the weights' dtype) instead of rounded up to the fp16 that qtutor stores. The codes are
+    computed with the float32 scale; a ``UniformLinear`` then stores it rounded to fp16."""
+    xmin, xmax = W.min(dim=1).values.clamp(max=0), W.max(dim=1).values.clamp(min=0)
+    if sym:
+        scale = torch.maximum(-xmin, xmax) / ((2**bits - 1) / 2)
+    else:
+        scale = (xmax - xmin) / (2**bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if sym:
+        return scale, torch.full_like(scale, 2 ** (bits - 1))
+    return scale, torch.round(-xmin / scale).clamp(0, 2**bits - 1)
 
 
 ORIGINAL = rtn_module.find_params
@@ -122,13 +149,33 @@ def keep_coreml_skips(quantized, original, group_size: int) -> list[str]:
     return sorted(kept)
 
 
-EXPERIMENTS = ("grid", "sequential", "awq", "awq-grid", "awq-inputs", "awq-llmc", "palettization-skip")
+EXPERIMENTS = (
+    "grid",
+    "sequential",
+    "awq",
+    "awq-grid",
+    "awq-inputs",
+    "awq-llmc",
+    "awq-llmc-fp32",
+    "fp32-scale",
+    "llmc-awq-sym",
+    "llmc-awq-asym",
+    "palettization-skip",
+)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_args(p)
     p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated: {', '.join(EXPERIMENTS)}")
+    p.add_argument(
+        "--group-size", type=int, default=0, help="the layout of the grid and sequential experiments (0: per row)"
+    )
+    p.add_argument(
+        "--llmc-before",
+        default="",
+        help="llmc-awq-*: llm-compressor methods run (on copies, unscored) before its AWQ in the same process",
+    )
     args = p.parse_args(argv)
     chosen = args.experiments.split(",")
     if not set(chosen) <= set(EXPERIMENTS):
@@ -139,11 +186,11 @@ def main(argv=None) -> int:
             ("rtn", "rtn_int4", qtutor.RTNConfig),
             ("gptq", "gptq_int4", qtutor.GPTQConfig),
         ):
-            cfg = cfg_class(bits=args.bits, group_size=0, sym=True)
+            cfg = cfg_class(bits=args.bits, group_size=args.group_size, sym=True)
             runs.append((method, name, cfg, "qtutor's grid", ORIGINAL))
             runs.append((method, name, cfg, "the reference grid", reference_sym_params))
     if "sequential" in chosen:
-        cfg = qtutor.GPTQConfig(bits=args.bits, group_size=0, sym=True, true_sequential=False)
+        cfg = qtutor.GPTQConfig(bits=args.bits, group_size=args.group_size, sym=True, true_sequential=False)
         runs.append(("gptq", "gptq_int4", cfg, "the reference grid, not true-sequential", reference_sym_params))
     if "awq" in chosen:
         for sym in (True, False):
@@ -168,6 +215,20 @@ def main(argv=None) -> int:
             cfg = qtutor.AWQConfig(bits=args.bits, group_size=0, sym=sym, ratio_grid="llm-compressor", **llmc)
             label = "all of llm-compressor's choices (+ its ratio grid)"
             runs.append(("awq", "awq_int4", cfg, label, reference_sym_params, FLOAT_INPUTS))
+    if "fp32-scale" in chosen:
+        for sym in (True, False):
+            cfg = qtutor.RTNConfig(bits=args.bits, group_size=args.group_size, sym=sym)
+            runs.append(("rtn", "rtn_int4", cfg, "llm-compressor's grid, float32 scale", reference_params_fp32))
+    if "awq-llmc-fp32" in chosen:
+        for sym in (True, False):
+            cfg = qtutor.AWQConfig(bits=args.bits, group_size=0, sym=sym, ratio_grid="llm-compressor", **llmc)
+            label = "all of llm-compressor's choices, float32 scale"
+            runs.append(("awq", "awq_int4", cfg, label, reference_params_fp32, FLOAT_INPUTS))
+    before = [b for b in args.llmc_before.split(",") if b]
+    for sym in (True, False):
+        if f"llmc-awq-{'sym' if sym else 'asym'}" in chosen:
+            label = "alone in its process" if not before else f"after {', '.join(before)} in its process"
+            runs.append(("awq", "llm-compressor", dict(bits=args.bits, group=0, sym=sym), label, ORIGINAL))
     if "palettization-skip" in chosen:
         for kmeans in ("fp16", "coreml"):
             cfg = qtutor.PalettizeConfig(bits=args.bits, kmeans=kmeans)
@@ -179,8 +240,15 @@ def main(argv=None) -> int:
         opts = extra[0] if extra else {}
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
-        with grid(params), float_inputs(m, opts.get("float_inputs", False)):
-            qtutor.quantize(m, name, cfg, calib=calib if method in ("gptq", "awq") else None)
+        if name == "llm-compressor":  # the reference itself, after the llm-compressor runs of --llmc-before
+            for other in before:
+                llmcompressor_run(other, copy.deepcopy(model), calib, cfg)
+            t0 = time.perf_counter()
+            llmcompressor_run(method, m, calib, cfg)
+            cfg = SimpleNamespace(group_size=cfg["group"], sym=cfg["sym"])
+        else:
+            with grid(params), float_inputs(m, opts.get("float_inputs", False)):
+                qtutor.quantize(m, name, cfg, calib=calib if method in ("gptq", "awq") else None)
         if opts.get("coreml_skips"):
             kept = keep_coreml_skips(m, model, cfg.group_size)
             print(f"left in float as coremltools does: {', '.join(kept)}")
@@ -198,7 +266,7 @@ def main(argv=None) -> int:
                 calib=f"{args.calib_samples} x {args.calib_seqlen}",
                 layout=layout,
                 method=method,
-                experiment=f"qtutor with {label}",
+                experiment=f"llm-compressor {label}" if name == "llm-compressor" else f"qtutor with {label}",
                 ppl=r.ppl,
                 seconds=seconds,
                 **{f"env_{k}": v for k, v in env.items()},
