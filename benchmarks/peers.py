@@ -22,7 +22,11 @@ The peers, where installed (a missing one is reported and its rows are left out)
 * bitsandbytes: ``quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)``
   and back with ``dequantize_4bit``, for each linear;
 * coremltools: ``PostTrainingPalettizer`` (``n_bits=4``, ``per_grouped_channel``, group size 16,
-  ``enable_per_channel_scale``), for each linear.
+  ``enable_per_channel_scale``), for each linear. coremltools 9 leaves a linear whose output
+  width is not a multiple of 16 uncompressed, with a warning (stories260K's gate_proj and
+  up_proj, 172 rows); qtutor gives its last LUT fewer rows, so on such a model the two rows
+  do not compress the same linears (``peers_explain.py``'s ``palettization-skip`` compares
+  like with like).
 
 Writes ``OUT.csv`` (one row per layout, method and implementation: perplexity, seconds, the
 versions) and prints a table; rows are written as they are measured.
