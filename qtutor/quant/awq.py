@@ -76,7 +76,9 @@ class AWQConfig(UniformGridConfig):
     The defaults, measured (``benchmarks/peers_stories260k.csv``, ``peers_explain_stories260k.csv``:
     stories260K, the whole WikiText-2 test, 4 bits per row, symmetric): the clipping search is worth
     much of AWQ's gain (131.669 with it, 144.547 without; RTN 149.778; llm-compressor's AWQ, which
-    has no clipping search but duo scaling, 142.429; qtutor with both of those choices 132.994).
+    has no clipping search but duo scaling, 142.429; qtutor with both of those choices 132.994;
+    with all five of its choices, the grid, float inputs and ``ratio_grid`` included, 137.967,
+    asymmetric 137.835 against its 137.839; ``benchmarks/README.md`` tells the whole story).
     Duo scaling is not a clear win: 132.495 with it on
     stories260K (worse), 39.596 against 39.713 on the embedded model (better;
     ``peers_qtutor-tiny.csv``), so llm-awq's choice stays.
