@@ -31,6 +31,9 @@ re-run with qtutor changed in the one way suspected, on the same model, windows 
   computed, as compressed-tensors does for a float32 model (qtutor rounds the scale up to the
   fp16 it stores; the search's fake quantization then uses the float32 scale too), symmetric
   and asymmetric.
+* ``awq-llmc-jitter``: ``awq-llmc-fp32`` with each channel's ``x_mean`` moved by a relative
+  1e-6 (signs from a fixed seed), the size of a float32 sum's last bits: how much one AWQ figure
+  moves when nothing but rounding changes.
 * ``llmc-awq-sym``, ``llmc-awq-asym``: llm-compressor's own AWQ (per row, as ``peers.py`` runs
   it), first in its process, or after the llm-compressor methods of ``--llmc-before`` (run on
   copies of the model, as ``peers.py`` runs RTN and GPTQ before AWQ): its result depends on
@@ -66,6 +69,7 @@ from peers import llmcompressor_run  # noqa: E402
 import qtutor  # noqa: E402
 from qtutor import calib as calib_module  # noqa: E402
 from qtutor.models import layout_for  # noqa: E402
+from qtutor.quant import awq as awq_module  # noqa: E402
 from qtutor.quant import gptq as gptq_module  # noqa: E402
 from qtutor.quant import rtn as rtn_module  # noqa: E402
 
@@ -133,6 +137,28 @@ def float_inputs(model, on: bool = True):
 FLOAT_INPUTS = dict(float_inputs=True)
 
 
+@contextmanager
+def jitter_x_mean(rel: float = 0.0):
+    """AWQ's scale search with each channel's ``x_mean`` moved by ``+-rel`` (relative; signs from
+    a fixed seed): about the last bits of a float32 sum, as a different order of the calibration
+    batches would move it."""
+    if not rel:
+        yield
+        return
+    candidate_scales = awq_module.candidate_scales
+
+    def jittered(x_mean, ratio, w_mean=None):
+        g = torch.Generator().manual_seed(x_mean.numel())
+        sign = torch.randint(0, 2, x_mean.shape, generator=g).float() * 2 - 1
+        return candidate_scales(x_mean * (1 + rel * sign), ratio, w_mean)
+
+    awq_module.candidate_scales = jittered
+    try:
+        yield
+    finally:
+        awq_module.candidate_scales = candidate_scales
+
+
 def keep_coreml_skips(quantized, original, group_size: int) -> list[str]:
     """Put back the float linears of ``original`` wherever coremltools 9's ``PostTrainingPalettizer``
     (``per_grouped_channel``) leaves a layer uncompressed: its output width is not a multiple of
@@ -157,6 +183,7 @@ EXPERIMENTS = (
     "awq-inputs",
     "awq-llmc",
     "awq-llmc-fp32",
+    "awq-llmc-jitter",
     "fp32-scale",
     "llmc-awq-sym",
     "llmc-awq-asym",
@@ -219,11 +246,13 @@ def main(argv=None) -> int:
         for sym in (True, False):
             cfg = qtutor.RTNConfig(bits=args.bits, group_size=args.group_size, sym=sym)
             runs.append(("rtn", "rtn_int4", cfg, "llm-compressor's grid, float32 scale", reference_params_fp32))
-    if "awq-llmc-fp32" in chosen:
-        for sym in (True, False):
-            cfg = qtutor.AWQConfig(bits=args.bits, group_size=0, sym=sym, ratio_grid="llm-compressor", **llmc)
-            label = "all of llm-compressor's choices, float32 scale"
-            runs.append(("awq", "awq_int4", cfg, label, reference_params_fp32, FLOAT_INPUTS))
+    for experiment, jitter in (("awq-llmc-fp32", 0.0), ("awq-llmc-jitter", 1e-6)):
+        if experiment in chosen:
+            for sym in (True, False):
+                cfg = qtutor.AWQConfig(bits=args.bits, group_size=0, sym=sym, ratio_grid="llm-compressor", **llmc)
+                label = "all of llm-compressor's choices, float32 scale"
+                label += f", x_mean moved by +-{jitter:g}" if jitter else ""
+                runs.append(("awq", "awq_int4", cfg, label, reference_params_fp32, dict(FLOAT_INPUTS, jitter=jitter)))
     before = [b for b in args.llmc_before.split(",") if b]
     for sym in (True, False):
         if f"llmc-awq-{'sym' if sym else 'asym'}" in chosen:
@@ -247,7 +276,7 @@ def main(argv=None) -> int:
             llmcompressor_run(method, m, calib, cfg)
             cfg = SimpleNamespace(group_size=cfg["group"], sym=cfg["sym"])
         else:
-            with grid(params), float_inputs(m, opts.get("float_inputs", False)):
+            with grid(params), float_inputs(m, opts.get("float_inputs", False)), jitter_x_mean(opts.get("jitter", 0.0)):
                 qtutor.quantize(m, name, cfg, calib=calib if method in ("gptq", "awq") else None)
         if opts.get("coreml_skips"):
             kept = keep_coreml_skips(m, model, cfg.group_size)
