@@ -32,8 +32,8 @@ re-run with qtutor changed in the one way suspected, on the same model, windows 
   fp16 it stores; the search's fake quantization then uses the float32 scale too), symmetric
   and asymmetric.
 * ``awq-llmc-jitter``: ``awq-llmc-fp32`` with each channel's ``x_mean`` moved by a relative
-  1e-6 (signs from a fixed seed), the size of a float32 sum's last bits: how much one AWQ figure
-  moves when nothing but rounding changes.
+  ``--jitter`` (default 1e-6; signs from a fixed seed), the size of a float32 sum's last bits:
+  how much one AWQ figure moves when nothing but rounding changes.
 * ``llmc-awq-sym``, ``llmc-awq-asym``: llm-compressor's own AWQ (per row, as ``peers.py`` runs
   it), first in its process, or after the llm-compressor methods of ``--llmc-before`` (run on
   copies of the model, as ``peers.py`` runs RTN and GPTQ before AWQ): its result depends on
@@ -203,6 +203,7 @@ def main(argv=None) -> int:
         default="",
         help="llmc-awq-*: llm-compressor methods run (on copies, unscored) before its AWQ in the same process",
     )
+    p.add_argument("--jitter", type=float, default=1e-6, help="awq-llmc-jitter: the relative change of x_mean")
     args = p.parse_args(argv)
     chosen = args.experiments.split(",")
     if not set(chosen) <= set(EXPERIMENTS):
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
         for sym in (True, False):
             cfg = qtutor.RTNConfig(bits=args.bits, group_size=args.group_size, sym=sym)
             runs.append(("rtn", "rtn_int4", cfg, "llm-compressor's grid, float32 scale", reference_params_fp32))
-    for experiment, jitter in (("awq-llmc-fp32", 0.0), ("awq-llmc-jitter", 1e-6)):
+    for experiment, jitter in (("awq-llmc-fp32", 0.0), ("awq-llmc-jitter", args.jitter)):
         if experiment in chosen:
             for sym in (True, False):
                 cfg = qtutor.AWQConfig(bits=args.bits, group_size=0, sym=sym, ratio_grid="llm-compressor", **llmc)
