@@ -175,6 +175,22 @@ def test_search_subset_and_configs(model, calib_windows):
         AWQConfig(max_shrink=1.0)
 
 
+def test_ratio_grid_llm_compressor(model, calib_windows):
+    """``ratio_grid="llm-compressor"`` tries AWQModifier's (ratio, duo) points; the default is llm-awq's."""
+    assert AWQConfig(n_grid=4).grid_points() == [(0.0, False), (0.25, False), (0.5, False), (0.75, False)]
+    assert AWQConfig(n_grid=4, ratio_grid="llm-compressor").grid_points() == [(i / 3, False) for i in range(4)]
+    duo = AWQConfig(n_grid=4, duo_scaling=True, ratio_grid="llm-compressor").grid_points()
+    assert duo == [(0.0, False), (0.0, True), (0.5, True), (1.0, True)]  # the identity, then ratio 0..1
+    with pytest.raises(qtutor.QtutorError):
+        AWQConfig(ratio_grid="autoawq")
+    layer, layout, X, kwargs = first_layer(model, calib_windows)
+    cfg = AWQConfig(group_size=32, n_grid=4, duo_scaling=True, ratio_grid="llm-compressor", clip=False)
+    stats = A.quantize_layer(layer, layout, X, kwargs, cfg)
+    q = stats["self_attn.q_proj"]
+    assert len(q["loss_history"]) == 4 and q["loss_rtn"] == q["loss_history"][0]  # the identity is RTN
+    assert q["loss_awq"] == min(q["loss_history"]) and q["best_ratio"] in (0.0, 0.5, 1.0)
+
+
 def test_end_to_end_beats_rtn_with_outliers(family, calib_windows, eval_windows):
     reference = logits(planted_model(family), eval_windows)
     errors, bits = {}, {}

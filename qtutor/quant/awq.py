@@ -76,13 +76,20 @@ class AWQConfig(UniformGridConfig):
     The defaults, measured (``benchmarks/peers_stories260k.csv``, ``peers_explain_stories260k.csv``:
     stories260K, the whole WikiText-2 test, 4 bits per row, symmetric): the clipping search is worth
     much of AWQ's gain (131.669 with it, 144.547 without; RTN 149.778; llm-compressor's AWQ, which
-    has no clipping search but duo scaling, 142.429; qtutor with both of those choices 132.994).
+    has no clipping search but duo scaling, 142.429; qtutor with both of those choices 132.994;
+    with all five of its choices, the grid, float inputs and ``ratio_grid`` included, 137.967,
+    asymmetric 137.835 against its 137.839; ``benchmarks/README.md`` tells the whole story).
     Duo scaling is not a clear win: 132.495 with it on
     stories260K (worse), 39.596 against 39.713 on the embedded model (better;
     ``peers_qtutor-tiny.csv``), so llm-awq's choice stays.
 
     bits, group_size, sym: the final RTN quantizer (and the one simulated during the searches).
     n_grid: ratios ``i / n_grid``, ``i = 0..n_grid-1`` for ``s = x_mean^ratio`` (ratio 0 is RTN).
+    ratio_grid: ``"llm-awq"`` (the default: the ratios above, all with or all without duo
+      scaling) or ``"llm-compressor"`` (``AWQModifier._get_grid_search_params``: without duo
+      scaling ``i / (n_grid - 1)``, ``i = 0..n_grid-1``, so ratio 1 is tried; with it, the
+      identity ``s = 1`` (plain RTN) and then ``i / (n_grid - 2)``, ``i = 0..n_grid-2``, with duo
+      scaling). An experiment of ``benchmarks/peers_explain.py``; the default is unchanged.
     duo_scaling: AutoAWQ's ``s = x_mean^ratio / (w_mean^(1-ratio) + 1e-4)``.
     clip: run the clipping search (llm-awq ``mse_range``, AutoAWQ ``apply_clip``).
     max_shrink, n_clip_grid: clip thresholds ``max|w| * (1 - i / n_clip_grid)`` for
@@ -101,6 +108,7 @@ class AWQConfig(UniformGridConfig):
     """
 
     n_grid: int = 20
+    ratio_grid: str = "llm-awq"
     duo_scaling: bool = False
     clip: bool = True
     max_shrink: float = 0.5
@@ -112,10 +120,22 @@ class AWQConfig(UniformGridConfig):
         super().__post_init__()  # the grid's checks
         if self.n_grid < 1 or self.n_clip_grid < 1 or self.n_clip_tokens < 1:
             raise QtutorError("n_grid, n_clip_grid and n_clip_tokens must be at least 1")
+        if self.ratio_grid not in ("llm-awq", "llm-compressor"):
+            raise QtutorError(f"ratio_grid {self.ratio_grid!r}: choose llm-awq or llm-compressor")
+        if self.ratio_grid == "llm-compressor" and self.n_grid < 3:
+            raise QtutorError("ratio_grid='llm-compressor' needs n_grid >= 3")
         if not 0.0 <= self.max_shrink < 1.0:
             raise QtutorError(f"max_shrink {self.max_shrink} must lie in [0, 1)")
         if self.max_search_tokens is not None and self.max_search_tokens < 1:
             raise QtutorError("max_search_tokens must be positive (or None for all tokens)")
+
+    def grid_points(self) -> list[tuple[float, bool]]:
+        """The (ratio, duo scaling) pairs the scale search tries, in order (see ``ratio_grid``)."""
+        if self.ratio_grid == "llm-awq":
+            return [(i / self.n_grid, self.duo_scaling) for i in range(self.n_grid)]
+        if not self.duo_scaling:
+            return [(i / (self.n_grid - 1), False) for i in range(self.n_grid)]
+        return [(0.0, False)] + [(i / (self.n_grid - 2), True) for i in range(self.n_grid - 1)]
 
     def rtn(self) -> RTNConfig:
         """The RTN quantizer AWQ simulates during its searches and applies at the end."""
@@ -175,7 +195,7 @@ def search_scale(
       the consumer linear itself for v -> o and up -> down), called as ``block(x, **kwargs)``;
     x: (n, seqlen, in) float inputs of ``linears``; x_mean: (in,) activation statistic.
 
-    For each ratio ``i / n_grid``: ``W <- Q(W diag(s)) diag(s)^-1`` for every linear, run the
+    For each ratio of ``cfg.grid_points()`` (``i / n_grid`` by default): ``W <- Q(W diag(s)) diag(s)^-1`` for every linear, run the
     block, ``loss = mean((out - out_float)^2)``; the weights are restored after each try and the
     strictly smallest loss wins (ratio 0, plain RTN, on ties).
     Returns ``{"scales": s (in,), "ratio", "loss", "loss_rtn", "history"}``.
@@ -199,16 +219,15 @@ def search_scale(
         return (org_out - out).float().pow(2).mean().item()  # float prevents overflow
 
     history, best = [], None
-    for i in range(cfg.n_grid):
-        ratio = i / cfg.n_grid
-        s = candidate_scales(x_mean, ratio, w_mean)
+    for ratio, duo in cfg.grid_points():
+        s = candidate_scales(x_mean, ratio, w_mean if duo else None)
         loss = loss_with(s)
         history.append(loss)
         if best is None or loss < best["loss"]:
             best = {"scales": s, "ratio": ratio, "loss": loss}
     if best is None or not torch.isfinite(best["scales"]).all():
         raise QtutorError(f"AWQ scale search failed (losses {history})")
-    best["loss_rtn"] = history[0] if not cfg.duo_scaling else loss_with(None)
+    best["loss_rtn"] = history[0] if cfg.grid_points()[0] == (0.0, False) else loss_with(None)  # s = 1 first?
     best["history"] = history
     return best
 
