@@ -41,9 +41,14 @@ def _is_linear(module: nn.Module) -> bool:
 def memory_report(model: nn.Module) -> MemoryReport:
     """Bytes held by ``model``'s parameters and buffers, split by part."""
     seen, parts = set(), {"embeddings": 0, "linears": 0, "other": 0}
+    from ..quant.base import QuantizedEmbedding
+
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # what a quantized embedding reads its rows from: the lm_head, or a copy of it that a kernel
+    # layout without row reads left behind (qtutor.runtime.kernels.accelerate)
+    tables = {id(m.head) for m in model.modules() if isinstance(m, QuantizedEmbedding)}
     for mod_name, module in model.named_modules():
-        if _is_embedding(module) or module is lm_head:
+        if _is_embedding(module) or module is lm_head or id(module) in tables:
             part = "embeddings"
         elif _is_linear(module):
             part = "linears"
