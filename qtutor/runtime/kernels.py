@@ -221,11 +221,14 @@ class Int4TinyGemmLinear(QuantizedLinear):
                     f"tinygemm re-packing check failed (relative error {float(err):.3g}); "
                     f"this torch's int4 layout differs from what qtutor expects"
                 )
-        new.gathers_rows = new._rows_readable(layer)
+        new._rows_checked = new._rows_readable(layer)  # private: rows stacked by fuse_rows keep it
         return new
 
-    #: whether :meth:`dequantize_rows` reads rows from the packed layout (set by :meth:`from_uniform`)
-    gathers_rows: bool = False
+    @property
+    def gathers_rows(self) -> bool:
+        """Whether :meth:`dequantize_rows` reads rows from the packed layout: the CPU layout in
+        whole blocks of 64 rows, checked by :meth:`from_uniform` on this torch."""
+        return self.packed_for == "cpu" and self.out_features % 64 == 0 and getattr(self, "_rows_checked", False)
 
     def _cpu_row_codes(self, rows: torch.Tensor) -> torch.Tensor:
         """(n, in) int codes of ``rows`` from the CPU layout: blocks of 64 output rows, each stored as
