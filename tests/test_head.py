@@ -52,7 +52,7 @@ def test_the_head_is_stored_once_in_the_methods_format(base, calib, method):
     q_proj = model.model.layers[0].self_attn.q_proj
     assert type(head) is type(q_proj)  # the method's own storage format
     assert isinstance(emb, QuantizedEmbedding) and emb.head is head  # one module serves both
-    assert list(emb.buffers(recurse=False)) == [] and list(emb.parameters(recurse=False)) == []
+    assert sum(t.numel() for t in [*emb.buffers(recurse=False), *emb.parameters(recurse=False)]) == 0
     assert (emb.num_embeddings, emb.embedding_dim) == (base.config.vocab_size, base.config.hidden_size)
     vocab, hidden = head.out_features, head.in_features
     assert (vocab, hidden) == tuple(base.lm_head.weight.shape)
@@ -157,6 +157,15 @@ def test_smoothquant_head_is_w8a8_without_smoothing(base, calib):
     ref = W8A8Linear.from_float(base.lm_head, config("smoothquant_w8a8"))
     assert torch.equal(model.lm_head.qweight, ref.qweight)
     assert torch.equal(model.lm_head.weight_scales, ref.weight_scales)
+
+
+def test_the_lookup_follows_the_models_dtype(base):
+    model, _ = quantized(base, "rtn_int4", None, head=True)
+    ids = torch.tensor([[1, 2, 3]])
+    ref = model.get_input_embeddings()(ids)
+    model.half()  # fp16 scales and uint8 codes stay as they are: the same rows, in fp16
+    assert model.get_input_embeddings()(ids).dtype == torch.float16
+    assert torch.equal(model.get_input_embeddings()(ids), ref.half())
 
 
 def test_an_untied_head_is_quantized_and_the_embedding_kept():

@@ -244,7 +244,8 @@ class QuantizedEmbedding(nn.Module):
 
     ``num_embeddings``, ``embedding_dim`` and ``padding_idx`` are the float embedding's. ``head``
     may also be a float ``nn.Linear`` (a dequantized copy, as Core ML export makes): its weight
-    rows are then looked up as they are.
+    rows are then looked up as they are. The output dtype and the device follow the model
+    (``model.half()``, ``model.to(device)``) through an empty buffer, which holds no bytes.
     """
 
     def __init__(self, head: nn.Module, dtype: torch.dtype, padding_idx: Optional[int] = None):
@@ -252,11 +253,16 @@ class QuantizedEmbedding(nn.Module):
         self.head = head
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self.padding_idx = padding_idx
-        self.dtype = dtype
+        device = next(iter([*head.buffers(), *head.parameters()])).device
+        self.register_buffer("dtype_of_rows", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dtype_of_rows.dtype
 
     @property
     def device(self) -> torch.device:
-        return next(iter([*self.head.buffers(), *self.head.parameters()])).device
+        return self.dtype_of_rows.device
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
