@@ -655,6 +655,8 @@ def measure(options, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, kee
         "config": None if report.config is None else report.config.__dict__,
         "quantize_head": head,
         "kernel": getattr(lat, "kernels", None) or _kernels(model),
+        # what the quantized lm_head ran in the last decode step (None: no head, or its reference forward)
+        "head_kernel": getattr(model.get_output_embeddings(), "last_kernel", None) if head else None,
         "seconds": time.perf_counter() - t0,  # quantize + evaluate + time decoding
         "window_nll": ppl.window_nll,  # each evaluation window's mean NLL (the bootstrap's samples)
         "linears": {  # each decoder linear (and a quantized lm_head): its size, ||W_hat - W|| / ||W||

@@ -315,6 +315,12 @@ def test_head_rows_end_to_end_and_by_resume(model_dir, data_dir, tmp_path, capsy
     assert list(res) == ["fp16_baseline", "rtn_int8", "rtn_int8+head", "rtn_int4", "rtn_int4+head"]
     assert res["rtn_int8"] == before["rtn_int8"]  # kept
     assert not res["rtn_int4"]["quantize_head"] and res["rtn_int4+head"]["quantize_head"]
+    assert res["rtn_int4"]["head_kernel"] is None
+    from qtutor.runtime.kernels import tinygemm_available
+
+    if tinygemm_available("cpu"):  # the head decodes through the CPU kernel too
+        assert res["rtn_int4+head"]["head_kernel"] == "aten._weight_int4pack_mm_for_cpu"
+        assert res["rtn_int8+head"]["head_kernel"] == "aten._weight_int8pack_mm"
     assert res["rtn_int4+head"]["config"] == res["rtn_int4"]["config"]
     model, _ = load_model(str(model_dir))
     vocab, hidden = model.lm_head.weight.shape

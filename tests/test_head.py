@@ -260,3 +260,27 @@ def test_perplexity_of_an_int8_head_on_qtutor_tiny():
     assert all(torch.isfinite(torch.tensor(p)) for p in ppl.values())
     assert ppl[True] != ppl[False]  # the head did change
     assert abs(ppl[True] / ppl[False] - 1) < 0.01  # an 8-bit per-channel head costs under 1%
+
+
+@pytest.mark.skipif(
+    not kernels.triton_available() or torch.cuda.is_available(),
+    reason="Triton interpreter tests run on CPU-only machines (tests/test_kernels.py says why)",
+)
+@pytest.mark.parametrize(
+    "method, kernel",
+    [("rtn_int4", "triton int4_gemv"), ("palettization_4bit", "triton lut_gemv (prmt)"), ("qlora_nf4", None)],
+)
+def test_the_triton_kernels_serve_the_head_in_place(base, method, kernel):
+    """On a GPU a kernel is mixed into the head's own class: the one module stays the lm_head and
+    the embedding's row source (run here in Triton's interpreter)."""
+    model, _ = quantized(base, method, None, head=True)
+    head = model.lm_head
+    x = torch.randn(1, 1, head.in_features, generator=torch.Generator().manual_seed(4))
+    ref = head(x)
+    done = kernels.accelerate(model, "triton", kernel_on_cpu=True)
+    assert model.lm_head is head and model.get_input_embeddings().head is head
+    assert done["converted"]["lm_head"] == (kernel or kernels._TritonNF4.kernel_name)
+    torch.testing.assert_close(head(x), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    assert head.last_kernel.startswith("triton")  # the kernel ran, not the reference forward
+    rows = torch.tensor([0, 100])
+    assert torch.equal(model.get_input_embeddings()(rows), head.dequantize_rows(rows))
