@@ -9,7 +9,9 @@ Then, for ``--rounds`` rounds, every row is timed in turn with the Hugging Face 
 (``qtutor.eval.decode_latency``: batch 1, a fixed prompt, the first token from the prefill, one
 warm-up, ``--runs`` timed decodes): a machine whose load changes during the run slows every row
 of a round alike, and ``ms_per_token`` is the median over rounds. ``head_ms`` times the lm_head
-alone on one row (the median of 15 calls), ``head_MB`` what it stores, ``head_kernel`` what ran.
+alone on one row (the median of 15 calls), ``head_kernel`` what ran; ``memory_MB`` and ``head_MB``
+are what the model and its head store as quantized, ``head_kernel_MB`` what the head holds once
+the kernel has re-stored it (tinygemm's bf16 scale and zero per group, int8's bf16 scales).
 
 Random weights (``--config``, offline) give speed and memory only; ``--model qtutor-tiny`` times
 the embedded model.
@@ -93,7 +95,7 @@ def main(argv=None):
         quantize_lm_head(with_head, layout_for(with_head), m, m.default_config)
         print(f"{method}: quantized in {time.perf_counter() - t0:.1f} s", flush=True)
         for row, model in ((method, plain), (method + "+head", with_head)):
-            memory = memory_report(model).total_bytes  # as stored, before the kernels re-store anything
+            memory, stored = memory_report(model).total_bytes, head_bytes(model)  # before any re-storing
             done = accelerate(model, "auto")
             rows.append(
                 {
@@ -101,7 +103,8 @@ def main(argv=None):
                     "row": row,
                     "dtype": args.dtype,
                     "memory_MB": memory / 1e6,
-                    "head_MB": head_bytes(model) / 1e6,
+                    "head_MB": stored / 1e6,
+                    "head_kernel_MB": head_bytes(model) / 1e6,
                     "head_kernel": done["converted"].get("lm_head", "torch matmul" if row == method else "reference"),
                     "head_ms": head_ms(model, dtype),
                     "ms_rounds": [],
@@ -121,6 +124,7 @@ def main(argv=None):
         ("row", "row", ""),
         ("memory_MB", "MB", ".2f"),
         ("head_MB", "head MB", ".2f"),
+        ("head_kernel_MB", "in kernel", ".2f"),
         ("head_ms", "head ms", ".2f"),
         ("head_kernel", "head kernel", ""),
         ("ms_per_token", "ms/token", ".2f"),
