@@ -14,7 +14,9 @@ are what the model and its head store as quantized, ``head_kernel_MB`` what the 
 the kernel has re-stored it (tinygemm's bf16 scale and zero per group, int8's bf16 scales).
 
 Random weights (``--config``, offline) give speed and memory only; ``--model qtutor-tiny`` times
-the embedded model.
+the embedded model. ``--head-only`` quantizes and times the lm_head alone (no decoder, no decode
+loop): one row per method and one for the float head, quick enough for palettization's k-means
+at Qwen2-0.5B's size.
 
     OMP_NUM_THREADS=1 python benchmarks/head_speed.py --config qwen2-0.5b --dtype bfloat16 --out OUT.csv
 """
@@ -34,8 +36,8 @@ from _common import build_model, environment, print_env, table, write_csv
 METHODS = ("rtn_int8", "rtn_int4", "palettization_4bit", "qlora_nf4")
 
 
-def head_ms(model, dtype, calls: int = 15) -> float:
-    head = model.get_output_embeddings()
+def head_ms(head, dtype, calls: int = 15) -> float:
+    """Median ms of ``head`` on one row (a (1, hidden) input of ``dtype``) over ``calls`` calls."""
     x = torch.randn(1, head.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad():
         head(x), head(x)
@@ -48,8 +50,7 @@ def head_ms(model, dtype, calls: int = 15) -> float:
 
 
 def head_bytes(model) -> int:
-    head = model.get_output_embeddings()
-    return sum(t.numel() * t.element_size() for t in [*head.parameters(), *head.buffers()] if t is not None)
+    return head_bytes_of(model.get_output_embeddings())
 
 
 def main(argv=None):
@@ -63,6 +64,7 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="timed decodes per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--head-only", action="store_true", help="time the lm_head alone, for every method")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -83,8 +85,11 @@ def main(argv=None):
     name = args.model or f"{args.config} (random weights)"
     prompt = torch.randint(0, base.config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0))
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.head_only:
+        return head_only(base, name, methods, dtype, args, env)
     rows, models = [], []
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for method in methods:
         m = qtutor.get_method(method)
         if m.needs_calib:
             raise SystemExit(f"{method} needs calibration; this script times the uncalibrated methods")
@@ -106,7 +111,7 @@ def main(argv=None):
                     "head_MB": stored / 1e6,
                     "head_kernel_MB": head_bytes(model) / 1e6,
                     "head_kernel": done["converted"].get("lm_head", "torch matmul" if row == method else "reference"),
-                    "head_ms": head_ms(model, dtype),
+                    "head_ms": head_ms(model.get_output_embeddings(), dtype),
                     "ms_rounds": [],
                 }
             )
@@ -133,6 +138,52 @@ def main(argv=None):
     print(f"\n{name}, {args.dtype}, {env['device']}")
     print(table(rows, cols))
     write_csv(rows, Path(args.out))
+
+
+def head_only(base, name, methods, dtype, args, env) -> None:
+    """``--head-only``: each method's lm_head alone, quantized from the model's head and given the
+    kernel of ``accelerate(..., "auto")``; one row per method after the float head's."""
+    import qtutor
+    from qtutor.runtime.kernels import accelerate
+
+    float_head = base.get_output_embeddings()
+    rows = [{"row": f"{args.dtype} head", "head_MB": head_bytes(base) / 1e6, "head_kernel": "torch matmul"}]
+    rows[0]["head_ms"] = head_ms(float_head, dtype)
+    for method in methods:
+        m = qtutor.get_method(method)
+        t0 = time.perf_counter()
+        holder = torch.nn.Sequential(m.from_float(float_head, m.default_config))  # a parent for accelerate
+        seconds = time.perf_counter() - t0
+        stored = head_bytes_of(holder[0])
+        done = accelerate(holder, "auto")
+        rows.append(
+            {
+                "row": method,
+                "head_MB": stored / 1e6,
+                "head_kernel_MB": head_bytes_of(holder[0]) / 1e6,
+                "head_kernel": done["converted"].get("0", "reference"),
+                "head_ms": head_ms(holder[0], dtype),
+                "quant_seconds": seconds,
+            }
+        )
+        print(f"{method}: {rows[-1]['head_ms']:.2f} ms", flush=True)
+    for r in rows:
+        r.update(model=name, dtype=args.dtype, **{f"env_{k}": v for k, v in env.items()})
+    cols = [
+        ("row", "row", ""),
+        ("head_MB", "head MB", ".2f"),
+        ("head_kernel_MB", "in kernel", ".2f"),
+        ("head_ms", "head ms", ".2f"),
+        ("head_kernel", "head kernel", ""),
+        ("quant_seconds", "quantized in s", ".1f"),
+    ]
+    print(f"\n{name}, lm_head alone, {args.dtype}, {env['device']}")
+    print(table(rows, cols))
+    write_csv(rows, Path(args.out))
+
+
+def head_bytes_of(module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()] if t is not None)
 
 
 if __name__ == "__main__":
