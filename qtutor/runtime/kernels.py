@@ -705,6 +705,11 @@ def accelerate(
     is not a multiple of 8, whose LUT is not fp16, or on an AMD GPU gets ``"load"`` (the
     ``converted`` entry says which).
 
+    A quantized lm_head tied to the embedding (``qtutor.quantize(..., head=True)``: one module at
+    ``lm_head`` and in the :class:`~qtutor.quant.base.QuantizedEmbedding`) is converted once,
+    named ``lm_head``, and a re-stored layer takes both places; where its layout cannot serve the
+    embedding's row lookups (tinygemm's CUDA tiles), the embedding keeps the packed layer.
+
     Returns ``{"backend": backend used, "converted": {name: kernel}, "skipped": {name: reason}}``.
     """
     if backend not in BACKENDS:
