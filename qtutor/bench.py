@@ -39,6 +39,7 @@ class BenchConfig:
     model: str = "qtutor-tiny"
     random_weights: bool = False
     methods: Union[str, Sequence[str]] = "all"
+    quantize_head: bool = False
     dataset: Optional[str] = None
     data_dir: Optional[str] = None
     seqlen: Optional[int] = None
@@ -115,12 +116,14 @@ def check_options(options) -> None:
 
 
 def method_configs(names: list[str], options) -> dict:
-    """Each method's config with the overrides it declares (``Method.overrides``) applied."""
+    """Each method's config with the overrides it declares (``Method.overrides``) applied; a
+    ``+head`` row has its method's."""
     from .quant import get_method
+    from .quant.base import split_head
 
     configs = {}
     for name in names:
-        m = get_method(name)
+        m = get_method(split_head(name)[0])
         cfg = m.default_config
         if cfg is not None:
             cfg = cfg.replace(**{k: getattr(options, k) for k in m.overrides})
@@ -128,23 +131,44 @@ def method_configs(names: list[str], options) -> dict:
     return configs
 
 
-def parse_methods(spec) -> list[str]:
+def parse_methods(spec, quantize_head: bool = False) -> list[str]:
     """``--methods``: names separated by spaces (``--methods rtn_int4 gptq_int4``, as the
-    original benchmark takes them) or commas, or ``all``."""
+    original benchmark takes them) or commas, or ``all``. A name may carry the suffix ``+head``
+    (``rtn_int4+head``): that method with its lm_head quantized too, a row of its own.
+    ``quantize_head`` (``--quantize-head``) adds, after each method that has a quantized head,
+    its ``+head`` row; ``fp16_baseline``, which has none, keeps its one row."""
     from .quant import get_method, implemented_methods
+    from .quant.base import HEAD_SUFFIX, split_head
 
     names = ",".join([spec] if isinstance(spec, str) else spec).replace(" ", ",").split(",")
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:
-        return implemented_methods()
+        names = implemented_methods()
     if not names:
         raise QtutorError("--methods is empty; give method names separated by spaces or commas, or 'all'")
     for n in names:
-        get_method(n)  # raises a one-line error for unknown or unimplemented names
+        method, head = split_head(n)
+        m = get_method(method)  # raises a one-line error for unknown or unimplemented names
+        if head and m.head_reason is not None:
+            raise QtutorError(f"--methods {n}: {m.head_reason}; drop the {HEAD_SUFFIX} suffix")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise QtutorError(f"--methods names {', '.join(twice)} more than once; give each method once")
-    return names
+    if not quantize_head:
+        return names
+    rows = []
+    for n in names:
+        rows.append(n)
+        method, head = split_head(n)
+        with_head = method + HEAD_SUFFIX
+        if not head and get_method(method).head_reason is None and with_head not in names:
+            rows.append(with_head)
+    if rows == names and not any(split_head(n)[1] for n in names):
+        raise QtutorError(
+            f"--quantize-head adds nothing: none of --methods {' '.join(names)} quantizes an lm_head "
+            f"({get_method(split_head(names[0])[0]).head_reason}); add a quantization method"
+        )
+    return rows
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -214,9 +238,10 @@ def plan_run(options) -> Plan:
     from .book import eval_seqlen
     from .models import EMBEDDED_MODEL
     from .quant import get_method
+    from .quant.base import split_head
 
     check_options(options)
-    names = parse_methods(options.methods)
+    names = parse_methods(options.methods, options.quantize_head)
     configs = method_configs(names, options)
     device = resolve_device(options.device)
     dtype_name = options.dtype if options.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
@@ -251,7 +276,7 @@ def plan_run(options) -> Plan:
         out,
         config,
         dataset,
-        needs_calib=any(get_method(n).needs_calib for n in names),
+        needs_calib=any(get_method(split_head(n)[0]).needs_calib for n in names),
         seqlen=seqlen,
         calib_seqlen=options.calib_seqlen or seqlen,
         n_calib=options.calib_samples or (128 if device.type == "cuda" else 16),
@@ -574,15 +599,16 @@ def run_methods(
 ) -> None:
     """Measure each method not yet in ``results``; the file is rewritten after each one."""
     from .eval import memory_report
-    from .plots import format_number
+    from .plots import format_number, name_width
 
     fp16 = _quantized_copy(inputs.base, "fp16_baseline", None, None, plan.device)[0]
     fp16_bytes = memory_report(fp16).total_bytes
     del fp16
     log(f"model {results['model']} on {results['device']} ({plan.dtype_name}); {plan.dataset}, seqlen {plan.seqlen}")
+    width = name_width(plan.names)
     for name in plan.names:
         if name in results["methods"]:
-            log(f"{name:20s} skipped (already in {plan.results_path})")
+            log(f"{name:{width}s} skipped (already in {plan.results_path})")
             continue
         entry, warnings = finite_or_none(measure(options, plan, inputs, name, fp16_bytes, keep))
         for w in warnings:
@@ -592,19 +618,24 @@ def run_methods(
         if on_result is not None:
             on_result(name, entry)
         log(
-            f"{name:20s} ppl {format_number(entry['ppl'], 9, 3)}  {entry['bits_per_weight']:6.3f} bits/w  "
+            f"{name:{width}s} ppl {format_number(entry['ppl'], 9, 3)}  {entry['bits_per_weight']:6.3f} bits/w  "
             f"{entry['memory_mb']:8.2f} MB  {format_number(entry['latency_ms_per_token'], 7, 2)} ms/tok  "
             f"({entry['seconds']:.1f} s)"
         )
 
 
 def measure(options, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, keep: Optional[dict] = None) -> dict:
-    """Quantize a fresh copy with ``name``; its perplexity, latency, memory and compression."""
+    """Quantize a fresh copy with ``name`` (a ``+head`` row: its lm_head too); its perplexity,
+    latency, memory and compression."""
     from .eval import memory_report, perplexity
+    from .quant.base import split_head
 
     t0 = time.perf_counter()
     progress = options.progress
-    model, report = _quantized_copy(inputs.base, name, plan.configs[name], inputs.calib, plan.device, progress=progress)
+    method, head = split_head(name)
+    model, report = _quantized_copy(
+        inputs.base, method, plan.configs[name], inputs.calib, plan.device, progress=progress, head=head
+    )
     ppl = perplexity(model, inputs.eval_ids, plan.seqlen, plan.max_eval, options.eval_batch_size, progress=progress)
     mem = memory_report(model)  # before the decode timing, whose fast kernels may add or re-pack buffers
     if keep is not None and name in keep:  # hand back the model as quantize() made it: time a copy
@@ -629,10 +660,13 @@ def measure(options, plan: Plan, inputs: Inputs, name: str, fp16_bytes: int, kee
             "other": mem.other_bytes,
         },
         "config": None if report.config is None else report.config.__dict__,
+        "quantize_head": head,
         "kernel": getattr(lat, "kernels", None) or _kernels(model),
+        # what the quantized lm_head ran in the last decode step (None: no head, or its reference forward)
+        "head_kernel": getattr(model.get_output_embeddings(), "last_kernel", None) if head else None,
         "seconds": time.perf_counter() - t0,  # quantize + evaluate + time decoding
         "window_nll": ppl.window_nll,  # each evaluation window's mean NLL (the bootstrap's samples)
-        "linears": {  # each decoder linear: its size and relative weight error ||W_hat - W|| / ||W||
+        "linears": {  # each decoder linear (and a quantized lm_head): its size, ||W_hat - W|| / ||W||
             k: {"numel": v["numel"], "weight_rel_error": v.get("weight_rel_error")} for k, v in report.layers.items()
         },
     }
@@ -711,11 +745,11 @@ def _quiet_libraries():
         pass
 
 
-def _quantized_copy(base, name, cfg, calib, device, progress=False):
+def _quantized_copy(base, name, cfg, calib, device, progress=False, head=False):
     from .api import quantize
 
     model = copy.deepcopy(base).to(device)
-    report = quantize(model, name, cfg, calib=calib, progress=progress)
+    report = quantize(model, name, cfg, calib=calib, progress=progress, head=head)
     return model, report
 
 

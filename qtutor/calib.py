@@ -130,11 +130,14 @@ def sequential(
     quantize_layer: Callable,
     device: Optional[torch.device] = None,
     progress: bool = False,
+    on_output: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> list:
     """Quantize the decoder layers of ``model`` one after another.
 
     ``quantize_layer(layer, X, kwargs)`` quantizes ``layer`` in place from its inputs ``X``
     (n, seqlen, hidden) and returns per-layer statistics (collected in the returned list).
+    ``on_output(X)``, if given, receives the last (quantized) layer's outputs (n, seqlen,
+    hidden) on the calibration device: what the final norm and the lm_head read.
     """
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -156,6 +159,8 @@ def sequential(
         stats.append(quantize_layer(layer, X, kwargs))
         X = run_layer(layer, X, kwargs)
         layers[i] = layer.to(home)
+    if on_output is not None:
+        on_output(X)
     embed.to(home)
     if rotary is not None:
         rotary.to(home)

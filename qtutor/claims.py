@@ -227,11 +227,16 @@ def _smoothquant_vs_rtn_int8(results, gaussian):
 
 
 def _gptq_best(results, gaussian):
+    from .quant.base import split_head
+
     methods = _methods(results)
-    others = [
+    others = [  # the claim is about the decoder's linears: rows with a quantized lm_head (+head) are left out
         m
         for m, r in methods.items()
-        if m != "gptq_int4" and r.get("bits_per_weight") is not None and r["bits_per_weight"] < FOUR_BIT_BELOW
+        if m != "gptq_int4"
+        and not split_head(m)[1]
+        and r.get("bits_per_weight") is not None
+        and r["bits_per_weight"] < FOUR_BIT_BELOW
     ]
     if not others:
         raise _Missing(f"no other method below {FOUR_BIT_BELOW:g} bits per weight in this run")

@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"{' '.join(implemented_methods())})",
     )
     p.add_argument(
+        "--quantize-head",
+        action="store_true",
+        default=d.quantize_head,
+        help="also run each method with its lm_head quantized in its own format, as a row of its own "
+        "named METHOD+head (a tied embedding reads its rows from the packed head, stored once); "
+        "fp16_baseline has no such row. METHOD+head names may also be given to --methods",
+    )
+    p.add_argument(
         "--dataset",
         choices=DATASETS,
         default=d.dataset,

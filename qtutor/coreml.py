@@ -228,7 +228,9 @@ def prepare_for_export(
     GPU too): eager attention, every quantized linear replaced by :func:`annotated_linear`,
     the other parameters in float32 except the input embedding table and the lm_head weight,
     kept in ``table_dtype`` (the lm_head becomes a :class:`HalfPrecisionHead`; a tied head keeps
-    sharing the table). Buffers (rotary frequencies) keep their dtype. ``model`` is unchanged.
+    sharing the table). A quantized lm_head (``qtutor.quantize(..., head=True)``) is exported as the
+    other quantized linears are, and its tied :class:`~qtutor.quant.base.QuantizedEmbedding` reads
+    the rows of that linear's weight. Buffers (rotary frequencies) keep their dtype. ``model`` is unchanged.
 
     The copy is built with ``copy.deepcopy`` and a pre-filled memo (Python's documented hook:
     an object found in the memo is taken as its own copy), so the quantized layers and the
@@ -245,7 +247,10 @@ def prepare_for_export(
         memo[id(m)] = annotated_linear(m, palettized)
     skip = {id(t) for m in replaced for t in [*m.parameters(), *m.buffers()]}  # not copied
     convert_head = head is not None and not isinstance(head, QuantizedLinear)
-    tables = {id(emb.weight)} | ({id(head.weight)} if convert_head else set())
+    # a quantized tied head (qtutor.quantize(..., head=True)) has no float table: its embedding
+    # reads the rows of the head's annotated linear (float32, and palettized if the head is)
+    emb_table = getattr(emb, "weight", None)
+    tables = ({id(emb_table)} if emb_table is not None else set()) | ({id(head.weight)} if convert_head else set())
     for p in model.parameters():
         if id(p) not in skip and id(p) not in memo:
             dtype = table_dtype if id(p) in tables else torch.float32

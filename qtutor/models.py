@@ -53,6 +53,10 @@ class Layout:
     def embed(self, model: nn.Module) -> nn.Module:
         return model.model.embed_tokens
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm between the last decoder layer and the lm_head."""
+        return model.model.norm
+
     def linear_names(self) -> list[str]:
         return [name for group in self.sequential for name in group]
 

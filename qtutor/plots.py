@@ -40,9 +40,15 @@ def write_csv(results: dict, path: Path) -> None:
             w.writerow([name] + [r[c] for c in COLUMNS] + list(r.get("ppl_ci") or ("", "")))
 
 
+def name_width(names) -> int:
+    """The width of the method column: 20, or the longest name (``palettization_4bit+head``)."""
+    return max([20, *(len(n) for n in names)])
+
+
 def results_table(results: dict) -> str:
     """A plain-text table of the results, one method a row."""
-    head = f"{'method':20s} {'ppl':>9s} {'bits/w':>7s} {'MB':>8s} {'ratio':>6s} {'ms/tok':>7s} {'quant s':>8s}"
+    w = name_width(results["methods"])
+    head = f"{'method':{w}s} {'ppl':>9s} {'bits/w':>7s} {'MB':>8s} {'ratio':>6s} {'ms/tok':>7s} {'quant s':>8s}"
     rows = [
         f"# {results['model']} | {results['dataset']} (seqlen {results['seqlen']}) | "
         f"{results['device']} | {results['dtype']}",
@@ -51,7 +57,7 @@ def results_table(results: dict) -> str:
     ]
     for name, r in results["methods"].items():
         rows.append(
-            f"{name:20s} {format_number(r['ppl'], 9, 3)} {format_number(r['bits_per_weight'], 7, 3)} "
+            f"{name:{w}s} {format_number(r['ppl'], 9, 3)} {format_number(r['bits_per_weight'], 7, 3)} "
             f"{format_number(r['memory_mb'], 8, 2)} {format_number(r['compression_ratio'], 6, 2)} "
             f"{format_number(r['latency_ms_per_token'], 7, 2)} {format_number(r['quant_seconds'], 8, 1)}"
         )

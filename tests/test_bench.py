@@ -264,6 +264,86 @@ def test_bad_input_one_line_exit_2(model_dir, data_dir, tmp_path, capsys, extra,
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--methods", "fp16_baseline+head"], "fp16_baseline is the unquantized reference"),
+        (["--methods", "fp16_baseline", "--quantize-head"], "--quantize-head adds nothing"),
+        (["--methods", "rtn_int5+head"], "unknown method 'rtn_int5'"),
+        (["--methods", "rtn_int4,rtn_int4+head", "--quantize-head"], None),  # not an error: no row twice
+    ],
+)
+def test_bad_head_requests_one_line_exit_2(extra, message):
+    from qtutor.bench import parse_methods
+    from qtutor.cli import bench_config
+
+    config = bench_config(extra)
+    if message is None:
+        assert parse_methods(config.methods, config.quantize_head) == ["rtn_int4", "rtn_int4+head"]
+        return
+    with pytest.raises(qtutor.QtutorError, match=message.replace("+", r"\+")) as e:
+        parse_methods(config.methods, config.quantize_head)
+    assert "\n" not in str(e.value)
+
+
+def test_quantize_head_adds_a_head_row_after_each_method_but_fp16():
+    from qtutor.bench import parse_methods
+    from qtutor.quant import implemented_methods
+
+    rows = parse_methods("all", quantize_head=True)
+    expected = []
+    for n in implemented_methods():
+        expected += [n] if n == "fp16_baseline" else [n, n + "+head"]
+    assert rows == expected
+    assert parse_methods("all") == implemented_methods()  # the default table is unchanged
+
+
+def test_head_rows_end_to_end_and_by_resume(model_dir, data_dir, tmp_path, capsys):
+    """--quantize-head: rtn_int4+head is a row of its own, its memory drop is the float table
+    minus the packed head (from the shapes), and --resume --quantize-head adds the +head rows to
+    a run made without them, keeping the others."""
+    from qtutor.models import load_model
+
+    out = tmp_path / "run"
+    assert main(bench_args(model_dir, data_dir, out, "--methods", "fp16_baseline,rtn_int8", "--group-size", "32")) == 0
+    before = json.loads((out / "results.json").read_text())["methods"]
+    args = bench_args(
+        model_dir, data_dir, out, "--methods", "fp16_baseline,rtn_int8,rtn_int4", "--group-size", "32", "--resume"
+    )
+    assert main(args + ["--quantize-head"]) == 0
+    res = json.loads((out / "results.json").read_text())["methods"]
+    assert list(res) == ["fp16_baseline", "rtn_int8", "rtn_int8+head", "rtn_int4", "rtn_int4+head"]
+    assert res["rtn_int8"] == before["rtn_int8"]  # kept
+    assert not res["rtn_int4"]["quantize_head"] and res["rtn_int4+head"]["quantize_head"]
+    assert res["rtn_int4"]["head_kernel"] is None
+    assert res["rtn_int4+head"]["config"] == res["rtn_int4"]["config"]
+    model, _ = load_model(str(model_dir))
+    from qtutor.runtime.kernels import int8_weight_only_reason, tinygemm_reason
+
+    for name, cfg, reason, kernel in (
+        ("rtn_int4", qtutor.RTNConfig(4, 32), tinygemm_reason, "aten._weight_int4pack_mm_for_cpu"),
+        ("rtn_int8", qtutor.RTNConfig(8, 32, True), int8_weight_only_reason, "aten._weight_int8pack_mm"),
+    ):  # the head decodes through the CPU kernel where its shape allows it (this vocabulary may not)
+        head = qtutor.quant.UniformLinear.from_float(model.lm_head, cfg)
+        assert res[name + "+head"]["head_kernel"] == (kernel if reason(head, "cpu") is None else None)
+    vocab, hidden = model.lm_head.weight.shape
+    # rtn_int4, groups of 32, asymmetric: 4-bit codes, an fp16 scale and a 4-bit zero per group
+    packed = vocab * hidden // 2 + vocab * (hidden // 32) * 2 + vocab * -(-(hidden // 32) // 2)
+    for name, table in (("rtn_int4", vocab * hidden * 4), ("rtn_int8", vocab * hidden * 4)):
+        plain, head = res[name]["memory_split_bytes"], res[name + "+head"]["memory_split_bytes"]
+        assert plain["embeddings"] == table and plain["linears"] == head["linears"]
+        if name == "rtn_int4":
+            assert head["embeddings"] == packed
+        assert res[name + "+head"]["compression_ratio"] > res[name]["compression_ratio"]
+        assert res[name + "+head"]["memory_mb"] < res[name]["memory_mb"]
+        assert res[name + "+head"]["linears"]["lm_head"]["numel"] == vocab * hidden
+        assert 0 < res[name + "+head"]["linears"]["lm_head"]["weight_rel_error"] < 0.2
+        assert res[name + "+head"]["ppl"] > 1
+    assert "rtn_int4+head" in capsys.readouterr().out
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in csv_rows[1:]] == list(res)
+
+
 def test_unreadable_results_on_resume_loses_nothing(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

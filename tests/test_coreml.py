@@ -165,6 +165,25 @@ def test_an_untied_lm_head_is_exported_in_float16_and_matches():
         )
 
 
+def test_a_quantized_tied_head_is_exported_once_with_our_palettes(tmp_path):
+    """qtutor.quantize(..., head=True): the copy's embedding reads the rows of the head's
+    annotated linear (same logits), and the package holds the head's palettes, once."""
+    logging.getLogger("coremltools").setLevel(logging.WARNING)
+    model = tiny_model("qwen2")
+    qtutor.quantize(model, "palettization_4bit", head=True)
+    copy_ = coreml.prepare_for_export(model)
+    assert copy_.get_input_embeddings().head is copy_.get_output_embeddings()
+    ids = torch.randint(0, 128, (1, SEQLEN))
+    with torch.no_grad():
+        ref = model(ids).logits
+        torch.testing.assert_close(coreml.CausalLMForCoreML(copy_, SEQLEN)(ids), ref, rtol=0, atol=1e-5)
+    path = tmp_path / "head.mlpackage"
+    coreml.export_mlpackage(model, path, seqlen=SEQLEN)
+    assert len(coreml.read_luts(path)) == 15  # the 14 decoder linears and the head
+    check = coreml.check_package(path, model)
+    assert check.ok, str(check)
+
+
 def test_check_package_compares_every_layer_and_finds_a_changed_one(exported):
     model, path, _ = exported
     assert coreml.states_of(path) == {}  # the stateless export

@@ -1,8 +1,10 @@
 """Memory actually held by a model: bytes of its parameters and buffers (chapter 0).
 
-Tied tensors (an lm_head sharing the embedding matrix) are counted once. The split is
-``embeddings`` (token embeddings and an untied lm_head), ``linears`` (every linear of the
-decoder layers, quantized or not) and ``other`` (norms, rotary tables, ...).
+Tied tensors (an lm_head sharing the embedding matrix) are counted once, and so is a
+quantized lm_head that also serves the embedding lookup (``qtutor.quantize(..., head=True)``:
+one module, reached from both). The split is ``embeddings`` (token embeddings and the lm_head,
+tied or not, float or quantized), ``linears`` (every linear of the decoder layers, quantized or
+not) and ``other`` (norms, rotary tables, ...).
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ class MemoryReport:
         return self.total_bytes / 1e6
 
 
+def _is_embedding(module: nn.Module) -> bool:
+    from ..quant.base import QuantizedEmbedding
+
+    return isinstance(module, (nn.Embedding, QuantizedEmbedding))
+
+
 def _is_linear(module: nn.Module) -> bool:
     from ..quant.base import QuantizedLinear
 
@@ -33,9 +41,14 @@ def _is_linear(module: nn.Module) -> bool:
 def memory_report(model: nn.Module) -> MemoryReport:
     """Bytes held by ``model``'s parameters and buffers, split by part."""
     seen, parts = set(), {"embeddings": 0, "linears": 0, "other": 0}
+    from ..quant.base import QuantizedEmbedding
+
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # what a quantized embedding reads its rows from: the lm_head, or a copy of it that a kernel
+    # layout without row reads left behind (qtutor.runtime.kernels.accelerate)
+    tables = {id(m.head) for m in model.modules() if isinstance(m, QuantizedEmbedding)}
     for mod_name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) or module is lm_head:
+        if _is_embedding(module) or module is lm_head or id(module) in tables:
             part = "embeddings"
         elif _is_linear(module):
             part = "linears"

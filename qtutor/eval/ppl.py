@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QtutorError
+from ..quant.base import dequantize_once
 
 
 @dataclass
@@ -81,9 +82,10 @@ def _window_nll(model, windows: torch.Tensor, n_scored: int) -> torch.Tensor:
     targets = targets.reshape(-1)
     rows = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
     nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for i in range(0, hidden.shape[0], rows):
-        logits = head(hidden[i : i + rows]).float()
-        nll[i : i + rows] = F.cross_entropy(logits, targets[i : i + rows], reduction="none")
+    with dequantize_once(head):  # a quantized head: dequantized once per batch, not once per chunk
+        for i in range(0, hidden.shape[0], rows):
+            logits = head(hidden[i : i + rows]).float()
+            nll[i : i + rows] = F.cross_entropy(logits, targets[i : i + rows], reduction="none")
     return nll.view(windows.shape[0], -1).sum(dim=1)
 
 

@@ -515,7 +515,30 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg:
     return replace_linears(layer, layout, lambda linear: UniformLinear.from_float(linear, rtn_cfg), stats)
 
 
+@torch.no_grad()
+def quantize_head(linear: nn.Module, X: torch.Tensor, cfg: AWQConfig) -> UniformLinear:
+    """AWQ's part that applies to an lm_head ``linear`` (vocab, hidden), from its inputs ``X``
+    (n, seqlen, hidden): the clipping search (with ``cfg.clip``), then RTN. No activation-aware
+    scale: ``s`` would have to be folded into the final norm and ``W diag(s)`` stored, and a tied
+    embedding, which reads the same stored rows, cannot undo ``s`` (an untied head is treated the
+    same way, for one rule). A tied embedding reads the clipped rows."""
+    W = linear.weight.detach().float().clone()
+    if cfg.clip:
+        clipped = nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device)
+        clipped.weight.data = W
+        c = search_clip(W, X.to(W.device), cfg)
+        apply_clip(clipped, c["max_val"], c["group_size"])  # clamps W in place
+    return UniformLinear(rtn_quantize_weight(W, cfg.rtn()), linear.bias)
+
+
 SUMMARY = "AWQ INT4: activation-aware per-channel scaling + clipping search, then RTN (asymmetric, groups of 128)"
 register(
-    Method("awq_int4", AWQConfig(), SUMMARY, quantize_layer=quantize_layer, overrides=("bits", "group_size", "sym"))
+    Method(
+        "awq_int4",
+        AWQConfig(),
+        SUMMARY,
+        quantize_layer=quantize_layer,
+        overrides=("bits", "group_size", "sym"),
+        quantize_head=quantize_head,
+    )
 )

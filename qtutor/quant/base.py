@@ -6,7 +6,11 @@
   ``dequantize()``; the reference forward is ``F.linear(x, self.dequantize(), bias)``.
   ``weight_nbytes`` counts what is stored for the weight, so bits per weight are measured,
   not typed in.
-* The method registry: benchmark name -> (default config, how to apply it).
+* ``QuantizedEmbedding``: the token embedding of a model whose quantized lm_head is tied to it;
+  a lookup gathers the requested rows from the head's packed storage
+  (:meth:`QuantizedLinear.dequantize_rows`), so the packed bytes serve both and are stored once.
+* The method registry: benchmark name -> (default config, how to apply it; how to quantize the
+  lm_head with the method's own format, ``qtutor.quantize(..., head=True)``).
 
 Notation as in the papers: ``W`` is (out_features, in_features), ``X`` is (tokens, in_features).
 """
@@ -159,6 +163,15 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (n,) int64 of the weight, (n, in_features) float32: ``dequantize()[rows]``.
+
+        This default dequantizes the whole weight; the storage formats override it to read only
+        the requested rows from their packed buffers (a tied embedding's lookup,
+        :class:`QuantizedEmbedding`, reads one row per token), with the same arithmetic as
+        :meth:`dequantize`, so the rows are bit-identical to ``dequantize()[rows]``."""
+        return self.dequantize().float()[rows]
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`dequantize` in ``dtype``; inside :func:`dequantize_once` computed once per dtype."""
         cache = self.__dict__.get("_dequantized")
@@ -216,6 +229,52 @@ class FloatLinear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return self.weight
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.weight[rows].float()
+
+
+class QuantizedEmbedding(nn.Module):
+    """The token embedding of a model whose lm_head is a :class:`QuantizedLinear` tied to it.
+
+    The embedding table and the head's weight are the same (vocab, hidden) matrix, so the packed
+    head serves both: ``head`` is the very module that is the model's lm_head (registered here
+    too, as transformers ties the two weights), and a lookup of ``ids`` (any shape) returns
+    ``head.dequantize_rows(ids)`` (..., hidden) in ``dtype``, the float embedding's dtype. Only
+    the requested rows are dequantized; the packed bytes are held, and counted, once.
+
+    ``num_embeddings``, ``embedding_dim`` and ``padding_idx`` are the float embedding's. ``head``
+    may also be a float ``nn.Linear`` (a dequantized copy, as Core ML export makes): its weight
+    rows are then looked up as they are. The output dtype and the device follow the model
+    (``model.half()``, ``model.to(device)``) through an empty buffer, which holds no bytes.
+    """
+
+    def __init__(self, head: nn.Module, dtype: torch.dtype, padding_idx: Optional[int] = None):
+        super().__init__()
+        self.head = head
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.padding_idx = padding_idx
+        device = next(iter([*head.buffers(), *head.parameters()])).device
+        self.register_buffer("dtype_of_rows", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dtype_of_rows.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.dtype_of_rows.device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if isinstance(self.head, QuantizedLinear):
+            rows = self.head.dequantize_rows(flat)
+        else:
+            rows = F.embedding(flat, self.head.weight)
+        return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows read from the tied head ({type(self.head).__name__})"
+
 
 @contextmanager
 def dequantize_once(module: nn.Module):
@@ -270,6 +329,12 @@ class Method:
 
     ``overrides``: the fields of its config that ``qtutor bench`` may set from the command line
     (``--bits``, ``--group-size``, ``--sym``, ``--act-order``), where they make sense.
+
+    The lm_head (``qtutor.quantize(..., head=True)``, ``qtutor bench --quantize-head``) gets the
+    method's own format: ``from_float(head, cfg)`` for the methods without calibration, and
+    ``quantize_head(head, X, cfg) -> QuantizedLinear`` for the calibrated ones, ``X`` (n, seqlen,
+    hidden) being the head's calibration inputs (the final norm's outputs, after the quantized
+    decoder layers). ``no_head``: why the method has no quantized head (None: it has one).
     """
 
     name: str
@@ -279,10 +344,21 @@ class Method:
     quantize_layer: Optional[Callable] = None
     from_float_many: Optional[Callable] = None
     overrides: tuple = ()
+    quantize_head: Optional[Callable] = None
+    no_head: Optional[str] = None
 
     @property
     def needs_calib(self) -> bool:
         return self.quantize_layer is not None
+
+    @property
+    def head_reason(self) -> Optional[str]:
+        """Why this method cannot quantize the lm_head (None: it can)."""
+        if self.no_head is not None:
+            return self.no_head
+        if self.needs_calib and self.quantize_head is None:
+            return f"{self.name} has no quantize_head for the lm_head"
+        return None
 
 
 #: the benchmark's method names, in the order tables and figures show them
@@ -305,6 +381,18 @@ def register(method: Method) -> Method:
         raise ValueError(f"unknown benchmark method {method.name!r}; add it to METHOD_NAMES")
     REGISTRY[method.name] = method
     return method
+
+
+#: the suffix of a benchmark row whose lm_head is quantized too (``rtn_int4+head``)
+HEAD_SUFFIX = "+head"
+
+
+def split_head(name: str) -> tuple[str, bool]:
+    """A benchmark row's name -> (method name, whether its lm_head is quantized):
+    ``"rtn_int4+head"`` -> ``("rtn_int4", True)``, ``"rtn_int4"`` -> ``("rtn_int4", False)``."""
+    if name.endswith(HEAD_SUFFIX):
+        return name[: -len(HEAD_SUFFIX)], True
+    return name, False
 
 
 def get_method(name: str) -> Method:

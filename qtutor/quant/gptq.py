@@ -365,6 +365,19 @@ def _quantize_set(layer: nn.Module, names: tuple, H: torch.Tensor, cfg: GPTQConf
     return stats
 
 
+@torch.no_grad()
+def quantize_head(linear: nn.Module, X: torch.Tensor, cfg: GPTQConfig) -> UniformLinear:
+    """GPTQ of an lm_head ``linear`` (vocab, hidden) from its calibration inputs ``X`` (n, seqlen,
+    hidden), the final norm's outputs: ``H = 2 X^T X / N`` over the windows, then
+    :func:`gptq` as for any linear, on ``X``'s device. The result is chapter 1's format; a tied
+    embedding reads its rows (the GPTQ-updated weight, not the rounded float one)."""
+    H = Hessian(linear.in_features, X.device)
+    for x in X.split(8):
+        H.add_batch(x)
+    res = gptq(linear.weight.to(X.device), H.H, cfg)
+    return UniformLinear(res.weight, linear.bias).to(linear.weight.device)
+
+
 register(
     Method(
         "gptq_int4",
@@ -372,5 +385,6 @@ register(
         "GPTQ INT4, asymmetric, groups of 128 input columns, act-order with static groups, damp 0.01, true sequential",
         quantize_layer=quantize_layer,
         overrides=("bits", "group_size", "sym", "act_order", "static_groups"),
+        quantize_head=quantize_head,
     )
 )

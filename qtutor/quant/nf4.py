@@ -295,6 +295,22 @@ class NF4Linear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return self.unpacked().dequantize()
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, in) float32: rows ``rows`` of :meth:`dequantize`, reading only their codes and the
+        absmax of their blocks (blocks run over the flattened weight, row-major)."""
+        pos = (rows.long()[:, None] * self.in_features + torch.arange(self.in_features, device=rows.device)).reshape(-1)
+        byte = self.qweight[pos // 2]
+        codes = torch.where(pos % 2 == 0, byte >> 4, byte & 0x0F)  # the first code of a byte is high
+        values = _table("nf4", self.qweight.device).index_select(0, codes.int())
+        blocks = pos // self.block_size
+        if self.absmax2 is None:
+            absmax = self.absmax.float()[blocks]
+        else:
+            code = _table("dynamic", self.absmax.device)
+            absmax = code[self.absmax[blocks].long()] * self.absmax2.float()[blocks // self.double_quant_block_size]
+            absmax = absmax + self.offset.float()
+        return (values * absmax).reshape(-1, self.in_features)
+
     def resolved_compute_dtype(self, device: torch.device) -> torch.dtype:
         """The configured compute dtype, or bfloat16 on GPU / float32 on CPU."""
         if self.compute_dtype is not None:

@@ -461,6 +461,12 @@ class PalettizedLinear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return self.unpacked().dequantize()
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, in) float32: rows ``rows`` of :meth:`dequantize`, from their indices, LUTs and scales."""
+        idx = unpack_codes(self.qweight[rows], self.bits, self.in_features).long()
+        W = self.lut[rows // self.rows_per_lut].float().gather(1, idx)
+        return W if self.scales is None else W * self.scales[rows].float()[:, None]
+
     def extra_repr(self) -> str:
         return (
             super().extra_repr() + f", luts={self.lut.shape[0]}x{self.lut.shape[1]}, "

@@ -208,11 +208,16 @@ class UniformLinear(QuantizedLinear):
     def from_float(cls, linear: nn.Linear, cfg: RTNConfig) -> "UniformLinear":
         return cls(quantize_weight(linear.weight.data, cfg), linear.bias)
 
-    def unpacked(self) -> UniformWeight:
-        zeros = None if self.qzeros is None else unpack_codes(self.qzeros, self.bits, self.n_groups)
+    def unpacked(self, rows: Optional[torch.Tensor] = None) -> UniformWeight:
+        """The weight before packing; with ``rows`` (n,) only those output rows."""
+
+        def take(t):
+            return t if rows is None else t[rows]
+
+        zeros = None if self.qzeros is None else unpack_codes(take(self.qzeros), self.bits, self.n_groups)
         return UniformWeight(
-            unpack_codes(self.qweight, self.bits, self.in_features),
-            self.scales,
+            unpack_codes(take(self.qweight), self.bits, self.in_features),
+            take(self.scales),
             zeros,
             self.bits,
             self.group_size,
@@ -222,8 +227,19 @@ class UniformLinear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return self.unpacked().dequantize()
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.unpacked(rows).dequantize()
 
-register(Method("fp16_baseline", None, "weights stored in fp16, no quantization", from_float=FloatLinear.from_float))
+
+register(
+    Method(
+        "fp16_baseline",
+        None,
+        "weights stored in fp16, no quantization",
+        from_float=FloatLinear.from_float,
+        no_head="fp16_baseline is the unquantized reference: its embedding and lm_head keep the model's dtype",
+    )
+)
 for _name, _cfg, _summary, _overrides in (
     ("rtn_int8", RTNConfig(bits=8, group_size=0, sym=True),
      "round-to-nearest INT8, symmetric, one scale per output channel", ("group_size", "sym")),

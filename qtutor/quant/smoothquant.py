@@ -186,6 +186,10 @@ class W8A8Linear(QuantizedLinear):
         """(out, in) float32 weight ``s_w q_w``."""
         return self.qweight.float() * self.weight_scales.view(-1, 1)
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        scales = self.weight_scales if self.weight_scales.numel() == 1 else self.weight_scales[rows]
+        return self.qweight[rows].float() * scales.view(-1, 1)
+
     def _quantize_input(self, x: torch.Tensor):
         x2 = x.reshape(-1, self.in_features)
         return quantize_activation_absmax(x2, self.act_quant)
@@ -296,5 +300,16 @@ def quantize_layer(layer: nn.Module, layout, X: torch.Tensor, kwargs: dict, cfg:
     return replace_linears(layer, layout, lambda linear: W8A8Linear.from_float(linear, cfg), stats)
 
 
+def quantize_head(linear: nn.Module, X: torch.Tensor, cfg: SmoothQuantConfig) -> W8A8Linear:
+    """SmoothQuant's format for an lm_head ``linear`` (vocab, hidden): INT8 weights per channel,
+    INT8 activations per token, *without* smoothing (``X`` is not used). The smoothing scale would
+    be folded into the final norm and ``W diag(s)`` stored; a tied embedding reading the same
+    int8 rows would then be off by ``diag(s)``. The head's input, the final norm's output, is
+    quantized per token like every other linear's."""
+    return W8A8Linear.from_float(linear, cfg)
+
+
 SUMMARY = "SmoothQuant W8A8: alpha=0.5 smoothing, INT8 weights per channel, INT8 activations per token (dynamic)"
-register(Method("smoothquant_w8a8", SmoothQuantConfig(), SUMMARY, quantize_layer=quantize_layer))
+register(
+    Method("smoothquant_w8a8", SmoothQuantConfig(), SUMMARY, quantize_layer=quantize_layer, quantize_head=quantize_head)
+)

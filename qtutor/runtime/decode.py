@@ -137,8 +137,10 @@ class StaticDecoder(nn.Module):
         self.groups = self.n_heads // self.n_kv
         self.max_len = max_len
         slots = -(-max_len // 16) * 16  # cache rows: a multiple of 16 (aligned attention mask)
-        w = self.embed.weight
-        self.device, self.dtype = w.device, w.dtype
+        # the model's dtype and device: the embedding table's, or a quantized tied embedding's
+        # (qtutor.quantize(..., head=True): no table, its rows come from the packed lm_head)
+        w = getattr(self.embed, "weight", None)
+        self.device, self.dtype = (w.device, w.dtype) if w is not None else (self.embed.device, self.embed.dtype)
         dev, dt, hd = self.device, self.dtype, self.head_dim
 
         # rotary embedding as one rotation matrix per position (from the model's own cos/sin)

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import QtutorError
-from ..quant.base import FloatLinear, QuantizedLinear, unpack_codes
+from ..quant.base import FloatLinear, QuantizedEmbedding, QuantizedLinear, unpack_codes
 from ..quant.nf4 import NF4Linear
 from ..quant.palettize import PalettizedLinear
 from ..quant.rtn import UniformLinear, group_layout
@@ -221,7 +221,48 @@ class Int4TinyGemmLinear(QuantizedLinear):
                     f"tinygemm re-packing check failed (relative error {float(err):.3g}); "
                     f"this torch's int4 layout differs from what qtutor expects"
                 )
+        new._rows_checked = new._rows_readable(layer)  # private: rows stacked by fuse_rows keep it
         return new
+
+    @property
+    def gathers_rows(self) -> bool:
+        """Whether :meth:`dequantize_rows` reads rows from the packed layout: the CPU layout in
+        whole blocks of 64 rows, checked by :meth:`from_uniform` on this torch."""
+        return self.packed_for == "cpu" and self.out_features % 64 == 0 and getattr(self, "_rows_checked", False)
+
+    def _cpu_row_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, in) int codes of ``rows`` from the CPU layout: blocks of 64 output rows, each stored as
+        (in, 32) bytes whose low nibble is row ``j`` of the block and high nibble row ``j + 32``."""
+        blocks = self.weight_int4pack.view(self.out_features // 64, self.in_features, 32)
+        j = rows % 64
+        b = blocks[rows // 64, :, j % 32]  # (n, in)
+        return torch.where((j >= 32)[:, None], b >> 4, b & 0x0F)
+
+    def _rows_readable(self, layer: UniformLinear) -> bool:
+        """Whether this layout's rows can be read directly: the CPU layout, whole blocks of 64 rows,
+        and rows read that way equal ``layer``'s to the bfloat16 rounding of the scales (checked on
+        rows of the first, a middle and the last block: a torch whose layout differs says no)."""
+        if self.packed_for != "cpu" or self.out_features % 64:
+            return False
+        n = self.out_features
+        rows = torch.tensor(sorted({0, 31, 32, 63, n // 2, n - 33, n - 1}), device=self.weight_int4pack.device)
+        ref = layer.dequantize_rows(rows)
+        err = (self._rows_from_layout(rows) - ref).norm() / ref.norm().clamp(min=1e-12)
+        return bool(err < 1e-2)
+
+    def _rows_from_layout(self, rows: torch.Tensor) -> torch.Tensor:
+        q = self._cpu_row_codes(rows).float()  # (n, in)
+        sz = self.scales_and_zeros[:, rows].float()  # (n_groups, n, 2): w = (q - 8) s + zero
+        s = sz[..., 0].t().repeat_interleave(self.group_size, dim=1)
+        z = sz[..., 1].t().repeat_interleave(self.group_size, dim=1)
+        return (q - 8.0) * s + z
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, in) float32 rows, read from the packed CPU layout (:attr:`gathers_rows`); other
+        layouts (CUDA's tensor-core tiles) only through the whole weight."""
+        if self.gathers_rows:
+            return self._rows_from_layout(rows)
+        return super().dequantize_rows(rows)
 
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device.type != self.packed_for:
@@ -495,8 +536,14 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     def dequantize(self) -> torch.Tensor:
         """(out, in) float32 weight ``s (q - 128) (+ s (128 - z))``."""
-        W = self.weight_int8.float() * self.scales.float()[:, None]
-        return W if self.zero_term is None else W + self.zero_term[:, None]
+        return self.dequantize_rows(None)
+
+    def dequantize_rows(self, rows: Optional[torch.Tensor]) -> torch.Tensor:
+        def take(t):
+            return t if rows is None else t[rows]
+
+        W = take(self.weight_int8).float() * take(self.scales).float()[:, None]
+        return W if self.zero_term is None else W + take(self.zero_term)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -581,22 +628,46 @@ def cpu_nf4_reason(layer) -> Optional[str]:
     return cpu_lut.available()
 
 
+def _modules_once(model: nn.Module) -> list:
+    """(name, module) for every module of ``model`` once, a module reached by several paths (a
+    quantized lm_head that also serves the tied embedding, ``qtutor.quantize(..., head=True)``)
+    under its last name (``lm_head``, not ``model.embed_tokens.head``); modules that only serve a
+    tied embedding's lookups (its head after :func:`_replace` gave the lm_head another layout)
+    are left out."""
+    named = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        named[id(module)] = (name, module)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lookup_only = {id(m.head) for m in model.modules() if isinstance(m, QuantizedEmbedding) and m.head is not head}
+    return [v for k, v in named.items() if k not in lookup_only]
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` sits in ``model`` (a tied quantized lm_head sits in two
+    places). A tied embedding keeps ``old`` for its row lookups if ``new``'s layout cannot serve
+    them (``gathers_rows`` False: tinygemm's CUDA tiles); both are then held, and named."""
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if child is old and not (isinstance(parent, QuantizedEmbedding) and not getattr(new, "gathers_rows", True)):
+                parent._modules[key] = new
+
+
 def _accelerate_cpu(model: nn.Module, verify: bool) -> tuple[dict, dict]:
     """:func:`accelerate`'s ``"cpu"`` backend -> (converted, skipped)."""
     converted, skipped = {}, {}
-    for name, module in list(model.named_modules()):
+    for name, module in _modules_once(model):
         if isinstance(module, (_SwappedGemvMixin, Int4TinyGemmLinear, Int8WeightOnlyLinear)):
             continue
         reason = None
         if isinstance(module, UniformLinear) and module.bits == 8:
             reason = int8_weight_only_reason(module, module.qweight.device)
             if reason is None:
-                model.set_submodule(name, Int8WeightOnlyLinear.from_uniform(module, verify=verify))
+                _replace(model, module, Int8WeightOnlyLinear.from_uniform(module, verify=verify))
                 converted[name] = "aten._weight_int8pack_mm"
         elif isinstance(module, UniformLinear):
             reason = tinygemm_reason(module, module.qweight.device)
             if reason is None:
-                model.set_submodule(name, Int4TinyGemmLinear.from_uniform(module, verify=verify))
+                _replace(model, module, Int4TinyGemmLinear.from_uniform(module, verify=verify))
                 converted[name] = "aten._weight_int4pack_mm_for_cpu"
         elif isinstance(module, NF4Linear):
             reason = cpu_nf4_reason(module)
@@ -634,6 +705,11 @@ def accelerate(
     is not a multiple of 8, whose LUT is not fp16, or on an AMD GPU gets ``"load"`` (the
     ``converted`` entry says which).
 
+    A quantized lm_head tied to the embedding (``qtutor.quantize(..., head=True)``: one module at
+    ``lm_head`` and in the :class:`~qtutor.quant.base.QuantizedEmbedding`) is converted once,
+    named ``lm_head``, and a re-stored layer takes both places; where its layout cannot serve the
+    embedding's row lookups (tinygemm's CUDA tiles), the embedding keeps the packed layer.
+
     Returns ``{"backend": backend used, "converted": {name: kernel}, "skipped": {name: reason}}``.
     """
     if backend not in BACKENDS:
@@ -668,7 +744,7 @@ def accelerate(
         converted[name] = kernel
 
     no_triton = "triton is not installed"
-    for name, module in list(model.named_modules()):
+    for name, module in _modules_once(model):
         if isinstance(module, (_SwappedGemvMixin, Int4TinyGemmLinear, Int8WeightOnlyLinear)):
             continue
         if isinstance(module, UniformLinear) and module.bits == 8:
@@ -683,7 +759,7 @@ def accelerate(
                 continue
             reason = tinygemm_reason(module, module.qweight.device)
             if reason is None:
-                model.set_submodule(name, Int4TinyGemmLinear.from_uniform(module, verify=verify))
+                _replace(model, module, Int4TinyGemmLinear.from_uniform(module, verify=verify))
                 converted[name] = "tinygemm"
             else:
                 skipped[name] = reason
