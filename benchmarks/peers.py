@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_quality_args, layout_name, quality_setup, write_csv  # noqa: E402
+from _common import add_quality_args, kl_to_reference, layout_name, quality_setup, write_csv  # noqa: E402
 
 import qtutor  # noqa: E402
 from qtutor.models import layout_for  # noqa: E402
@@ -239,6 +239,12 @@ def main(argv=None) -> int:
         default="",
         help="extra qtutor rows with one config field changed, e.g. awq:duo_scaling=true,awq:clip=false",
     )
+    p.add_argument(
+        "--kl",
+        action="store_true",
+        help="also score each row by its mean KL divergence from the float model's next-token "
+        "distributions and its top-1 agreement with it, on the same tokens (columns kl_to_float, top1_agree)",
+    )
     args = p.parse_args(argv)
     variants = parse_variants(args.variants)
     methods = args.methods.split(",")
@@ -269,6 +275,8 @@ def main(argv=None) -> int:
     header["eval_tokens"] = base.eval_tokens
     print(f"float: {base}")
     rows = [dict(layout="float", method="float", implementation="-", ppl=base.ppl, seconds=0.0)]
+    if args.kl:
+        rows[0].update(kl_to_reference(model, model, score.eval_ids, args.seqlen, args.max_eval_tokens))
     for layout, lay, method in plan(methods, args.bits, group_sizes, args.alpha, per_row=not args.no_per_row):
         peer_run, peer_name, package = PEERS[method]
         impls = [("qtutor", qtutor_run)] + ([(peer_name, peer_run)] if version(package) else [])
@@ -288,7 +296,11 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - t0
             r = score(m)
             rows.append(dict(layout=layout, method=method, implementation=impl, ppl=r.ppl, seconds=seconds))
-            print(f"{layout:30s} {method:13s} {impl:15s} ppl {r.ppl:10.3f}  ({seconds:.1f} s)", flush=True)
+            kl = ""
+            if args.kl:
+                rows[-1].update(kl_to_reference(m, model, score.eval_ids, args.seqlen, args.max_eval_tokens))
+                kl = f"  KL {rows[-1]['kl_to_float']:.5f}  top-1 {rows[-1]['top1_agree']:.4f}"
+            print(f"{layout:30s} {method:13s} {impl:15s} ppl {r.ppl:10.3f}{kl}  ({seconds:.1f} s)", flush=True)
             write_csv([{**header, **r} for r in rows], path)  # nothing measured is lost
     write_csv([{**header, **r} for r in rows], path)
     print(f"wrote {path}")
