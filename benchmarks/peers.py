@@ -29,7 +29,11 @@ The peers, where installed (a missing one is reported and its rows are left out)
   like with like).
 
 Writes ``OUT.csv`` (one row per layout, method and implementation: perplexity, seconds, the
-versions) and prints a table; rows are written as they are measured.
+versions) and prints a table; rows are written as they are measured. With ``--kl``, each row is
+also scored against the float model on the same tokens: ``kl_to_float``, the mean
+KL(p_float || p_quantized) of the next-token distributions in nats, and ``top1_agree``, the
+fraction of predictions whose most likely token is the float model's (``_common.kl_to_reference``;
+it costs two more forward passes over the text per row).
 
     python benchmarks/peers.py --model PATH/stories260K-qwen2-hf --data-dir PATH/hf-wikitext \\
         --group-size 64,4 --out benchmarks/peers_stories260k
@@ -226,7 +230,11 @@ def plan(methods: list[str], bits: int, group_sizes: list[int], alpha: float, pe
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_args(p)
-    p.add_argument("--group-size", default="64", help="the group-wise layouts' group sizes, comma-separated")
+    p.add_argument(
+        "--group-size",
+        default="64",
+        help="the group-wise layouts' group sizes, comma-separated (0 is per row: with --no-per-row, only those)",
+    )
     p.add_argument(
         "--no-per-row",
         action="store_true",
