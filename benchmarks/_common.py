@@ -148,7 +148,36 @@ def quality_setup(args):
     def score(m):
         return perplexity(m, eval_ids, args.seqlen, args.max_eval_tokens, batch_size=8)
 
+    score.eval_ids = eval_ids  # for kl_to_reference: the same tokens and windows
     return model, dataset, calib, env, score
+
+
+@torch.no_grad()
+def kl_to_reference(model, reference, ids, seqlen: int, max_tokens=None, batch_size: int = 8) -> dict:
+    """How far ``model``'s next-token distributions are from ``reference``'s on the windows that
+    ``qtutor.eval.perplexity`` scores (non-overlapping windows of ``seqlen``, the first
+    ``seqlen - 1`` predictions of each): ``kl_to_float``, the mean over those predictions of
+    KL(p_reference || p_model) in nats, and ``top1_agree``, the fraction of them whose most
+    likely token is the same in both. Zero and one for identical models. The reference's
+    log-probabilities are computed batch by batch beside the model's, never for the whole text.
+    """
+    import torch.nn.functional as F
+
+    from qtutor.data import eval_windows
+
+    windows = eval_windows(ids, seqlen, max_tokens)
+    device = next(model.parameters()).device
+    kl_sum, agree, count = 0.0, 0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size].to(device)
+        ref = F.log_softmax(reference(batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+        out = F.log_softmax(model(batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+        p = ref.exp()
+        kl = torch.where(p > 0, p * (ref - out), torch.zeros_like(p)).sum(dim=-1)  # (batch, seqlen - 1)
+        kl_sum += float(kl.double().sum())
+        agree += int((ref.argmax(dim=-1) == out.argmax(dim=-1)).sum())
+        count += kl.numel()
+    return {"kl_to_float": kl_sum / count, "top1_agree": agree / count}
 
 
 def layout_name(bits: int, group: int, sym: bool) -> str:

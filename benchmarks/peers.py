@@ -29,7 +29,11 @@ The peers, where installed (a missing one is reported and its rows are left out)
   like with like).
 
 Writes ``OUT.csv`` (one row per layout, method and implementation: perplexity, seconds, the
-versions) and prints a table; rows are written as they are measured.
+versions) and prints a table; rows are written as they are measured. With ``--kl``, each row is
+also scored against the float model on the same tokens: ``kl_to_float``, the mean
+KL(p_float || p_quantized) of the next-token distributions in nats, and ``top1_agree``, the
+fraction of predictions whose most likely token is the float model's (``_common.kl_to_reference``;
+it costs two more forward passes over the text per row).
 
     python benchmarks/peers.py --model PATH/stories260K-qwen2-hf --data-dir PATH/hf-wikitext \\
         --group-size 64,4 --out benchmarks/peers_stories260k
@@ -49,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_quality_args, layout_name, quality_setup, write_csv  # noqa: E402
+from _common import add_quality_args, kl_to_reference, layout_name, quality_setup, write_csv  # noqa: E402
 
 import qtutor  # noqa: E402
 from qtutor.models import layout_for  # noqa: E402
@@ -226,7 +230,11 @@ def plan(methods: list[str], bits: int, group_sizes: list[int], alpha: float, pe
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_quality_args(p)
-    p.add_argument("--group-size", default="64", help="the group-wise layouts' group sizes, comma-separated")
+    p.add_argument(
+        "--group-size",
+        default="64",
+        help="the group-wise layouts' group sizes, comma-separated (0 is per row: with --no-per-row, only those)",
+    )
     p.add_argument(
         "--no-per-row",
         action="store_true",
@@ -238,6 +246,12 @@ def main(argv=None) -> int:
         "--variants",
         default="",
         help="extra qtutor rows with one config field changed, e.g. awq:duo_scaling=true,awq:clip=false",
+    )
+    p.add_argument(
+        "--kl",
+        action="store_true",
+        help="also score each row by its mean KL divergence from the float model's next-token "
+        "distributions and its top-1 agreement with it, on the same tokens (columns kl_to_float, top1_agree)",
     )
     args = p.parse_args(argv)
     variants = parse_variants(args.variants)
@@ -269,6 +283,8 @@ def main(argv=None) -> int:
     header["eval_tokens"] = base.eval_tokens
     print(f"float: {base}")
     rows = [dict(layout="float", method="float", implementation="-", ppl=base.ppl, seconds=0.0)]
+    if args.kl:
+        rows[0].update(kl_to_reference(model, model, score.eval_ids, args.seqlen, args.max_eval_tokens))
     for layout, lay, method in plan(methods, args.bits, group_sizes, args.alpha, per_row=not args.no_per_row):
         peer_run, peer_name, package = PEERS[method]
         impls = [("qtutor", qtutor_run)] + ([(peer_name, peer_run)] if version(package) else [])
@@ -288,7 +304,11 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - t0
             r = score(m)
             rows.append(dict(layout=layout, method=method, implementation=impl, ppl=r.ppl, seconds=seconds))
-            print(f"{layout:30s} {method:13s} {impl:15s} ppl {r.ppl:10.3f}  ({seconds:.1f} s)", flush=True)
+            kl = ""
+            if args.kl:
+                rows[-1].update(kl_to_reference(m, model, score.eval_ids, args.seqlen, args.max_eval_tokens))
+                kl = f"  KL {rows[-1]['kl_to_float']:.5f}  top-1 {rows[-1]['top1_agree']:.4f}"
+            print(f"{layout:30s} {method:13s} {impl:15s} ppl {r.ppl:10.3f}{kl}  ({seconds:.1f} s)", flush=True)
             write_csv([{**header, **r} for r in rows], path)  # nothing measured is lost
     write_csv([{**header, **r} for r in rows], path)
     print(f"wrote {path}")
