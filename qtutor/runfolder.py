@@ -202,9 +202,9 @@ def _refuse_constant(name: str):
 
 
 def _check_entry(name: str, entry) -> None:
-    from .quant.base import METHOD_NAMES
+    from .quant.base import METHOD_NAMES, split_head
 
-    if name not in METHOD_NAMES:
+    if split_head(name)[0] not in METHOD_NAMES:  # a method, or its +head row (--quantize-head)
         raise ValueError(f"unknown method {name!r}")
     if not isinstance(entry, dict):
         raise ValueError(f"method {name!r} is a JSON {type(entry).__name__}, not an object")

@@ -314,6 +314,10 @@ def test_head_rows_end_to_end_and_by_resume(model_dir, data_dir, tmp_path, capsy
     res = json.loads((out / "results.json").read_text())["methods"]
     assert list(res) == ["fp16_baseline", "rtn_int8", "rtn_int8+head", "rtn_int4", "rtn_int4+head"]
     assert res["rtn_int8"] == before["rtn_int8"]  # kept
+    # a run with +head rows reads back (chapter 7 reads committed runs) and resumes again, all done
+    assert list(qtutor.bench.load_results(out / "results.json")["methods"]) == list(res)
+    assert main(args + ["--quantize-head"]) == 0
+    assert json.loads((out / "results.json").read_text())["methods"] == res
     assert not res["rtn_int4"]["quantize_head"] and res["rtn_int4+head"]["quantize_head"]
     assert res["rtn_int4"]["head_kernel"] is None
     assert res["rtn_int4+head"]["config"] == res["rtn_int4"]["config"]
