@@ -40,6 +40,20 @@ def _cache_of(out):
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
 
 
+def _result(model, per_token: list, prefill: list, prompt_ids: torch.Tensor, new_tokens: int) -> LatencyResult:
+    """The medians of the timed runs (ms per decoded token, prefill ms), with the model's device and dtype."""
+    p = next(model.parameters())
+    return LatencyResult(
+        statistics.median(per_token),
+        per_token,
+        statistics.median(prefill),
+        int(prompt_ids.numel()),
+        new_tokens,
+        str(p.device),
+        str(p.dtype).replace("torch.", ""),
+    )
+
+
 @torch.no_grad()
 def greedy_decode(model, prompt_ids: torch.Tensor, new_tokens: int):
     """Greedy decode with a KV cache -> (generated ids (new_tokens,), prefill s, decode s)."""
@@ -79,16 +93,7 @@ def decode_latency(
         _, t_prefill, t_decode = greedy_decode(model, prompt_ids, new_tokens)
         per_token.append(1000 * t_decode / max(new_tokens - 1, 1))
         prefill.append(1000 * t_prefill)
-    p = next(model.parameters())
-    return LatencyResult(
-        statistics.median(per_token),
-        per_token,
-        statistics.median(prefill),
-        int(prompt_ids.numel()),
-        new_tokens,
-        str(p.device),
-        str(p.dtype).replace("torch.", ""),
-    )
+    return _result(model, per_token, prefill, prompt_ids, new_tokens)
 
 
 def _compile_config(device: torch.device):
@@ -152,13 +157,4 @@ def hf_generate_latency(
         t_all, t_one = timed(new_tokens), timed(1)
         per_token.append(1000 * max(t_all - t_one, 0.0) / max(new_tokens - 1, 1))
         prefill.append(1000 * t_one)
-    p = next(model.parameters())
-    return LatencyResult(
-        statistics.median(per_token),
-        per_token,
-        statistics.median(prefill),
-        int(prompt_ids.numel()),
-        new_tokens,
-        str(p.device),
-        str(p.dtype).replace("torch.", ""),
-    )
+    return _result(model, per_token, prefill, prompt_ids, new_tokens)
