@@ -4,7 +4,8 @@
 For each linear shape of a model config, one input row, the time of ONE call measured inside a
 CUDA graph of ``--calls`` back-to-back calls (so launch gaps are as in the decode harness), for:
 fp16 ``nn.Linear`` (cuBLAS), RTN int4 g128 through the Triton GEMV and through tinygemm (bf16),
-the palettized 4-bit LUT GEMV in each LUT mode, and W8A8 through ``torch._int_mm`` (with its
+RTN int8 per channel through the Triton int8 GEMV, QLoRA's NF4 (double quantization) through the
+register-LUT GEMV, the palettized 4-bit LUT GEMV in each LUT mode, and W8A8 through ``torch._int_mm`` (with its
 per-token quantization as PyTorch ops) and through the Triton W8A8 GEMV.
 Also the bytes each reads and the bandwidth that implies. It shows where a decode step's time
 goes: small matrices take a few microseconds whatever their format (latency-bound), and only the
@@ -75,6 +76,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("gemv_speed.py times CUDA kernels: it needs a GPU")
     from qtutor.runtime import kernels
+    from qtutor.quant.nf4 import NF4Linear
     from qtutor.quant.palettize import PalettizeConfig, PalettizedLinear
     from qtutor.quant.rtn import RTNConfig, UniformLinear
     from qtutor.quant.smoothquant import W8A8Linear
@@ -100,6 +102,10 @@ def main():
         q = UniformLinear.from_float(W, RTNConfig(4, 128, False)).to(dev)
         variants["int4-triton"] = fast(copy.deepcopy(q), "triton")
         variants["int4-tinygemm"] = fast(copy.deepcopy(q), "tinygemm")  # bf16 inside
+        variants["int8-triton"] = fast(
+            UniformLinear.from_float(W, RTNConfig(bits=8, group_size=0, sym=True)).to(dev), "triton"
+        )
+        variants["nf4-triton"] = fast(NF4Linear.from_float(W).to(dev), "triton")
         if n * k < 2e7:  # exact k-means of the LM head's 9,496 LUTs would dominate the run
             pal = PalettizedLinear.from_float(W, PalettizeConfig()).to(dev)
             variants["lut4-triton-prmt"] = fast(copy.deepcopy(pal), "triton", "prmt")
@@ -157,7 +163,7 @@ def main():
     write_csv(rows, Path(args.out))
     from qtutor.runtime import triton_gemv as tk
 
-    tuners = (tk._int4_tuned, tk._lut_tuned, tk._lut_prmt_tuned, tk._w8a8_tuned)
+    tuners = (tk._int4_tuned, tk._int8_tuned, tk._nf4_tuned, tk._lut_tuned, tk._lut_prmt_tuned, tk._w8a8_tuned)
     for tuned in tuners + (lut_modes._lut_tuned, lut_modes._lut_gather_tuned):  # block sizes chosen per shape
         for key, cfg in tuned.cache.items():
             print(f"  {tuned.fn.__name__}: {key} -> {cfg}")
