@@ -37,7 +37,9 @@ def brute_force_sse(x, k, w=None):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_kmeans_1d_is_optimal(seed, k):
+@pytest.mark.parametrize("programme", ["torch", "auto"])  # auto: the C layers where they build
+def test_kmeans_1d_is_optimal(seed, k, programme, monkeypatch):
+    monkeypatch.setattr(P, "KMEANS_PROGRAMME", programme)
     g = torch.Generator().manual_seed(seed)
     n = 9
     x = torch.randn(n, generator=g, dtype=torch.float64)
@@ -46,6 +48,64 @@ def test_kmeans_1d_is_optimal(seed, k):
     assert r.centroids.shape == (k,) and bool((r.centroids[1:] >= r.centroids[:-1]).all())
     best = brute_force_sse(x, k, w)
     assert sse(x, r.centroids, r.labels, w) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+needs_c_programme = pytest.mark.skipif(
+    __import__("qtutor.runtime.cpu_kmeans").runtime.cpu_kmeans.available() is not None,
+    reason="the C k-means programme does not build here (no C compiler)",
+)
+
+
+@needs_c_programme
+@pytest.mark.parametrize("k", [2, 3, 8, 16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_c_programme_equals_torch_programme(k, weighted, monkeypatch):
+    """The C layers (qtutor.runtime.cpu_kmeans) return the PyTorch layers' minimizers bit for
+    bit: random rows, fp16-rounded rows full of repeats, a row of few and one of a single value."""
+    g = torch.Generator().manual_seed(k)
+    X = torch.randn(9, 500, generator=g, dtype=torch.float64)
+    X[1] = X[1].half().double()
+    X[2] = X[2].round()  # few distinct values
+    X[3, :] = 0.5  # one
+    X[4, 250:] = X[4, :250]  # every value twice
+    w = torch.rand(9, 500, generator=g, dtype=torch.float64) if weighted else None
+    out = {}
+    for programme in ("torch", "c"):
+        monkeypatch.setattr(P, "KMEANS_PROGRAMME", programme)
+        xu, wu, n = P._unique_rows(X, w)
+        out[programme] = (P._kmeans_sorted(xu - xu.mean(1, keepdim=True), wu, n, k), P.kmeans_1d_groups(X, k, w))
+    assert torch.equal(out["c"][0], out["torch"][0])  # the cluster boundaries
+    assert torch.equal(out["c"][1], out["torch"][1])  # the centroids
+
+
+def test_c_programme_missing(monkeypatch):
+    """Without the C programme "auto" runs the PyTorch one (same result) and "c" says why not."""
+    from qtutor.runtime import cbuild, cpu_kmeans
+
+    X = torch.randn(3, 200, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(P, "KMEANS_PROGRAMME", "torch")
+    expected = P.kmeans_1d_groups(X, 4)
+    broken = cbuild.CLibrary("kmeans_broken", "the C k-means programme", "#error no compiler here\n", lambda lib: None)
+    monkeypatch.setattr(cpu_kmeans, "_LIBRARY", broken)
+    monkeypatch.setattr(P, "KMEANS_PROGRAMME", "auto")
+    assert torch.equal(P.kmeans_1d_groups(X, 4), expected)
+    monkeypatch.setattr(P, "KMEANS_PROGRAMME", "c")
+    with pytest.raises(QtutorError, match="could not build the C k-means programme"):
+        P.kmeans_1d_groups(X, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_c_programme_serves_cuda_groups(monkeypatch):
+    """Groups on a GPU: prefix sums on the device, the C layers on the host, centroids back on the
+    device, as the PyTorch programme on the device computes them (float64 roundings may differ
+    on the GPU, so up to float64 rounding)."""
+    X = torch.randn(40, 896, generator=torch.Generator().manual_seed(1)).half().float().cuda()
+    out = {}
+    for programme in ("torch", "c"):
+        monkeypatch.setattr(P, "KMEANS_PROGRAMME", programme)
+        out[programme] = P.kmeans_1d_groups(X, 16)
+    assert out["c"].device == X.device
+    torch.testing.assert_close(out["c"], out["torch"], rtol=1e-9, atol=1e-12)
 
 
 def test_kmeans_1d_recovers_planted_centroids():

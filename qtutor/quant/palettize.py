@@ -194,6 +194,22 @@ def _dc_layer(D, P0, P1, P2, m: int, k: int, prev=None):
     return Dm.reshape(B, N1), opt.reshape(B, N1)
 
 
+#: where the programme's layers run: "auto" (the C programme when it builds here, else PyTorch),
+#: "c" or "torch"; the result is the same (tests/test_palettize.py)
+KMEANS_PROGRAMME = "auto"
+
+
+def _use_c_programme() -> bool:
+    if KMEANS_PROGRAMME == "torch":
+        return False
+    from ..runtime import cpu_kmeans
+
+    reason = cpu_kmeans.available()
+    if reason is not None and KMEANS_PROGRAMME == "c":
+        raise QtutorError(reason)
+    return reason is None
+
+
 def _kmeans_sorted(x: torch.Tensor, w: torch.Tensor, n: torch.Tensor, k: int) -> torch.Tensor:
     """Exact weighted k-means of each row of ``x`` (B, N), sorted ascending, weights ``w`` >= 0,
     the first ``n[b]`` entries real (the rest zero-weight padding); ``N >= k``.
@@ -206,10 +222,16 @@ def _kmeans_sorted(x: torch.Tensor, w: torch.Tensor, n: torch.Tensor, k: int) ->
     P1 = torch.cat([z, (w * x).cumsum(1)], 1)
     P2 = torch.cat([z, (w * x * x).cumsum(1)], 1)
     D = P2 - P1 * P1 / P0.clamp(min=_TINY)  # one cluster
-    opts = []
-    for m in range(2, k):
-        D, opt = _dc_layer(D, P0, P1, P2, m, k, opts[-1] if opts else None)
-        opts.append(opt)
+    if _use_c_programme():  # the same layers as the loop below, in C (qtutor.runtime.cpu_kmeans)
+        from ..runtime import cpu_kmeans
+
+        D, opts = cpu_kmeans.dp_layers(P0, P1, P2, D, k)
+        D, opts = D.to(x.device), [opt.to(x.device) for opt in opts]
+    else:
+        opts = []
+        for m in range(2, k):
+            D, opt = _dc_layer(D, P0, P1, P2, m, k, opts[-1] if opts else None)
+            opts.append(opt)
     end = torch.maximum(n, torch.full_like(n, k))  # fewer distinct values than k: pad clusters
     if k == 1:
         last = torch.zeros(B, dtype=torch.long, device=x.device)
@@ -272,24 +294,28 @@ def kmeans_1d_groups(
     """Exact k-means of each row of ``X`` (B, M) separately -> centroids (B, k) float64, ascending.
 
     A row with fewer than ``k`` distinct values gets each of them once, then copies of its
-    largest value. Rows are processed in chunks of about ``max_elements`` values (default 2^20
-    on a CPU; 2^24 on a GPU, where bigger chunks mean fewer, fuller kernel launches), each chunk
-    on its own, so memory stays bounded however many rows come. On a CPU, chunks run in a few
-    threads at once (the divide-and-conquer's gathers and scans use one core each); the result
-    does not depend on the chunking.
+    largest value. Rows are processed in chunks of about ``max_elements`` values (default 2^22
+    with the C programme, 2^20 without; 2^24 on a GPU, where bigger chunks mean fewer, fuller
+    kernel launches), each chunk on its own, so memory stays bounded however many rows come.
+    The programme's layers run in C on the host's cores when it builds (``KMEANS_PROGRAMME``,
+    :mod:`qtutor.runtime.cpu_kmeans`: its threads share out the groups of a chunk), else in
+    PyTorch on ``X``'s device (on a CPU, chunks then run in a few threads at once: the
+    divide-and-conquer's gathers and scans use one core each); the result does not depend on
+    either choice.
     """
     if k < 1:
         raise QtutorError(f"k-means needs k >= 1 clusters, got {k}")
     B, M = X.shape
+    in_c = _use_c_programme()  # parallel over the groups inside C: one chunk at a time
     if max_elements is None:
-        max_elements = 1 << (24 if X.is_cuda else 20)
+        max_elements = 1 << (24 if X.is_cuda else 22 if in_c else 20)
     per_chunk = max(1, max_elements // max(M, 1) // max(1, k // 16))
     chunks = [slice(s, s + per_chunk) for s in range(0, B, per_chunk)]
 
     def run(sl):
         return _kmeans_chunk(X[sl], k, None if weights is None else weights[sl])
 
-    workers = min(len(chunks), torch.get_num_threads(), 4) if not X.is_cuda else 1
+    workers = min(len(chunks), torch.get_num_threads(), 4) if not (X.is_cuda or in_c) else 1
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
             return torch.cat(list(pool.map(run, chunks)))

@@ -28,27 +28,21 @@ Two entry points, on the layers' own storage (nothing re-packed, see the layer d
   (QLoRA section 3), or read as fp32 when not double-quantized.
 
 The C source below is compiled once per machine with the system's C compiler (``cc -O3
--march=native -fopenmp``) into a cache folder and loaded with :mod:`ctypes`; without a compiler
-:func:`available` says why and the layers keep their reference forward. Accumulation is in
+-march=native -fopenmp``) into a cache folder and loaded with :mod:`ctypes`
+(:mod:`qtutor.runtime.cbuild`); without a compiler :func:`available` says why and the layers
+keep their reference forward. Accumulation is in
 float32, so the result equals the reference forward to float32 rounding (tests/test_kernels.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..errors import QtutorError
+from .cbuild import CLibrary
 
 C_SOURCE = r"""
 #include <stdint.h>
@@ -156,77 +150,6 @@ void nf4_gemv(const float *x, const uint8_t *q, int64_t N, int64_t K, const floa
 #: below this many weights one thread does the whole matrix (starting others costs more)
 PARALLEL_MIN_WEIGHTS = 1 << 19
 
-_LIB = None
-_REASON: Optional[str] = None
-_LOCK = threading.Lock()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("QTUTOR_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qtutor"
-    )
-    return Path(root) / "kernels"
-
-
-def _cpu_id() -> str:
-    """What ``-march=native`` compiles for (a home folder shared by several machines must not
-    hand one of them another's build): the processor's flags where Linux lists them."""
-    import platform
-
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        flags = next((line for line in info.splitlines() if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
-def _compile(cc: str, flags: list, out: Path) -> Optional[str]:
-    """Compile C_SOURCE into ``out`` (atomically: concurrent processes may race); -> error or None."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src, lib = Path(tmp) / "lut.c", Path(tmp) / out.name
-        src.write_text(C_SOURCE)
-        proc = subprocess.run([cc, *flags, str(src), "-o", str(lib)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            return (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
-        os.replace(lib, out)
-    return None
-
-
-def _load():
-    """The compiled library (built on first use), or None with the reason in ``_REASON``."""
-    global _LIB, _REASON
-    with _LOCK:
-        if _LIB is not None or _REASON is not None:
-            return _LIB
-        if sys.platform == "win32":
-            _REASON = "the CPU LUT kernel is built with a Unix C compiler; not on Windows"
-            return None
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        if cc is None:
-            _REASON = "no C compiler (cc, gcc or clang) to build the CPU LUT kernel"
-            return None
-        base = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
-        key = hashlib.sha256((C_SOURCE + cc + " ".join(base) + _cpu_id()).encode()).hexdigest()[:16]
-        error = None
-        for extra, tag in ((["-fopenmp"], "omp"), ([], "serial")):  # without OpenMP if it is missing
-            path = _cache_dir() / f"lut_{key}_{tag}.so"
-            try:
-                if not path.exists():
-                    error = _compile(cc, base + extra, path)
-                    if error is not None:
-                        continue
-                lib = ctypes.CDLL(str(path))
-            except OSError as err:
-                error = str(err)
-                continue
-            _bind(lib)
-            _LIB = lib
-            return lib
-        _REASON = f"could not build the CPU LUT kernel: {error}"
-        return None
-
 
 def _bind(lib) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -236,10 +159,18 @@ def _bind(lib) -> None:
     lib.nf4_gemv.restype = None
 
 
+_LIBRARY = CLibrary("lut", "the CPU LUT kernel", C_SOURCE, _bind)
+
+
+def _load():
+    """The compiled library (built on first use), or None (:func:`available` says why)."""
+    return _LIBRARY.load()
+
+
 def available() -> Optional[str]:
     """None if the CPU LUT kernel can run here, else why not (built on the first call)."""
     _load()
-    return _REASON
+    return _LIBRARY.reason
 
 
 def _threads(n: int, k: int) -> int:
@@ -267,7 +198,7 @@ def palette_gemv(x, qweight, lut, scales, bias, rows_per_lut: int) -> torch.Tens
     qweight (out, in/2) uint8, low nibble first; lut (n_luts, 16) fp16; scales (out,) fp16 or None."""
     lib = _load()
     if lib is None:
-        raise QtutorError(_REASON)
+        raise QtutorError(_LIBRARY.reason)
     N, K = qweight.shape[0], 2 * qweight.shape[1]
     x = _row(x, K)
     if lut.dtype != torch.float16 or (scales is not None and scales.dtype != torch.float16):
@@ -288,7 +219,7 @@ def nf4_gemv(x, qweight, levels, block: int, absmax, absmax2, offset, dyn, dq_bl
     (256 float32) with fp32 ``absmax2`` per ``dq_block`` blocks and fp32 ``offset``."""
     lib = _load()
     if lib is None:
-        raise QtutorError(_REASON)
+        raise QtutorError(_LIBRARY.reason)
     K = x.numel()
     x = _row(x, K)
     if K % block or block % 2:
