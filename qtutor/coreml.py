@@ -38,7 +38,7 @@ How it works (coremltools 9):
 every palettized layer of a model with it (any platform); :func:`states_of` and :func:`op_types`
 read a package's states and operations. :func:`predict` and :func:`generate` run a package and
 need macOS (Core ML runs only there). :class:`PeakHostMemory` measures what an export costs;
-:func:`export_in_background` runs the exports in a child process, beside other work.
+:func:`export_in_background` runs the exports in child processes, beside other work.
 """
 
 from __future__ import annotations
@@ -801,33 +801,55 @@ def generate(path_or_model, input_ids, new_tokens: int) -> list:
 
 # ---------------------------------------------------------------------------- exporting beside other work
 class ExportJob:
-    """Core ML exports running in a child process, started by :func:`export_in_background`.
+    """Core ML exports running in child processes, started by :func:`export_in_background`.
 
-    ``result()`` waits for the child and returns ``{kind: cost}`` for each export it ran
-    ("plain": :func:`export_mlpackage`, "stateful": :func:`export_stateful_mlpackage`), each cost
-    a :class:`PeakHostMemory` measured in the child (its wall time and the child's peak resident
-    memory), or raises a one-line :class:`QtutorError` with the child's error.
+    ``result()`` waits for every child and returns ``{kind: cost}`` for each export ("plain":
+    :func:`export_mlpackage`, "stateful": :func:`export_stateful_mlpackage`), each cost a
+    :class:`PeakHostMemory` measured in its child (its wall time and the child's peak resident
+    memory), or raises a one-line :class:`QtutorError` with a child's error.
     """
 
-    def __init__(self, process, model_file: Path, report: Path, log: Path):
-        self.process, self.model_file, self.report, self.log = process, model_file, report, log
+    def __init__(self, children: list, model_file: Path):
+        self.children, self.model_file = children, model_file  # children: [(process, report, log)]
         self._costs: Optional[dict] = None
 
+    @property
+    def process(self):
+        return self.children[0][0]
+
+    @property
+    def log(self) -> Path:
+        return self.children[0][2]
+
     def done(self) -> bool:
-        return self.process.poll() is not None
+        return all(process.poll() is not None for process, _, _ in self.children)
 
     def result(self, timeout: Optional[float] = None) -> dict:
         if self._costs is None:
-            code = self.process.wait(timeout)
+            codes = [process.wait(timeout) for process, _, _ in self.children]
             self.model_file.unlink(missing_ok=True)
-            try:
-                report = json.loads(self.report.read_text())
-            except (OSError, ValueError):
-                report = {"error": f"the export process exited with code {code} without a report"}
-            if "error" in report:
-                raise QtutorError(f"Core ML export failed: {report['error']} (its log: {self.log})")
-            self._costs = {kind: PeakHostMemory.from_dict(cost) for kind, cost in report["costs"].items()}
+            costs = {}
+            for code, (_, report, log) in zip(codes, self.children):
+                try:
+                    found = json.loads(report.read_text())
+                except (OSError, ValueError):
+                    found = {"error": f"the export process exited with code {code} without a report"}
+                if "error" in found:
+                    raise QtutorError(f"Core ML export failed: {found['error']} (its log: {log})")
+                costs.update({kind: PeakHostMemory.from_dict(cost) for kind, cost in found["costs"].items()})
+            self._costs = costs
         return self._costs
+
+
+def _side_by_side() -> bool:
+    """Room for one export process per package: at least 4 cores and 16 GiB of memory available
+    (each child peaks at about 5 GiB for Qwen2-0.5B); a Colab CPU runtime (2 cores) has neither."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        available = int(next(line for line in meminfo.splitlines() if line.startswith("MemAvailable")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return False
+    return (os.cpu_count() or 1) >= 4 and available * 1024 >= 16 * 2**30
 
 
 def export_in_background(
@@ -837,15 +859,18 @@ def export_in_background(
     seqlen: int = 32,
     max_len: int = 256,
     threads: Optional[int] = None,
+    side_by_side: Optional[bool] = None,
 ) -> ExportJob:
-    """Start :func:`export_mlpackage` (to ``plain``) and then :func:`export_stateful_mlpackage`
-    (to ``stateful``) of ``model`` in a child Python process, and return at once.
+    """Start :func:`export_mlpackage` (to ``plain``) and :func:`export_stateful_mlpackage` (to
+    ``stateful``) of ``model`` in child Python processes, and return at once.
 
     A conversion is CPU work (tracing and coremltools' passes, mostly single-threaded Python), so
     on a machine whose GPU is busy with something else the two can overlap. The model is saved
-    with ``torch.save`` to a temporary folder (which also holds the child's log) and loaded by the
-    child on the CPU; ``threads`` caps the child's CPU threads (None: torch's default). Bad paths
-    fail here, before the child starts.
+    with ``torch.save`` to a temporary folder (which also holds the children's logs) and loaded
+    by each child on the CPU; ``threads`` caps each child's CPU threads (None: torch's default).
+    ``side_by_side``: one child per package, running at the same time (None: when the machine
+    has at least 4 cores and 16 GiB available), else one child exporting them one after the
+    other. Bad paths fail here, before a child starts.
     """
     import subprocess
     import tempfile
@@ -855,16 +880,22 @@ def export_in_background(
     if not targets:
         raise QtutorError("nothing to export: give plain=PATH and/or stateful=PATH (.mlpackage)")
     folder = Path(tempfile.mkdtemp(prefix="qtutor-export-"))
-    model_file, report, log = folder / "model.pt", folder / "report.json", folder / "export.log"
+    model_file = folder / "model.pt"
     torch.save(model, model_file)
-    args = [sys.executable, "-m", "qtutor.coreml", str(model_file), str(report), str(seqlen), str(max_len)]
-    args += [f"{kind}={path}" for kind, path in targets.items()]
     env = dict(os.environ, TQDM_DISABLE="1", COREMLTOOLS_OPTIMIZE_TORCH_LOG_LEVEL="error")
     if threads:
         env.update({v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
-    with open(log, "w") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return ExportJob(process, model_file, report, log)
+    side_by_side = _side_by_side() if side_by_side is None else side_by_side
+    batches = [[kind] for kind in targets] if side_by_side else [list(targets)]
+    children = []
+    for kinds in batches:
+        tag = "-".join(kinds)
+        report, log = folder / f"report-{tag}.json", folder / f"export-{tag}.log"
+        args = [sys.executable, "-m", "qtutor.coreml", str(model_file), str(report), str(seqlen), str(max_len)]
+        args += [f"{kind}={targets[kind]}" for kind in kinds]
+        with open(log, "w") as out:
+            children.append((subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env), report, log))
+    return ExportJob(children, model_file)
 
 
 def _export_child(argv: list) -> int:
@@ -877,8 +908,7 @@ def _export_child(argv: list) -> int:
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     costs = {}
     try:
-        model = torch.load(model_file, map_location="cpu", weights_only=False)
-        model_file.unlink(missing_ok=True)
+        model = torch.load(model_file, map_location="cpu", weights_only=False)  # the parent deletes the file
         for item in argv[4:]:
             kind, path = item.split("=", 1)
             with PeakHostMemory() as cost:

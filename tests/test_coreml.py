@@ -369,11 +369,15 @@ def test_export_hands_over_every_known_index_without_a_search(tmp_path, monkeypa
     assert coreml.check_package(path, model).ok
 
 
-def test_exports_in_a_background_process_match_the_model(tmp_path):
+@pytest.mark.parametrize("side_by_side", [False, True])  # one child for both packages, or one child each
+def test_exports_in_a_background_process_match_the_model(tmp_path, side_by_side):
     model = tiny_model("qwen2", num_hidden_layers=1)
     qtutor.quantize(model, "palettization_4bit")
     plain, kv = tmp_path / "m.mlpackage", tmp_path / "m-kv.mlpackage"
-    job = coreml.export_in_background(model, plain=plain, stateful=kv, seqlen=4, max_len=16, threads=1)
+    job = coreml.export_in_background(
+        model, plain=plain, stateful=kv, seqlen=4, max_len=16, threads=1, side_by_side=side_by_side
+    )
+    assert len(job.children) == (2 if side_by_side else 1)
     costs = job.result(timeout=600)
     assert job.done() and set(costs) == {"plain", "stateful"}
     assert all(c.seconds > 0 and c.peak > 0 and c.peak >= c.start for c in costs.values())
@@ -388,10 +392,16 @@ def test_background_export_errors_are_one_line(tmp_path):
         coreml.export_in_background(tiny_model("qwen2", num_hidden_layers=1), plain=tmp_path / "m.zip")
     with pytest.raises(QtutorError, match="nothing to export"):
         coreml.export_in_background(tiny_model("qwen2", num_hidden_layers=1))
-    job = coreml.export_in_background(torch.nn.Linear(4, 4), plain=tmp_path / "x.mlpackage")  # not a causal LM
-    with pytest.raises(QtutorError, match="^Core ML export failed: .*its log: ") as err:
-        job.result(timeout=600)
-    assert "\n" not in str(err.value)
+    for side_by_side in (False, True):
+        job = coreml.export_in_background(  # not a causal LM
+            torch.nn.Linear(4, 4),
+            plain=tmp_path / "x.mlpackage",
+            stateful=tmp_path / "y.mlpackage",
+            side_by_side=side_by_side,
+        )
+        with pytest.raises(QtutorError, match="^Core ML export failed: .*its log: ") as err:
+            job.result(timeout=600)
+        assert "\n" not in str(err.value)
 
 
 def test_coremltools_palettizer_beside_ours():
