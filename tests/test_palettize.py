@@ -92,6 +92,9 @@ def test_c_programme_missing(monkeypatch):
     monkeypatch.setattr(P, "KMEANS_PROGRAMME", "c")
     with pytest.raises(QtutorError, match="could not build the C k-means programme"):
         P.kmeans_1d_groups(X, 4)
+    monkeypatch.setattr(P, "KMEANS_PROGRAMME", "gpu")
+    with pytest.raises(QtutorError, match="set it to 'auto', 'c' or 'torch'"):
+        P.kmeans_1d_groups(X, 4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -202,6 +202,8 @@ KMEANS_PROGRAMME = "auto"
 
 
 def _use_c_programme() -> bool:
+    if KMEANS_PROGRAMME not in ("auto", "c", "torch"):
+        raise QtutorError(f"KMEANS_PROGRAMME is {KMEANS_PROGRAMME!r}; set it to 'auto', 'c' or 'torch'")
     if KMEANS_PROGRAMME == "torch":
         return False
     from ..runtime import cpu_kmeans
