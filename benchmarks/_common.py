@@ -121,6 +121,13 @@ def add_quality_args(p) -> None:
     p.add_argument("--data-dir", default=None, help="WikiText-2 in the Hugging Face layout")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-eval-tokens", type=int, default=None, help="default: the whole evaluation text")
+    p.add_argument(
+        "--eval-text",
+        choices=("eval", "calib-heldout"),
+        default="eval",
+        help="eval: the dataset's evaluation text (WikiText-2 test); calib-heldout: the calibration "
+        "text's (WikiText-2 validation) windows of --seqlen that no calibration window touches",
+    )
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--bits", type=int, default=4)
@@ -131,7 +138,7 @@ def quality_setup(args):
     """Seed, print the environment, load the model and the texts -> (model, dataset, calibration
     windows, environment, score), ``score(model)`` being ``qtutor.eval.perplexity`` on the
     evaluation text, the same tokens for every row."""
-    from qtutor.data import calibration_windows, dataset_text, tokenize
+    from qtutor.data import calibration_starts, calibration_windows, dataset_text, tokenize
     from qtutor.eval import perplexity
     from qtutor.models import load_model
 
@@ -140,10 +147,17 @@ def quality_setup(args):
     env = environment(torch.device("cpu"))
     print_env(env)
     model, tok = load_model(args.model)
-    eval_ids = tokenize(tok, dataset_text(dataset, "eval", args.data_dir))
-    calib = calibration_windows(
-        tokenize(tok, dataset_text(dataset, "calib", args.data_dir)), args.calib_samples, args.calib_seqlen, seed=0
-    )
+    calib_ids = tokenize(tok, dataset_text(dataset, "calib", args.data_dir))
+    calib = calibration_windows(calib_ids, args.calib_samples, args.calib_seqlen, seed=0)
+    if getattr(args, "eval_text", "eval") == "calib-heldout":
+        starts = calibration_starts(calib_ids.numel(), args.calib_samples, args.calib_seqlen, seed=0)
+        eval_ids = untouched_windows(calib_ids, args.seqlen, starts, args.calib_seqlen)
+        dataset += " calib-heldout"
+        print(
+            f"evaluating on {eval_ids.numel() // args.seqlen} windows of the calibration text no calibration window touches"
+        )
+    else:
+        eval_ids = tokenize(tok, dataset_text(dataset, "eval", args.data_dir))
 
     def score(m):
         return perplexity(m, eval_ids, args.seqlen, args.max_eval_tokens, batch_size=8)
@@ -152,14 +166,32 @@ def quality_setup(args):
     return model, dataset, calib, env, score
 
 
+def untouched_windows(ids: torch.Tensor, seqlen: int, starts, calib_seqlen: int) -> torch.Tensor:
+    """The non-overlapping windows of ``seqlen`` of ``ids`` (as ``eval_windows`` cuts them) that
+    share no token with any calibration window ``ids[s : s + calib_seqlen]``, ``s`` in ``starts``,
+    joined back into one 1-D tensor in their order: cut again into windows of ``seqlen``, it gives
+    exactly those windows, so ``perplexity`` and ``kl_to_reference`` score text the calibration
+    never saw."""
+    from qtutor.data import eval_windows
+
+    touched = torch.zeros(ids.numel(), dtype=torch.bool)
+    for s in starts:
+        touched[s : s + calib_seqlen] = True
+    windows = eval_windows(ids, seqlen)
+    keep = ~touched[: windows.numel()].view(-1, seqlen).any(dim=1)
+    return windows[keep].reshape(-1)
+
+
 @torch.no_grad()
 def kl_to_reference(model, reference, ids, seqlen: int, max_tokens=None, batch_size: int = 8) -> dict:
     """How far ``model``'s next-token distributions are from ``reference``'s on the windows that
     ``qtutor.eval.perplexity`` scores (non-overlapping windows of ``seqlen``, the first
     ``seqlen - 1`` predictions of each): ``kl_to_float``, the mean over those predictions of
     KL(p_reference || p_model) in nats, and ``top1_agree``, the fraction of them whose most
-    likely token is the same in both. Zero and one for identical models. The reference's
-    log-probabilities are computed batch by batch beside the model's, never for the whole text.
+    likely token is the same in both. Zero and one for identical models. ``window_kl``: each
+    window's own mean KL, in window order (the bootstrap's samples; ``kl_to_float`` is their
+    mean, every window scoring ``seqlen - 1`` predictions). The reference's log-probabilities
+    are computed batch by batch beside the model's, never for the whole text.
     """
     import torch.nn.functional as F
 
@@ -167,7 +199,7 @@ def kl_to_reference(model, reference, ids, seqlen: int, max_tokens=None, batch_s
 
     windows = eval_windows(ids, seqlen, max_tokens)
     device = next(model.parameters()).device
-    kl_sum, agree, count = 0.0, 0, 0
+    kl_sum, agree, count, per_window = 0.0, 0, 0, []
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size].to(device)
         ref = F.log_softmax(reference(batch, use_cache=False).logits[:, :-1].float(), dim=-1)
@@ -175,9 +207,10 @@ def kl_to_reference(model, reference, ids, seqlen: int, max_tokens=None, batch_s
         p = ref.exp()
         kl = torch.where(p > 0, p * (ref - out), torch.zeros_like(p)).sum(dim=-1)  # (batch, seqlen - 1)
         kl_sum += float(kl.double().sum())
+        per_window += kl.double().mean(dim=1).tolist()
         agree += int((ref.argmax(dim=-1) == out.argmax(dim=-1)).sum())
         count += kl.numel()
-    return {"kl_to_float": kl_sum / count, "top1_agree": agree / count}
+    return {"kl_to_float": kl_sum / count, "top1_agree": agree / count, "window_kl": per_window}
 
 
 def layout_name(bits: int, group: int, sym: bool) -> str:

@@ -28,12 +28,25 @@ The peers, where installed (a missing one is reported and its rows are left out)
   do not compress the same linears (``peers_explain.py``'s ``palettization-skip`` compares
   like with like).
 
-Writes ``OUT.csv`` (one row per layout, method and implementation: perplexity, seconds, the
-versions) and prints a table; rows are written as they are measured. With ``--kl``, each row is
-also scored against the float model on the same tokens: ``kl_to_float``, the mean
-KL(p_float || p_quantized) of the next-token distributions in nats, and ``top1_agree``, the
-fraction of predictions whose most likely token is the float model's (``_common.kl_to_reference``;
-it costs two more forward passes over the text per row).
+Writes ``OUT.csv`` (one row per layout, method and implementation: perplexity with its 95%
+bootstrap interval over the evaluation windows, ``ppl_lo``/``ppl_hi``, seconds, the versions) and
+prints a table; rows are written as they are measured. With ``--kl``, each row is also scored
+against the float model on the same tokens: ``kl_to_float``, the mean KL(p_float || p_quantized)
+of the next-token distributions in nats, with its interval ``kl_lo``/``kl_hi``, and
+``top1_agree``, the fraction of predictions whose most likely token is the float model's
+(``_common.kl_to_reference``; it costs two more forward passes over the text per row).
+
+Beside it, ``OUT_pairs.csv``: for each layout and method that both qtutor and the reference
+measured, qtutor's figure against the reference's with the PAIRED bootstrap interval over the
+same resampled windows (``qtutor.eval.ppl``, 2000 resamples, seed 0): the perplexity ratio
+``ppl_ratio`` (qtutor / reference, ``bootstrap_ppl_ratio``) and, with ``--kl``, the difference
+``kl_diff`` (qtutor - reference, ``bootstrap_mean_diff``). An interval that does not contain 1
+(ratio) or 0 (difference) ranks the two on this text beyond the windows' noise. And
+``OUT_windows.csv``: each row's per-window figures (mean NLL and, with ``--kl``, mean KL per
+window, one line per window in order), from which every interval can be computed again.
+
+``--eval-text calib-heldout`` scores a second text: the windows of the calibration split
+(WikiText-2 validation) that no calibration window touches.
 
     python benchmarks/peers.py --model PATH/stories260K-qwen2-hf --data-dir PATH/hf-wikitext \\
         --group-size 64,4 --out benchmarks/peers_stories260k
@@ -56,6 +69,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_quality_args, kl_to_reference, layout_name, quality_setup, write_csv  # noqa: E402
 
 import qtutor  # noqa: E402
+from qtutor.eval.ppl import (  # noqa: E402
+    BOOTSTRAP_LEVEL,
+    BOOTSTRAP_SAMPLES,
+    bootstrap_mean,
+    bootstrap_mean_diff,
+    bootstrap_ppl,
+    bootstrap_ppl_ratio,
+)
 from qtutor.models import layout_for  # noqa: E402
 
 
@@ -210,6 +231,50 @@ PEERS = {
 }
 
 
+# --------------------------------------------------------------------------- intervals
+def intervals(samples: dict) -> dict:
+    """A row's 95% bootstrap intervals over the windows from its per-window figures
+    (``{"nll": [...], "kl": [...]}``, "kl" with ``--kl``): ppl_lo, ppl_hi, kl_lo, kl_hi."""
+    out = dict(zip(("ppl_lo", "ppl_hi"), bootstrap_ppl(samples["nll"])))
+    if "kl" in samples:
+        out.update(zip(("kl_lo", "kl_hi"), bootstrap_mean(samples["kl"])))
+    return out
+
+
+def pairs(rows: list[dict], samples: dict) -> list[dict]:
+    """qtutor against the reference of the same layout and method, for every such pair in
+    ``rows`` (``samples``: (layout, method, implementation) -> that row's per-window figures):
+    the perplexity ratio and, where both rows have per-window KLs, the KL difference, each with
+    its paired 95% bootstrap interval (the same resampled windows for both rows)."""
+    measured = {(r["layout"], r["method"], r["implementation"]): r for r in rows if r.get("ppl") is not None}
+    out = []
+    for (layout, method, impl), mine in measured.items():
+        reference = PEERS[method][1] if impl == "qtutor" and method in PEERS else None
+        theirs = measured.get((layout, method, reference))
+        if theirs is None:
+            continue
+        a, b = samples[layout, method, impl], samples[layout, method, reference]
+        pair = dict(layout=layout, method=method, reference=reference, windows=len(a["nll"]))
+        pair.update(ppl_qtutor=mine["ppl"], ppl_reference=theirs["ppl"], ppl_ratio=mine["ppl"] / theirs["ppl"])
+        pair.update(zip(("ppl_ratio_lo", "ppl_ratio_hi"), bootstrap_ppl_ratio(a["nll"], b["nll"])))
+        if "kl" in a and "kl" in b:
+            kl_a, kl_b = mine["kl_to_float"], theirs["kl_to_float"]
+            pair.update(kl_qtutor=kl_a, kl_reference=kl_b, kl_diff=kl_a - kl_b)
+            pair.update(zip(("kl_diff_lo", "kl_diff_hi"), bootstrap_mean_diff(a["kl"], b["kl"])))
+        out.append({**pair, "n_boot": BOOTSTRAP_SAMPLES, "level": BOOTSTRAP_LEVEL, "seed": 0})
+    return out
+
+
+def write_windows(samples: dict, path: Path) -> None:
+    """Every row's per-window figures, one line per window: columns ``window`` and
+    ``IMPLEMENTATION | LAYOUT | METHOD | nll`` (and ``| kl``)."""
+    columns = {
+        f"{impl} | {layout} | {method} | {k}": v for (layout, method, impl), s in samples.items() for k, v in s.items()
+    }
+    n = max(len(v) for v in columns.values())
+    write_csv([{"window": i, **{c: format(v[i], ".10g") for c, v in columns.items()}} for i in range(n)], path)
+
+
 def plan(methods: list[str], bits: int, group_sizes: list[int], alpha: float, per_row: bool = True):
     """(layout name, layout, method) in the order they run."""
     for group in (0, *group_sizes) if per_row else group_sizes:
@@ -279,12 +344,33 @@ def main(argv=None) -> int:
         **{f"env_{k}": v for k, v in env.items()},
     )
     path = Path(args.out).with_suffix(".csv")
-    base = score(model)
-    header["eval_tokens"] = base.eval_tokens
-    print(f"float: {base}")
-    rows = [dict(layout="float", method="float", implementation="-", ppl=base.ppl, seconds=0.0)]
-    if args.kl:
-        rows[0].update(kl_to_reference(model, model, score.eval_ids, args.seqlen, args.max_eval_tokens))
+    pairs_path, windows_path = (path.with_name(f"{path.stem}_{kind}.csv") for kind in ("pairs", "windows"))
+    samples: dict = {}  # (layout, method, implementation) -> {"nll": per-window NLLs, "kl": per-window KLs}
+
+    def measure(m, row: dict) -> str:
+        """Score ``m`` into ``row`` (and ``samples``); -> the KL part of the printed line."""
+        r = score(m)
+        key = (row["layout"], row["method"], row["implementation"])
+        samples[key] = {"nll": r.window_nll}
+        row["ppl"] = r.ppl
+        if not args.kl:
+            row.update(intervals(samples[key]))
+            return ""
+        kl = kl_to_reference(m, model, score.eval_ids, args.seqlen, args.max_eval_tokens)
+        samples[key]["kl"] = kl.pop("window_kl")
+        row.update(kl, **intervals(samples[key]))
+        return f"  KL {row['kl_to_float']:.5f} [{row['kl_lo']:.5f}, {row['kl_hi']:.5f}]  top-1 {row['top1_agree']:.4f}"
+
+    def write() -> None:  # nothing measured is lost
+        write_csv([{**header, **r} for r in rows], path)
+        write_windows(samples, windows_path)
+        if found := pairs(rows, samples):
+            write_csv([{**header, **p} for p in found], pairs_path)
+
+    rows = [dict(layout="float", method="float", implementation="-", ppl=None, seconds=0.0)]
+    measure(model, rows[0])
+    header["eval_tokens"] = len(samples["float", "float", "-"]["nll"]) * args.seqlen
+    print(f"float: perplexity {rows[0]['ppl']:.3f} [{rows[0]['ppl_lo']:.3f}, {rows[0]['ppl_hi']:.3f}]")
     for layout, lay, method in plan(methods, args.bits, group_sizes, args.alpha, per_row=not args.no_per_row):
         peer_run, peer_name, package = PEERS[method]
         impls = [("qtutor", qtutor_run)] + ([(peer_name, peer_run)] if version(package) else [])
@@ -302,16 +388,19 @@ def main(argv=None) -> int:
                 print(f"{layout:30s} {method:13s} {impl:15s} failed: {msg}", flush=True)
                 continue
             seconds = time.perf_counter() - t0
-            r = score(m)
-            rows.append(dict(layout=layout, method=method, implementation=impl, ppl=r.ppl, seconds=seconds))
-            kl = ""
-            if args.kl:
-                rows[-1].update(kl_to_reference(m, model, score.eval_ids, args.seqlen, args.max_eval_tokens))
-                kl = f"  KL {rows[-1]['kl_to_float']:.5f}  top-1 {rows[-1]['top1_agree']:.4f}"
-            print(f"{layout:30s} {method:13s} {impl:15s} ppl {r.ppl:10.3f}{kl}  ({seconds:.1f} s)", flush=True)
-            write_csv([{**header, **r} for r in rows], path)  # nothing measured is lost
-    write_csv([{**header, **r} for r in rows], path)
-    print(f"wrote {path}")
+            rows.append(dict(layout=layout, method=method, implementation=impl, ppl=None, seconds=seconds))
+            kl = measure(m, rows[-1])
+            print(
+                f"{layout:30s} {method:13s} {impl:15s} ppl {rows[-1]['ppl']:10.3f}{kl}  ({seconds:.1f} s)", flush=True
+            )
+            write()
+    write()
+    found = pairs(rows, samples)
+    for p in found:
+        kl = f"; KL diff {p['kl_diff']:+.5f} [{p['kl_diff_lo']:+.5f}, {p['kl_diff_hi']:+.5f}]" if "kl_diff" in p else ""
+        ratio = f"ppl ratio {p['ppl_ratio']:.4f} [{p['ppl_ratio_lo']:.4f}, {p['ppl_ratio_hi']:.4f}]"
+        print(f"{p['layout']:30s} {p['method']:13s} qtutor / {p['reference']}: {ratio}{kl}")
+    print(f"wrote {path}, {windows_path}" + (f", {pairs_path}" if found else ""))
     return 0
 
 

@@ -83,13 +83,18 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: Optional[int] = Non
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
-def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``n`` random windows (n, seqlen) with a fixed seed, as GPTQ's ``get_wikitext2`` samples them."""
-    if ids.numel() <= seqlen:
+def calibration_starts(n_tokens: int, n: int, seqlen: int, seed: int = 0) -> list[int]:
+    """Where :func:`calibration_windows` cuts its ``n`` windows of ``seqlen`` from a text of
+    ``n_tokens`` tokens with ``seed`` (so that a caller can keep other windows apart from them)."""
+    if n_tokens <= seqlen:
         raise QtutorError(
-            f"calibration text has {ids.numel()} tokens, not more than one window of "
+            f"calibration text has {n_tokens} tokens, not more than one window of "
             f"{seqlen}; use a smaller --calib-seqlen"
         )
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seqlen, (n,), generator=g).tolist()
+
+
+def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``n`` random windows (n, seqlen) with a fixed seed, as GPTQ's ``get_wikitext2`` samples them."""
+    return torch.stack([ids[s : s + seqlen] for s in calibration_starts(ids.numel(), n, seqlen, seed)])

@@ -8,7 +8,7 @@ import torch
 
 from qtutor.errors import QtutorError
 from qtutor.eval import perplexity
-from qtutor.eval.ppl import bootstrap_ppl, bootstrap_ppl_ratio
+from qtutor.eval.ppl import bootstrap_mean, bootstrap_mean_diff, bootstrap_ppl, bootstrap_ppl_ratio
 
 
 def test_two_windows_known_answer():
@@ -53,6 +53,26 @@ def test_paired_ratio_cancels_what_the_windows_share():
     assert bootstrap_ppl_ratio(a, b) == pytest.approx((math.exp(-0.01),) * 2, rel=1e-9)
     lo_a, hi_a = bootstrap_ppl(a)
     assert hi_a / lo_a > 1.5  # each model alone: a wide interval
+
+
+def test_mean_interval_and_paired_difference_known_answers():
+    """The plain mean's interval is the perplexity's without the exp; a paired difference of a
+    constant shift is that shift exactly, and of identical figures exactly zero."""
+    a, b = 2.0, 3.0
+    assert bootstrap_mean([a, b], n_boot=4000, seed=0) == pytest.approx((a, b), rel=1e-12)
+    rng = np.random.default_rng(2)
+    x = list(0.3 + 0.1 * rng.standard_normal(50))
+    low, high = bootstrap_mean(x)
+    assert (math.exp(low), math.exp(high)) == pytest.approx(bootstrap_ppl(x), rel=1e-12)
+    assert low < float(np.mean(x)) < high
+    assert bootstrap_mean_diff(x, x) == (0.0, 0.0)
+    shifted = [v - 0.02 for v in x]
+    assert bootstrap_mean_diff(x, shifted) == pytest.approx((0.02, 0.02), rel=1e-9)
+    assert bootstrap_mean_diff(shifted, x) == pytest.approx((-0.02, -0.02), rel=1e-9)
+    # the pairing is what removes the windows' spread: unpaired, the two intervals overlap
+    assert bootstrap_mean(shifted)[1] > bootstrap_mean(x)[0]
+    with pytest.raises(QtutorError, match="same windows"):
+        bootstrap_mean_diff([1.0, 2.0], [1.0])
 
 
 @pytest.mark.parametrize(

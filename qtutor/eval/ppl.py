@@ -13,7 +13,9 @@ the windows' own mean NLLs (``PerplexityResult.window_nll``). Resampling the win
 run's uncertainty: :func:`bootstrap_ppl` (a percentile bootstrap interval of the perplexity,
 Efron and Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13) and
 :func:`bootstrap_ppl_ratio` (the paired interval of one model's perplexity over another's on the
-same windows). The windows are treated as independent samples of the text; neighbouring windows
+same windows). :func:`bootstrap_mean` and :func:`bootstrap_mean_diff` are the same intervals for
+any other per-window mean, such as a KL divergence, without the ``exp``. The windows are treated
+as independent samples of the text; neighbouring windows
 of one article are not quite that, so read the intervals as a lower bound on the uncertainty.
 """
 
@@ -159,7 +161,41 @@ def _interval(means, level: float) -> tuple[float, float]:
     if not 0 < level < 1:
         raise QtutorError(f"level {level} must be between 0 and 1, e.g. 0.95")
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return math.exp(low), math.exp(high)
+    return float(low), float(high)
+
+
+def bootstrap_mean(
+    values: Sequence[float], n_boot: int = BOOTSTRAP_SAMPLES, level: float = BOOTSTRAP_LEVEL, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval ``(low, high)`` of the mean of per-window ``values``.
+
+    ``values``: (n_windows,) one figure per evaluation window, every window weighing the same
+    (each window's mean NLL, or its mean KL divergence from a reference model). Each of
+    ``n_boot`` resamples draws ``n_windows`` windows with replacement and takes their mean; the
+    interval holds the central ``level`` of those means. Deterministic for a given ``seed``.
+    """
+    return _interval(_bootstrap_means(values, n_boot, seed), level)
+
+
+def bootstrap_mean_diff(
+    values_a: Sequence[float],
+    values_b: Sequence[float],
+    n_boot: int = BOOTSTRAP_SAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of ``mean(values_a) - mean(values_b)``, two models'
+    per-window figures on the same windows.
+
+    The windows are resampled together (the same indices for both models), so what the two
+    share, such as a hard passage, cancels: the interval is :func:`bootstrap_mean` of the
+    per-window differences.
+    """
+    if len(values_a) != len(values_b):
+        raise QtutorError(
+            f"paired windows: {len(values_a)} and {len(values_b)} windows; compare two evaluations of the same windows"
+        )
+    return bootstrap_mean([a - b for a, b in zip(values_a, values_b)], n_boot, level, seed)
 
 
 def bootstrap_ppl(
@@ -173,7 +209,8 @@ def bootstrap_ppl(
     mean; the interval holds the central ``level`` of those perplexities. Deterministic for a
     given ``seed``.
     """
-    return _interval(_bootstrap_means(window_nll, n_boot, seed), level)
+    low, high = bootstrap_mean(window_nll, n_boot, level, seed)
+    return math.exp(low), math.exp(high)
 
 
 def bootstrap_ppl_ratio(
@@ -186,15 +223,11 @@ def bootstrap_ppl_ratio(
     """Paired percentile bootstrap interval of ``ppl_a / ppl_b``, two models on the same windows.
 
     The windows are resampled together (the same indices for both models), so what the two
-    share, such as a hard passage, cancels: ``ppl_a / ppl_b = exp(mean(nll_a - nll_b))``.
+    share, such as a hard passage, cancels: ``ppl_a / ppl_b = exp(mean(nll_a - nll_b))``, and
+    the interval is ``exp`` of :func:`bootstrap_mean_diff`'s.
     """
-    if len(window_nll_a) != len(window_nll_b):
-        raise QtutorError(
-            f"paired windows: {len(window_nll_a)} and {len(window_nll_b)} windows; "
-            "compare two evaluations of the same windows"
-        )
-    diff = [a - b for a, b in zip(window_nll_a, window_nll_b)]
-    return _interval(_bootstrap_means(diff, n_boot, seed), level)
+    low, high = bootstrap_mean_diff(window_nll_a, window_nll_b, n_boot, level, seed)
+    return math.exp(low), math.exp(high)
 
 
 def _progress(items, enabled: bool, desc: str):
