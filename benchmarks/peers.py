@@ -253,16 +253,28 @@ def pairs(rows: list[dict], samples: dict) -> list[dict]:
         theirs = measured.get((layout, method, reference))
         if theirs is None:
             continue
-        a, b = samples[layout, method, impl], samples[layout, method, reference]
-        pair = dict(layout=layout, method=method, reference=reference, windows=len(a["nll"]))
-        pair.update(ppl_qtutor=mine["ppl"], ppl_reference=theirs["ppl"], ppl_ratio=mine["ppl"] / theirs["ppl"])
-        pair.update(zip(("ppl_ratio_lo", "ppl_ratio_hi"), bootstrap_ppl_ratio(a["nll"], b["nll"])))
-        if "kl" in a and "kl" in b:
-            kl_a, kl_b = mine["kl_to_float"], theirs["kl_to_float"]
-            pair.update(kl_qtutor=kl_a, kl_reference=kl_b, kl_diff=kl_a - kl_b)
-            pair.update(zip(("kl_diff_lo", "kl_diff_hi"), bootstrap_mean_diff(a["kl"], b["kl"])))
-        out.append({**pair, "n_boot": BOOTSTRAP_SAMPLES, "level": BOOTSTRAP_LEVEL, "seed": 0})
+        pair = dict(layout=layout, method=method, reference=reference)
+        out.append({**pair, **compare(mine, theirs, samples[layout, method, impl], samples[layout, method, reference])})
     return out
+
+
+def compare(mine: dict, theirs: dict, a: dict, b: dict, names=("qtutor", "reference")) -> dict:
+    """Row ``mine`` against row ``theirs`` (each with ``ppl`` and, with ``--kl``, ``kl_to_float``)
+    over the same windows, ``a`` and ``b`` their per-window figures (``{"nll": [...], "kl": [...]}``):
+    ``ppl_ratio`` (mine / theirs) and, where both have per-window KLs, ``kl_diff`` (mine - theirs),
+    each with its paired 95% bootstrap interval (the same resampled windows for both rows); the
+    two rows' own figures in ``ppl_NAME``/``kl_NAME`` for the two ``names``."""
+    if len(a["nll"]) != len(b["nll"]):
+        raise ValueError(f"paired rows need the same windows: {len(a['nll'])} against {len(b['nll'])}")
+    x, y = names
+    pair = dict(windows=len(a["nll"]))
+    pair.update({f"ppl_{x}": mine["ppl"], f"ppl_{y}": theirs["ppl"], "ppl_ratio": mine["ppl"] / theirs["ppl"]})
+    pair.update(zip(("ppl_ratio_lo", "ppl_ratio_hi"), bootstrap_ppl_ratio(a["nll"], b["nll"])))
+    if "kl" in a and "kl" in b:
+        kl_a, kl_b = mine["kl_to_float"], theirs["kl_to_float"]
+        pair.update({f"kl_{x}": kl_a, f"kl_{y}": kl_b, "kl_diff": kl_a - kl_b})
+        pair.update(zip(("kl_diff_lo", "kl_diff_hi"), bootstrap_mean_diff(a["kl"], b["kl"])))
+    return {**pair, "n_boot": BOOTSTRAP_SAMPLES, "level": BOOTSTRAP_LEVEL, "seed": 0}
 
 
 def write_windows(samples: dict, path: Path) -> None:

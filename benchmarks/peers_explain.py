@@ -44,7 +44,15 @@ re-run with qtutor changed in the one way suspected, on the same model, windows 
   stories260K that is gate_proj and up_proj (172 rows), about half of the decoder's weights.
   With the fp16 k-means (qtutor's default) and with coremltools' (``kmeans="coreml"``).
 
-Writes ``OUT.csv`` (one row per experiment) and prints them.
+Writes ``OUT.csv`` (one row per experiment) and prints them. With ``--kl``, as ``peers.py --kl``
+does: each row is also scored against the float model on the same tokens (``kl_to_float``,
+``top1_agree``, ``_common.kl_to_reference``), with 95% bootstrap intervals over the windows
+(``ppl_lo``/``ppl_hi``, ``kl_lo``/``kl_hi``), and ``OUT_windows.csv`` holds each row's per-window
+figures. ``--against REF`` (the ``--out`` of a ``peers.py --kl`` run on the same model, text and
+``--seqlen``; its float model's per-window NLLs must be this run's) adds ``OUT_pairs.csv``: every
+experiment against each row of ``REF.csv`` with the same layout and method (llm-compressor's and
+qtutor's at its defaults), the perplexity ratio and the KL difference (experiment / - reference)
+with their paired 95% bootstrap intervals (``peers.compare``).
 
     python benchmarks/peers_explain.py --model PATH/stories260K-qwen2-hf --data-dir PATH/hf-wikitext \\
         --out benchmarks/peers_explain_stories260k
@@ -54,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import sys
 import time
 from contextlib import contextmanager
@@ -63,8 +72,8 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_quality_args, layout_name, quality_setup, write_csv  # noqa: E402
-from peers import llmcompressor_run  # noqa: E402
+from _common import add_quality_args, kl_to_reference, layout_name, quality_setup, write_csv  # noqa: E402
+from peers import compare, intervals, llmcompressor_run, write_windows  # noqa: E402
 
 import qtutor  # noqa: E402
 from qtutor import calib as calib_module  # noqa: E402
@@ -175,6 +184,27 @@ def keep_coreml_skips(quantized, original, group_size: int) -> list[str]:
     return sorted(kept)
 
 
+def read_reference(stem: str) -> tuple[dict, dict]:
+    """A ``peers.py --kl`` run read back: ``(rows, samples)``, both keyed by (layout, method,
+    implementation): ``STEM.csv``'s rows (``ppl``, ``kl_to_float`` as floats) and
+    ``STEM_windows.csv``'s per-window figures (``{"nll": [...], "kl": [...]}``)."""
+    path = Path(stem).with_suffix(".csv")
+    rows = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r.get("ppl"):
+                key = (r["layout"], r["method"], r["implementation"])
+                rows[key] = dict(ppl=float(r["ppl"]), kl_to_float=float(r["kl_to_float"] or "nan"))
+    samples: dict = {}
+    with open(path.with_name(f"{path.stem}_windows.csv"), newline="") as f:
+        for r in csv.DictReader(f):
+            for column, value in r.items():
+                if column != "window" and value:
+                    impl, layout, method, kind = column.split(" | ")
+                    samples.setdefault((layout, method, impl), {}).setdefault(kind, []).append(float(value))
+    return rows, samples
+
+
 EXPERIMENTS = (
     "grid",
     "sequential",
@@ -204,7 +234,21 @@ def main(argv=None) -> int:
         help="llmc-awq-*: llm-compressor methods run (on copies, unscored) before its AWQ in the same process",
     )
     p.add_argument("--jitter", type=float, default=1e-6, help="awq-llmc-jitter: the relative change of x_mean")
+    p.add_argument(
+        "--kl",
+        action="store_true",
+        help="also score each row by its mean KL divergence from the float model (as peers.py --kl), "
+        "with bootstrap intervals; writes OUT_windows.csv",
+    )
+    p.add_argument(
+        "--against",
+        default=None,
+        help="with --kl: the --out of a peers.py --kl run on the same model, text and seqlen; "
+        "writes OUT_pairs.csv, each experiment against that run's rows of the same layout and method",
+    )
     args = p.parse_args(argv)
+    if args.against and not args.kl:
+        p.error("--against needs --kl")
     chosen = args.experiments.split(",")
     if not set(chosen) <= set(EXPERIMENTS):
         p.error(f"--experiments {args.experiments!r}: choose from {', '.join(EXPERIMENTS)}")
@@ -265,7 +309,19 @@ def main(argv=None) -> int:
             label = f"kmeans={kmeans}, the linears coremltools skips left in float"
             runs.append(("palettization", "palettization_4bit", cfg, label, ORIGINAL, dict(coreml_skips=True)))
     model, dataset, calib, env, score = quality_setup(args)
-    rows = []
+    out = Path(args.out).with_suffix(".csv")
+    windows_path, pairs_path = (out.with_name(f"{out.stem}_{kind}.csv") for kind in ("windows", "pairs"))
+    samples: dict = {}  # (layout, method, experiment) -> {"nll": per-window NLLs, "kl": per-window KLs}
+    if args.kl:
+        nll = score(model).window_nll
+        samples["float", "float", "-"] = {"nll": nll, "kl": [0.0] * len(nll)}
+    ref_rows, ref_samples = read_reference(args.against) if args.against else ({}, {})
+    if ref_samples:
+        mine, theirs = samples["float", "float", "-"]["nll"], ref_samples["float", "float", "-"]["nll"]
+        if len(mine) != len(theirs) or max(abs(x - y) for x, y in zip(mine, theirs)) > 1e-6:
+            p.error(f"--against {args.against}: its float model's windows are not this run's")
+    rows, found = [], []
+    names = ("experiment", "reference")
     for method, name, cfg, label, params, *extra in runs:
         opts = extra[0] if extra else {}
         m = copy.deepcopy(model)
@@ -283,11 +339,18 @@ def main(argv=None) -> int:
             kept = keep_coreml_skips(m, model, cfg.group_size)
             print(f"left in float as coremltools does: {', '.join(kept)}")
         seconds = time.perf_counter() - t0
-        r = score(m)
         if method == "palettization":
             layout = f"LUT{cfg.bits} per {cfg.group_size} rows, row scales"  # peers.py's name
         else:
             layout = layout_name(args.bits, cfg.group_size, cfg.sym)
+        r = score(m)
+        scores = dict(ppl=r.ppl)
+        key = (layout, method, label)
+        if args.kl:
+            samples[key] = {"nll": r.window_nll}
+            kl = kl_to_reference(m, model, score.eval_ids, args.seqlen, args.max_eval_tokens)
+            samples[key]["kl"] = kl.pop("window_kl")
+            scores.update(kl, **intervals(samples[key]))
         rows.append(
             dict(
                 model=Path(args.model).name if Path(args.model).is_dir() else args.model,
@@ -297,14 +360,33 @@ def main(argv=None) -> int:
                 layout=layout,
                 method=method,
                 experiment=f"llm-compressor {label}" if name == "llm-compressor" else f"qtutor with {label}",
-                ppl=r.ppl,
+                **scores,
                 seconds=seconds,
                 **{f"env_{k}": v for k, v in env.items()},
             )
         )
-        print(f"{layout:20s} {method:5s} {label:50s} ppl {r.ppl:10.3f}", flush=True)
-        write_csv(rows, Path(args.out).with_suffix(".csv"))
-    print(f"wrote {Path(args.out).with_suffix('.csv')}")
+        kl = f"  KL {scores['kl_to_float']:.5f} [{scores['kl_lo']:.5f}, {scores['kl_hi']:.5f}]" if args.kl else ""
+        print(f"{layout:20s} {method:5s} {label:50s} ppl {r.ppl:10.3f}{kl}", flush=True)
+        for (ref_layout, ref_method, impl), theirs in ref_rows.items():
+            if args.kl and (ref_layout, ref_method) == (layout, method):
+                pair = dict(layout=layout, method=method, experiment=rows[-1]["experiment"], reference=impl)
+                pair.update(compare(rows[-1], theirs, samples[key], ref_samples[ref_layout, ref_method, impl], names))
+                found.append(pair)
+                print(
+                    f"    against {impl}: ppl ratio {pair['ppl_ratio']:.4f} "
+                    f"[{pair['ppl_ratio_lo']:.4f}, {pair['ppl_ratio_hi']:.4f}]; KL diff {pair['kl_diff']:+.5f} "
+                    f"[{pair['kl_diff_lo']:+.5f}, {pair['kl_diff_hi']:+.5f}]",
+                    flush=True,
+                )
+        write_csv(rows, out)
+        if args.kl:
+            write_windows(samples, windows_path)
+        if found:
+            write_csv(
+                [{**{k: rows[-1][k] for k in ("model", "dataset", "eval_tokens", "calib")}, **f} for f in found],
+                pairs_path,
+            )
+    print(f"wrote {out}" + (f", {windows_path}" if args.kl else "") + (f", {pairs_path}" if found else ""))
     return 0
 
 
