@@ -14,7 +14,7 @@ from conftest import tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import kl_to_reference, untouched_windows  # noqa: E402
-from peers import pairs  # noqa: E402
+from peers import compare, pairs  # noqa: E402
 
 IDS = torch.randint(0, 128, (3 * 16 + 5,), generator=torch.Generator().manual_seed(0))
 
@@ -95,3 +95,18 @@ def test_untouched_windows_leave_out_every_window_a_calibration_window_touches()
     assert kept.view(-1, 8)[:, 0].tolist() == [16, 24, 32, 48, 56, 64, 72]
     assert torch.equal(kept.view(-1, 8)[0], torch.arange(16, 24))
     assert untouched_windows(ids, 8, starts=[8], calib_seqlen=8).numel() == 9 * 8  # one window exactly
+
+
+def test_compare_names_its_rows_and_refuses_unpaired_windows():
+    """peers.compare, which peers.py and peers_explain.py --against share: the two rows' own
+    figures under the given names, mine / theirs and mine - theirs with paired intervals."""
+    a = {"nll": [1.0, 2.0, 3.0, 4.0], "kl": [0.10, 0.20, 0.30, 0.40]}
+    b = {"nll": [v - 0.01 for v in a["nll"]], "kl": [v - 0.05 for v in a["kl"]]}
+    mine, theirs = {"ppl": math.exp(2.5), "kl_to_float": 0.25}, {"ppl": math.exp(2.49), "kl_to_float": 0.20}
+    got = compare(mine, theirs, a, b, names=("experiment", "llmc"))
+    assert got["ppl_experiment"] == mine["ppl"] and got["kl_llmc"] == 0.20
+    assert got["ppl_ratio_lo"] == pytest.approx(math.exp(0.01)) == got["ppl_ratio_hi"]
+    assert got["kl_diff_lo"] == pytest.approx(0.05) == got["kl_diff_hi"]
+    assert "kl_diff" not in compare(mine, theirs, {"nll": a["nll"]}, b)  # no per-window KL on one side
+    with pytest.raises(ValueError, match="same windows"):
+        compare(mine, theirs, a, {"nll": b["nll"][:3]})
