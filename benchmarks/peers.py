@@ -241,6 +241,19 @@ def intervals(samples: dict) -> dict:
     return out
 
 
+def scored(m, reference, score, args, kl: bool) -> tuple[dict, dict]:
+    """``m`` scored on ``score``'s tokens -> (figures, per-window figures): ``ppl`` and, with
+    ``kl``, ``kl_to_float`` and ``top1_agree`` against ``reference`` (``_common.kl_to_reference``);
+    ``{"nll": [...], "kl": [...]}`` for :func:`intervals` and :func:`compare`."""
+    r = score(m)
+    figures, sample = {"ppl": r.ppl}, {"nll": r.window_nll}
+    if kl:
+        found = kl_to_reference(m, reference, score.eval_ids, args.seqlen, args.max_eval_tokens)
+        sample["kl"] = found.pop("window_kl")
+        figures.update(found)
+    return figures, sample
+
+
 def pairs(rows: list[dict], samples: dict) -> list[dict]:
     """qtutor against the reference of the same layout and method, for every such pair in
     ``rows`` (``samples``: (layout, method, implementation) -> that row's per-window figures):
@@ -361,16 +374,11 @@ def main(argv=None) -> int:
 
     def measure(m, row: dict) -> str:
         """Score ``m`` into ``row`` (and ``samples``); -> the KL part of the printed line."""
-        r = score(m)
-        key = (row["layout"], row["method"], row["implementation"])
-        samples[key] = {"nll": r.window_nll}
-        row["ppl"] = r.ppl
+        figures, sample = scored(m, model, score, args, args.kl)
+        samples[row["layout"], row["method"], row["implementation"]] = sample
+        row.update(figures, **intervals(sample))
         if not args.kl:
-            row.update(intervals(samples[key]))
             return ""
-        kl = kl_to_reference(m, model, score.eval_ids, args.seqlen, args.max_eval_tokens)
-        samples[key]["kl"] = kl.pop("window_kl")
-        row.update(kl, **intervals(samples[key]))
         return f"  KL {row['kl_to_float']:.5f} [{row['kl_lo']:.5f}, {row['kl_hi']:.5f}]  top-1 {row['top1_agree']:.4f}"
 
     def write() -> None:  # nothing measured is lost

@@ -72,8 +72,8 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_quality_args, kl_to_reference, layout_name, quality_setup, write_csv  # noqa: E402
-from peers import compare, intervals, llmcompressor_run, write_windows  # noqa: E402
+from _common import add_quality_args, layout_name, quality_setup, write_csv  # noqa: E402
+from peers import compare, intervals, llmcompressor_run, scored, write_windows  # noqa: E402
 
 import qtutor  # noqa: E402
 from qtutor import calib as calib_module  # noqa: E402
@@ -343,19 +343,16 @@ def main(argv=None) -> int:
             layout = f"LUT{cfg.bits} per {cfg.group_size} rows, row scales"  # peers.py's name
         else:
             layout = layout_name(args.bits, cfg.group_size, cfg.sym)
-        r = score(m)
-        scores = dict(ppl=r.ppl)
+        scores, sample = scored(m, model, score, args, args.kl)
         key = (layout, method, label)
         if args.kl:
-            samples[key] = {"nll": r.window_nll}
-            kl = kl_to_reference(m, model, score.eval_ids, args.seqlen, args.max_eval_tokens)
-            samples[key]["kl"] = kl.pop("window_kl")
-            scores.update(kl, **intervals(samples[key]))
+            samples[key] = sample
+            scores.update(intervals(sample))
         rows.append(
             dict(
                 model=Path(args.model).name if Path(args.model).is_dir() else args.model,
                 dataset=dataset,
-                eval_tokens=r.eval_tokens,
+                eval_tokens=len(sample["nll"]) * args.seqlen,
                 calib=f"{args.calib_samples} x {args.calib_seqlen}",
                 layout=layout,
                 method=method,
@@ -366,7 +363,7 @@ def main(argv=None) -> int:
             )
         )
         kl = f"  KL {scores['kl_to_float']:.5f} [{scores['kl_lo']:.5f}, {scores['kl_hi']:.5f}]" if args.kl else ""
-        print(f"{layout:20s} {method:5s} {label:50s} ppl {r.ppl:10.3f}{kl}", flush=True)
+        print(f"{layout:20s} {method:5s} {label:50s} ppl {scores['ppl']:10.3f}{kl}", flush=True)
         for (ref_layout, ref_method, impl), theirs in ref_rows.items():
             if args.kl and (ref_layout, ref_method) == (layout, method):
                 pair = dict(layout=layout, method=method, experiment=rows[-1]["experiment"], reference=impl)

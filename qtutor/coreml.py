@@ -813,14 +813,6 @@ class ExportJob:
         self.children, self.model_file = children, model_file  # children: [(process, report, log)]
         self._costs: Optional[dict] = None
 
-    @property
-    def process(self):
-        return self.children[0][0]
-
-    @property
-    def log(self) -> Path:
-        return self.children[0][2]
-
     def done(self) -> bool:
         return all(process.poll() is not None for process, _, _ in self.children)
 

@@ -29,6 +29,9 @@ from .cbuild import CLibrary
 C_SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define TINY 1e-300
 
@@ -85,7 +88,6 @@ void kmeans_dp(const double *P0, const double *P1, const double *P2, double *D, 
     }
 }
 """
-C_SOURCE = C_SOURCE.replace("#include <math.h>", "#include <math.h>\n#ifdef _OPENMP\n#include <omp.h>\n#endif")
 
 
 def _bind(lib) -> None:
