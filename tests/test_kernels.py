@@ -595,12 +595,14 @@ def _stack_case(kind, n_parts=(24, 8, 8), k=64):
         "rtn_sym": lambda m: UniformLinear.from_float(m, RTNConfig(4, 32, True)),
         "palettized": lambda m: palettize.PalettizedLinear.from_float(m, palettize.PalettizeConfig(group_size=8)),
         "w8a8": smoothquant.W8A8Linear.from_float,
-        "nf4": nf4.NF4Linear.from_float,
+        # double quantization in second-level blocks of 4 blocks of 64 codes (4 rows of 64)
+        "nf4": lambda m: nf4.NF4Linear.from_float(m, nf4.NF4Config(double_quant_block_size=4)),
+        "nf4_single": lambda m: nf4.NF4Linear.from_float(m, nf4.NF4Config(double_quant=False)),
     }[kind]
     return [make(m) for m in lins]
 
 
-@pytest.mark.parametrize("kind", ["linear", "float", "rtn_asym", "rtn_sym", "palettized", "w8a8"])
+@pytest.mark.parametrize("kind", ["linear", "float", "rtn_asym", "rtn_sym", "palettized", "w8a8", "nf4", "nf4_single"])
 def test_fuse_rows_equals_the_concatenated_outputs(kind):
     parts = _stack_case(kind)
     fused = kernels.fuse_rows(parts)
@@ -608,13 +610,38 @@ def test_fuse_rows_equals_the_concatenated_outputs(kind):
     x = torch.randn(3, 64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], -1), rtol=1e-5, atol=1e-5)
-    if kind not in ("linear", "float"):  # the stacked layer stores exactly the parts' bytes
+    if kind.startswith("nf4"):  # the same bytes, plus one float32 offset per second-level block
+        extra = 4 * (fused.absmax2.numel() - len(parts)) if kind == "nf4" else 0
+        assert fused.weight_nbytes == sum(p.weight_nbytes for p in parts) + extra
+    elif kind not in ("linear", "float"):  # the stacked layer stores exactly the parts' bytes
         assert fused.weight_nbytes == sum(p.weight_nbytes for p in parts)
     assert parts[0].out_features == 24  # the parts are untouched
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_stacked_nf4_runs_on_the_kernels(backend):
+    """A stacked NF4 layer (one offset per second-level block) through the C kernel and the
+    Triton NF4 GEMV (interpreter) equals the parts' reference forwards side by side."""
+    if backend == "triton" and (not kernels.triton_available() or torch.cuda.is_available()):
+        pytest.skip("the Triton interpreter test runs on CPU-only machines with triton")
+    if backend == "cpu" and kernels.cpu_nf4_reason(_stack_case("nf4")[0]) is not None:
+        pytest.skip("no C compiler for the CPU NF4 kernel")
+    parts = _stack_case("nf4")
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = torch.cat([p(x) for p in parts], -1)
+        res = kernels.accelerate(nn.Sequential(*parts), backend, kernel_on_cpu=True)
+        assert len(res["converted"]) == 3
+        fused = kernels.fuse_rows(parts)
+        assert fused.offset.shape == fused.absmax2.shape and len(set(fused.offset.tolist())) == 3
+        y = fused(x)
+    assert fused.last_kernel == res["converted"]["0"]
+    assert rel(y, ref) < 1e-3  # the Triton kernel looks up fp16 levels (see the NF4 GEMV test)
+
+
 def test_fuse_rows_refuses_what_cannot_stack():
-    assert kernels.fuse_rows(_stack_case("nf4")) is None  # global second-level statistics
+    nf4 = _stack_case("nf4", (22, 8, 8))  # 22 rows end inside a second-level block (4 rows)
+    assert nf4[0].row_unit == 4 and kernels.fuse_rows(nf4) is None
     lut = _stack_case("palettized", (20, 8, 8))  # a LUT would span two layers
     assert lut[0].rows_per_lut == 8 and kernels.fuse_rows(lut) is None
     mixed = _stack_case("rtn_asym")[:2] + _stack_case("rtn_sym")[2:]  # zero points vs none

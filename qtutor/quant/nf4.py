@@ -29,6 +29,7 @@ changes what the absmax dequantizes to (as in bitsandbytes).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -194,7 +195,9 @@ class NF4Weight:
     qweight: (ceil(n/2),) uint8, two codes per byte (first code in the high nibble);
     absmax: (n_blocks,) fp32 when not double-quantized, else uint8 codes of ``absmax - offset``
     in the dynamic map; absmax2: (ceil(n_blocks / dq_block),) fp32 second-level absmax, or None;
-    offset: () fp32 mean of the absmaxes, or None.
+    offset: () fp32 mean of the absmaxes (bitsandbytes), or None. A stacked layer (q, k and v
+    as one, :func:`qtutor.runtime.kernels.fuse_rows`) keeps each part's own mean: there
+    ``offset`` holds one value per second-level block, shaped like ``absmax2``.
     """
 
     qweight: torch.Tensor
@@ -218,8 +221,10 @@ class NF4Weight:
         if self.absmax2 is None:
             return self.absmax.float()
         code = _table("dynamic", self.absmax.device)
-        scale = _expand(self.absmax2.float(), self.double_quant_block_size, self.absmax.numel())
-        return code[self.absmax.long()] * scale + self.offset.float()
+        n, dq = self.absmax.numel(), self.double_quant_block_size
+        scale = _expand(self.absmax2.float(), dq, n)
+        offset = self.offset.float()
+        return code[self.absmax.long()] * scale + (offset if offset.dim() == 0 else _expand(offset, dq, n))
 
     def dequantize(self) -> torch.Tensor:
         """The weight in float32, shaped ``shape``: ``level[code] * absmax`` of its block."""
@@ -275,7 +280,25 @@ class NF4Linear(QuantizedLinear):
         self.register_buffer("qweight", q.qweight)
         self.register_buffer("absmax", q.absmax)
         self.register_buffer("absmax2", q.absmax2)
-        self.register_buffer("offset", None if q.offset is None else q.offset.reshape(()).float())
+        offset = q.offset
+        if offset is not None:
+            offset = (offset.reshape(()) if offset.numel() == 1 else offset).float()
+        self.register_buffer("offset", offset)
+
+    @property
+    def row_unit(self) -> int:
+        """Rows stack (:func:`qtutor.runtime.kernels.fuse_rows`) in multiples that end on a whole
+        block and, with double quantization, on a whole second-level block of the flat codes."""
+        span = self.block_size * (self.double_quant_block_size if self.absmax2 is not None else 1)
+        return span // math.gcd(self.in_features, span)
+
+    def row_buffers(self) -> dict:
+        """The buffers as they stack along rows: the scalar ``offset`` of double quantization
+        repeated once per second-level block (each part of a stacked layer keeps its own)."""
+        buffers = dict(self._buffers)
+        if self.offset is not None and self.offset.dim() == 0:
+            buffers["offset"] = self.offset.expand(self.absmax2.numel()).contiguous()
+        return buffers
 
     @classmethod
     def from_float(cls, linear: nn.Linear, cfg: NF4Config = NF4Config()) -> "NF4Linear":
@@ -307,8 +330,10 @@ class NF4Linear(QuantizedLinear):
             absmax = self.absmax.float()[blocks]
         else:
             code = _table("dynamic", self.absmax.device)
-            absmax = code[self.absmax[blocks].long()] * self.absmax2.float()[blocks // self.double_quant_block_size]
-            absmax = absmax + self.offset.float()
+            second = blocks // self.double_quant_block_size
+            absmax = code[self.absmax[blocks].long()] * self.absmax2.float()[second]
+            offset = self.offset.float()
+            absmax = absmax + (offset if offset.dim() == 0 else offset[second])
         return (values * absmax).reshape(-1, self.in_features)
 
     def resolved_compute_dtype(self, device: torch.device) -> torch.dtype:

@@ -129,17 +129,20 @@ void palette_gemv(const float *x, const uint8_t *q, int64_t N, int64_t K, const 
 
 /* NF4Linear: blocks of `block` codes along each row (K % block == 0). The block absmax is
    absmax32[b] (no double quantization, absmax_code NULL) or dyn[absmax_code[b]] *
-   absmax2[b / dq_block] + offset. */
+   absmax2[b / dq_block] + offset[(b / dq_block) * offset_step]: offset_step 0 for the one
+   offset of a matrix, 1 for a stacked layer's one per second-level block. */
 void nf4_gemv(const float *x, const uint8_t *q, int64_t N, int64_t K, const float *levels, int64_t block,
               const float *absmax32, const uint8_t *absmax_code, const float *dyn, const float *absmax2,
-              int64_t dq_block, float offset, const float *bias, float *y, int threads) {
+              int64_t dq_block, const float *offset, int64_t offset_step, const float *bias, float *y,
+              int threads) {
     int64_t blocks_per_row = K / block;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         float v = 0.0f;
         for (int64_t j = 0; j < blocks_per_row; j++) {
             int64_t b = n * blocks_per_row + j;
-            float a = absmax_code ? dyn[absmax_code[b]] * absmax2[b / dq_block] + offset : absmax32[b];
+            float a = absmax_code ? dyn[absmax_code[b]] * absmax2[b / dq_block] + offset[(b / dq_block) * offset_step]
+                                  : absmax32[b];
             v += a * dot_lut(q + (b * block) / 2, x + j * block, levels, block / 2, 1);
         }
         y[n] = bias ? v + bias[n] : v;
@@ -152,10 +155,10 @@ PARALLEL_MIN_WEIGHTS = 1 << 19
 
 
 def _bind(lib) -> None:
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.palette_gemv.argtypes = [p, p, i64, i64, p, i64, p, p, p, i32]
     lib.palette_gemv.restype = None
-    lib.nf4_gemv.argtypes = [p, p, i64, i64, p, i64, p, p, p, p, i64, f32, p, p, i32]
+    lib.nf4_gemv.argtypes = [p, p, i64, i64, p, i64, p, p, p, p, i64, p, i64, p, p, i32]
     lib.nf4_gemv.restype = None
 
 
@@ -216,7 +219,8 @@ def nf4_gemv(x, qweight, levels, block: int, absmax, absmax2, offset, dyn, dq_bl
     """``W x + b`` for one float32 row ``x`` (in,) of an ``NF4Linear`` with ``n`` output rows -> (n,).
 
     levels: the 16 NF4 levels (float32); absmax: fp32 (n_blocks,) or uint8 codes into ``dyn``
-    (256 float32) with fp32 ``absmax2`` per ``dq_block`` blocks and fp32 ``offset``."""
+    (256 float32) with fp32 ``absmax2`` per ``dq_block`` blocks and fp32 ``offset`` (() or, for a
+    stacked layer, one per second-level block)."""
     lib = _load()
     if lib is None:
         raise QtutorError(_LIBRARY.reason)
@@ -226,6 +230,7 @@ def nf4_gemv(x, qweight, levels, block: int, absmax, absmax2, offset, dyn, dq_bl
         raise QtutorError(f"the CPU NF4 kernel needs blocks ({block}) that divide the rows ({K})")
     double = absmax.dtype == torch.uint8
     b = _bias(bias)  # held until the call returns
+    off = offset.float().contiguous() if double else None
     y = torch.empty(n, dtype=torch.float32)
     lib.nf4_gemv(
         _ptr(x),
@@ -239,7 +244,8 @@ def nf4_gemv(x, qweight, levels, block: int, absmax, absmax2, offset, dyn, dq_bl
         _ptr(dyn) if double else None,
         _ptr(absmax2) if double else None,
         int(dq_block),
-        float(offset) if double else 0.0,
+        _ptr(off),
+        int(double and off.dim() > 0),
         _ptr(b),
         _ptr(y),
         _threads(n, K),

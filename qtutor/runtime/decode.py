@@ -195,10 +195,11 @@ class StaticDecoder(nn.Module):
         if any(type(n).__name__ not in _HF_RMS_NORMS for n in norms + [self.norm]):
             return "a norm that is not Qwen2/Llama RMSNorm"
         if any(
-            g is None or type(l.mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU")
-            for g, l in zip(self.gate_up, self.layers)
+            not all(hasattr(l.mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+            or type(l.mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU")
+            for l in self.layers
         ):
-            return "an MLP that is not SiLU(gate) * up with stacked gate/up"
+            return "an MLP that is not down(SiLU(gate) * up)"
         if self.head_dim & (self.head_dim - 1) or self.head_dim < 16:
             return f"head_dim {self.head_dim} is not a power of two >= 16"
         return None
@@ -260,7 +261,10 @@ class StaticDecoder(nn.Module):
             o = tk.decode_attention(q, self.k_cache[i], self.v_cache[i], pos, self.scaling)
             post = layer.post_attention_layernorm
             x = tk.add_rms_norm(h, attn.o_proj(o.view(1, 1, -1)), post.weight, post.variance_epsilon)
-            y = mlp.down_proj(tk.silu_mul(self.gate_up[i](x)))
+            gu = (
+                self.gate_up[i](x) if self.gate_up[i] is not None else torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1)
+            )
+            y = mlp.down_proj(tk.silu_mul(gu))
             nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             x = tk.add_rms_norm(h, y, nxt.weight, nxt.variance_epsilon)
         return self.lm_head(x[:, -1]).argmax(dim=-1)

@@ -779,9 +779,12 @@ def accelerate(
 _NOT_STATE = ("out_features", "last_kernel", "training")
 
 #: for each layer class whose rows can be stacked into one layer: buffer name -> the dimension
-#: along which it holds one slice per output row (the buffers the kernels add included). A class
-#: not listed (NF4, whose second-level statistics span the whole matrix) is not stacked.
+#: along which it holds one slice per output row (the buffers the kernels add included), as
+#: the layer's ``row_buffers()`` gives them where it has one (NF4: its one second-level offset
+#: repeated per second-level block, so that each stacked part keeps its own). A class not
+#: listed is not stacked.
 ROW_DIMS = {
+    NF4Linear: {"qweight": 0, "absmax": 0, "absmax2": 0, "offset": 0, "bias": 0},
     FloatLinear: {"weight": 0, "bias": 0},
     UniformLinear: {"qweight": 0, "scales": 0, "qzeros": 0, "bias": 0},
     W8A8Linear: {"qweight": 0, "weight_scales": 0, "bias": 0},
@@ -806,8 +809,8 @@ def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -
     which buffers hold its rows (:data:`ROW_DIMS`): their row slices are concatenated,
     everything else (group size, bit width, kernel settings, act-order ``g_idx``) must be equal.
     Returns None where the layers cannot be stacked: different classes or inputs, a layer with
-    no entry in :data:`ROW_DIMS` (NF4, whose second-level statistics span the whole matrix), or a part that
-    ends inside a block of rows (a LUT shared by rows of two layers). ``verify`` checks the
+    no entry in :data:`ROW_DIMS`, or a part that ends inside a block of rows (a LUT shared by
+    rows of two layers; an NF4 block or second-level block of flat codes). ``verify`` checks the
     stacked layer against the separate ones on a random input row of ``dtype`` (a layout error
     raises).
     """
@@ -846,8 +849,9 @@ def fuse_rows(layers, verify: bool = True, dtype: torch.dtype = torch.float32) -
         for k, v in vars(first).items():  # ... with its own buffer, parameter and hook tables
             if isinstance(v, dict):
                 setattr(fused, k, copy.copy(v))
+        rows = [m.row_buffers() if hasattr(m, "row_buffers") else m._buffers for m in layers]
         for name, dim in spec.items():
-            parts = [m._buffers.get(name) for m in layers]
+            parts = [r.get(name) for r in rows]
             if all(p is None for p in parts):
                 continue
             if any(p is None for p in parts):

@@ -332,6 +332,7 @@ def _nf4_gemv_prmt_kernel(
     KW,
     DQ,
     DOUBLE: tl.constexpr,
+    OFFSETS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ASM: tl.constexpr,
     WPB: tl.constexpr,
@@ -346,7 +347,8 @@ def _nf4_gemv_prmt_kernel(
     column ``k ^ 1``; ``lut_ptr``: the 16 NF4 levels in fp16 as 8 int32 words, looked up with
     the byte permutes of :func:`_lookup4` (the same table for every row). Blocks of ``8 WPB``
     codes along the rows (``BLOCK_W`` a multiple of ``WPB``); block ``b``'s absmax is rebuilt
-    here: ``dyn[code_b] * absmax2[b // DQ] + offset`` (``DOUBLE``), or read as float32."""
+    here: ``dyn[code_b] * absmax2[b // DQ] + offset`` (``DOUBLE``; ``offset[b // DQ]`` with
+    ``OFFSETS``, a stacked layer's one per second-level block), or read as float32."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -372,7 +374,7 @@ def _nf4_gemv_prmt_kernel(
     NB: tl.constexpr = BLOCK_W // WPB  # absmax blocks per tile
     c8 = tl.arange(0, 8) ^ 1  # nibble k holds column k ^ 1
     cb = tl.arange(0, NB)
-    if DOUBLE:
+    if DOUBLE and not OFFSETS:
         offset = tl.load(off_ptr)
     acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
     for w_0 in range(0, KW, BLOCK_W):
@@ -401,7 +403,10 @@ def _nf4_gemv_prmt_kernel(
         if DOUBLE:
             code = tl.load(a_ptr + blk, mask=bm, other=0).to(tl.int32)
             absmax = tl.load(dyn_ptr + code, mask=bm, other=0.0) * tl.load(a2_ptr + blk // DQ, mask=bm, other=0.0)
-            absmax += offset
+            if OFFSETS:
+                absmax += tl.load(off_ptr + blk // DQ, mask=bm, other=0.0)
+            else:
+                absmax += offset
         else:
             absmax = tl.load(a_ptr + blk, mask=bm, other=0.0)
         acc += part * absmax
@@ -535,7 +540,7 @@ _INT8_CONFIGS = [
 _int8_tuned = _autotune(_INT8_CONFIGS, ["N", "K", "HAS_ZEROS"])(_int8_jit)
 # the prmt table, restricted to tiles of whole 64-code blocks (8 words)
 _NF4_CONFIGS = [c for c in _LUT_PRMT_CONFIGS if c.kwargs["BLOCK_W"] % 8 == 0]
-_nf4_tuned = _autotune(_NF4_CONFIGS, ["N", "KW", "DOUBLE"])(_nf4_prmt_jit)
+_nf4_tuned = _autotune(_NF4_CONFIGS, ["N", "KW", "DOUBLE", "OFFSETS"])(_nf4_prmt_jit)
 
 #: block sizes used where nothing is tuned (the interpreter, or an explicit ``config=``)
 DEFAULT_INT4 = {"BLOCK_N": 4, "GPI": 2}
@@ -754,7 +759,8 @@ def nf4_gemv(
 
     ``absmax``: (n_blocks,) uint8 codes into the 256-entry float32 map ``dyn``, with float32
     ``absmax2`` per ``dq_block`` blocks and float32 ``offset`` (double quantization), or float32
-    absmaxes (``absmax2``, ``offset`` None). ``block_size`` one of :data:`NF4_BLOCK_SIZES`, dividing ``in``."""
+    absmaxes (``absmax2``, ``offset`` None); ``offset`` () or, for a stacked layer, one per
+    second-level block. ``block_size`` one of :data:`NF4_BLOCK_SIZES`, dividing ``in``."""
     K = x.numel()
     if K % block_size or block_size not in NF4_BLOCK_SIZES or qweight.numel() * 2 != n * K:
         raise QtutorError(
@@ -782,6 +788,7 @@ def nf4_gemv(
         K // 8,
         dq_block,
     )
-    kwargs = dict(DOUBLE=double, HAS_BIAS=bias is not None, ASM=x.is_cuda, WPB=block_size // 8)
+    offsets = double and offset.dim() > 0
+    kwargs = dict(DOUBLE=double, OFFSETS=offsets, HAS_BIAS=bias is not None, ASM=x.is_cuda, WPB=block_size // 8)
     _launch(_nf4_gemv_prmt_kernel, _nf4_prmt_jit, _nf4_tuned, DEFAULT_NF4, config, n, args, kwargs)
     return y
