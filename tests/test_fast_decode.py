@@ -158,6 +158,58 @@ needs_interpreter = pytest.mark.skipif(
 interp_warning = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
+_COMPILE_GLUE_SM90 = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qtutor.runtime import triton_glue as tg
+
+def build(fn, sig, const, warps=4):
+    names = list(sig) + list(const)
+    sig = {**sig, **{k: "constexpr" for k in const}}
+    src = ASTSource(fn=tg._GLUE_JIT[fn], signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    except Exception as e:
+        sys.exit(f"{fn.__name__} {const}: {str(e).splitlines()[-1]}")
+
+ptrs = lambda *n: {k: t for k, t in zip(n[::2], n[1::2])}
+for quant in (False, True):
+    build(tg._add_rms_norm_kernel,
+          {**ptrs("h_ptr", "*fp16", "r_ptr", "*fp16", "w_ptr", "*fp16", "x_ptr", "*fp16", "q_ptr", "*i8",
+                  "s_ptr", "*fp32"), "D": "i32", "eps": "fp32"},
+          {"HAS_RES": True, "QUANT": quant, "BLOCK_D": 1024})
+build(tg._silu_mul_kernel, {"gu_ptr": "*fp16", "y_ptr": "*fp16", "I": "i32"}, {"BLOCK": 1024})
+build(tg._silu_mul_quant_kernel,
+      {"gu_ptr": "*fp16", "y_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32", "I": "i32"},
+      {"BLOCK": tg.SILU_QUANT_BLOCK}, warps=8)
+build(tg._rope_cache_kernel,
+      {**ptrs("qkv_ptr", "*fp16", "cos_ptr", "*fp32", "sin_ptr", "*fp32", "pos_ptr", "*i64", "q_ptr", "*fp16",
+              "kc_ptr", "*fp16", "vc_ptr", "*fp16"), "NH": "i32", "NKV": "i32", "SLOTS": "i32"}, {"HD": 64})
+build(tg._decode_attention_kernel,
+      {**ptrs("q_ptr", "*fp16", "kc_ptr", "*fp16", "vc_ptr", "*fp16", "pos_ptr", "*i64", "o_ptr", "*fp16"),
+       "SLOTS": "i32", "scale": "fp32", "G": "i32"}, {"HD": 64, "BLOCK_G": 16, "BLOCK_L": 64})
+print("compiled glue")
+"""
+
+
+@needs_interpreter
+def test_glue_kernels_compile_for_sm90(tmp_path):
+    """Every glue kernel, the W8A8-quantizing variants included, compiles for an H100 (sm_90)
+    with the ptxas Triton ships, in a fresh process (the interpreter tests patch triton.language)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": root}
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", _COMPILE_GLUE_SM90], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "compiled glue" in out.stdout
+
+
 @needs_interpreter
 @interp_warning
 def test_glue_kernels_equal_their_torch_definitions():
@@ -172,6 +224,21 @@ def test_glue_kernels_equal_their_torch_definitions():
     torch.testing.assert_close(x, want_x)
     gu = torch.randn(1, 2 * 50, generator=g)
     torch.testing.assert_close(tk.silu_mul(gu), torch.nn.functional.silu(gu[:, :50]) * gu[:, 50:])
+
+    # the W8A8 variants: the same output, plus the codes and step quantize_row computes from it
+    from qtutor.runtime.triton_gemv import quantize_row
+
+    for I in (50, 200):  # one block of 64 on the CPU, and several (the row read back)
+        gu = torch.randn(1, 2 * I, generator=g) * 4
+        y, q, s = tk.silu_mul(gu, quantize=True)
+        assert torch.equal(y, tk.silu_mul(gu)) and q.dtype == torch.int8
+        q_ref, s_ref = quantize_row(y)
+        assert torch.equal(q.reshape(-1), q_ref) and torch.equal(s, s_ref)
+    h2 = torch.randn(1, 1, 40, generator=g)
+    x2, q, s = tk.add_rms_norm(h2.clone(), r[:1], w[0], 1e-6, quantize=True)
+    assert torch.equal(x2, tk.add_rms_norm(h2.clone(), r[:1], w[0], 1e-6))
+    q_ref, s_ref = quantize_row(x2)
+    assert torch.equal(q.reshape(-1), q_ref) and torch.equal(s, s_ref)
 
     nh, nkv, hd, slots, pos = 4, 2, 16, 24, 9
     qkv = torch.randn(1, 1, (nh + 2 * nkv) * hd, generator=g)
@@ -211,6 +278,37 @@ def test_fused_glue_decodes_the_same_tokens(family):
     assert not StaticDecoder(model, 30).glue  # on CPU the default is off
     apart = StaticDecoder(model, 30, glue=True, fuse=False)  # projections apart, gate and up concatenated
     assert apart.glue and torch.equal(apart.generate(prompt, 12)[0], out[:12])
+
+
+@needs_interpreter
+@interp_warning
+@pytest.mark.parametrize("fuse", [True, False])
+def test_fused_glue_feeds_w8a8_its_codes(fuse, monkeypatch):
+    """With W8A8 layers on the Triton GEMV, the norms and SiLU quantize their outputs per token
+    in the same kernel and the GEMVs read those codes; o_proj (after attention) quantizes its
+    own input. The tokens are those of the step without the glue."""
+    from qtutor.runtime import kernels
+    from qtutor.runtime.kernels import _TritonW8A8
+
+    model = tiny_model("qwen2", initializer_range=0.3, head_dim=16)
+    calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    qtutor.quantize(model, "smoothquant_w8a8", calib=calib)
+    kernels.accelerate(model, "triton", kernel_on_cpu=True)
+    seen = []
+    codes = _TritonW8A8.forward_codes
+    monkeypatch.setattr(
+        _TritonW8A8, "forward_codes", lambda self, *a: seen.append(self.out_features) or codes(self, *a)
+    )
+    prompt = torch.randint(0, 128, (5,), generator=torch.Generator().manual_seed(4))
+    glue = StaticDecoder(model, 20, glue=True, fuse=fuse)
+    out = glue.generate(prompt, 4)[0]
+    assert torch.equal(out, StaticDecoder(model, 20, glue=False, fuse=fuse).generate(prompt, 4)[0])
+    c = model.config
+    kv = c.num_key_value_heads * 16
+    qkv = [c.hidden_size + 2 * kv] if fuse else [c.hidden_size, kv, kv]
+    gate_up = [2 * c.intermediate_size] if fuse else [c.intermediate_size] * 2
+    per_layer = qkv + gate_up + [c.hidden_size]  # all but o_proj
+    assert sorted(seen) == sorted(per_layer * c.num_hidden_layers * 3)  # 3 one-token steps
 
 
 def test_fused_glue_refuses_what_it_does_not_implement():

@@ -373,17 +373,36 @@ for cfg in tk._LUT_PRMT_CONFIGS:  # the prmt inline assembly goes through ptxas 
     assert "prmt.b32" in k.asm["ptx"]
 sig = {"x_ptr": "*fp16", "q_ptr": "*i32", "lut_ptr": "*i32", "a_ptr": "*u8", "a2_ptr": "*fp32", "dyn_ptr": "*fp32",
        "off_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp16", "N": "i32", "KW": "i32", "DQ": "i32",
-       "DOUBLE": "constexpr", "HAS_BIAS": "constexpr", "ASM": "constexpr", "WPB": "constexpr",
-       "BLOCK_N": "constexpr", "BLOCK_W": "constexpr", "PREFETCH": "constexpr"}
+       "DOUBLE": "constexpr", "OFFSETS": "constexpr", "HAS_BIAS": "constexpr", "ASM": "constexpr",
+       "WPB": "constexpr", "BLOCK_N": "constexpr", "BLOCK_W": "constexpr", "PREFETCH": "constexpr"}
 names = list(sig)
 for cfg in tk._NF4_CONFIGS:
-    const = {"DOUBLE": True, "HAS_BIAS": False, "ASM": True, "WPB": 8, **cfg.kwargs}
+  for offsets in (False, True):  # one offset per matrix, or a stacked layer's one per second-level block
+    const = {"DOUBLE": True, "OFFSETS": offsets, "HAS_BIAS": False, "ASM": True, "WPB": 8, **cfg.kwargs}
     src = ASTSource(fn=tk._nf4_prmt_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     try:
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
     except Exception as e:
         sys.exit(f"nf4 {cfg}: {str(e).splitlines()[-1]}")
     assert "prmt.b32" in k.asm["ptx"]
+sig = {"qx_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*i8", "sw_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp16",
+       "N": "i32", "K": "i32", "stride_w": "i32", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr",
+       "BLOCK_K": "constexpr"}
+names = list(sig)
+for cfg in tk._W8A8_CONFIGS:
+    const = {"HAS_BIAS": True, **cfg.kwargs}
+    src = ASTSource(fn=tk._w8a8_jit, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+    except Exception as e:
+        sys.exit(f"w8a8 {cfg}: {str(e).splitlines()[-1]}")
+sig = {"x_ptr": "*fp16", "qx_ptr": "*i8", "sx_ptr": "*fp32", "K": "i32", "BLOCK_K": "constexpr"}
+for block in (1024, tk.QUANTIZE_ROW_BLOCK):
+    src = ASTSource(fn=tk._quantize_row_jit, signature=sig, constexprs={(4,): block})
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    except Exception as e:
+        sys.exit(f"quantize_row {block}: {str(e).splitlines()[-1]}")
 sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
        "N": "i32", "K": "i32", "stride_w": "i32", "HAS_ZEROS": "constexpr", "HAS_BIAS": "constexpr",
        "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}

@@ -243,31 +243,39 @@ class StaticDecoder(nn.Module):
         return logits.argmax(dim=-1)
 
     def _forward_one(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` for one token with the fused glue kernels (same math)."""
+        """:meth:`forward` for one token with the fused glue kernels (same math). Where the
+        layers that read a norm's or SiLU's output are W8A8 with the Triton GEMV, that glue
+        kernel also quantizes its output per token (SmoothQuant's activation codes), so the
+        GEMVs start from the codes instead of each layer input costing a launch of its own."""
         from . import triton_glue as tk
 
-        nh, nkv = self.n_heads, self.n_kv
+        nh, nkv, L = self.n_heads, self.n_kv, len(self.layers)
         h = self.embed(ids)[None]  # (1, 1, hidden)
         first = self.layers[0].input_layernorm
-        x = tk.add_rms_norm(h, None, first.weight, first.variance_epsilon)
+        x = tk.add_rms_norm(h, None, first.weight, first.variance_epsilon, quantize=_codes(self._qkv_parts(0), h))
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = (
-                self.qkv[i](x)
-                if self.qkv[i] is not None
-                else torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
-            )
+            qkv = _apply_all(self._qkv_parts(i), x)
             q = tk.rope_cache(qkv, self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i], nh, nkv)
             o = tk.decode_attention(q, self.k_cache[i], self.v_cache[i], pos, self.scaling)
             post = layer.post_attention_layernorm
-            x = tk.add_rms_norm(h, attn.o_proj(o.view(1, 1, -1)), post.weight, post.variance_epsilon)
-            gu = (
-                self.gate_up[i](x) if self.gate_up[i] is not None else torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1)
+            gate_up = [self.gate_up[i]] if self.gate_up[i] is not None else [mlp.gate_proj, mlp.up_proj]
+            x = tk.add_rms_norm(
+                h, attn.o_proj(o.view(1, 1, -1)), post.weight, post.variance_epsilon, quantize=_codes(gate_up, h)
             )
-            y = mlp.down_proj(tk.silu_mul(gu))
-            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            x = tk.add_rms_norm(h, y, nxt.weight, nxt.variance_epsilon)
-        return self.lm_head(x[:, -1]).argmax(dim=-1)
+            gu = _apply_all(gate_up, x)
+            y = _apply(mlp.down_proj, tk.silu_mul(gu, quantize=_codes([mlp.down_proj], None)))
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < L else self.norm
+            readers = self._qkv_parts(i + 1) if i + 1 < L else [self.lm_head]
+            x = tk.add_rms_norm(h, y, nxt.weight, nxt.variance_epsilon, quantize=_codes(readers, h))
+        return _apply(self.lm_head, x)[:, -1].argmax(dim=-1)
+
+    def _qkv_parts(self, i: int) -> list:
+        """The layers computing layer ``i``'s q, k and v: the stacked one, or the three."""
+        if self.qkv[i] is not None:
+            return [self.qkv[i]]
+        a = self.layers[i].self_attn
+        return [a.q_proj, a.k_proj, a.v_proj]
 
     def _step(self):
         """One decode step on the fixed buffers: token ``tok`` at position ``pos``."""
@@ -322,6 +330,28 @@ class StaticDecoder(nn.Module):
         if self.graph is None and new_tokens > 1:
             self.step_kernels = _kernels(self.model, self.fused)
         return self.out_ids[P : P + new_tokens].clone(), t1 - t0, t2 - t1
+
+
+def _codes(layers, x) -> bool:
+    """Whether every layer reading a glue kernel's output takes int8 codes (a W8A8 layer whose
+    Triton GEMV runs on the device of ``x``, the step's residual; None: any device): then the
+    glue kernel quantizes that output per token."""
+    return all(
+        getattr(m, "takes_codes", None) is not None and m.takes_codes(None if x is None else x.device) for m in layers
+    )
+
+
+def _apply(layer, x):
+    """``layer(x)``; ``x`` may be ``(x, q_x, s_x)`` from a quantizing glue kernel, which a W8A8
+    layer reads through ``forward_codes`` (any other layer takes x)."""
+    if isinstance(x, tuple):
+        return layer.forward_codes(*x) if getattr(layer, "forward_codes", None) is not None else layer(x[0])
+    return layer(x)
+
+
+def _apply_all(layers, x):
+    """The layers' outputs on the same input ``x``, concatenated (one layer: its output)."""
+    return _apply(layers[0], x) if len(layers) == 1 else torch.cat([_apply(m, x) for m in layers], -1)
 
 
 def _kernels(model, extra=()) -> dict:

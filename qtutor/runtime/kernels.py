@@ -357,6 +357,24 @@ class _TritonW8A8(_TritonGemvMixin):
     def _gemv(self, x):
         return w8a8_gemv(x, self.qweight, self.weight_scales, self.bias, self.triton_config)
 
+    def takes_codes(self, device: Optional[torch.device] = None) -> bool:
+        """Whether :meth:`forward_codes` runs for one input row on ``device`` (None: the layer's):
+        the decode step's glue then quantizes the row in the kernel that produces it, instead of
+        a launch of its own."""
+        device = self.qweight.device if device is None else torch.device(device)
+        return device.type == "cuda" or self.kernel_on_cpu
+
+    def forward_codes(self, x: torch.Tensor, q_x: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
+        """The layer on the row ``x`` given its per-token int8 codes ``q_x`` and step ``s_x``
+        (what :func:`qtutor.runtime.triton_gemv.quantize_row` would compute from x): the GEMV alone."""
+        from . import triton_gemv as tk
+
+        y = tk.w8a8_gemv_codes(
+            q_x.reshape(-1), s_x, self.qweight, self.weight_scales, self.bias, x.dtype, self.triton_config
+        )
+        self.last_kernel = self.kernel_name
+        return y.view(*x.shape[:-1], self.out_features)
+
 
 class _TritonInt8(_TritonGemvMixin):
     kernel_name = "triton int8_gemv"

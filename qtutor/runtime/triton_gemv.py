@@ -419,25 +419,43 @@ def _nf4_gemv_prmt_kernel(
 ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
+@triton.jit
+def _token_scale(amax):
+    """SmoothQuant's per-token step from the row's max |x|: ``max(amax, 1e-5) / 127`` (IEEE)."""
+    return tl.math.div_rn(tl.maximum(amax, 1e-5), 127.0)
+
+
+@triton.jit
+def _int8_codes(x, s_x):
+    """``clamp(round(x / s_x), -127, 127)`` as int8, with IEEE division and ties-to-even
+    rounding, so that the codes are those of the PyTorch reference."""
+    q = (tl.math.div_rn(x, s_x) + ROUND_MAGIC) - ROUND_MAGIC  # round(x / s_x)
+    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+
+
 def _quantize_row_kernel(x_ptr, qx_ptr, sx_ptr, K, BLOCK_K: tl.constexpr):
     """One program: the row ``x`` (K,) quantized per token, as SmoothQuant's
     ``quantize_activation_per_token_absmax``: ``s_x = max(max|x|, 1e-5) / 127``,
-    ``q_x = clamp(round(x / s_x), -127, 127)`` (int8), with IEEE division and ties-to-even
-    rounding so that the codes are those of the PyTorch reference. Run once per layer input,
-    so that the GEMV's programs read ``q_x`` instead of each re-quantizing the row."""
+    ``q_x = clamp(round(x / s_x), -127, 127)`` (int8). Run once per layer input, so that the
+    GEMV's programs read ``q_x`` instead of each re-quantizing the row. A row of at most
+    ``BLOCK_K`` values is read once (kept in registers); a longer one twice."""
     kc = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + k0 + kc, mask=k0 + kc < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    s_x = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-5), 127.0)
-    tl.store(sx_ptr, s_x)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + kc
-        km = k < K
-        x = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
-        q = (tl.math.div_rn(x, s_x) + ROUND_MAGIC) - ROUND_MAGIC  # round(x / s_x)
-        tl.store(qx_ptr + k, tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8), mask=km)
+    if K <= BLOCK_K:
+        x = tl.load(x_ptr + kc, mask=kc < K, other=0.0).to(tl.float32)
+        s_x = _token_scale(tl.max(tl.abs(x), axis=0))
+        tl.store(sx_ptr, s_x)
+        tl.store(qx_ptr + kc, _int8_codes(x, s_x), mask=kc < K)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + k0 + kc, mask=k0 + kc < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        s_x = _token_scale(tl.max(amax, axis=0))
+        tl.store(sx_ptr, s_x)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kc
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            tl.store(qx_ptr + k, _int8_codes(x, s_x), mask=k < K)
 
 
 def _w8a8_gemv_kernel(
@@ -549,7 +567,7 @@ DEFAULT_W8A8 = {"BLOCK_N": 4, "BLOCK_K": 64}
 DEFAULT_LUT_PRMT = {"BLOCK_N": 4, "BLOCK_W": 8, "PREFETCH": 1}
 DEFAULT_INT8 = {"BLOCK_N": 4, "BLOCK_K": 64}
 DEFAULT_NF4 = {"BLOCK_N": 4, "BLOCK_W": 16, "PREFETCH": 1}
-QUANTIZE_ROW_BLOCK = 1024
+QUANTIZE_ROW_BLOCK = 8192  # rows up to this long are read once (Qwen2-0.5B's widest: 4864)
 
 
 def _launch(fn, jit, tuned, default, config, grid_n, args, kwargs):
@@ -690,7 +708,8 @@ def quantize_row(x: torch.Tensor):
         with _interpreting():
             _interpreted(_quantize_row_kernel)[(1,)](x, q_x, s_x, K, BLOCK_K=64)
     else:
-        _quantize_row_jit[(1,)](x, q_x, s_x, K, BLOCK_K=min(QUANTIZE_ROW_BLOCK, triton.next_power_of_2(K)))
+        block = min(QUANTIZE_ROW_BLOCK, triton.next_power_of_2(K))
+        _quantize_row_jit[(1,)](x, q_x, s_x, K, BLOCK_K=block, num_warps=8 if block >= 4096 else 4)
     return q_x, s_x
 
 
@@ -700,9 +719,19 @@ def w8a8_gemv(
     """``y = s_x s_w q_w q_x + b`` for one row ``x`` (in,), quantized per token once
     (:func:`quantize_row`), with int8 ``qweight`` (out, in) and float32 ``weight_scales`` (out,)
     -> (out,) in x's dtype."""
-    N = qweight.shape[0]
     q_x, s_x = quantize_row(x)
-    y = torch.empty(N, dtype=x.dtype, device=x.device)
+    return w8a8_gemv_codes(q_x, s_x, qweight, weight_scales, bias, x.dtype, config)
+
+
+def w8a8_gemv_codes(q_x, s_x, qweight, weight_scales, bias, dtype, config: dict = None) -> torch.Tensor:
+    """:func:`w8a8_gemv` on a row already quantized per token: int8 codes ``q_x`` (in,) and
+    float32 step ``s_x`` (1,), as :func:`quantize_row` or the decode step's fused glue
+    (:func:`qtutor.runtime.triton_glue.add_rms_norm` with ``quantize=True``) writes them
+    -> (out,) in ``dtype``."""
+    N = qweight.shape[0]
+    if q_x.dtype != torch.int8 or q_x.numel() != qweight.shape[1]:
+        raise QtutorError(f"w8a8_gemv_codes takes {qweight.shape[1]} int8 codes, got {q_x.numel()} {q_x.dtype}")
+    y = torch.empty(N, dtype=dtype, device=q_x.device)
     args = (
         q_x,
         s_x,

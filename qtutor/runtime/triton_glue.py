@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._interpret import _interpreted, _interpreting
+from .triton_gemv import _int8_codes, _token_scale
 
 
 # --------------------------------------------------------------------------- decode-step glue
@@ -19,9 +20,13 @@ from ._interpret import _interpreted, _interpreting
 # of ``qtutor.runtime.decode`` fuses its glue: residual add + RMSNorm, rotary + KV-cache write,
 # attention over the cache, SiLU(gate) * up. The same kernels serve every weight format (they
 # touch activations only), so FP16 and the quantized models are timed with the same glue.
-def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, D, eps, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr):
+def _add_rms_norm_kernel(
+    h_ptr, r_ptr, w_ptr, x_ptr, q_ptr, s_ptr, D, eps, HAS_RES: tl.constexpr, QUANT: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """Row ``pid``: ``h += r`` (in place, rounded to h's dtype as PyTorch's add), then
-    ``x = w * h / sqrt(mean(h^2) + eps)`` in float32, rounded once to x's dtype."""
+    ``x = w * h / sqrt(mean(h^2) + eps)`` in float32, rounded once to x's dtype. With ``QUANT``
+    also x quantized per token for a W8A8 layer (SmoothQuant): int8 codes to ``q_ptr``, the
+    step to ``s_ptr[row]``, from the rounded x, as :func:`~qtutor.runtime.triton_gemv.quantize_row`."""
     row = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     m = d < D
@@ -33,7 +38,13 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, x_ptr, D, eps, HAS_RES: tl.constex
     hf = h.to(tl.float32)
     rstd = (1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)).to(tl.float32)
     w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
-    tl.store(x_ptr + row * D + d, (hf * rstd * w).to(x_ptr.dtype.element_ty), mask=m)
+    x = (hf * rstd * w).to(x_ptr.dtype.element_ty)
+    tl.store(x_ptr + row * D + d, x, mask=m)
+    if QUANT:
+        xf = x.to(tl.float32)  # zero past D
+        s_x = _token_scale(tl.max(tl.abs(xf), axis=0))
+        tl.store(s_ptr + row, s_x)
+        tl.store(q_ptr + row * D + d, _int8_codes(xf, s_x), mask=m)
 
 
 def _silu_mul_kernel(gu_ptr, y_ptr, I, BLOCK: tl.constexpr):
@@ -43,6 +54,32 @@ def _silu_mul_kernel(gu_ptr, y_ptr, I, BLOCK: tl.constexpr):
     g = tl.load(gu_ptr + i, mask=m, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + I + i, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + i, (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _silu_mul_quant_kernel(gu_ptr, y_ptr, q_ptr, s_ptr, I, BLOCK: tl.constexpr):
+    """:func:`_silu_mul_kernel` in ONE program that also quantizes ``y`` per token for a W8A8
+    down projection (codes to ``q_ptr``, step to ``s_ptr``): the row's max |y| needs all of it,
+    so a row longer than ``BLOCK`` is written, then read back for its codes."""
+    i = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    y = tl.zeros((BLOCK,), dtype=y_ptr.dtype.element_ty)
+    for i0 in range(0, I, BLOCK):
+        m = i0 + i < I
+        g = tl.load(gu_ptr + i0 + i, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + I + i0 + i, mask=m, other=0.0).to(tl.float32)
+        y = (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + i0 + i, y, mask=m)
+        amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
+    s_x = _token_scale(tl.max(amax, axis=0))
+    tl.store(s_ptr, s_x)
+    if I <= BLOCK:  # still in registers
+        tl.store(q_ptr + i, _int8_codes(y.to(tl.float32), s_x), mask=i < I)
+    else:
+        tl.debug_barrier()  # the program's own stores, visible to all its threads
+        for i0 in range(0, I, BLOCK):
+            m = i0 + i < I
+            yf = tl.load(y_ptr + i0 + i, mask=m, other=0.0).to(tl.float32)
+            tl.store(q_ptr + i0 + i, _int8_codes(yf, s_x), mask=m)
 
 
 def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, NH, NKV, SLOTS, HD: tl.constexpr):
@@ -119,7 +156,14 @@ def _decode_attention_kernel(
 
 
 _GLUE_JIT = {
-    f: triton.jit(f) for f in (_add_rms_norm_kernel, _silu_mul_kernel, _rope_cache_kernel, _decode_attention_kernel)
+    f: triton.jit(f)
+    for f in (
+        _add_rms_norm_kernel,
+        _silu_mul_kernel,
+        _silu_mul_quant_kernel,
+        _rope_cache_kernel,
+        _decode_attention_kernel,
+    )
 }
 
 
@@ -136,31 +180,53 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def add_rms_norm(h: torch.Tensor, r, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``h += r`` in place (skipped for ``r=None``), then RMSNorm(h) * weight -> new tensor."""
+def add_rms_norm(h: torch.Tensor, r, weight: torch.Tensor, eps: float, quantize: bool = False):
+    """``h += r`` in place (skipped for ``r=None``), then RMSNorm(h) * weight -> new tensor ``x``;
+    with ``quantize``, ``(x, q_x, s_x)``: also each row's int8 codes (same shape) and float32
+    step (rows,), SmoothQuant's per-token quantization of x, for W8A8 layers that read it."""
     D = h.shape[-1]
+    rows = h.numel() // D
     x = torch.empty_like(h)
+    q = torch.empty(h.shape, dtype=torch.int8, device=h.device) if quantize else x
+    s = torch.empty(rows, dtype=torch.float32, device=h.device) if quantize else x
     _run(
         _add_rms_norm_kernel,
-        (h.numel() // D,),
+        (rows,),
         h,
         h if r is None else r.contiguous(),
         weight,
         x,
+        q,
+        s,
         D,
         float(eps),
         HAS_RES=r is not None,
+        QUANT=quantize,
         BLOCK_D=_pow2(D),
     )
-    return x
+    return (x, q, s) if quantize else x
 
 
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """One row ``[g | u]`` (..., 2I) -> ``silu(g) * u`` (..., I)."""
+#: :func:`silu_mul` with ``quantize``: one program walks the row in blocks of this many values
+SILU_QUANT_BLOCK = 8192
+
+
+def silu_mul(gu: torch.Tensor, quantize: bool = False):
+    """One row ``[g | u]`` (..., 2I) -> ``silu(g) * u`` (..., I); with ``quantize``
+    ``(y, q_y, s_y)``, y also quantized per token (int8 codes, (1,) float32 step) for a W8A8
+    down projection."""
     I = gu.shape[-1] // 2
     y = torch.empty(*gu.shape[:-1], I, dtype=gu.dtype, device=gu.device)
-    _run(_silu_mul_kernel, (triton.cdiv(I, 1024),), gu.contiguous(), y, I, BLOCK=1024)
-    return y
+    if not quantize:
+        _run(_silu_mul_kernel, (triton.cdiv(I, 1024),), gu.contiguous(), y, I, BLOCK=1024)
+        return y
+    if gu.numel() != 2 * I:
+        raise ValueError(f"silu_mul(quantize=True) takes one row, got {tuple(gu.shape)}")
+    q = torch.empty(y.shape, dtype=torch.int8, device=gu.device)
+    s = torch.empty(1, dtype=torch.float32, device=gu.device)
+    block = 64 if gu.device.type == "cpu" else min(SILU_QUANT_BLOCK, _pow2(I))
+    _run(_silu_mul_quant_kernel, (1,), gu.contiguous(), y, q, s, I, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return y, q, s
 
 
 def rope_cache(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int) -> torch.Tensor:
