@@ -222,11 +222,83 @@ def test_cuda_graph_path_equals_eager_path(cfg, monkeypatch):
     W = torch.randn(96, 384, generator=g).cuda()
     X = (torch.randn(2048, 384, generator=g) @ torch.randn(384, 384, generator=g) * 0.1).cuda()
     H = 2 * X.T @ X / X.shape[0]
+    monkeypatch.setattr(G, "BLOCK_LOOP", "cuda-graph")
     graphed = G.gptq(W, H, cfg)
-    monkeypatch.setattr(G, "USE_CUDA_GRAPHS", False)
+    monkeypatch.setattr(G, "BLOCK_LOOP", "eager")
     eager = G.gptq(W, H, cfg)
     assert torch.equal(graphed.weight.codes, eager.weight.codes)
     assert torch.equal(graphed.Q, eager.Q)
+
+
+needs_interpreter = pytest.mark.skipif(
+    not __import__("qtutor.runtime.kernels").runtime.kernels.triton_available() or torch.cuda.is_available(),
+    reason="Triton interpreter tests run on CPU-only machines with triton",
+)
+
+
+@needs_interpreter
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        G.GPTQConfig(group_size=32, block_size=32),
+        G.GPTQConfig(group_size=0, sym=True, block_size=48, act_order=False),
+        G.GPTQConfig(bits=3, group_size=16, block_size=64, static_groups=True),
+    ],
+)
+def test_triton_block_loop_equals_the_pytorch_loop(cfg, monkeypatch):
+    """The one-launch Triton block (Triton's interpreter here; a GPU runs it compiled) does the
+    PyTorch loop's arithmetic: the same codes and loss, the blocks' tails and a partial row
+    tile included (37 rows, 80 columns)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(37, 80, generator=g)
+    X = torch.randn(512, 80, generator=g) @ torch.randn(80, 80, generator=g) * 0.1
+    H = 2 * X.T @ X / X.shape[0]
+    monkeypatch.setattr(G, "BLOCK_LOOP", "eager")
+    eager = G.gptq(W, H, cfg)
+    monkeypatch.setattr(G, "BLOCK_LOOP", "triton")
+    fused = G.gptq(W, H, cfg)
+    assert (fused.weight.codes == eager.weight.codes).float().mean() > 0.999
+    assert fused.loss == pytest.approx(eager.loss, rel=1e-4)
+    torch.testing.assert_close(fused.Q, eager.Q, rtol=0, atol=1e-6 + float(eager.weight.scales.max()))
+
+
+_COMPILE_GPTQ_SM90 = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qtutor.runtime import triton_gptq as tg
+sig = {"w_ptr": "*fp32", "h_ptr": "*fp32", "s_ptr": "*fp32", "z_ptr": "*fp32", "c_ptr": "*fp32", "e_ptr": "*fp32",
+       "R": "i32", "C": "i32", "MAXQ": "fp32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+for block_r, block_c in ((32, 128), (16, 256)):
+    src = ASTSource(fn=tg._gptq_block_jit, signature=sig, constexprs={(9,): block_r, (10,): block_c})
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
+    except Exception as e:
+        sys.exit(f"gptq_block {block_r} {block_c}: {str(e).splitlines()[-1]}")
+print("compiled gptq_block")
+"""
+
+
+@needs_interpreter
+def test_triton_block_loop_compiles_for_sm90(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": root}
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", _COMPILE_GPTQ_SM90], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "compiled gptq_block" in out.stdout
+
+
+def test_block_loop_setting_is_checked(monkeypatch):
+    monkeypatch.setattr(G, "BLOCK_LOOP", "fast")
+    with pytest.raises(qtutor.QtutorError, match="BLOCK_LOOP 'fast'"):
+        G.gptq(torch.randn(4, 8), torch.eye(8), G.GPTQConfig(group_size=0))
 
 
 def reference_fasterquant(W, H, bits, groupsize, actorder, blocksize=128, percdamp=0.01):

@@ -214,12 +214,20 @@ def _block_loop(W1t, Hinv1, S1t, Z1t, bits, codes1t, Err1t):
 
 
 def _run_block(W1, Hinv1, S1, Z1, bits):
-    """:func:`_block_loop` on one block ``W1`` (rows, columns) -> (codes1, Err1), same shape. On a
-    GPU a full block is replayed from a CUDA graph (:mod:`qtutor.quant.cuda_graphs`): about ten
-    tiny kernels per column cost more to launch one by one than to run, and the replay does
-    exactly the same arithmetic."""
+    """:func:`_block_loop` on one block ``W1`` (rows, columns) -> (codes1, Err1), same shape.
+
+    On a GPU about ten tiny kernels per column cost more to launch one by one than to run, so
+    (:data:`BLOCK_LOOP`) the whole block runs as ONE Triton kernel that keeps its rows in
+    registers (:mod:`qtutor.runtime.triton_gptq`; the same arithmetic, up to fused
+    multiply-adds), or, without Triton, is replayed from a CUDA graph
+    (:mod:`qtutor.quant.cuda_graphs`, exactly the same kernels)."""
     W1t, S1t, Z1t = (t.T.contiguous() for t in (W1, S1, Z1))
-    if USE_CUDA_GRAPHS and W1.is_cuda:
+    how = _block_loop_kind(W1)
+    if how == "triton":
+        from ..runtime.triton_gptq import gptq_block
+
+        codes1t, Err1t = gptq_block(W1t, Hinv1, S1t, Z1t, bits)
+    elif how == "cuda-graph":
         codes1t, Err1t = replay(_block_loop, (W1t, Hinv1, S1t, Z1t), (bits,), n_out=2)
     else:
         codes1t, Err1t = torch.zeros_like(W1t), torch.zeros_like(W1t)
@@ -227,8 +235,22 @@ def _run_block(W1, Hinv1, S1, Z1, bits):
     return codes1t.T, Err1t.T
 
 
-#: replay the block loop as a CUDA graph on GPUs (tests switch it off to compare)
-USE_CUDA_GRAPHS = True
+#: how a block's column loop runs: "auto" (on a GPU the Triton kernel where triton is installed,
+#: else a CUDA-graph replay; on a CPU the PyTorch loop), "triton" (also on a CPU, in Triton's
+#: interpreter: tests), "cuda-graph" or "eager"
+BLOCK_LOOP = "auto"
+
+
+def _block_loop_kind(W1: torch.Tensor) -> str:
+    if BLOCK_LOOP not in ("auto", "triton", "cuda-graph", "eager"):
+        raise QtutorError(f"GPTQ BLOCK_LOOP {BLOCK_LOOP!r}: choose auto, triton, cuda-graph or eager")
+    if BLOCK_LOOP != "auto":
+        return BLOCK_LOOP if W1.is_cuda or BLOCK_LOOP in ("triton", "eager") else "eager"
+    if not W1.is_cuda:
+        return "eager"
+    from ..runtime.kernels import triton_available
+
+    return "triton" if triton_available() and not torch.version.hip else "cuda-graph"
 
 
 @torch.no_grad()
