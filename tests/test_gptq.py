@@ -228,6 +228,11 @@ def test_cuda_graph_path_equals_eager_path(cfg, monkeypatch):
     eager = G.gptq(W, H, cfg)
     assert torch.equal(graphed.weight.codes, eager.weight.codes)
     assert torch.equal(graphed.Q, eager.Q)
+    if __import__("qtutor.runtime.kernels").runtime.kernels.triton_available():  # the default on a GPU
+        monkeypatch.setattr(G, "BLOCK_LOOP", "auto")
+        fused = G.gptq(W, H, cfg)
+        assert (fused.weight.codes == eager.weight.codes).float().mean() > 0.999
+        assert fused.loss == pytest.approx(eager.loss, rel=1e-4)
 
 
 needs_interpreter = pytest.mark.skipif(
