@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/README.md, in one call: the CUDA tests, `qtutor bench` at
+# The GPU figures of benchmarks/README.md, in one call: the CUDA tests, GPTQ's block loops
+# side by side (gptq_speed.py), `qtutor bench` at
 # Qwen2-0.5B's architecture (random weights: time and memory only), the per-matrix GEMVs and the
 # full-mode rehearsal of the chapters under a Colab T4's 15 GiB. Steps run in the order given,
 # each only while BUDGET seconds leave room for it, and every log lands in OUT as it is written,
@@ -9,7 +10,7 @@
 #
 # DATA_DIR: WikiText-2 in the Hugging Face layout (the bench and the rehearsal read it).
 # OUT: where logs and results go (default runs/gpu). BUDGET: seconds in all (default 570).
-# STEPS: any of tests bench gemv rehearsal (default all four, in that order).
+# STEPS: any of tests gptq bench gemv rehearsal (default all five, in that order).
 # CHAPTERS: the rehearsal's chapters (default all). LABEL: the run's label (default the commit).
 # MODEL: the 0.5B folder (default runs/qwen2-0.5b-random, written on first use; TOKENIZER_FROM
 # copies the tokenizer of an earlier such folder instead of training one). WHEELS: a folder of
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 OUT=${OUT:-runs/gpu}
 BUDGET=${BUDGET:-570}
-STEPS=${STEPS:-tests bench gemv rehearsal}
+STEPS=${STEPS:-tests gptq bench gemv rehearsal}
 LABEL=${LABEL:-$(git rev-parse --short HEAD 2>/dev/null || echo local)}
 MODEL=${MODEL:-runs/qwen2-0.5b-random}
 mkdir -p "$OUT"
@@ -56,6 +57,8 @@ for step in $STEPS; do
     tests)
       run_step tests 60 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_fast_decode.py \
         tests/test_gptq.py tests/test_head.py tests/test_palettize.py ;;
+    gptq)
+      run_step gptq 30 python benchmarks/gptq_speed.py --config qwen2-0.5b --out "$OUT/gptq_speed_qwen2-0.5b.csv" ;;
     bench)
       make_model && run_step bench 150 python -m qtutor bench --model "$MODEL" --dataset wikitext2 \
         --data-dir "$DATA_DIR" --device cuda --methods all --out "$OUT/bench_qwen2_0.5b" --overwrite ;;
@@ -65,7 +68,7 @@ for step in $STEPS; do
       make_model && run_step rehearsal 120 python scripts/rehearse.py --model "$MODEL" --dataset wikitext2 \
         --data-dir "$DATA_DIR" --device cuda ${CHAPTERS:+--chapters $CHAPTERS} --label "$LABEL" \
         --out "$OUT/rehearsal_qwen2-0.5b" ;;
-    *) say "unknown step $step (tests bench gemv rehearsal)" ;;
+    *) say "unknown step $step (tests gptq bench gemv rehearsal)" ;;
   esac
 done
 say "done"

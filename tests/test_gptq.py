@@ -375,3 +375,22 @@ def test_the_default_is_act_order_with_static_groups_and_stores_no_g_idx(calib_w
     rtn = rtn_quantize_weight(W, RTNConfig(bits=4, group_size=16))
     assert output_error(X, W, res.Q) < output_error(X, W, rtn.dequantize())
     assert UniformLinear(res.weight).n_groups == 6  # six contiguous groups of 16 columns
+
+
+def test_gptq_speed_script_runs(tmp_path, monkeypatch):
+    """benchmarks/gptq_speed.py (the block loops timed side by side) on the tiny config on CPU:
+    one eager row per matrix, all codes equal to themselves, a CSV written."""
+    import csv
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("gptq_speed", None)
+    import gptq_speed
+
+    out = tmp_path / "g.csv"
+    assert gptq_speed.main(["--config", "tiny", "--device", "cpu", "--runs", "1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["matrix"] for r in rows] == ["q/o", "gate/up", "down"] and all(r["block_loop"] == "eager" for r in rows)
+    assert all(float(r["codes_equal_to_first"]) == 1.0 and float(r["seconds"]) > 0 for r in rows)
+    assert G.BLOCK_LOOP == "auto"  # the script puts the setting back
