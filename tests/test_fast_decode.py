@@ -147,6 +147,27 @@ def test_cuda_graph_decode_equals_eager(backend):
         assert torch.equal(graph.cpu(), greedy_decode(model, prompt, 24)[0].cpu())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["smoothquant_w8a8", "qlora_nf4"])
+def test_cuda_glue_decode_with_codes_and_stacked_nf4(method):
+    """On the GPU, compiled: W8A8 fed its codes by the glue, and NF4 stacked with one offset per
+    second-level block, captured in a CUDA graph, decode the tokens of the plain eager step."""
+    from qtutor.runtime import kernels
+
+    if not kernels.triton_available():
+        pytest.skip("triton is not installed")
+    model = tiny_model("qwen2", initializer_range=0.3, head_dim=16).cuda()
+    calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    cfg = NF4Config(double_quant_block_size=4) if method == "qlora_nf4" else None
+    qtutor.quantize(model, method, cfg, calib=calib if method == "smoothquant_w8a8" else None)
+    assert kernels.accelerate(model, "triton")["converted"]
+    prompt = torch.randint(0, 128, (7,), generator=torch.Generator().manual_seed(0))
+    fast = StaticDecoder(model, 40, glue=True, cuda_graph=True)
+    assert fast.glue and len(fast.fused) == 2 * len(model.model.layers)
+    plain = StaticDecoder(model, 40, glue=False, cuda_graph=False)
+    assert torch.equal(fast.generate(prompt, 24)[0], plain.generate(prompt, 24)[0])
+
+
 # --------------------------------------------------------------------------- fused glue (Triton)
 # On CPU the glue kernels run in Triton's interpreter (same source as on the GPU); skipped where
 # triton is missing, and on CUDA machines, where the interpreter would break later compilation.
