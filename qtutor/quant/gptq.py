@@ -132,32 +132,19 @@ class Hessian:
 
 
 # --------------------------------------------------------------------------- Cholesky
-def _upper_factor_of_inverse(Hd: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The upper Cholesky factor ``U`` of ``Hd^-1`` (``Hd^-1 = U^T U``) -> (U, info; 0 = ok).
-
-    On a GPU as the reference computes it: ``cholesky(cholesky_inverse(cholesky(Hd)), upper=True)``.
-    On a CPU with half the arithmetic (measured at 4864 columns on the 2-core machine: 1.13 s
-    against 2.30 s): with ``P`` the exchange matrix (``P A P`` reverses rows and columns) and
-    ``L = cholesky(P Hd P)``, ``Hd^-1 = P L^-T L^-1 P = M M^T`` with ``M = P L^-T P`` lower
-    triangular with a positive diagonal, so ``U = M^T = P L^-1 P``: one factorisation and one
-    triangular solve. The same matrix up to rounding (1e-6 relative there)."""
-    if Hd.is_cuda:
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info != 0:
-            return L, int(info)
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        return U, int(info)
-    L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
-    if info != 0:
-        return L, int(info)
-    eye = torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device)
-    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1), 0
+def _cholesky_inverse(L: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^-1`` from the Cholesky factor ``L``. On a CPU, solving against the identity is the
+    same matrix up to rounding and about ten times faster than ``torch.cholesky_inverse`` (LAPACK
+    ``potri``): 1.27 s against 0.08 s at 896 columns on the 2-core CI machine, measured while it
+    was busy; on a GPU the reference's call."""
+    if L.is_cuda:
+        return torch.cholesky_inverse(L)
+    return torch.cholesky_solve(torch.eye(L.shape[0], dtype=L.dtype), L)
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """``Hinv = cholesky(cholesky_inverse(cholesky(H + lambda I)), upper=True)`` with
-    ``lambda = damp * mean(diag H)``, the upper Cholesky factor of ``(H + lambda I)^-1``
-    (:func:`_upper_factor_of_inverse`); returns (Hinv, the damp actually used).
+    ``lambda = damp * mean(diag H)``; returns (Hinv, the damp actually used).
 
     If a factorisation fails, ``damp`` is raised tenfold (starting from at least 1e-6) with a
     warning; past 1e6 the identity is used (no error feedback: round-to-nearest).
@@ -171,13 +158,16 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
     eye = torch.eye(n, device=H.device, dtype=H.dtype)
     rel = damp
     while rel <= 1e6:
-        Hinv, info = _upper_factor_of_inverse(H + rel * mean_diag * eye)
-        if info == 0 and torch.isfinite(Hinv).all():
-            if rel != damp:
-                warnings.warn(
-                    f"GPTQ: H + {damp:g} * mean(diag H) * I is not positive definite; used damp={rel:g}", stacklevel=3
-                )
-            return Hinv, rel
+        L, info = torch.linalg.cholesky_ex(H + rel * mean_diag * eye)
+        if info == 0:
+            Hinv, info = torch.linalg.cholesky_ex(_cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(Hinv).all():
+                if rel != damp:
+                    warnings.warn(
+                        f"GPTQ: H + {damp:g} * mean(diag H) * I is not positive definite; used damp={rel:g}",
+                        stacklevel=3,
+                    )
+                return Hinv, rel
         rel = max(rel * 10, 1e-6)
     warnings.warn(
         "GPTQ: H is not positive definite even with damp=1e6; falling back to "
