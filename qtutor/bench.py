@@ -57,6 +57,7 @@ class BenchConfig:
     fast_decode: Optional[bool] = None
     kernels: str = "auto"
     hf_generate: Optional[bool] = None  # also time what a user would pick instead (None: on a GPU)
+    hf_compile: bool = True  # with hf_generate: the torch.compile'd row too (its compilation takes minutes)
     latency_tokens: int = 50
     latency_runs: int = 3
     seed: int = 0
@@ -678,7 +679,8 @@ ALTERNATIVES = {"hf-generate-static": False, "hf-generate-static-compile": True}
 
 def time_alternatives(base, prompt, options, log=print) -> dict:
     """The float model ``base`` decoding with Hugging Face ``generate``, a static KV cache and,
-    for the second entry, ``torch.compile`` (:func:`qtutor.eval.latency.hf_generate_latency`):
+    for the second entry (unless ``options.hf_compile`` is off), ``torch.compile``
+    (:func:`qtutor.eval.latency.hf_generate_latency`):
     what a user would run instead of the benchmark's loop, timed in the same run. Returns
     ``{name: {"latency_ms_per_token", "latency_runs_ms_per_token", "prefill_ms", "seconds",
     "status"}}``; a failure is recorded in ``status`` and does not stop the other entry."""
@@ -686,6 +688,8 @@ def time_alternatives(base, prompt, options, log=print) -> dict:
 
     out = {}
     for name, compiled in ALTERNATIVES.items():
+        if compiled and not getattr(options, "hf_compile", True):
+            continue
         t0 = time.perf_counter()
         try:
             lat = hf_generate_latency(base, prompt, options.latency_tokens, options.latency_runs, compile=compiled)

@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time the float model with Hugging Face generate, a static KV cache and torch.compile: "
         "what a user would run instead (default: on CUDA; on a CPU the compilation takes a minute or more)",
     )
+    p.add_argument(
+        "--hf-compile",
+        action=argparse.BooleanOptionalAction,
+        default=d.hf_compile,
+        help="with --hf-generate, also the torch.compile'd generate row (default on; --no-hf-compile skips "
+        "its compilation, about 1.5 minutes on an H200 and longer on a smaller host)",
+    )
     p.add_argument("--latency-tokens", type=int, default=d.latency_tokens)
     p.add_argument("--latency-runs", type=int, default=d.latency_runs)
     p.add_argument("--seed", type=int, default=d.seed)

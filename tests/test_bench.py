@@ -446,16 +446,15 @@ def test_gptq_column_order_flags_reach_gptq_only(flags, act_order, static_groups
 
 
 def test_hf_generate_rows_time_the_float_model_and_a_failure_loses_nothing(model_dir, data_dir, tmp_path, monkeypatch):
-    """--hf-generate: what a user would run instead (generate, static cache; the compiled entry is
-    left out here, its compilation takes a minute on a CPU), timed in the same run and drawn on
-    the latency figure; a failing entry is recorded and the methods' results stay."""
-    import qtutor.bench
+    """--hf-generate: what a user would run instead (generate, static cache; --no-hf-compile
+    leaves the compiled entry out, its compilation takes a minute on a CPU), timed in the same
+    run and drawn on the latency figure; a failing entry is recorded and the methods' results stay."""
     import qtutor.eval.latency
 
-    monkeypatch.setattr(qtutor.bench, "ALTERNATIVES", {"hf-generate-static": False})
     argv = bench_args(model_dir, data_dir, tmp_path / "a", "--methods", "fp16_baseline", "--hf-generate")
-    assert main(argv) == 0
+    assert main(argv + ["--no-hf-compile"]) == 0
     res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert list(res["alternatives"]) == ["hf-generate-static"]
     alt = res["alternatives"]["hf-generate-static"]
     assert alt["status"] == "ok" and alt["latency_ms_per_token"] > 0 and len(alt["latency_runs_ms_per_token"]) >= 1
 
@@ -464,9 +463,10 @@ def test_hf_generate_rows_time_the_float_model_and_a_failure_loses_nothing(model
 
     monkeypatch.setattr(qtutor.eval.latency, "hf_generate_latency", broken)
     argv = bench_args(model_dir, data_dir, tmp_path / "b", "--methods", "fp16_baseline", "--hf-generate")
-    assert main(argv) == 0
+    assert main(argv) == 0  # both entries (--hf-compile is the default), both failing
     res = json.loads((tmp_path / "b" / "results.json").read_text())
     assert res["alternatives"]["hf-generate-static"]["status"] == "failed: RuntimeError: compiler missing"
+    assert res["alternatives"]["hf-generate-static-compile"]["status"] == "failed: RuntimeError: compiler missing"
     assert res["methods"]["fp16_baseline"]["ppl"] > 0
 
 
