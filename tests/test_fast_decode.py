@@ -210,6 +210,10 @@ build(tg._rope_cache_kernel,
 build(tg._decode_attention_kernel,
       {**ptrs("q_ptr", "*fp16", "kc_ptr", "*fp16", "vc_ptr", "*fp16", "pos_ptr", "*i64", "o_ptr", "*fp16"),
        "SLOTS": "i32", "scale": "fp32", "G": "i32"}, {"HD": 64, "BLOCK_G": 16, "BLOCK_L": 64})
+build(tg._rope_attention_kernel,
+      {**ptrs("qkv_ptr", "*fp16", "cos_ptr", "*fp32", "sin_ptr", "*fp32", "pos_ptr", "*i64", "kc_ptr", "*fp16",
+              "vc_ptr", "*fp16", "o_ptr", "*fp16"), "NH": "i32", "NKV": "i32", "SLOTS": "i32", "scale": "fp32",
+       "G": "i32"}, {"HD": 64, "BLOCK_G": 16, "BLOCK_L": 64})
 print("compiled glue")
 """
 
@@ -284,6 +288,10 @@ def test_glue_kernels_equal_their_torch_definitions():
     qg = q.view(nkv, nh // nkv, hd)
     att = torch.softmax(0.25 * qg @ kc[:, : pos + 1].transpose(1, 2), -1) @ vc[:, : pos + 1]
     torch.testing.assert_close(o, att.reshape(-1), rtol=1e-5, atol=1e-5)
+    # both in one launch (what the decode step runs): the same numbers, the same cache rows
+    kc2, vc2 = kc0.clone(), vc0.clone()
+    assert torch.equal(tk.rope_attention(qkv, cos, sin, p, kc2, vc2, nh, 0.25), o)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
 
 
 @needs_interpreter

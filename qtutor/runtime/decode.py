@@ -31,10 +31,12 @@ as it can, because at batch 1 every kernel costs a few microseconds whatever it 
   grouped-query heads laid out as extra query rows of their key/value head and an additive mask
   hiding the slots after the current position.
 * **Fused glue** (``glue=True``, the default on CUDA with Triton): the one-token step runs the
-  activation-only work as four small Triton kernels (:mod:`qtutor.runtime.triton_glue`): residual add +
-  RMSNorm, rotary + KV-cache write, attention over slots 0..pos, SiLU(gate) * up. A layer is then
-  nine kernels: four matmuls and five of glue (about sixteen without). They round once where
-  PyTorch rounds after every op, so fp16 logits can differ in the last bit.
+  activation-only work as three small Triton kernels (:mod:`qtutor.runtime.triton_glue`): residual add +
+  RMSNorm; rotary, KV-cache write and attention over slots 0..pos in one; SiLU(gate) * up. A
+  layer is then eight kernels: four matmuls and four of glue (about sixteen without). They
+  round once where PyTorch rounds after every op, so fp16 logits can differ in the last bit.
+  For W8A8 layers the norm and SiLU kernels also write their output's int8 codes, so those
+  GEMVs need no quantization launch of their own.
 
 The result is the model's own greedy output (``tests/test_fast_decode.py`` checks the tokens
 against ``latency.greedy_decode``). Without CUDA (or with ``cuda_graph=False``) the same step
@@ -249,15 +251,14 @@ class StaticDecoder(nn.Module):
         GEMVs start from the codes instead of each layer input costing a launch of its own."""
         from . import triton_glue as tk
 
-        nh, nkv, L = self.n_heads, self.n_kv, len(self.layers)
+        nh, L = self.n_heads, len(self.layers)
         h = self.embed(ids)[None]  # (1, 1, hidden)
         first = self.layers[0].input_layernorm
         x = tk.add_rms_norm(h, None, first.weight, first.variance_epsilon, quantize=_codes(self._qkv_parts(0), h))
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qkv = _apply_all(self._qkv_parts(i), x)
-            q = tk.rope_cache(qkv, self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i], nh, nkv)
-            o = tk.decode_attention(q, self.k_cache[i], self.v_cache[i], pos, self.scaling)
+            o = tk.rope_attention(qkv, self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i], nh, self.scaling)
             post = layer.post_attention_layernorm
             gate_up = [self.gate_up[i]] if self.gate_up[i] is not None else [mlp.gate_proj, mlp.up_proj]
             x = tk.add_rms_norm(

@@ -1,5 +1,6 @@
 """Triton kernels for the glue of a batch-1 decoding step (chapter 7): residual add + RMSNorm,
-rotary embedding + KV-cache write, attention over the cache, SiLU(gate) * up.
+rotary embedding + KV-cache write + attention over the cache (one kernel, :func:`rope_attention`;
+the two halves also apart), SiLU(gate) * up.
 
 Imported lazily by :mod:`qtutor.runtime.decode` (this module needs ``triton``); compiled on
 CUDA, run by Triton's interpreter on CPU tensors (the tests check the same source).
@@ -17,7 +18,7 @@ from .triton_gemv import _int8_codes, _token_scale
 
 # --------------------------------------------------------------------------- decode-step glue
 # At batch 1 every kernel launch costs microseconds whatever it computes, so the one-token step
-# of ``qtutor.runtime.decode`` fuses its glue: residual add + RMSNorm, rotary + KV-cache write,
+# of ``qtutor.runtime.decode`` fuses its glue: residual add + RMSNorm, rotary + KV-cache write +
 # attention over the cache, SiLU(gate) * up. The same kernels serve every weight format (they
 # touch activations only), so FP16 and the quantized models are timed with the same glue.
 def _add_rms_norm_kernel(
@@ -112,29 +113,14 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr
     tl.store(dst + HALF + i, y2.to(kc_ptr.dtype.element_ty))
 
 
-def _decode_attention_kernel(
-    q_ptr,
-    kc_ptr,
-    vc_ptr,
-    pos_ptr,
-    o_ptr,
-    SLOTS,
-    scale,
-    G,
-    HD: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-):
-    """kv head ``pid`` and its G query heads: softmax(scale q K^T) V over cache slots 0..pos,
-    with an online softmax over blocks of BLOCK_L slots (float32 scores, fp16/bf16 products).
-    One program per kv head walks the whole cache: right for the short caches of these
-    benchmarks; long ones would want the slots split over programs (flash-decoding)."""
-    kvh = tl.program_id(0)
-    pos = tl.load(pos_ptr)
+@triton.jit
+def _attend_cache(q, kc_ptr, vc_ptr, o_ptr, kvh, pos, SLOTS, scale, G, HD: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_L: tl.constexpr):  # fmt: skip
+    """softmax(scale q K^T) V of kv head ``kvh``'s query heads ``q`` (BLOCK_G, HD) over cache
+    slots 0..pos, with an online softmax over blocks of BLOCK_L slots (float32 scores, products
+    in the cache's dtype); the G rows go to ``o_ptr``."""
     r = tl.arange(0, BLOCK_G)
-    rm = r < G
     d = tl.arange(0, HD)
-    q = tl.load(q_ptr + (kvh * G + r)[:, None] * HD + d[None, :], mask=rm[:, None], other=0.0)
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, HD), dtype=tl.float32)
@@ -152,7 +138,77 @@ def _decode_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     o = acc / l_i[:, None]
-    tl.store(o_ptr + (kvh * G + r)[:, None] * HD + d[None, :], o.to(o_ptr.dtype.element_ty), mask=rm[:, None])
+    tl.store(o_ptr + (kvh * G + r)[:, None] * HD + d[None, :], o.to(o_ptr.dtype.element_ty), mask=(r < G)[:, None])
+
+
+def _decode_attention_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    pos_ptr,
+    o_ptr,
+    SLOTS,
+    scale,
+    G,
+    HD: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """kv head ``pid`` and its G query heads (already rotated, ``q_ptr``): :func:`_attend_cache`.
+    One program per kv head walks the whole cache: right for the short caches of these
+    benchmarks; long ones would want the slots split over programs (flash-decoding)."""
+    kvh = tl.program_id(0)
+    pos = tl.load(pos_ptr)
+    r = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HD)
+    q = tl.load(q_ptr + (kvh * G + r)[:, None] * HD + d[None, :], mask=(r < G)[:, None], other=0.0)
+    _attend_cache(q, kc_ptr, vc_ptr, o_ptr, kvh, pos, SLOTS, scale, G, HD, BLOCK_G, BLOCK_L)
+
+
+def _rope_attention_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    kc_ptr,
+    vc_ptr,
+    o_ptr,
+    NH,
+    NKV,
+    SLOTS,
+    scale,
+    G,
+    HD: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """:func:`_rope_cache_kernel` and :func:`_decode_attention_kernel` in ONE launch: program
+    ``pid`` = kv head ``kvh`` rotates its k and writes it and its v into cache row ``pos``,
+    rotates its G query heads in registers (rounded to the cache's dtype, as the rope kernel
+    stores them), then attends. The same arithmetic: ``x cos + (-x2, x1) sin`` is the rope
+    kernel's ``x1 c - x2 s`` / ``x2 c + x1 s`` term for term."""
+    HALF: tl.constexpr = HD // 2
+    kvh = tl.program_id(0)
+    pos = tl.load(pos_ptr)
+    d = tl.arange(0, HD)
+    partner = (d + HALF) % HD  # rotate_half(x)[d] = sign[d] * x[partner[d]]
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    c = tl.load(cos_ptr + pos * HD + d)
+    s = tl.load(sin_ptr + pos * HD + d)
+    kx = tl.load(qkv_ptr + (NH + kvh) * HD + d).to(tl.float32)
+    kp = tl.load(qkv_ptr + (NH + kvh) * HD + partner).to(tl.float32)
+    row = (kvh * SLOTS + pos) * HD + d
+    tl.store(kc_ptr + row, (kx * c + (sign * kp) * s).to(kc_ptr.dtype.element_ty))
+    v = tl.load(qkv_ptr + (NH + NKV + kvh) * HD + d).to(tl.float32)
+    tl.store(vc_ptr + row, v.to(vc_ptr.dtype.element_ty))
+    r = tl.arange(0, BLOCK_G)
+    rm = (r < G)[:, None]
+    heads = (kvh * G + r)[:, None] * HD
+    qx = tl.load(qkv_ptr + heads + d[None, :], mask=rm, other=0.0).to(tl.float32)
+    qp = tl.load(qkv_ptr + heads + partner[None, :], mask=rm, other=0.0).to(tl.float32)
+    q = (qx * c[None, :] + (sign[None, :] * qp) * s[None, :]).to(kc_ptr.dtype.element_ty)
+    tl.debug_barrier()  # this program's cache writes, visible to all its threads before they read row pos
+    _attend_cache(q, kc_ptr, vc_ptr, o_ptr, kvh, pos, SLOTS, scale, G, HD, BLOCK_G, BLOCK_L)
 
 
 _GLUE_JIT = {
@@ -163,6 +219,7 @@ _GLUE_JIT = {
         _silu_mul_quant_kernel,
         _rope_cache_kernel,
         _decode_attention_kernel,
+        _rope_attention_kernel,
     )
 }
 
@@ -266,6 +323,35 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
         v_cache,
         pos,
         o,
+        slots,
+        float(scale),
+        G,
+        HD=hd,
+        BLOCK_G=max(16, _pow2(G)),
+        BLOCK_L=64,
+    )
+    return o
+
+
+def rope_attention(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: float) -> torch.Tensor:
+    """:func:`rope_cache` then :func:`decode_attention` in one launch: one token's stacked q/k/v
+    (n_heads + 2 n_kv heads) -> attention output (n_heads * hd,), its rotated k and its v written
+    into row ``pos`` of the caches (n_kv, slots, hd) on the way."""
+    n_kv, slots, hd = k_cache.shape
+    G = n_heads // n_kv
+    o = torch.empty(n_heads * hd, dtype=k_cache.dtype, device=k_cache.device)
+    _run(
+        _rope_attention_kernel,
+        (n_kv,),
+        qkv.contiguous(),
+        cos,
+        sin,
+        pos,
+        k_cache,
+        v_cache,
+        o,
+        n_heads,
+        n_kv,
         slots,
         float(scale),
         G,
