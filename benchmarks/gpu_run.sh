@@ -12,6 +12,7 @@
 # OUT: where logs and results go (default runs/gpu). BUDGET: seconds in all (default 570).
 # STEPS: any of tests gptq bench gemv rehearsal (default all five, in that order).
 # CHAPTERS: the rehearsal's chapters (default all). LABEL: the run's label (default the commit).
+# CONFIG: the shapes of gptq_speed.py and gemv_speed.py (default qwen2-0.5b).
 # MODEL: the 0.5B folder (default runs/qwen2-0.5b-random, written on first use; TOKENIZER_FROM
 # copies the tokenizer of an earlier such folder instead of training one). WHEELS: a folder of
 # wheels to install first, without dependencies (for a machine that reaches no package index).
@@ -23,6 +24,7 @@ BUDGET=${BUDGET:-570}
 STEPS=${STEPS:-tests gptq bench gemv rehearsal}
 LABEL=${LABEL:-$(git rev-parse --short HEAD 2>/dev/null || echo local)}
 MODEL=${MODEL:-runs/qwen2-0.5b-random}
+CONFIG=${CONFIG:-qwen2-0.5b}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
@@ -38,9 +40,13 @@ print("cuda:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "
 PY
 if [ -z "${DATA_DIR:-}" ]; then say "DATA_DIR (WikiText-2 in the Hugging Face layout) is not set: the bench and the rehearsal need it"; fi
 
+fits() {  # name, minimum seconds it needs: is there time left for it?
+  if [ "$(left)" -lt "$2" ]; then say "skip $1: $(left) s left, it needs about $2"; return 1; fi
+}
+
 run_step() {  # name, minimum seconds it needs, command...
   local name=$1 need=$2; shift 2
-  if [ "$(left)" -lt "$need" ]; then say "skip $name: $(left) s left, it needs about $need"; return; fi
+  fits "$name" "$need" || return 0
   say "start $name"
   timeout "$(left)" "$@" > "$OUT/$name.log" 2>&1
   say "end $name: exit $? ($(tail -1 "$OUT/$name.log" | cut -c1-160))"
@@ -48,6 +54,7 @@ run_step() {  # name, minimum seconds it needs, command...
 
 make_model() {
   [ -f "$MODEL/config.json" ] && return 0
+  if [ -z "${DATA_DIR:-}" ]; then say "no model folder $MODEL and no DATA_DIR to train its tokenizer on"; return 1; fi
   python scripts/rehearse.py --make-model "$MODEL" --data-dir "$DATA_DIR" \
     ${TOKENIZER_FROM:+--tokenizer-from "$TOKENIZER_FROM"} >> "$OUT/gpu_run.log" 2>&1
 }
@@ -58,14 +65,14 @@ for step in $STEPS; do
       run_step tests 60 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_fast_decode.py \
         tests/test_gptq.py tests/test_head.py tests/test_palettize.py ;;
     gptq)
-      run_step gptq 30 python benchmarks/gptq_speed.py --config qwen2-0.5b --out "$OUT/gptq_speed_qwen2-0.5b.csv" ;;
+      run_step gptq 30 python benchmarks/gptq_speed.py --config "$CONFIG" --out "$OUT/gptq_speed_$CONFIG.csv" ;;
     bench)
-      make_model && run_step bench 150 python -m qtutor bench --model "$MODEL" --dataset wikitext2 \
+      fits bench 150 && make_model && run_step bench 150 python -m qtutor bench --model "$MODEL" --dataset wikitext2 \
         --data-dir "$DATA_DIR" --device cuda --methods all --out "$OUT/bench_qwen2_0.5b" --overwrite ;;
     gemv)
-      run_step gemv 40 python benchmarks/gemv_speed.py --config qwen2-0.5b --out "$OUT/gemv_speed_qwen2-0.5b.csv" ;;
+      run_step gemv 40 python benchmarks/gemv_speed.py --config "$CONFIG" --out "$OUT/gemv_speed_$CONFIG.csv" ;;
     rehearsal)
-      make_model && run_step rehearsal 120 python scripts/rehearse.py --model "$MODEL" --dataset wikitext2 \
+      fits rehearsal 120 && make_model && run_step rehearsal 120 python scripts/rehearse.py --model "$MODEL" --dataset wikitext2 \
         --data-dir "$DATA_DIR" --device cuda ${CHAPTERS:+--chapters $CHAPTERS} --label "$LABEL" \
         --out "$OUT/rehearsal_qwen2-0.5b" ;;
     *) say "unknown step $step (tests gptq bench gemv rehearsal)" ;;

@@ -100,3 +100,27 @@ def test_committed_cpu_rehearsal_matches_the_book():
 
     page = (ROOT / "book" / "how-to-read-and-run.md").read_text()
     assert rehearse.cpu_table(ROOT / "benchmarks" / "rehearsal_qwen2-0.5b_cpu.csv") in page
+
+
+def test_gpu_run_script_keeps_to_its_budget(tmp_path):
+    """benchmarks/gpu_run.sh runs a step only while its budget leaves room for it, says why it
+    skips one, names an unknown step, and always ends (exit 0) with its log in OUT."""
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path), "BUDGET": "5", "STEPS": "tests gptq bench gemv rehearsal typo"}
+    env.pop("DATA_DIR", None)
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "gpu_run.log").read_text()
+    for step in ("tests", "gptq", "bench", "gemv", "rehearsal"):
+        assert f"skip {step}:" in log
+    assert "unknown step typo" in log and "DATA_DIR" in log and log.rstrip().endswith("done")
+    assert not (tmp_path / "bench.log").exists()  # nothing started
+    # with time for it, a step runs, its log and output land in OUT (GPTQ's loops, tiny shapes, CPU)
+    out = tmp_path / "run"
+    env.update(OUT=str(out), BUDGET="300", STEPS="gptq", CONFIG="tiny")
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    log = (out / "gpu_run.log").read_text()
+    assert "start gptq" in log and "end gptq: exit 0" in log
+    assert len(list(csv.DictReader(open(out / "gptq_speed_tiny.csv")))) == 3
