@@ -394,3 +394,17 @@ def test_gptq_speed_script_runs(tmp_path, monkeypatch):
     assert [r["matrix"] for r in rows] == ["q/o", "gate/up", "down"] and all(r["block_loop"] == "eager" for r in rows)
     assert all(float(r["codes_equal_to_first"]) == 1.0 and float(r["seconds"]) > 0 for r in rows)
     assert G.BLOCK_LOOP == "auto"  # the script puts the setting back
+
+
+def test_inverse_cholesky_is_the_references_formula_bit_for_bit():
+    """Chapter 3 derives Hinv as cholesky(cholesky_inverse(cholesky(H + lambda I)), upper=True) and
+    asserts its GPTQ equal to the package's: the package must compute the very same matrix (any
+    other route rounds differently, and at 4864 columns 0.1% of the codes moved a grid step)."""
+    X = torch.randn(3000, 640, generator=torch.Generator().manual_seed(0)) @ torch.randn(
+        640, 640, generator=torch.Generator().manual_seed(1)
+    )
+    H = 2 * X.T @ X / X.shape[0]
+    Hd = H + 0.01 * torch.diag(H).mean() * torch.eye(640)
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    got, damp = G.inverse_cholesky(H, 0.01)
+    assert damp == 0.01 and torch.equal(got, want)
