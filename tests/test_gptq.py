@@ -408,3 +408,24 @@ def test_inverse_cholesky_is_the_references_formula_bit_for_bit():
     want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
     got, damp = G.inverse_cholesky(H, 0.01)
     assert damp == 0.01 and torch.equal(got, want)
+
+
+def test_column_step_is_the_references_arithmetic_bit_for_bit():
+    """One column step on a transposed block: the codes and errors of the reference's lines, and
+    each later column updated by ``w - err h`` with the product rounded first (a fused
+    multiply-add, as ``addr_`` does on a CPU, changes last bits and so, over thousands of
+    columns, codes)."""
+    from qtutor.quant.rtn import dequantize_codes, find_params, quantize_codes
+
+    g = torch.Generator().manual_seed(0)
+    W1 = torch.randn(2048, 64, generator=g)
+    Hinv1 = torch.linalg.cholesky(torch.eye(64) + 0.1 * torch.ones(64, 64), upper=True)
+    s, z = find_params(W1, 4, False)
+    W1t = W1.T.contiguous()
+    c, err = G._column_step(W1t, Hinv1, 3, s, z, 4)
+    w = W1[:, 3]
+    q = quantize_codes(w, s, z, 4)
+    e = (w - dequantize_codes(q, s, z)) / Hinv1[3, 3]
+    want = W1.clone()
+    want[:, 3:] -= e.unsqueeze(1).matmul(Hinv1[3, 3:].unsqueeze(0))  # the reference's update
+    assert torch.equal(c, q) and torch.equal(err, e) and torch.equal(W1t.T, want)
