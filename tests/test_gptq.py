@@ -429,3 +429,25 @@ def test_column_step_is_the_references_arithmetic_bit_for_bit():
     want = W1.clone()
     want[:, 3:] -= e.unsqueeze(1).matmul(Hinv1[3, 3:].unsqueeze(0))  # the reference's update
     assert torch.equal(c, q) and torch.equal(err, e) and torch.equal(W1t.T, want)
+
+
+def test_wide_blocks_on_a_gpu_replay_the_graph(monkeypatch):
+    """The Triton block keeps a block's columns in registers (at most 256): on a GPU a wider block
+    (chapter 3 runs whole rows of 896 or 4864 columns as one) goes to the CUDA-graph replay, and
+    asking the kernel for one directly is a one-line error."""
+    from types import SimpleNamespace
+
+    from qtutor.runtime import kernels
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(G, "BLOCK_LOOP", "auto")
+    on_gpu = lambda cols: SimpleNamespace(is_cuda=True, shape=(64, cols))  # noqa: E731
+    if torch.version.hip is None:
+        assert G._block_loop_kind(on_gpu(128)) == "triton"
+    assert G._block_loop_kind(on_gpu(4864)) == "cuda-graph"
+    assert G._block_loop_kind(torch.zeros(4, 8)) == "eager"
+    pytest.importorskip("triton")
+    from qtutor.runtime.triton_gptq import gptq_block
+
+    with pytest.raises(qtutor.QtutorError, match="at most 256 columns"):
+        gptq_block(torch.zeros(300, 4), torch.eye(300), torch.ones(300, 4), torch.zeros(300, 4), 4)

@@ -233,9 +233,9 @@ def _run_block(W1, Hinv1, S1, Z1, bits):
     return codes1t.T, Err1t.T
 
 
-#: how a block's column loop runs: "auto" (on a GPU the Triton kernel where triton is installed,
-#: else a CUDA-graph replay; on a CPU the PyTorch loop), "triton" (also on a CPU, in Triton's
-#: interpreter: tests), "cuda-graph" or "eager"
+#: how a block's column loop runs: "auto" (on a GPU the Triton kernel where triton is installed
+#: and the block has at most TRITON_MAX_COLUMNS columns, else a CUDA-graph replay; on a CPU the
+#: PyTorch loop), "triton" (also on a CPU, in Triton's interpreter: tests), "cuda-graph" or "eager"
 BLOCK_LOOP = "auto"
 
 
@@ -248,7 +248,13 @@ def _block_loop_kind(W1: torch.Tensor) -> str:
         return "eager"
     from ..runtime.kernels import triton_available
 
-    return "triton" if triton_available() and not torch.version.hip else "cuda-graph"
+    fits = W1.shape[1] <= TRITON_MAX_COLUMNS  # the kernel holds a block's columns in registers
+    return "triton" if fits and triton_available() and not torch.version.hip else "cuda-graph"
+
+
+#: the widest block the Triton kernel takes (``gptq_block``); wider ones (chapter 3 runs whole
+#: rows as one block) replay the CUDA graph
+TRITON_MAX_COLUMNS = 256
 
 
 @torch.no_grad()

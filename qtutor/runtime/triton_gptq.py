@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import QtutorError
 from ._interpret import _interpreted, _interpreting
 from .triton_gemv import ROUND_MAGIC
 
@@ -64,7 +65,10 @@ def gptq_block(W1t: torch.Tensor, Hinv1: torch.Tensor, S1t: torch.Tensor, Z1t: t
     Triton's interpreter on CPU tensors (tests)."""
     C, R = W1t.shape
     if C > 256 or Hinv1.shape != (C, C) or S1t.shape != (C, R) or Z1t.shape != (C, R):
-        raise ValueError(f"gptq_block takes a block of at most 256 columns, got W1t {tuple(W1t.shape)}")
+        raise QtutorError(
+            f"gptq_block takes a block of at most 256 columns with matching Hinv1, scales and zeros, "
+            f"got W1t {tuple(W1t.shape)}: use a smaller GPTQ block_size or gptq.BLOCK_LOOP='cuda-graph'"
+        )
     W1t, Hinv1, S1t, Z1t = (t.float().contiguous() for t in (W1t, Hinv1, S1t, Z1t))
     codes, err = torch.empty_like(W1t), torch.empty_like(W1t)
     block_c = triton.next_power_of_2(C)
