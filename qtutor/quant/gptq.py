@@ -142,8 +142,9 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
     The reference's calls on every device. (An earlier version solved against the identity on
     a CPU instead, timed as ten times faster on a busy machine; on a quiet 2-core one
     ``cholesky_inverse`` is the faster, 0.62 s against 1.48 s at 4864 columns, and only it
-    gives chapter 3's from-scratch GPTQ the package's codes exactly: the other rounding moved
-    0.1% of Qwen2-0.5B's down_proj codes to a neighbouring grid point.)
+    gives chapter 3's from-scratch GPTQ the package's codes exactly: with the fused column
+    update of :func:`_column_step`'s note, 5,381 of Qwen2-0.5B's 4,358,144 down_proj codes
+    (0.12%) landed on a neighbouring grid point; that update alone, 1,647.)
     """
     n = H.shape[0]
     mean_diag = torch.diag(H).mean()
@@ -195,9 +196,9 @@ def _column_step(W1t, Hinv1, i, s, z, bits):
     contiguous row and the update ``W1[:, i:] -= err Hinv1[i, i:]`` sweeps contiguous memory
     (a 1024 x 128 block on the 2-core CI machine, busy: 35 ms against 306 ms for updating the
     column slices of ``W1``). Every element gets exactly the reference's arithmetic: each
-    product ``err h`` rounded, then subtracted. (``addr_`` would fuse the two into one
-    multiply-add on a CPU, about 10% faster, and differ in the last bit, which at Qwen2-0.5B's
-    4864 columns moved 0.04% of down_proj's codes a grid step from the reference's.)"""
+    product ``err h`` rounded, then subtracted. (``addr_`` fuses the two into one multiply-add
+    on a CPU, about 10% faster, and differs in the last bit, which at Qwen2-0.5B's 4864 columns
+    moved 1,647 of down_proj's 4,358,144 codes (0.04%) a grid step from the reference's.)"""
     w = W1t[i]
     c = quantize_codes(w, s, z, bits)
     err = (w - dequantize_codes(c, s, z)) / Hinv1[i, i]
@@ -216,9 +217,9 @@ def _run_block(W1, Hinv1, S1, Z1, bits):
 
     On a GPU about ten tiny kernels per column cost more to launch one by one than to run, so
     (:data:`BLOCK_LOOP`) the whole block runs as ONE Triton kernel that keeps its rows in
-    registers (:mod:`qtutor.runtime.triton_gptq`; the same arithmetic, up to fused
-    multiply-adds), or, without Triton, is replayed from a CUDA graph
-    (:mod:`qtutor.quant.cuda_graphs`, exactly the same kernels)."""
+    registers (:mod:`qtutor.runtime.triton_gptq`; the same operations, fused multiply-adds
+    off), or, without Triton or for a block of more than :data:`TRITON_MAX_COLUMNS` columns, is
+    replayed from a CUDA graph (:mod:`qtutor.quant.cuda_graphs`, exactly the same kernels)."""
     W1t, S1t, Z1t = (t.T.contiguous() for t in (W1, S1, Z1))
     how = _block_loop_kind(W1)
     if how == "triton":
