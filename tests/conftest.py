@@ -87,3 +87,19 @@ def logits(model, windows):
 @pytest.fixture
 def eval_windows():
     return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+def run_fresh_python(script: str, tmp_path) -> str:
+    """Run ``script`` in a fresh Python process from the repository root (the sm_90 compile
+    checks: Triton's interpreter, used by other tests, leaves triton.language patched in this
+    one) with its own Triton cache; asserts it exited 0 and returns its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": root}
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout

@@ -222,17 +222,9 @@ print("compiled glue")
 def test_glue_kernels_compile_for_sm90(tmp_path):
     """Every glue kernel, the W8A8-quantizing variants included, compiles for an H100 (sm_90)
     with the ptxas Triton ships, in a fresh process (the interpreter tests patch triton.language)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_fresh_python
 
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": root}
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-c", _COMPILE_GLUE_SM90], capture_output=True, text=True, env=env, cwd=root)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "compiled glue" in out.stdout
+    assert "compiled glue" in run_fresh_python(_COMPILE_GLUE_SM90, tmp_path)
 
 
 @needs_interpreter

@@ -287,17 +287,9 @@ print("compiled gptq_block")
 
 @needs_interpreter
 def test_triton_block_loop_compiles_for_sm90(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_fresh_python
 
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": root}
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-c", _COMPILE_GPTQ_SM90], capture_output=True, text=True, env=env, cwd=root)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "compiled gptq_block" in out.stdout
+    assert "compiled gptq_block" in run_fresh_python(_COMPILE_GPTQ_SM90, tmp_path)
 
 
 def test_block_loop_setting_is_checked(monkeypatch):

@@ -4,8 +4,6 @@ tinygemm runs through its CPU twin (``_weight_int4pack_mm_for_cpu``); the Triton
 Triton's interpreter on CPU tensors (skipped where triton is not installed).
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn as nn
@@ -424,18 +422,12 @@ def test_lut_configs_compile_for_sm90(tmp_path):
     the interpreter replaces) and the indexed-load fallback, must compile for an H100 (sm_90):
     Triton compiles for a target without a GPU, with the ptxas it ships. In a fresh process: the
     interpreter of the other tests leaves triton.language patched."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_fresh_python
 
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": root}
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env, cwd=root)
-    assert out.returncode == 0, out.stderr[-2000:]
+    stdout = run_fresh_python(_COMPILE_SM90, tmp_path)
     import qtutor.runtime.triton_gemv as tk
 
-    assert f"compiled {len(tk._LUT_CONFIGS)} {len(tk._LUT_PRMT_CONFIGS)}" in out.stdout
+    assert f"compiled {len(tk._LUT_CONFIGS)} {len(tk._LUT_PRMT_CONFIGS)}" in stdout
 
 
 @needs_interpreter

@@ -1,8 +1,6 @@
 """The LUT GEMV modes kept as experiments (benchmarks/lut_modes.py): each still computes the
 palettized layer's product, counts the table it stores, and compiles for an H100."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -120,10 +118,6 @@ def test_gather_configs_compile_for_sm90(tmp_path):
     rows per warp): every autotuning config of the gather mode must compile for sm_90 (Triton
     compiles for a target without a GPU). In a fresh process: the interpreter of the other
     tests leaves triton.language patched."""
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run(
-        [sys.executable, "-c", _COMPILE_GATHER_SM90], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert f"compiled {len(lut_modes._LUT_GATHER_CONFIGS)}" in out.stdout
+    from conftest import run_fresh_python
+
+    assert f"compiled {len(lut_modes._LUT_GATHER_CONFIGS)}" in run_fresh_python(_COMPILE_GATHER_SM90, tmp_path)

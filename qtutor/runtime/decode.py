@@ -254,7 +254,9 @@ class StaticDecoder(nn.Module):
         nh, L = self.n_heads, len(self.layers)
         h = self.embed(ids)[None]  # (1, 1, hidden)
         first = self.layers[0].input_layernorm
-        x = tk.add_rms_norm(h, None, first.weight, first.variance_epsilon, quantize=_codes(self._qkv_parts(0), h))
+        x = tk.add_rms_norm(
+            h, None, first.weight, first.variance_epsilon, quantize=_codes(self._qkv_parts(0), h.device)
+        )
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qkv = _apply_all(self._qkv_parts(i), x)
@@ -262,13 +264,13 @@ class StaticDecoder(nn.Module):
             post = layer.post_attention_layernorm
             gate_up = [self.gate_up[i]] if self.gate_up[i] is not None else [mlp.gate_proj, mlp.up_proj]
             x = tk.add_rms_norm(
-                h, attn.o_proj(o.view(1, 1, -1)), post.weight, post.variance_epsilon, quantize=_codes(gate_up, h)
+                h, attn.o_proj(o.view(1, 1, -1)), post.weight, post.variance_epsilon, quantize=_codes(gate_up, h.device)
             )
             gu = _apply_all(gate_up, x)
-            y = _apply(mlp.down_proj, tk.silu_mul(gu, quantize=_codes([mlp.down_proj], None)))
+            y = _apply(mlp.down_proj, tk.silu_mul(gu, quantize=_codes([mlp.down_proj])))
             nxt = self.layers[i + 1].input_layernorm if i + 1 < L else self.norm
             readers = self._qkv_parts(i + 1) if i + 1 < L else [self.lm_head]
-            x = tk.add_rms_norm(h, y, nxt.weight, nxt.variance_epsilon, quantize=_codes(readers, h))
+            x = tk.add_rms_norm(h, y, nxt.weight, nxt.variance_epsilon, quantize=_codes(readers, h.device))
         return _apply(self.lm_head, x)[:, -1].argmax(dim=-1)
 
     def _qkv_parts(self, i: int) -> list:
@@ -333,13 +335,11 @@ class StaticDecoder(nn.Module):
         return self.out_ids[P : P + new_tokens].clone(), t1 - t0, t2 - t1
 
 
-def _codes(layers, x) -> bool:
+def _codes(layers, device=None) -> bool:
     """Whether every layer reading a glue kernel's output takes int8 codes (a W8A8 layer whose
-    Triton GEMV runs on the device of ``x``, the step's residual; None: any device): then the
-    glue kernel quantizes that output per token."""
-    return all(
-        getattr(m, "takes_codes", None) is not None and m.takes_codes(None if x is None else x.device) for m in layers
-    )
+    Triton GEMV runs on ``device``; None: the layer's own): then the glue kernel quantizes that
+    output per token."""
+    return all(getattr(m, "takes_codes", None) is not None and m.takes_codes(device) for m in layers)
 
 
 def _apply(layer, x):

@@ -309,6 +309,12 @@ def rope_cache(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int) ->
     return q
 
 
+def _attention_blocks(hd: int, G: int) -> dict:
+    """The attention kernels' tiles: the G query heads of a kv head padded to at least 16 rows
+    (``tl.dot``'s smallest), the cache walked 64 slots at a time."""
+    return dict(HD=hd, BLOCK_G=max(16, _pow2(G)), BLOCK_L=64)
+
+
 def decode_attention(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
     """q (n_heads, hd) of the token at ``pos`` against cache slots 0..pos -> (n_heads * hd,);
     query head ``j * G + r`` reads kv head ``j`` (G = n_heads / n_kv, Hugging Face's order)."""
@@ -326,9 +332,7 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float) -> torch.Tensor:
         slots,
         float(scale),
         G,
-        HD=hd,
-        BLOCK_G=max(16, _pow2(G)),
-        BLOCK_L=64,
+        **_attention_blocks(hd, G),
     )
     return o
 
@@ -355,8 +359,6 @@ def rope_attention(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, scale: fl
         slots,
         float(scale),
         G,
-        HD=hd,
-        BLOCK_G=max(16, _pow2(G)),
-        BLOCK_L=64,
+        **_attention_blocks(hd, G),
     )
     return o
